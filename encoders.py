@@ -3,6 +3,10 @@ the supervised signal classifiers and checkpoint helpers."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
@@ -52,3 +56,444 @@ class SignalLSTM(_SignalRNN):
 
 class SignalGRU(_SignalRNN):
     cell = nn.GRU
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature encoders. Every kind maps an observation dict with leading dims (*lead) to an embedding (*lead, output_dim):
+#   technical (*lead, 24, 23), sl_probs (*lead, 3), position (*lead, 5), portfolio (*lead, 8), regime (*lead, 10).
+# `action_mask` is not a feature (the heads apply it to the logits) and `directives` enter the heads, not the encoder,
+# so one encoder serves both the independent and the portfolio mode. Leading dims are flattened, so (B, S, ...)
+# batches of envs x symbols go through the shared encoder in one call.
+# ---------------------------------------------------------------------------------------------------------------
+
+STATE_KEYS = ("sl_probs", "position", "portfolio", "regime")  # one token each in the transformer, in this order
+
+
+@dataclass
+class EncoderConfig:
+    """Architecture of the shared feature encoder (nested into the scripts' tyro Args as `encoder`)."""
+
+    kind: Literal["transformer", "lstm", "cnn", "mlp"] = "transformer"
+    """encoder family: the seed's transformer, or an lstm / cnn (1-D convolutions) / mlp alternative"""
+    d_model: int = 256
+    """width of the tokens (transformer) or of the hidden layers and channels (lstm, cnn, mlp)"""
+    nhead: int = 8
+    """attention heads per transformer layer"""
+    num_layers: int = 4
+    """transformer layers"""
+    dim_feedforward: int = 1024
+    """width of the transformer's feed-forward block"""
+    dropout: float = 0.1
+    """dropout inside the encoder (the seed's 0.1; PPO scripts pass 0.0 so the importance ratio stays exact)"""
+    output_dim: int = 256
+    """size of the embedding handed to the heads"""
+    alt_layers: int = 2
+    """recurrent layers (lstm) or convolution layers (cnn) of the alternatives"""
+    seq_len: int = 24
+    """bars in the technical window"""
+    technical_dim: int = 23
+    """technical features per bar"""
+    sl_dim: int = 3
+    """supervised signal probabilities (MLP, LSTM, GRU)"""
+    position_dim: int = 5
+    """position state features"""
+    portfolio_dim: int = 8
+    """portfolio state features"""
+    regime_dim: int = 10
+    """market regime features"""
+
+    @property
+    def state_dims(self) -> dict[str, int]:
+        return {
+            "sl_probs": self.sl_dim,
+            "position": self.position_dim,
+            "portfolio": self.portfolio_dim,
+            "regime": self.regime_dim,
+        }
+
+
+def _flatten_obs(obs: dict[str, torch.Tensor], cfg: EncoderConfig, dtype: torch.dtype):
+    """Check the encoded keys and flatten their leading dims: returns technical (N, L, F), a dict of state vectors
+    (N, k) and the leading shape to restore."""
+    if "technical" not in obs:
+        raise KeyError(f"The observation has no 'technical' key (keys: {sorted(obs)}); pass the env's obs dict.")
+    tech = obs["technical"]
+    want = (cfg.seq_len, cfg.technical_dim)
+    if tech.dim() < 3 or tuple(tech.shape[-2:]) != want:
+        raise ValueError(
+            f"obs['technical'] has shape {tuple(tech.shape)}, expected (..., {want[0]}, {want[1]}); "
+            "set EncoderConfig.seq_len / technical_dim to match the data."
+        )
+    lead = tech.shape[:-2]
+    states = {}
+    for key, dim in cfg.state_dims.items():
+        if key not in obs:
+            raise KeyError(f"The observation has no {key!r} key (keys: {sorted(obs)}); pass the env's obs dict.")
+        x = obs[key]
+        if tuple(x.shape) != (*lead, dim):
+            raise ValueError(
+                f"obs[{key!r}] has shape {tuple(x.shape)}, expected {(*lead, dim)} (leading dims of 'technical' "
+                f"plus {key}_dim={dim}); fix the observation or the EncoderConfig."
+            )
+        states[key] = x.reshape(-1, dim).to(dtype)
+    return tech.reshape(-1, *want).to(dtype), states, lead
+
+
+def _xavier_init(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every linear and convolution layer (the seed's encoder init).
+    Attention in-projections are Xavier by PyTorch's default; recurrent weights keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv1d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def sinusoidal_positions(num_positions: int, d_model: int) -> torch.Tensor:
+    """Fixed sine/cosine position codes (Vaswani et al. 2017, section 3.5): (num_positions, d_model)."""
+    pos = torch.arange(num_positions, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(num_positions, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return pe
+
+
+class FeatureEncoder(nn.Module):
+    """The seed's transformer: 24 technical tokens + 4 state tokens (sl_probs, position, portfolio, regime) = 28
+    tokens of d_model, each key with its own linear projection; sinusoidal positions over the 28 tokens; pre-LN
+    encoder layers; a final LayerNorm; mean pool over tokens; linear projection to output_dim."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.d_model % cfg.nhead != 0:
+            raise ValueError(f"EncoderConfig.d_model={cfg.d_model} must be divisible by nhead={cfg.nhead}.")
+        self.cfg = cfg
+        self.output_dim = cfg.output_dim
+        self.num_tokens = cfg.seq_len + len(STATE_KEYS)
+        self.technical_proj = nn.Linear(cfg.technical_dim, cfg.d_model)
+        self.state_proj = nn.ModuleDict({k: nn.Linear(d, cfg.d_model) for k, d in cfg.state_dims.items()})
+        self.register_buffer("pe", sinusoidal_positions(self.num_tokens, cfg.d_model), persistent=False)
+        # A plain list of layers rather than nn.TransformerEncoder: the same maths, and get_attention_weights can
+        # walk the layers one by one.
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                cfg.d_model, cfg.nhead, cfg.dim_feedforward, cfg.dropout, batch_first=True, norm_first=True
+            )
+            for _ in range(cfg.num_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.output_proj = nn.Linear(cfg.d_model, cfg.output_dim)
+        _xavier_init(self)
+
+    def tokens(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Size]:
+        """Input tokens with positions added: (N, 28, d_model), and the leading shape."""
+        tech, states, lead = _flatten_obs(obs, self.cfg, self.technical_proj.weight.dtype)
+        parts = [self.technical_proj(tech)]  # (N, 24, d)
+        parts += [self.state_proj[k](states[k]).unsqueeze(1) for k in STATE_KEYS]  # 4 x (N, 1, d)
+        return torch.cat(parts, dim=1) + self.pe, lead  # (N, 28, d)
+
+    def forward(self, obs: dict[str, torch.Tensor], return_sequence: bool = False) -> torch.Tensor:
+        """Embedding (*lead, output_dim), or the normalised token sequence (*lead, 28, d_model)."""
+        x, lead = self.tokens(obs)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # (N, 28, d)
+        if return_sequence:
+            return x.reshape(*lead, self.num_tokens, -1)
+        return self.output_proj(x.mean(dim=1)).reshape(*lead, self.output_dim)
+
+    @torch.no_grad()
+    def get_attention_weights(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Self-attention probabilities of every layer and head: (*lead, num_layers, nhead, 28, 28); row i is
+        where token i looks (tokens 0-23 are the bars, oldest first, then sl_probs, position, portfolio, regime).
+        Call in eval mode: in train mode PyTorch returns the weights after attention dropout."""
+        x, lead = self.tokens(obs)
+        weights = []
+        for layer in self.layers:
+            h = layer.norm1(x)  # pre-LN: attention sees the normalised stream
+            _, w = layer.self_attn(h, h, h, need_weights=True, average_attn_weights=False)  # (N, heads, 28, 28)
+            weights.append(w)
+            x = layer(x)
+        return torch.stack(weights, dim=1).reshape(*lead, len(self.layers), self.cfg.nhead, *weights[0].shape[-2:])
+
+
+class _StateProjection(nn.Module):
+    """Concatenated state vectors (sl_probs, position, portfolio, regime) -> (N, d_model), for the alternatives."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(sum(cfg.state_dims.values()), cfg.d_model), nn.GELU())
+
+    def forward(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(torch.cat([states[k] for k in STATE_KEYS], dim=-1))
+
+
+def _fuse_head(cfg: EncoderConfig) -> nn.Sequential:
+    """[sequence summary, state] (N, 2 d_model) -> embedding (N, output_dim)."""
+    return nn.Sequential(
+        nn.Linear(2 * cfg.d_model, cfg.d_model),
+        nn.GELU(),
+        nn.Dropout(cfg.dropout),
+        nn.LayerNorm(cfg.d_model),
+        nn.Linear(cfg.d_model, cfg.output_dim),
+    )
+
+
+class LSTMEncoder(nn.Module):
+    """LSTM over the 24 bars; its last hidden state is fused with the projected state vector."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.output_dim = cfg.output_dim
+        self.rnn = nn.LSTM(
+            cfg.technical_dim,
+            cfg.d_model,
+            num_layers=cfg.alt_layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.alt_layers > 1 else 0.0,
+        )
+        self.state = _StateProjection(cfg)
+        self.fuse = _fuse_head(cfg)
+        _xavier_init(self)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tech, states, lead = _flatten_obs(obs, self.cfg, self.fuse[0].weight.dtype)
+        out, _ = self.rnn(tech)  # (N, 24, d)
+        z = torch.cat([out[:, -1], self.state(states)], dim=-1)  # (N, 2d)
+        return self.fuse(z).reshape(*lead, self.output_dim)
+
+
+class CNNEncoder(nn.Module):
+    """1-D convolutions over the 24 bars (kernel 3, dilations 1, 2, 4, ...; the window is already causal, so the
+    padding may look both ways), mean-pooled over time and fused with the projected state vector."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.output_dim = cfg.output_dim
+        layers: list[nn.Module] = []
+        channels = cfg.technical_dim
+        for i in range(cfg.alt_layers):
+            dilation = 2**i
+            layers += [nn.Conv1d(channels, cfg.d_model, 3, padding=dilation, dilation=dilation), nn.GELU()]
+            channels = cfg.d_model
+        self.conv = nn.Sequential(*layers)
+        self.state = _StateProjection(cfg)
+        self.fuse = _fuse_head(cfg)
+        _xavier_init(self)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tech, states, lead = _flatten_obs(obs, self.cfg, self.fuse[0].weight.dtype)
+        h = self.conv(tech.transpose(1, 2))  # (N, d, 24): channels first for Conv1d
+        z = torch.cat([h.mean(dim=-1), self.state(states)], dim=-1)  # (N, 2d)
+        return self.fuse(z).reshape(*lead, self.output_dim)
+
+
+class MLPEncoder(nn.Module):
+    """Fast baseline: the flattened window and the state vectors through a two-hidden-layer MLP."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.output_dim = cfg.output_dim
+        in_dim = cfg.seq_len * cfg.technical_dim + sum(cfg.state_dims.values())
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, cfg.d_model),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, cfg.d_model),
+            nn.GELU(),
+            nn.LayerNorm(cfg.d_model),
+            nn.Linear(cfg.d_model, cfg.output_dim),
+        )
+        _xavier_init(self)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tech, states, lead = _flatten_obs(obs, self.cfg, self.net[0].weight.dtype)
+        z = torch.cat([tech.flatten(1)] + [states[k] for k in STATE_KEYS], dim=-1)  # (N, 24*23 + 26)
+        return self.net(z).reshape(*lead, self.output_dim)
+
+
+ENCODERS = {"transformer": FeatureEncoder, "lstm": LSTMEncoder, "cnn": CNNEncoder, "mlp": MLPEncoder}
+
+
+def make_encoder(cfg: EncoderConfig) -> nn.Module:
+    """The encoder named by cfg.kind; every kind maps an obs dict (*lead, ...) to (*lead, cfg.output_dim)."""
+    if cfg.kind not in ENCODERS:
+        raise ValueError(f"EncoderConfig.kind={cfg.kind!r} is unknown; choose one of {sorted(ENCODERS)}.")
+    return ENCODERS[cfg.kind](cfg)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters in module (shared tensors counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Actor-critic heads batched over symbols and the masked categorical policy.
+# ---------------------------------------------------------------------------------------------------------------
+
+NUM_ACTIONS = 7
+MASKED_LOGIT = -1e8  # finite: softmax gives exactly 0 for it in float32, and no inf - inf can make a NaN
+
+
+class BatchedMLP(nn.Module):
+    """num_heads independent MLPs with weights (H, in, out), applied to x (..., S, in) with one einsum (H == S), or
+    one MLP applied to every symbol (H == 1). ReLU between layers; orthogonal init with gain sqrt(2) for hidden
+    layers and `out_gain` for the last one (CleanRL's layer_init, per head)."""
+
+    def __init__(self, num_heads: int, sizes: list[int], out_gain: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            w = torch.empty(num_heads, n_in, n_out)
+            gain = out_gain if i == len(sizes) - 2 else math.sqrt(2)
+            for h in range(num_heads):
+                # Orthogonal in nn.Linear's (out, in) layout, stored transposed as (in, out) for the einsum.
+                w[h] = nn.init.orthogonal_(torch.empty(n_out, n_in), gain=gain).T
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(num_heads, n_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., S, in) -> (..., S, out)."""
+        if self.num_heads > 1 and x.shape[-2] != self.num_heads:
+            raise ValueError(
+                f"The input has {x.shape[-2]} symbols but the per-symbol heads were built for {self.num_heads}; "
+                "build SymbolPolicy with num_symbols matching the env, or use shared_heads=True."
+            )
+        n = len(self.weights)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if self.num_heads == 1:
+                x = x @ w[0] + b[0]
+            else:
+                x = torch.einsum("...si,sio->...so", x, w) + b  # (..., S, out)
+            if i < n - 1:
+                x = torch.relu(x)
+        return x
+
+
+def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Replace the logits of disallowed actions (mask == 0, any int or bool dtype) with MASKED_LOGIT."""
+    return torch.where(action_mask.to(logits.device) != 0, logits, torch.full_like(logits, MASKED_LOGIT))
+
+
+def masked_policy(
+    logits: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From masked logits (..., A): action (...) long (sampled, argmax if deterministic, or the given one), its
+    log-probability, and the entropy over the allowed actions. Masked actions have probability exactly 0, so they
+    contribute 0 to the entropy and are never sampled; a given masked action gets a log-probability near -1e8."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., A)
+    p = logp.exp()
+    if action is None:
+        if deterministic:
+            action = logits.argmax(dim=-1)
+        else:
+            action = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
+    action = action.long()
+    # where() rather than p * logp: 0 * (-1e8) is 0 anyway, but this keeps the gradient of masked entries at 0.
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+
+
+class SymbolPolicy(nn.Module):
+    """Actor-critic for S symbol agents: one shared encoder, per-symbol actor (emb -> 256 -> 128 -> 7) and critic
+    (emb -> 256 -> 128 -> 1) heads batched as (S, in, out) weights, or one pair of heads for all symbols
+    (shared_heads=True, which also accepts any number of symbols).
+
+    Directives: with directive_dim > 0, obs["directives"] (B, S, directive_dim) is concatenated to the embedding
+    before the heads (the master's orders change the decision, not the market view); with directive_dim == 0 the key
+    is ignored. The action mask obs["action_mask"] (B, S, 7) is applied to the logits (masked = -1e8).
+    """
+
+    def __init__(
+        self,
+        num_symbols: int,
+        encoder: EncoderConfig,
+        shared_heads: bool = False,
+        directive_dim: int = 0,
+        actor_gain: float = 0.1,
+        hidden: tuple[int, ...] = (256, 128),
+        num_actions: int = NUM_ACTIONS,
+    ):
+        super().__init__()
+        self.num_symbols = num_symbols
+        self.directive_dim = directive_dim
+        self.num_actions = num_actions
+        self.encoder = make_encoder(encoder)
+        num_heads = 1 if shared_heads else num_symbols
+        in_dim = encoder.output_dim + directive_dim
+        self.actor = BatchedMLP(num_heads, [in_dim, *hidden, num_actions], out_gain=actor_gain)
+        self.critic = BatchedMLP(num_heads, [in_dim, *hidden, 1], out_gain=1.0)
+
+    def embed(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Shared-encoder embedding (B, S, output_dim), e.g. for the master network's pooling."""
+        return self.encoder(obs)
+
+    def _head_input(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = self.encoder(obs)  # (B, S, D)
+        if self.directive_dim > 0:
+            if "directives" not in obs:
+                raise KeyError(
+                    f"SymbolPolicy was built with directive_dim={self.directive_dim} but the observation has no "
+                    "'directives' key; run the env in portfolio mode or build the policy with directive_dim=0."
+                )
+            d = obs["directives"]
+            if d.shape != (*z.shape[:-1], self.directive_dim):
+                raise ValueError(
+                    f"obs['directives'] has shape {tuple(d.shape)}, expected {(*z.shape[:-1], self.directive_dim)}."
+                )
+            z = torch.cat([z, d.to(z.dtype)], dim=-1)  # (B, S, D + directive_dim)
+        return z
+
+    def _masked(self, obs: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        if "action_mask" not in obs:
+            raise KeyError("The observation has no 'action_mask' key; the env's mask is required to pick actions.")
+        mask = obs["action_mask"]
+        if mask.shape != logits.shape:
+            raise ValueError(f"obs['action_mask'] has shape {tuple(mask.shape)}, expected {tuple(logits.shape)}.")
+        return mask_logits(logits, mask)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked logits (B, S, 7) and value (B, S) from one encoder pass."""
+        z = self._head_input(obs)
+        return self._masked(obs, self.actor(z)), self.critic(z).squeeze(-1)
+
+    def get_value(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.critic(self._head_input(obs)).squeeze(-1)  # (B, S)
+
+    def get_logits(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._masked(obs, self.actor(self._head_input(obs)))  # (B, S, 7)
+
+    def get_action_and_value(
+        self, obs: dict[str, torch.Tensor], action: torch.Tensor | None = None, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """action (B, S) long, logprob (B, S), entropy over allowed actions (B, S), value (B, S)."""
+        logits, value = self(obs)
+        action, logprob, entropy = masked_policy(logits, action, deterministic)
+        return action, logprob, entropy, value
+
+
+def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_dim: int = 0, **policy_kw) -> dict:
+    """Parameter counts for num_symbols agents: one shared encoder + per-symbol heads (this module's layout), every
+    agent with its own encoder and heads (no sharing), and one encoder + one pair of heads (shared_heads=True)."""
+    one = SymbolPolicy(1, encoder, directive_dim=directive_dim, **policy_kw)
+    enc = count_parameters(one.encoder)
+    heads = count_parameters(one.actor) + count_parameters(one.critic)
+    shared = enc + num_symbols * heads
+    unshared = num_symbols * (enc + heads)
+    return {
+        "kind": encoder.kind,
+        "num_symbols": num_symbols,
+        "encoder": enc,
+        "heads_per_symbol": heads,
+        "one_agent": enc + heads,
+        "shared_encoder_total": shared,
+        "no_sharing_total": unshared,
+        "shared_heads_total": enc + heads,
+        "saving_fraction": 1.0 - shared / unshared,
+    }

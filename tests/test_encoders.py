@@ -1,0 +1,289 @@
+"""Tests of encoders.py: encoder shapes for every kind, the masked policy, batched heads, parameter budgets, the
+master network and checkpoints. Small batches and one thread keep the file within seconds on 2 cores."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from encoders import (
+    MASKED_LOGIT,
+    NUM_ACTIONS,
+    EncoderConfig,
+    FeatureEncoder,
+    SymbolPolicy,
+    count_parameters,
+    make_encoder,
+    weight_sharing_report,
+)
+
+KINDS = ["transformer", "lstm", "cnn", "mlp"]
+torch.set_num_threads(1)
+
+
+def make_obs(*lead, seed=0, directives=0, mask="random"):
+    """A random observation dict with leading dims `lead`, laid out as the env returns it."""
+    g = torch.Generator().manual_seed(seed)
+    obs = {
+        "technical": torch.randn(*lead, 24, 23, generator=g),
+        "sl_probs": torch.rand(*lead, 3, generator=g),
+        "position": torch.randn(*lead, 5, generator=g),
+        "portfolio": torch.randn(*lead, 8, generator=g),
+        "regime": torch.randn(*lead, 10, generator=g),
+    }
+    if mask == "random":
+        m = torch.randint(0, 2, (*lead, NUM_ACTIONS), generator=g, dtype=torch.int8)
+        m[..., 0] = 1  # HOLD is always allowed
+    else:
+        m = torch.ones(*lead, NUM_ACTIONS, dtype=torch.int8)
+    obs["action_mask"] = m
+    if directives:
+        obs["directives"] = torch.randn(*lead, directives, generator=g)
+    return obs
+
+
+def cfg(kind, **kw):
+    return EncoderConfig(kind=kind, dropout=0.0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_encoder_shapes_and_finite(kind, batch):
+    enc = make_encoder(EncoderConfig(kind=kind)).eval()
+    with torch.no_grad():
+        out = enc(make_obs(batch))
+        out_bs = enc(make_obs(batch, 2))  # (B, S, ...) leading dims are flattened and restored
+    assert out.shape == (batch, 256)
+    assert out_bs.shape == (batch, 2, 256)
+    assert torch.isfinite(out).all() and torch.isfinite(out_bs).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_batch_independence(kind):
+    enc = make_encoder(EncoderConfig(kind=kind)).eval()
+    obs = make_obs(5, seed=1)
+    with torch.no_grad():
+        full = enc(obs)
+        for i in range(5):
+            one = enc({k: v[i : i + 1] for k, v in obs.items()})
+            torch.testing.assert_close(one[0], full[i], rtol=1e-5, atol=1e-5)
+        # Changing sample 0 must leave the others untouched.
+        obs2 = {k: v.clone() for k, v in obs.items()}
+        obs2["technical"][0] += 1.0
+        changed = enc(obs2)
+    assert not torch.allclose(changed[0], full[0])
+    torch.testing.assert_close(changed[1:], full[1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_reaches_every_parameter(kind):
+    policy = SymbolPolicy(2, cfg(kind), directive_dim=4)
+    _, logprob, entropy, value = policy.get_action_and_value(make_obs(3, 2, directives=4))
+    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    for name, p in policy.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient for {name}"
+        assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+
+
+def test_transformer_layout_and_sequence_output():
+    c = EncoderConfig()
+    assert (c.d_model, c.nhead, c.num_layers, c.dim_feedforward, c.dropout, c.output_dim) == (256, 8, 4, 1024, 0.1, 256)
+    enc = FeatureEncoder(c).eval()
+    assert all(layer.norm_first for layer in enc.layers)  # pre-LN
+    with torch.no_grad():
+        seq = enc(make_obs(2, 3), return_sequence=True)
+    assert seq.shape == (2, 3, 28, 256)
+
+
+def test_attention_weights_rows_sum_to_one():
+    enc = FeatureEncoder(EncoderConfig()).eval()
+    w = enc.get_attention_weights(make_obs(2, 3))
+    assert w.shape == (2, 3, 4, 8, 28, 28)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4, 8, 28))
+
+
+def test_bad_inputs_raise_clear_errors():
+    enc = make_encoder(EncoderConfig(kind="mlp"))
+    obs = make_obs(2)
+    with pytest.raises(ValueError, match="technical"):
+        enc({**obs, "technical": torch.zeros(2, 20, 23)})
+    with pytest.raises(ValueError, match="regime"):
+        enc({**obs, "regime": torch.zeros(2, 9)})
+    with pytest.raises(KeyError, match="position"):
+        enc({k: v for k, v in obs.items() if k != "position"})
+    with pytest.raises(ValueError, match="kind"):
+        make_encoder(EncoderConfig(kind="gru"))
+    policy = SymbolPolicy(3, cfg("mlp"))
+    with pytest.raises(ValueError, match="symbols"):
+        policy.get_value(make_obs(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_masked_actions_never_sampled():
+    torch.manual_seed(0)
+    policy = SymbolPolicy(8, cfg("mlp"), actor_gain=1.0)  # large gain: a peaked policy would find a mask leak
+    obs = make_obs(1250, 8, seed=3)  # 10,000 draws
+    with torch.no_grad():
+        logits = policy.get_logits(obs)
+        action, logprob, _, _ = policy.get_action_and_value(obs)
+    allowed = obs["action_mask"].bool()
+    probs = torch.softmax(logits, dim=-1)
+    assert (probs[~allowed] == 0).all()
+    assert (logits[~allowed] == MASKED_LOGIT).all()
+    assert allowed.gather(-1, action.unsqueeze(-1)).all(), "a masked action was sampled"
+    assert torch.isfinite(logprob).all()
+    # Every allowed action of a symbol is reachable: the mask does not collapse the policy.
+    assert len(torch.unique(action)) == NUM_ACTIONS
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_entropy_and_logprob_over_allowed_actions_only(kind):
+    policy = SymbolPolicy(3, cfg(kind), actor_gain=1.0).eval()
+    obs = make_obs(4, 3, seed=5)
+    with torch.no_grad():
+        raw = policy.get_logits({**obs, "action_mask": torch.ones_like(obs["action_mask"])})  # unmasked logits
+        action, logprob, entropy, _ = policy.get_action_and_value(obs)
+    mask = obs["action_mask"].bool()
+    for b in range(4):
+        for s in range(3):
+            z = raw[b, s][mask[b, s]].double()
+            p = torch.softmax(z, dim=0)
+            h = -(p * p.log()).sum()
+            assert entropy[b, s].item() == pytest.approx(h.item(), abs=1e-5)
+            idx = int(mask[b, s, : action[b, s]].sum())  # position of the action among the allowed ones
+            assert logprob[b, s].item() == pytest.approx(p[idx].log().item(), abs=1e-5)
+
+
+def test_only_hold_allowed_gives_no_nan():
+    policy = SymbolPolicy(2, cfg("mlp"))
+    obs = make_obs(6, 2)
+    obs["action_mask"] = torch.zeros_like(obs["action_mask"])
+    obs["action_mask"][..., 0] = 1
+    action, logprob, entropy, value = policy.get_action_and_value(obs)
+    assert (action == 0).all()
+    assert torch.isfinite(logprob).all() and torch.isfinite(entropy).all()
+    assert torch.allclose(logprob, torch.zeros_like(logprob)) and torch.allclose(entropy, torch.zeros_like(entropy))
+    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_given_action_and_deterministic():
+    policy = SymbolPolicy(3, cfg("cnn")).eval()
+    obs = make_obs(5, 3, seed=7)
+    with torch.no_grad():
+        a, lp, ent, v = policy.get_action_and_value(obs)
+        a2, lp2, ent2, v2 = policy.get_action_and_value(obs, action=a)
+        det, *_ = policy.get_action_and_value(obs, deterministic=True)
+        logits = policy.get_logits(obs)
+    assert torch.equal(a, a2)
+    torch.testing.assert_close(lp, lp2)
+    torch.testing.assert_close(v, v2)
+    assert torch.equal(det, logits.argmax(-1))
+    assert a.dtype == torch.long and v.shape == (5, 3)
+    torch.testing.assert_close(policy.get_value(obs), v)
+
+
+def test_directives_change_the_heads_not_the_encoder():
+    policy = SymbolPolicy(2, cfg("mlp"), directive_dim=4).eval()
+    obs = make_obs(3, 2, directives=4)
+    other = {**obs, "directives": obs["directives"] + 1.0}
+    with torch.no_grad():
+        assert torch.equal(policy.embed(obs), policy.embed(other))
+        assert not torch.allclose(policy.get_value(obs), policy.get_value(other))
+    with pytest.raises(KeyError, match="directives"):
+        policy.get_value({k: v for k, v in obs.items() if k != "directives"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched heads
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _loop_heads(batched, symbol):
+    """Plain nn.Linear layers holding symbol `symbol`'s weights of a BatchedMLP."""
+    layers = []
+    for w, b in zip(batched.weights, batched.biases, strict=True):
+        lin = nn.Linear(w.shape[1], w.shape[2])
+        with torch.no_grad():
+            lin.weight.copy_(w[symbol].T)
+            lin.bias.copy_(b[symbol])
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_einsum_heads_equal_per_symbol_loop():
+    S = 5
+    policy = SymbolPolicy(S, cfg("mlp"), directive_dim=4).eval()
+    with torch.no_grad():  # non-zero biases so the test also covers them
+        for b in [*policy.actor.biases, *policy.critic.biases]:
+            b.normal_()
+    obs = make_obs(7, S, directives=4)
+    with torch.no_grad():
+        z = policy._head_input(obs)  # (7, S, 260)
+        logits = policy.actor(z)
+        value = policy.critic(z)
+        for s in range(S):
+            torch.testing.assert_close(logits[:, s], _loop_heads(policy.actor, s)(z[:, s]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(value[:, s], _loop_heads(policy.critic, s)(z[:, s]), rtol=1e-5, atol=1e-5)
+    # Heads differ between symbols (independent orthogonal draws).
+    assert not torch.allclose(policy.actor.weights[0][0], policy.actor.weights[0][1])
+
+
+def test_shared_heads_accept_any_symbol_count():
+    policy = SymbolPolicy(3, cfg("mlp"), shared_heads=True).eval()
+    assert policy.actor.weights[0].shape[0] == 1
+    with torch.no_grad():
+        v = policy.get_value(make_obs(2, 11))
+        same = policy.get_value({k: x[:, :1].expand_as(x) for k, x in make_obs(2, 11).items()})
+    assert v.shape == (2, 11)
+    torch.testing.assert_close(same, same[:, :1].expand_as(same))  # same input, same head -> same value
+
+
+def test_head_initialisation():
+    policy = SymbolPolicy(2, cfg("mlp"), actor_gain=0.1)
+    w_hidden = policy.actor.weights[0][1].T  # (256, 256) in nn.Linear layout
+    torch.testing.assert_close(w_hidden @ w_hidden.T, 2.0 * torch.eye(256), atol=1e-4, rtol=0)  # gain sqrt(2)
+    w_out = policy.actor.weights[-1][0].T  # (7, 128): rows orthogonal with norm 0.1
+    torch.testing.assert_close(w_out @ w_out.T, 0.01 * torch.eye(7), atol=1e-5, rtol=0)
+    w_v = policy.critic.weights[-1][0].T  # (1, 128)
+    assert w_v.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert all((b == 0).all() for b in policy.actor.biases)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter budgets and weight sharing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_budget():
+    c = EncoderConfig()
+    enc = make_encoder(c)
+    assert count_parameters(enc) < 5_000_000
+    one = SymbolPolicy(1, c)
+    assert count_parameters(one) < 10_000_000
+    report = weight_sharing_report(143, c)
+    assert report["encoder"] == count_parameters(enc)
+    assert report["one_agent"] == count_parameters(one)
+    assert report["shared_encoder_total"] < 50_000_000
+    assert report["no_sharing_total"] == 143 * report["one_agent"]
+    assert report["saving_fraction"] > 0.6
+
+
+def test_sharing_report_matches_a_built_policy():
+    c = cfg("mlp")
+    report = weight_sharing_report(6, c, directive_dim=4)
+    assert report["shared_encoder_total"] == count_parameters(SymbolPolicy(6, c, directive_dim=4))
+    assert report["shared_heads_total"] == count_parameters(SymbolPolicy(6, c, directive_dim=4, shared_heads=True))
+    assert math.isclose(report["saving_fraction"], 1 - report["shared_encoder_total"] / report["no_sharing_total"])

@@ -3,10 +3,17 @@ the supervised signal classifiers and checkpoint helpers."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import os
+import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -497,3 +504,248 @@ def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_di
         "shared_heads_total": enc + heads,
         "saving_fraction": 1.0 - shared / unshared,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Master network (portfolio manager for MAPPO).
+# ---------------------------------------------------------------------------------------------------------------
+
+DIRECTIVE_GRID = (4, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
+NUM_DIRECTIVES = math.prod(DIRECTIVE_GRID)  # 48
+
+
+def unravel_directive(index: torch.Tensor) -> torch.Tensor:
+    """Joint directive index (...) -> grid coordinates (..., 3), row-major over DIRECTIVE_GRID."""
+    return torch.stack(torch.unravel_index(index.long(), DIRECTIVE_GRID), dim=-1)
+
+
+def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        lin = nn.Linear(n_in, n_out)
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(lin.weight, gain=out_gain if last else math.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers += [lin] if last else [lin, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class MasterNetwork(nn.Module):
+    """Actor-critic of the master agent, which picks one of the 48 directives of the 4 x 4 x 3 grid per env.
+
+    Inputs (B = envs):
+      symbol_embeddings (B, S, D): per-symbol embeddings, e.g. SymbolPolicy.embed(obs) (detach them if the symbol
+          encoder is not meant to learn from the master's loss);
+      global_features (B, G): portfolio and regime features plus the current directive (one-hot or values),
+          assembled by the script;
+      state (B, state_dim), only when state_dim > 0: the env's global state (VecTradingCore.state()) for the
+          centralised critic; the actor never sees it;
+      symbol_mask (B, S) bool, optional: symbols to pool over (e.g. tradable ones); all by default.
+
+    The symbols are pooled by mean and max over S, so one network serves any universe size. The actor is a joint
+    Categorical(48) over the grid rather than three factorised heads: 48 logits are cheap, the distribution is
+    exact (no independence assumption between, say, a low risk multiplier and the defensive mode), and PPO's
+    ratio and entropy stay those of one categorical. unravel_directive maps an index to grid coordinates.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        global_dim: int,
+        state_dim: int = 0,
+        hidden: tuple[int, ...] = (256, 256),
+        actor_gain: float = 0.01,
+        num_directives: int = NUM_DIRECTIVES,
+    ):
+        super().__init__()
+        self.embed_dim, self.global_dim, self.state_dim = embed_dim, global_dim, state_dim
+        pooled = 2 * embed_dim + global_dim
+        self.actor = _mlp([pooled, *hidden, num_directives], out_gain=actor_gain)
+        self.critic = _mlp([pooled + state_dim, *hidden, 1], out_gain=1.0)
+
+    def _pool(self, emb: torch.Tensor, global_features: torch.Tensor, symbol_mask: torch.Tensor | None):
+        if emb.dim() != 3 or emb.shape[-1] != self.embed_dim:
+            raise ValueError(f"symbol_embeddings has shape {tuple(emb.shape)}, expected (B, S, {self.embed_dim}).")
+        if global_features.shape != (emb.shape[0], self.global_dim):
+            raise ValueError(
+                f"global_features has shape {tuple(global_features.shape)}, expected ({emb.shape[0]}, "
+                f"{self.global_dim}); build MasterNetwork with global_dim matching the features."
+            )
+        if symbol_mask is None:
+            mean, peak = emb.mean(dim=1), emb.amax(dim=1)  # (B, D) each
+        else:
+            m = symbol_mask.to(emb.device).bool().unsqueeze(-1)  # (B, S, 1)
+            count = m.sum(dim=1)  # (B, 1)
+            mean = (emb * m).sum(dim=1) / count.clamp(min=1)
+            # An env with no symbol in the mask pools to zeros rather than -inf.
+            peak = torch.where(count > 0, emb.masked_fill(~m, -torch.inf).amax(dim=1), torch.zeros_like(mean))
+        return torch.cat([mean, peak, global_features.to(emb.dtype)], dim=-1)  # (B, 2D + G)
+
+    def _critic_input(self, pooled: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        if self.state_dim == 0:
+            return pooled
+        if state is None or state.shape != (pooled.shape[0], self.state_dim):
+            got = None if state is None else tuple(state.shape)
+            raise ValueError(f"state has shape {got}, expected ({pooled.shape[0]}, {self.state_dim}) (env.state()).")
+        return torch.cat([pooled, state.to(pooled.dtype)], dim=-1)
+
+    def forward(self, symbol_embeddings, global_features, state=None, symbol_mask=None):
+        """Directive logits (B, 48) and value (B,)."""
+        pooled = self._pool(symbol_embeddings, global_features, symbol_mask)
+        return self.actor(pooled), self.critic(self._critic_input(pooled, state)).squeeze(-1)
+
+    def get_value(self, symbol_embeddings, global_features, state=None, symbol_mask=None) -> torch.Tensor:
+        pooled = self._pool(symbol_embeddings, global_features, symbol_mask)
+        return self.critic(self._critic_input(pooled, state)).squeeze(-1)  # (B,)
+
+    def get_action_and_value(
+        self, symbol_embeddings, global_features, state=None, action=None, deterministic=False, symbol_mask=None
+    ):
+        """directive index (B,) long in [0, 48), logprob (B,), entropy (B,), value (B,)."""
+        logits, value = self(symbol_embeddings, global_features, state, symbol_mask)
+        action, logprob, entropy = masked_policy(logits, action, deterministic)
+        return action, logprob, entropy, value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: one file per save, loadable with torch.load(weights_only=True) (no pickled code runs on load).
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "trading-rl-checkpoint/1"
+
+
+def _plain(obj):
+    """Args and statistics as tensors and Python builtins that weights_only loading accepts: dataclasses and
+    namespaces become dicts, numpy arrays tensors, numpy scalars Python numbers, paths strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, argparse.Namespace):
+        return _plain(vars(obj))
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return _plain(obj.state_dict())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+        return obj
+    raise TypeError(
+        f"save_checkpoint cannot store a {type(obj).__name__}; pass tensors, numpy arrays, numbers, strings, "
+        "lists, dicts or dataclasses (or an object with state_dict())."
+    )
+
+
+def _rng_states() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": (int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], *states["numpy_gauss"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    obs_norm=None,
+    args=None,
+    global_step: int = 0,
+    extra: dict | None = None,
+) -> None:
+    """Write model and optimiser state, observation-normalisation statistics (an object with state_dict() or a
+    dict; numpy arrays are stored as tensors), args (dataclass, namespace or dict, stored as a dict), the global
+    step and the RNG states of python, numpy, torch (and CUDA) to one file. The file is written to a temporary
+    name in the same folder and renamed, so a crash never leaves a half-written checkpoint under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "obs_norm": _plain(obs_norm),
+        "args": _plain(args),
+        "global_step": int(global_step),
+        "rng": _rng_states(),
+        "extra": _plain(extra),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Read a checkpoint written by save_checkpoint, load it into model (and optimizer) and return the whole payload
+    ("args", "global_step", "obs_norm", "extra", ...). The model's parameter names and shapes must match the saved
+    ones exactly; otherwise a ValueError lists the missing, unexpected and mis-shaped keys. restore_rng=True puts
+    the python, numpy, torch (and CUDA) generators back where they were at save time."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path (runs/<run_name>/...).")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"Checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is corrupt, "
+            "truncated or not written by save_checkpoint."
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint (format {CHECKPOINT_FORMAT}).")
+    if model is not None:
+        saved, own = payload["model"], model.state_dict()
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        shapes = [
+            f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in saved and saved[k].shape != own[k].shape
+        ]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"Checkpoint {path} does not fit the model (was it built with the same EncoderConfig, number of "
+                f"symbols and head options?). Missing keys: {missing or 'none'}. Unexpected keys: "
+                f"{unexpected or 'none'}. Shape mismatches: {shapes or 'none'}."
+            )
+        model.load_state_dict(saved)
+    if optimizer is not None:
+        if payload["optimizer"] is None:
+            raise ValueError(f"Checkpoint {path} holds no optimizer state; load it without an optimizer.")
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"The optimizer state in {path} does not fit this optimizer: {e}") from e
+    if restore_rng:
+        _set_rng_states(payload["rng"])
+    return payload

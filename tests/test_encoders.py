@@ -1,8 +1,11 @@
 """Tests of encoders.py: encoder shapes for every kind, the masked policy, batched heads, parameter budgets, the
 master network and checkpoints. Small batches and one thread keep the file within seconds on 2 cores."""
 
+import dataclasses
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,11 +13,16 @@ import torch.nn as nn
 from encoders import (
     MASKED_LOGIT,
     NUM_ACTIONS,
+    NUM_DIRECTIVES,
     EncoderConfig,
     FeatureEncoder,
+    MasterNetwork,
     SymbolPolicy,
     count_parameters,
+    load_checkpoint,
     make_encoder,
+    save_checkpoint,
+    unravel_directive,
     weight_sharing_report,
 )
 
@@ -287,3 +295,114 @@ def test_sharing_report_matches_a_built_policy():
     assert report["shared_encoder_total"] == count_parameters(SymbolPolicy(6, c, directive_dim=4))
     assert report["shared_heads_total"] == count_parameters(SymbolPolicy(6, c, directive_dim=4, shared_heads=True))
     assert math.isclose(report["saving_fraction"], 1 - report["shared_encoder_total"] / report["no_sharing_total"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Master network
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_master_shapes_pooling_and_gradients():
+    policy = SymbolPolicy(5, cfg("mlp"))
+    master = MasterNetwork(embed_dim=256, global_dim=12, state_dim=9)
+    emb = policy.embed(make_obs(3, 5))  # (3, 5, 256)
+    g, state = torch.randn(3, 12), torch.randn(3, 9)
+    action, logprob, entropy, value = master.get_action_and_value(emb, g, state)
+    assert action.shape == logprob.shape == entropy.shape == value.shape == (3,)
+    assert ((action >= 0) & (action < NUM_DIRECTIVES)).all()
+    assert (entropy <= math.log(NUM_DIRECTIVES) + 1e-5).all()
+    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in master.parameters())
+    assert policy.encoder.net[0].weight.grad is not None  # embeddings not detached here: the encoder learns too
+    with torch.no_grad():
+        # Pooling is symmetric in the symbols and a symbol mask equals dropping the masked symbols.
+        perm = torch.randperm(5)
+        torch.testing.assert_close(master.get_value(emb[:, perm], g, state), master.get_value(emb, g, state))
+        mask = torch.tensor([True, True, False, True, False]).expand(3, 5)
+        torch.testing.assert_close(
+            master.get_value(emb, g, state, symbol_mask=mask), master.get_value(emb[:, [0, 1, 3]], g, state)
+        )
+        # The critic sees the global state; the actor does not.
+        logits, _ = master(emb, g, state)
+        logits2, _ = master(emb, g, state + 1)
+        assert torch.equal(logits, logits2)
+        assert not torch.allclose(master.get_value(emb, g, state), master.get_value(emb, g, state + 1))
+    with pytest.raises(ValueError, match="state"):
+        master.get_value(emb.detach(), g)
+
+
+def test_unravel_directive():
+    coords = unravel_directive(torch.arange(NUM_DIRECTIVES))
+    assert coords.shape == (48, 3)
+    assert coords.amax(0).tolist() == [3, 3, 2]
+    assert len({tuple(c) for c in coords.tolist()}) == 48
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Args:
+    seed: int = 1
+    learning_rate: float = 3e-4
+    exp_name: str = "test"
+
+
+def _train_step(policy, opt, obs):
+    _, logprob, entropy, value = policy.get_action_and_value(obs, action=torch.zeros(2, 3, dtype=torch.long))
+    opt.zero_grad()
+    (-(logprob.mean()) - 0.01 * entropy.mean() + value.pow(2).mean()).backward()
+    opt.step()
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    obs = make_obs(2, 3)
+    policy = SymbolPolicy(3, cfg("transformer", num_layers=1))
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    _train_step(policy, opt, obs)
+    norm = {"mean": np.arange(4, dtype=np.float64), "var": np.ones(4), "count": 7.0}
+    path = tmp_path / "ckpt" / "agent.pt"
+    save_checkpoint(path, policy, opt, obs_norm=norm, args=_Args(), global_step=1234, extra={"note": "x"})
+    draws = (random.random(), np.random.rand(3), torch.rand(3))
+
+    torch.manual_seed(99)  # a different init and a fresh optimizer
+    other = SymbolPolicy(3, cfg("transformer", num_layers=1))
+    other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
+    payload = load_checkpoint(path, other, other_opt, restore_rng=True)
+    redraw = (random.random(), np.random.rand(3), torch.rand(3))
+    # restore_rng put every generator back to its state at save time, so the draws repeat.
+    assert draws[0] == redraw[0] and np.array_equal(draws[1], redraw[1]) and torch.equal(draws[2], redraw[2])
+
+    for (k, a), (_, b) in zip(policy.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert payload["global_step"] == 1234
+    assert payload["args"] == {"seed": 1, "learning_rate": 3e-4, "exp_name": "test"}
+    assert torch.equal(payload["obs_norm"]["mean"], torch.arange(4, dtype=torch.float64))
+    assert payload["extra"] == {"note": "x"}
+    # The optimizer state came back too: one more identical step keeps the two models bit-identical.
+    _train_step(policy, opt, obs)
+    _train_step(other, other_opt, obs)
+    for a, b in zip(policy.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not list(path.parent.glob("*.tmp")), "the temporary file was left behind"
+
+
+def test_checkpoint_mismatch_and_bad_files(tmp_path):
+    path = tmp_path / "a.pt"
+    save_checkpoint(path, SymbolPolicy(3, cfg("mlp")))
+    with pytest.raises(ValueError, match=r"actor\.weights\.0.*saved \(3, 256, 256\) vs model \(4, 256, 256\)"):
+        load_checkpoint(path, SymbolPolicy(4, cfg("mlp")))
+    with pytest.raises(ValueError, match="Missing keys: .*encoder.layers"):
+        load_checkpoint(path, SymbolPolicy(3, cfg("transformer", num_layers=1)))
+    with pytest.raises(ValueError, match="no optimizer state"):
+        m = SymbolPolicy(3, cfg("mlp"))
+        load_checkpoint(path, m, torch.optim.Adam(m.parameters()))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", SymbolPolicy(3, cfg("mlp")))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(bad, SymbolPolicy(3, cfg("mlp")))

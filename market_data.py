@@ -1,11 +1,85 @@
 """Market data for the trading environment: bars (a seeded synthetic market or the user's own files), validation,
-calendar alignment, causal features, supervised signals, chronological splits and the prepared-array cache."""
+calendar alignment, causal features, supervised signals, chronological splits and the prepared-array cache.
+
+Reading order: DataConfig -> containers -> synthetic market -> user-data loaders and validation -> features
+(technical, regime) -> splits -> supervised signals -> cache -> prepare_market / make_synthetic_prepared.
+Every feature at bar t uses bars <= t only; tests/test_features.py checks that by cutting and by replacing the future.
+"""
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+# Bumped by hand when the meaning of a cached array changes; the cache key also hashes this file's source.
+CODE_VERSION = "1"
+
+
+@dataclass
+class DataConfig:
+    """Where the bars come from and how they are turned into observations (nested as `data` in every script)."""
+
+    source: str = "synthetic"
+    """"synthetic", a folder of per-symbol parquet/CSV files, or one long-format parquet with a symbol column."""
+    num_symbols: int = 10
+    """Synthetic only: number of symbols in the universe."""
+    years: float = 2.0
+    """Synthetic only: length of the sample in years of 252 trading days."""
+    seed: int = 0
+    """Synthetic only: seed of the market generator (independent of the training seed)."""
+    signal_strength: float = 0.1
+    """Synthetic only: lag-1 autocorrelation rho of standardised returns; explains rho^2 of next-bar variance."""
+    gap_rate: float = 0.0
+    """Synthetic only: fraction of bars lost to halts (NaN bars, not tradable)."""
+    holidays: bool = False
+    """Synthetic only: skip New Year's Day, Independence Day and Christmas (weekends are always skipped)."""
+    symbols: list[str] | None = None
+    """User data: keep only these symbols (default: every file / every symbol in the long parquet)."""
+    benchmark: str | None = None
+    """User data: symbol whose close is the benchmark (e.g. SPY); default: equal-weight index of the universe."""
+    adjusted: bool = False
+    """User data: use the Adj Close column (OHL scaled by the same factor) instead of Close."""
+    timezone: str = "UTC"
+    """User data: time zone of naive timestamps; aware timestamps are converted to UTC either way."""
+    bad_bars: str = "raise"
+    """User data: what to do with invalid bars: "raise" (default), "drop" them, or "repair" what can be repaired."""
+    normalization: str = "zscore"
+    """Technical feature normalisation: "zscore", "robust" (median/IQR) or "minmax", all rolling and causal."""
+    norm_window: int = 140
+    """Bars in the rolling normalisation window (140 = 20 trading days of hourly bars)."""
+    feature_clip: float = 10.0
+    """Normalised technical features are clipped to [-clip, clip] (documented; minmax lies in [-1, 1] anyway)."""
+    lookback: int = 24
+    """Bars in one observation window (technical[t - lookback + 1 : t + 1])."""
+    min_episode_bars: int = 100
+    """Each symbol file must hold at least warm-up + lookback + this many bars."""
+    train_frac: float = 0.7
+    """Fraction of the post-warm-up bars in the train split."""
+    val_frac: float = 0.15
+    """Fraction in the validation split (the test split gets the rest)."""
+    embargo: int | None = None
+    """Bars left out between splits; default and minimum: max(lookback, sl_horizon)."""
+    sl_signals: bool = True
+    """Fit the MLP/LSTM/GRU signal classifiers on the train split (else sl_probs = 0.5)."""
+    sl_horizon: int = 1
+    """Label horizon in bars: the label at t is log(close[t + h] / close[t]) > sl_threshold."""
+    sl_threshold: float = 0.0
+    """Label threshold on the forward log return."""
+    sl_epochs: int = 4
+    """Training epochs of each signal classifier."""
+    sl_max_samples: int = 20000
+    """Training windows subsampled (seeded) from the train split, to bound fitting time for large universes."""
+    sl_threads: int = 2
+    """torch threads used while fitting and predicting the classifiers."""
+    cache: bool = True
+    """Read and write the prepared arrays under cache_dir."""
+    cache_dir: str = ".cache/market"
+    """Folder of the parquet cache, one sub-folder per hash of data, parameters and code version."""
 
 
 @dataclass
@@ -30,6 +104,10 @@ class MarketData:
     bars_per_day: float
     bars_per_year: float
     """From the data's own calendar (hourly US equities: 7 * 252)."""
+    regime_labels: np.ndarray | None = None
+    """Synthetic only: (T,) int8 hidden regime, 0 bull, 1 bear, 2 crisis (never part of the observation)."""
+    source: str = "synthetic"
+    """Where the bars came from (for reports)."""
 
 
 @dataclass
@@ -51,3 +129,563 @@ class PreparedMarket:
     sl_metrics: dict = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=list)
     regime_names: list[str] = field(default_factory=list)
+    lookback: int = 24
+    """Bars in one observation window."""
+    embargo: int = 24
+    """Bars between consecutive splits."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic market
+# ---------------------------------------------------------------------------------------------------------------
+# Per bar t and symbol s (all arrays vectorised over symbols; the only Python loops run over time):
+#   u[t, s]  = beta_s * m[t] + gamma_s * f[t, sector(s)] + e[t, s]       market, sector and idiosyncratic shocks
+#   each shock = scale * regime_mult[regime(t)] * intraday_mult[hour(t)] * sqrt(h[t]) * z[t],
+#   z ~ Student-t(4) scaled to unit variance, h[t] = GARCH(1,1) variance with unit mean (alpha 0.08, beta 0.90),
+#   sd[t, s] = the conditional standard deviation of u[t, s] given h, regime and hour; w = u / sd has variance 1.
+#   x[t, s]  = rho * x[t-1, s] + sqrt(1 - rho^2) * w[t, s]                 planted predictable component
+#   r[t, s]  = drift(regime) * beta_s + sd[t, s] * x[t, s]                 log return of bar t
+# With rho = signal_strength, the standardised return x[t] = (r[t] - drift) / sd[t] is an AR(1): the best causal
+# forecast of x[t+1] is rho * x[t], which explains exactly rho^2 of its variance (rho = 0: pure noise, no edge).
+# A classifier of sign(r[t+1]) from x[t] has, for Gaussian shocks, AUC = 1/2 + arcsin(rho) / pi (0.532 at rho 0.1,
+# 0.667 at rho 0.5); the fat tails move this slightly. The technical features see x[t] through ret_1 divided by the
+# realised volatility.
+# Regimes follow a daily Markov chain (bull, bear, crisis) that scales volatility and drift; volume grows with
+# |x|; the first bar of a day carries an overnight gap (part of its return happens between close and open).
+
+REGIME_NAMES_SYNTH = ("bull", "bear", "crisis")
+_REGIME_TRANSITIONS = np.array([[0.990, 0.008, 0.002], [0.030, 0.960, 0.010], [0.060, 0.040, 0.900]])
+_REGIME_DRIFT = np.array([0.15, -0.15, -0.60])  # annualised market drift per regime
+_REGIME_MARKET_VOL = np.array([1.0, 1.5, 3.0])
+_REGIME_OTHER_VOL = np.array([1.0, 1.2, 1.8])
+_INTRADAY_VOL = np.array([1.6, 1.1, 0.9, 0.85, 0.9, 1.0, 1.3])  # U-shaped, 7 hourly bars from 09:30 New York
+_INTRADAY_VOLUME = np.array([1.8, 1.1, 0.9, 0.8, 0.85, 1.0, 1.5])
+_SYNTH_BARS_PER_DAY = 7
+_SYNTH_DAYS_PER_YEAR = 252
+
+
+def synthetic_symbol_names(num_symbols: int) -> list[str]:
+    """Synthetic names (SYN000, SYN001, ...) so that synthetic data is never shown under a real ticker."""
+    width = max(3, len(str(num_symbols - 1)))
+    return [f"SYN{i:0{width}d}" for i in range(num_symbols)]
+
+
+def _synthetic_calendar(years: float, holidays: bool, start: str = "2022-01-03") -> np.ndarray:
+    """(T,) datetime64[ns] UTC bar-open times: 7 hourly bars a business day from 14:30 UTC (09:30 New York, EST)."""
+    n_days = max(1, int(round(years * _SYNTH_DAYS_PER_YEAR)))
+    hol = []
+    if holidays:
+        first = int(start[:4])
+        for y in range(first, first + int(np.ceil(years * 1.2)) + 2):
+            hol += [f"{y}-01-01", f"{y}-07-04", f"{y}-12-25"]
+    days = np.busday_offset(np.datetime64(start, "D"), np.arange(n_days), roll="forward", holidays=hol)
+    offsets = np.timedelta64(14 * 60 + 30, "m") + np.arange(_SYNTH_BARS_PER_DAY) * np.timedelta64(60, "m")
+    ts = days.astype("datetime64[m]")[:, None] + offsets[None, :]
+    return ts.reshape(-1).astype("datetime64[ns]")
+
+
+def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90) -> np.ndarray:
+    """GARCH(1,1) with unit unconditional variance driven by shocks z (T, C); returns sqrt(h) (T, C), h[t] known
+    before z[t] is drawn. One loop over time, vectorised over the C series."""
+    omega = 1.0 - alpha - beta
+    out = np.empty_like(z)
+    h = np.ones(z.shape[1])
+    for t in range(z.shape[0]):
+        s = np.sqrt(h)
+        out[t] = s
+        h = omega + alpha * (s * z[t]) ** 2 + beta * h
+    return out
+
+
+def generate_synthetic_market(
+    num_symbols: int = 10,
+    years: float = 2.0,
+    seed: int = 0,
+    signal_strength: float = 0.1,
+    gap_rate: float = 0.0,
+    holidays: bool = False,
+    num_sectors: int = 11,
+) -> MarketData:
+    """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays."""
+    if num_symbols < 1:
+        raise ValueError(f"num_symbols must be >= 1, got {num_symbols}.")
+    if not 0.0 <= signal_strength < 1.0:
+        raise ValueError(f"signal_strength must lie in [0, 1), got {signal_strength}; 0 is pure noise.")
+    if not 0.0 <= gap_rate < 0.5:
+        raise ValueError(f"gap_rate must lie in [0, 0.5), got {gap_rate}.")
+    rng = np.random.default_rng(seed)
+    ts = _synthetic_calendar(years, holidays)
+    T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
+    bpy = _SYNTH_BARS_PER_DAY * _SYNTH_DAYS_PER_YEAR
+
+    # hidden daily regime chain, repeated over the bars of each day
+    n_days = T // _SYNTH_BARS_PER_DAY
+    u_reg = rng.random(n_days)
+    cum = np.cumsum(_REGIME_TRANSITIONS, axis=1)
+    day_reg = np.zeros(n_days, dtype=np.int8)
+    for d in range(1, n_days):
+        day_reg[d] = np.searchsorted(cum[day_reg[d - 1]], u_reg[d], side="right")
+    regime = np.repeat(day_reg, _SYNTH_BARS_PER_DAY)  # (T,)
+    hour = np.tile(np.arange(_SYNTH_BARS_PER_DAY), n_days)  # (T,)
+
+    # static symbol parameters
+    sector = np.arange(S) % K
+    beta = rng.uniform(0.7, 1.3, S)
+    gamma = rng.uniform(0.5, 1.0, S)
+    idio_scale = rng.uniform(0.8, 1.2, S) * 0.30 / np.sqrt(bpy)
+    market_scale, sector_scale = 0.16 / np.sqrt(bpy), 0.10 / np.sqrt(bpy)
+
+    # shocks: Student-t(4) scaled to unit variance, GARCH(1,1) per series (market, K sectors, S idiosyncratic)
+    df = 4.0
+    z = rng.standard_t(df, size=(T, 1 + K + S)) / np.sqrt(df / (df - 2.0))
+    g = _garch_unit(z)  # (T, C) conditional sd
+    reg_m = _REGIME_MARKET_VOL[regime] * _INTRADAY_VOL[hour]  # (T,)
+    reg_o = _REGIME_OTHER_VOL[regime] * _INTRADAY_VOL[hour]
+    sd_m = market_scale * reg_m * g[:, 0]  # (T,)
+    sd_f = sector_scale * reg_o[:, None] * g[:, 1 : 1 + K]  # (T, K)
+    sd_e = idio_scale[None, :] * reg_o[:, None] * g[:, 1 + K :]  # (T, S)
+    m = sd_m * z[:, 0]
+    f = sd_f * z[:, 1 : 1 + K]
+    u = beta[None, :] * m[:, None] + gamma[None, :] * f[:, sector] + sd_e * z[:, 1 + K :]  # (T, S)
+    sd = np.sqrt((beta[None, :] * sd_m[:, None]) ** 2 + (gamma[None, :] * sd_f[:, sector]) ** 2 + sd_e**2)
+    w = u / sd
+
+    # planted predictable component: AR(1) in standardised returns
+    rho = float(signal_strength)
+    x = np.empty_like(w)
+    prev = np.zeros(S)
+    scale = np.sqrt(1.0 - rho**2)
+    for t in range(T):
+        prev = rho * prev + scale * w[t]
+        x[t] = prev
+    drift = (_REGIME_DRIFT[regime] / bpy)[:, None] * beta[None, :]  # (T, S)
+    r = drift + sd * x
+
+    # prices: part of the first bar's return is an overnight gap between the previous close and the open
+    p0 = np.exp(rng.uniform(np.log(20.0), np.log(200.0), S))
+    close = p0[None, :] * np.exp(np.cumsum(r, axis=0))
+    prev_close = np.vstack([p0[None, :], close[:-1]])
+    gap_frac = np.where(hour == 0, 0.6, 0.0)[:, None]
+    open_ = prev_close * np.exp(gap_frac * r)
+    excursion = np.abs(rng.standard_normal((2, T, S))) * 0.5 * sd
+    high = np.maximum(open_, close) * np.exp(excursion[0])
+    low = np.minimum(open_, close) * np.exp(-excursion[1])
+    base_volume = np.exp(rng.uniform(np.log(2e5), np.log(5e6), S))
+    volume = (
+        base_volume[None, :]
+        * _INTRADAY_VOLUME[hour][:, None]
+        * (0.4 + 0.8 * np.abs(x))
+        * np.exp(0.3 * rng.standard_normal((T, S)))
+    )
+    volume = np.maximum(np.round(volume), 1.0)
+
+    # halts: runs of 1-7 missing bars starting at rate gap_rate / 4 (mean run length 4)
+    tradable = np.ones((T, S), dtype=bool)
+    if gap_rate > 0:
+        starts = rng.random((T, S)) < gap_rate / 4.0
+        lengths = rng.integers(1, 8, size=(T, S))
+        for k in range(7):
+            hit = starts[: T - k] & (lengths[: T - k] > k)
+            tradable[k:][hit] = False
+        for a in (open_, high, low, close, volume):
+            a[~tradable] = np.nan
+
+    benchmark = 1000.0 * np.exp(np.cumsum(_REGIME_DRIFT[regime] / bpy + m))
+    return MarketData(
+        timestamps=ts,
+        symbols=synthetic_symbol_names(S),
+        open=open_,
+        high=high,
+        low=low,
+        close=close,
+        volume=volume,
+        tradable=tradable,
+        benchmark=benchmark,
+        benchmark_name="SYNIDX",
+        bars_per_day=float(_SYNTH_BARS_PER_DAY),
+        bars_per_year=float(bpy),
+        regime_labels=regime.astype(np.int8),
+        source="synthetic",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features (all causal: the value at bar t uses bars <= t only)
+# ---------------------------------------------------------------------------------------------------------------
+# Raw per-bar features computed on the (T, S) panel. Missing bars are treated as flat bars at the last close (zero
+# return, no range) for the rolling windows of price features, and volume windows skip them; the observation of a
+# missing bar itself is set to 0 and the bar is not tradable. Windows count bars, not days.
+#
+# | idx | name         | formula (c close, o open, h high, l low, v volume, r = log(c_t / c_{t-1}))   | warm-up |
+# |-----|--------------|-------------------------------------------------------------------------------|---------|
+# | 0   | ret_1        | r_t                                                                           | 1       |
+# | 1   | ret_3        | log(c_t / c_{t-3})                                                            | 3       |
+# | 2   | ret_7        | log(c_t / c_{t-7}) (one trading day of hourly bars)                           | 7       |
+# | 3   | ret_35       | log(c_t / c_{t-35}) (one week)                                                | 35      |
+# | 4   | range        | (h - l) / c                                                                   | 0       |
+# | 5   | body         | (c - o) / (h - l), 0 when h = l                                               | 0       |
+# | 6   | upper_wick   | (h - max(o, c)) / (h - l), 0 when h = l                                       | 0       |
+# | 7   | lower_wick   | (min(o, c) - l) / (h - l), 0 when h = l                                       | 0       |
+# | 8   | gap          | log(o_t / c_{t-1})                                                            | 1       |
+# | 9   | volume_ratio | log(v_t / mean(v, 35))                                                        | 35      |
+# | 10  | volume_trend | log(mean(v, 7) / mean(v, 35))                                                 | 35      |
+# | 11  | rsi_14       | (RSI_14 - 50) / 50, Wilder smoothing (EMA alpha 1/14) of gains and losses     | 14      |
+# | 12  | macd         | (EMA_12(c) - EMA_26(c)) / c                                                   | 26      |
+# | 13  | macd_signal  | EMA_9(macd)                                                                   | 34      |
+# | 14  | macd_hist    | macd - macd_signal                                                            | 34      |
+# | 15  | bb_position  | (c - SMA_20) / (2 std_20(c))                                                  | 20      |
+# | 16  | bb_width     | 4 std_20(c) / SMA_20                                                          | 20      |
+# | 17  | atr_14       | Wilder ATR_14 / c, true range max(h - l, abs(h - c_{t-1}), abs(l - c_{t-1}))  | 14      |
+# | 18  | ma_dist_7    | c / SMA_7 - 1                                                                 | 7       |
+# | 19  | ma_dist_35   | c / SMA_35 - 1                                                                | 35      |
+# | 20  | stoch_k_14   | (c - min(l, 14)) / (max(h, 14) - min(l, 14)) - 0.5, 0 when the range is 0     | 14      |
+# | 21  | rvol_7       | std(r, 7) * sqrt(bars_per_year)                                               | 8       |
+# | 22  | rvol_35      | std(r, 35) * sqrt(bars_per_year)                                              | 36      |
+#
+# Each raw feature x is then normalised per symbol over a rolling window of W = norm_window bars (values appear
+# once NORM_MIN_PERIODS bars are in the window): "zscore" (x - mean_W) / std_W; "robust" (x - median_W) / IQR_W;
+# "minmax" 2 (x - min_W) / (max_W - min_W) - 1. A zero spread gives 0. z-score and robust values are clipped to
+# [-feature_clip, feature_clip]. Everything before `warmup` is 0. Technical warm-up = 36 + NORM_MIN_PERIODS - 1.
+
+FEATURE_NAMES = [
+    "ret_1", "ret_3", "ret_7", "ret_35", "range", "body", "upper_wick", "lower_wick", "gap", "volume_ratio",
+    "volume_trend", "rsi_14", "macd", "macd_signal", "macd_hist", "bb_position", "bb_width", "atr_14", "ma_dist_7",
+    "ma_dist_35", "stoch_k_14", "rvol_7", "rvol_35",
+]  # fmt: skip
+RAW_WARMUP = 36
+NORM_MIN_PERIODS = 28
+NORMALIZATIONS = ("zscore", "robust", "minmax")
+
+# | idx | name            | formula (b = benchmark close, rb = log return of b, panel = tradable symbols) | warm-up |
+# |-----|-----------------|-------------------------------------------------------------------------------|---------|
+# | 0   | vol_level       | std(rb, 35) * sqrt(bars_per_year) (annualised benchmark volatility)           | 36      |
+# | 1   | vol_percentile  | rank of vol_level among its values over the last 700 bars, in [0, 1]          | 70      |
+# | 2   | vol_of_vol      | std(log vol_7, 35) where vol_7 = std(rb, 7)                                   | 43      |
+# | 3   | trend           | log(b_t / b_{t-70}) / sum(abs(rb), 70): signed efficiency ratio in [-1, 1]    | 70      |
+# | 4   | momentum        | log(b_t / b_{t-70}) / (std(rb, 70) sqrt(70)): t-statistic of the 70-bar move  | 70      |
+# | 5   | volume_regime   | panel mean of log(mean(v, 7) / mean(v, 70))                                   | 70      |
+# | 6   | dispersion      | mean over 7 bars of the cross-sectional std of r, times sqrt(bars_per_year)   | 8       |
+# | 7   | avg_correlation | average pairwise correlation over 35 bars from the variance of the panel mean | 36      |
+# | 8   | breadth         | fraction of the panel with c above its SMA_35, minus 0.5                      | 35      |
+# | 9   | drawdown        | b_t / max(b_{<=t}) - 1                                                        | 0       |
+REGIME_NAMES = [
+    "vol_level", "vol_percentile", "vol_of_vol", "trend", "momentum", "volume_regime", "dispersion",
+    "avg_correlation", "breadth", "drawdown",
+]  # fmt: skip
+REGIME_WARMUP = 70
+
+
+def feature_warmup() -> int:
+    """First bar index at which every technical and regime feature is defined (earlier bars are 0)."""
+    return max(RAW_WARMUP + NORM_MIN_PERIODS - 1, REGIME_WARMUP)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    out = np.full(np.broadcast(num, den).shape, fill)
+    np.divide(num, den, out=out, where=np.isfinite(den) & (den != 0) & np.isfinite(num))
+    return out
+
+
+def _roll(a: np.ndarray, w: int, min_periods: int | None = None):
+    return pd.DataFrame(a).rolling(w, min_periods=w if min_periods is None else min_periods)
+
+
+def raw_technical(data: MarketData) -> np.ndarray:
+    """(T, S, 23) float64 raw features (NaN where undefined), in FEATURE_NAMES order."""
+    miss = ~np.isfinite(data.close)
+    c = pd.DataFrame(data.close).ffill().to_numpy()  # last close; NaN before the first bar of a symbol
+    o = np.where(miss, c, data.open)
+    h = np.where(miss, c, data.high)
+    l = np.where(miss, c, data.low)
+    v = np.where(miss, np.nan, data.volume)
+    logc = np.log(c)
+    c_prev = np.vstack([np.full((1, c.shape[1]), np.nan), c[:-1]])
+
+    def lag(a: np.ndarray, k: int) -> np.ndarray:
+        out = np.full_like(a, np.nan)
+        out[k:] = a[:-k]
+        return out
+
+    r = logc - lag(logc, 1)
+    rng_ = h - l
+    ema = lambda a, span: pd.DataFrame(a).ewm(span=span, adjust=False, min_periods=span).mean().to_numpy()  # noqa: E731
+    wilder = lambda a, n: pd.DataFrame(a).ewm(alpha=1.0 / n, adjust=False, min_periods=n).mean().to_numpy()  # noqa: E731
+    up, down = np.clip(np.nan_to_num(r), 0, None), np.clip(-np.nan_to_num(r), 0, None)
+    up[np.isnan(r)] = np.nan
+    down[np.isnan(r)] = np.nan
+    avg_up, avg_down = wilder(up, 14), wilder(down, 14)
+    rsi = np.where(avg_up + avg_down > 0, avg_up / (avg_up + avg_down), 0.5) * 2.0 - 1.0
+    rsi[np.isnan(avg_up)] = np.nan
+    macd = (ema(c, 12) - ema(c, 26)) / c
+    macd_sig = pd.DataFrame(macd).ewm(span=9, adjust=False, min_periods=9).mean().to_numpy()
+    sma = {n: _roll(c, n).mean().to_numpy() for n in (7, 20, 35)}
+    std20 = _roll(c, 20).std(ddof=0).to_numpy()
+    tr = np.fmax(rng_, np.fmax(np.abs(h - c_prev), np.abs(l - c_prev)))
+    tr[np.isnan(c_prev)] = np.nan
+    lo14, hi14 = _roll(l, 14).min().to_numpy(), _roll(h, 14).max().to_numpy()
+    vol35 = _roll(v, 35, 18).mean().to_numpy()
+    vol7 = _roll(v, 7, 4).mean().to_numpy()
+    ann = np.sqrt(data.bars_per_year)
+    feats = [
+        r,
+        logc - lag(logc, 3),
+        logc - lag(logc, 7),
+        logc - lag(logc, 35),
+        rng_ / c,
+        _safe_div(c - o, rng_),
+        _safe_div(h - np.maximum(o, c), rng_),
+        _safe_div(np.minimum(o, c) - l, rng_),
+        np.log(o / c_prev),
+        np.log(v / vol35),
+        np.log(vol7 / vol35),
+        rsi,
+        macd,
+        macd_sig,
+        macd - macd_sig,
+        _safe_div(c - sma[20], 2.0 * std20),
+        4.0 * std20 / sma[20],
+        wilder(tr, 14) / c,
+        c / sma[7] - 1.0,
+        c / sma[35] - 1.0,
+        _safe_div(c - lo14, hi14 - lo14, fill=0.5) - 0.5,
+        _roll(r, 7).std().to_numpy() * ann,
+        _roll(r, 35).std().to_numpy() * ann,
+    ]
+    out = np.stack(feats, axis=-1)
+    out[np.isnan(c)] = np.nan  # before a symbol's first bar nothing is defined
+    for k in (5, 6, 7, 20):  # candle shape and stochastic are undefined where their inputs are
+        out[..., k][np.isnan(h) | np.isnan(l)] = np.nan
+    return out
+
+
+def normalize_features(raw: np.ndarray, mode: str, window: int, clip: float) -> np.ndarray:
+    """Rolling, per-symbol normalisation of (T, S, F) raw features; NaN stays NaN."""
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}.")
+    T, S, F = raw.shape
+    roll = pd.DataFrame(raw.reshape(T, S * F)).rolling(window, min_periods=NORM_MIN_PERIODS)
+    x = raw.reshape(T, S * F)
+    if mode == "zscore":
+        out = _safe_div(x - roll.mean().to_numpy(), roll.std(ddof=0).to_numpy())
+        out = np.clip(out, -clip, clip)
+    elif mode == "robust":
+        q25, q50, q75 = (roll.quantile(q).to_numpy() for q in (0.25, 0.5, 0.75))
+        out = np.clip(_safe_div(x - q50, q75 - q25), -clip, clip)
+    else:
+        lo, hi = roll.min().to_numpy(), roll.max().to_numpy()
+        out = _safe_div(x - lo, hi - lo, fill=0.5) * 2.0 - 1.0
+    out[np.isnan(x)] = np.nan
+    return out.reshape(T, S, F)
+
+
+def compute_technical(data: MarketData, normalization: str = "zscore", norm_window: int = 140, clip: float = 10.0):
+    """(T, S, 23) float32 normalised technical features: finite, 0 before the warm-up and on missing bars."""
+    norm = normalize_features(raw_technical(data), normalization, norm_window, clip)
+    norm[: feature_warmup()] = 0.0
+    norm[~data.tradable] = 0.0
+    return np.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def compute_regime(data: MarketData) -> np.ndarray:
+    """(T, 10) float32 market-regime features in REGIME_NAMES order; finite, 0 before the warm-up."""
+    b = data.benchmark
+    T = len(b)
+    ann = np.sqrt(data.bars_per_year)
+    rb = pd.Series(np.r_[np.nan, np.diff(np.log(b))])
+    vol35 = rb.rolling(35).std()
+    vol7 = rb.rolling(7).std()
+    vol_pct = vol35.rolling(700, min_periods=35).rank(pct=True)
+    vov = np.log(vol7.where(vol7 > 0)).rolling(35).std()
+    move70 = np.log(pd.Series(b)).diff(70)
+    trend = move70 / rb.abs().rolling(70).sum()
+    momentum = move70 / (rb.rolling(70).std() * np.sqrt(70))
+
+    miss = ~np.isfinite(data.close)
+    c = pd.DataFrame(data.close).ffill()
+    r = np.log(c).diff().to_numpy().copy()
+    r[miss] = np.nan
+    v = pd.DataFrame(np.where(miss, np.nan, data.volume))
+    vol_reg = np.log(v.rolling(7, min_periods=4).mean() / v.rolling(70, min_periods=35).mean()).to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (e.g. the first bar) give NaN, handled below
+        volume_regime = np.nanmean(vol_reg, axis=1)
+        xs_std = np.nanstd(r, axis=1)
+        panel = np.nanmean(r, axis=1)
+        above = np.where(miss, np.nan, (c.to_numpy() > c.rolling(35).mean().to_numpy()).astype(float))
+        above[np.isnan(c.rolling(35).mean().to_numpy())] = np.nan
+        breadth = np.nanmean(above, axis=1) - 0.5
+    dispersion = pd.Series(xs_std).rolling(7).mean() * ann
+    # average pairwise correlation: var(mean r) = (sum_i var_i + rho * sum_{i != j} sd_i sd_j) / S^2
+    sd_i = pd.DataFrame(r).rolling(35).std().to_numpy()
+    S = r.shape[1]
+    var_p = pd.Series(panel).rolling(35).var().to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sum_var = np.nansum(sd_i**2, axis=1)
+        sum_sd = np.nansum(sd_i, axis=1)
+    avg_corr = _safe_div(S**2 * var_p - sum_var, sum_sd**2 - sum_var) if S > 1 else np.zeros(T)
+    drawdown = b / np.maximum.accumulate(b) - 1.0
+    out = np.stack(
+        [
+            vol35 * ann,
+            vol_pct,
+            vov,
+            trend,
+            momentum,
+            volume_regime,
+            dispersion,
+            avg_corr,
+            breadth,
+            drawdown,
+        ],
+        axis=-1,
+    ).astype(np.float64)
+    out[: feature_warmup()] = 0.0
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def valuation_close(data: MarketData) -> np.ndarray:
+    """(T, S) close forward-filled, and back-filled before a symbol's first bar: only for marking positions."""
+    return pd.DataFrame(data.close).ffill().bfill().to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo: int) -> dict[str, tuple[int, int]]:
+    """Chronological [start, stop) train / val / test ranges after the warm-up, `embargo` bars apart."""
+    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
+        raise ValueError(f"train_frac {train_frac} and val_frac {val_frac} must be in (0, 1) and sum to below 1.")
+    usable = T - warmup - 2 * embargo
+    n_train, n_val = int(usable * train_frac), int(usable * val_frac)
+    n_test = usable - n_train - n_val
+    if min(n_train, n_val, n_test) < 1:
+        raise ValueError(
+            f"{T} bars leave no room for train/val/test after a warm-up of {warmup} and two embargoes of {embargo} "
+            f"bars; use more data (e.g. a longer `years` or more history in the files) or a shorter lookback."
+        )
+    a = warmup + n_train
+    b = a + embargo + n_val
+    return {"train": (warmup, a), "val": (a + embargo, b), "test": (b + embargo, T)}
+
+
+def load_user_market(cfg):
+    raise NotImplementedError("user data loaders are not written yet")
+
+
+def fit_signals(technical, data, splits, cfg):
+    raise NotImplementedError("signal classifiers are not written yet")
+
+
+class CacheError(Exception):
+    pass
+
+
+def cache_key(cfg):
+    raise NotImplementedError
+
+
+def read_cache(folder, key):
+    raise NotImplementedError
+
+
+def write_cache(prepared, folder, key):
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _embargo(cfg: DataConfig) -> int:
+    floor = max(cfg.lookback, cfg.sl_horizon)
+    if cfg.embargo is not None and cfg.embargo < floor:
+        raise ValueError(f"embargo {cfg.embargo} is shorter than max(lookback, sl_horizon) = {floor}; raise it.")
+    return floor if cfg.embargo is None else cfg.embargo
+
+
+def load_market(cfg: DataConfig) -> MarketData:
+    """The raw aligned bars described by cfg: the synthetic market or the user's files."""
+    if cfg.source == "synthetic":
+        return generate_synthetic_market(
+            cfg.num_symbols, cfg.years, cfg.seed, cfg.signal_strength, cfg.gap_rate, cfg.holidays
+        )
+    return load_user_market(cfg)
+
+
+def build_prepared(data: MarketData, cfg: DataConfig) -> PreparedMarket:
+    """Features, splits and signals for already loaded bars (no cache)."""
+    if cfg.lookback < 1:
+        raise ValueError(f"lookback must be >= 1, got {cfg.lookback}.")
+    warmup = feature_warmup()
+    embargo = _embargo(cfg)
+    splits = make_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo)
+    technical = compute_technical(data, cfg.normalization, cfg.norm_window, cfg.feature_clip)
+    regime = compute_regime(data)
+    T, S = data.close.shape
+    if cfg.sl_signals:
+        sl_probs, sl_metrics = fit_signals(technical, data, splits, cfg)
+    else:
+        sl_probs, sl_metrics = np.full((T, S, 3), 0.5, dtype=np.float32), {}
+    return PreparedMarket(
+        data=data,
+        technical=technical,
+        regime=regime,
+        sl_probs=sl_probs,
+        valuation_close=valuation_close(data),
+        splits=splits,
+        warmup=warmup,
+        sl_metrics=sl_metrics,
+        feature_names=list(FEATURE_NAMES),
+        regime_names=list(REGIME_NAMES),
+        lookback=cfg.lookback,
+        embargo=embargo,
+    )
+
+
+def prepare_market(cfg: DataConfig) -> PreparedMarket:
+    """The one entry point: load or generate bars, validate, compute features, splits and signals; cached."""
+    if not cfg.cache:
+        return build_prepared(load_market(cfg), cfg)
+    key = cache_key(cfg)
+    folder = Path(cfg.cache_dir) / key
+    if folder.exists():
+        try:
+            return read_cache(folder, key)
+        except CacheError as err:
+            warnings.warn(f"Rebuilding the market cache {folder}: {err}", stacklevel=2)
+            shutil.rmtree(folder, ignore_errors=True)
+    prepared = build_prepared(load_market(cfg), cfg)
+    write_cache(prepared, folder, key)
+    return prepared
+
+
+def make_synthetic_prepared(
+    num_symbols: int = 4,
+    years: float = 0.25,
+    seed: int = 0,
+    signal_strength: float = 0.1,
+    gap_rate: float = 0.0,
+    sl_signals: bool = False,
+    cache_dir: str | None = None,
+    **overrides,
+) -> PreparedMarket:
+    """A small, fast synthetic PreparedMarket for tests and examples. Without sl_signals, sl_probs is 0.5 (no
+    classifier is fitted); nothing is written to disk unless cache_dir is given. Other DataConfig fields may be
+    passed as keyword arguments (e.g. lookback=12, normalization="robust")."""
+    cfg = DataConfig(
+        source="synthetic",
+        num_symbols=num_symbols,
+        years=years,
+        seed=seed,
+        signal_strength=signal_strength,
+        gap_rate=gap_rate,
+        sl_signals=sl_signals,
+        cache=cache_dir is not None,
+        cache_dir=cache_dir or DataConfig.cache_dir,
+        **overrides,
+    )
+    return prepare_market(cfg)

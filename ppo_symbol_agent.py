@@ -1,0 +1,822 @@
+"""PPO for the symbol agents: one shared encoder, per-symbol heads batched over S, trained on the vectorised core.
+
+Every (env, symbol) slot trades its own account (independent mode). One rollout holds T x E x S symbol-steps and
+``global_step`` counts symbol-steps, so ``total_timesteps`` and ``charts/SPS`` are in symbol-steps too.
+
+    python ppo_symbol_agent.py --ent-coef 0.08 --seed 42
+    torchrun --standalone --nproc_per_node 2 ppo_symbol_agent.py --num-envs 4     # data parallel
+    tensorboard --logdir runs
+
+Exploration stack (Stage 5 of the anti-collapse plan), recomputed once per rollout:
+    ent_coef(step) = hold_then_linear(step) * bonus_mult * guard_mult
+  - hold_then_linear: --ent-coef for --ent-hold-steps, then linear to --ent-final over --ent-decay-steps, >= --ent-min.
+  - adaptive bonus: after --ent-bonus-warmup steps, bonus_mult = 1 + scale * max(0, target - H) / target, where H is
+    the mean entropy (nats) of the masked policy distribution over the last rollout.
+  - guard: after --ent-guard-warmup steps, when the entropy of the actions the policy chose (per slot over the
+    rollout, `charts/policy_action_entropy_mean`) is below --ent-guard-threshold, guard_mult *= --ent-guard-boost
+    (capped) and the intervention is printed and counted; above it, guard_mult relaxes back toward 1.
+KL prior: a 7-action distribution built from sl_probs (see `sl_prior_logprobs`), weight annealed linearly to 0.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from trading_env import EnvConfig, VecTradingCore
+
+from encoders import EncoderConfig, SymbolPolicy, load_checkpoint, masked_policy, save_checkpoint
+from market_data import DataConfig, prepare_market
+
+ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
+# Direction of each action for the supervised prior: +1 adds exposure, -1 removes it, 0 holds.
+ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
+# tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
+MLFLOW_NAMES = {
+    "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
+    "charts/executed_action_entropy_mean": "executed_action_entropy_mean",
+    "charts/voluntary_trade_rate": "voluntary_trade_rate_mean",
+    "charts/sanitizer_trade_delta": "sanitizer_trade_delta_mean",
+    "charts/ep_unique_actions": "ep_unique_actions_mean",
+    "charts/diversity_bonus": "ep_diversity_bonus_mean",
+}
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (first part of the run folder's name)"""
+    seed: int = 1
+    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, the metrics are also sent to MLflow (local ./mlruns, needs `pip install mlflow`)"""
+    save_model: bool = False
+    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
+    resume: str | None = None
+    """path of a checkpoint.pt to continue from (model, optimiser, entropy control, RNG, envs, global step)"""
+    run_dir: str = "runs"
+    """folder that holds the run folders"""
+    encoder_preset: Literal["auto", "cpu", "gpu", "custom"] = "auto"
+    """auto: `gpu` on CUDA, `cpu` otherwise; cpu: small MLP encoder (fast on 2 cores); gpu: the seed's transformer
+    (d_model 256, 8 heads, 4 layers); custom: exactly the --encoder.* flags"""
+
+    # --- environment ---
+    data: DataConfig = field(default_factory=DataConfig)
+    """market data: synthetic market or the user's files, features, splits"""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """trading environment: capital, costs, slippage, limits, reward weights"""
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
+    """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
+    split: str = "train"
+    """split the agents train on (random episode starts inside it)"""
+    episode_length: int = 256
+    """bars per training episode (the environment truncates there; the value is bootstrapped)"""
+    eval_split: str = "val"
+    """split of the periodic deterministic evaluation (a sequential sweep)"""
+    eval_interval: int = 10
+    """evaluate (and checkpoint with --save-model) every this many iterations; 0 disables periodic evaluation"""
+    test_split: str = "test"
+    """split of the final backtest"""
+
+    # --- algorithm ---
+    total_timesteps: int = 600_000
+    """total symbol-steps of the experiment (all ranks together)"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 16
+    """the number of parallel environments per rank (each trades all symbols)"""
+    num_steps: int = 64
+    """the number of steps per environment per rollout"""
+    anneal_lr: bool = True
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches (split over env-steps; each keeps all S symbols)"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
+    ent_coef: float = 0.08
+    """initial entropy coefficient (start of the hold_then_linear schedule)"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold (stops the epochs of an update early)"""
+
+    # --- entropy control (Stage 5) ---
+    ent_schedule: Literal["hold_then_linear", "constant"] = "hold_then_linear"
+    """entropy coefficient schedule"""
+    ent_final: float = 0.03
+    """coefficient at the end of the linear decay"""
+    ent_hold_steps: int = 10_000
+    """symbol-steps at the initial coefficient before the decay starts"""
+    ent_decay_steps: int = 40_000
+    """symbol-steps of the linear decay"""
+    ent_min: float = 0.03
+    """floor of the scheduled coefficient"""
+    ent_bonus: bool = True
+    """adaptive entropy bonus: raise the coefficient when the policy entropy is under the target"""
+    ent_bonus_target: float = 0.55
+    """target mean entropy (nats) of the masked policy distribution"""
+    ent_bonus_scale: float = 0.35
+    """bonus multiplier slope: 1 + scale * relative shortfall"""
+    ent_bonus_warmup: int = 4_000
+    """symbol-steps before the bonus acts"""
+    ent_guard: bool = True
+    """action-entropy guard: boost the coefficient when the chosen actions' entropy collapses"""
+    ent_guard_threshold: float = 0.22
+    """guard threshold on charts/policy_action_entropy_mean (nats)"""
+    ent_guard_warmup: int = 4_000
+    """symbol-steps before the guard acts"""
+    ent_guard_boost: float = 1.5
+    """factor applied to the guard multiplier at each intervention"""
+    ent_guard_max_mult: float = 5.0
+    """cap of the guard multiplier"""
+    ent_guard_relax: float = 0.9
+    """factor pulling the guard multiplier back toward 1 on a healthy rollout"""
+    kl_prior_coef: float = 0.02
+    """initial weight of KL(policy || supervised prior); 0 disables the prior"""
+    kl_prior_anneal_steps: int = 200_000
+    """symbol-steps over which the prior's weight falls linearly to 0"""
+    kl_prior_temperature: float = 4.0
+    """sharpness of the prior: logit of an action = temperature * direction * (mean sl_prob - 0.5)"""
+
+    # --- filled in at runtime ---
+    num_symbols: int = 0
+    """symbols per environment (from the data)"""
+    batch_size: int = 0
+    """symbol-steps per rollout per rank (num_steps * num_envs * num_symbols)"""
+    minibatch_size: int = 0
+    """symbol-steps per minibatch"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+    world_size: int = 1
+    """torchrun processes"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: schedules, priors and advantages (pure functions, unit-tested in tests/test_ppo.py)
+# ---------------------------------------------------------------------------------------------------------------
+def scheduled_ent_coef(args: Args, step: int) -> float:
+    """hold_then_linear: initial for hold_steps, linear to final over decay_steps, never below ent_min."""
+    if args.ent_schedule == "constant":
+        return args.ent_coef
+    frac = min(max(step - args.ent_hold_steps, 0) / max(args.ent_decay_steps, 1), 1.0)
+    return max(args.ent_coef + frac * (args.ent_final - args.ent_coef), args.ent_min)
+
+
+def update_entropy_control(args: Args, ctl: dict, step: int, dist_entropy: float, action_entropy: float) -> bool:
+    """Update the bonus and guard multipliers from the last rollout; returns True when the guard intervened."""
+    ctl["bonus_mult"] = 1.0
+    if args.ent_bonus and step >= args.ent_bonus_warmup:
+        shortfall = max(0.0, args.ent_bonus_target - dist_entropy) / args.ent_bonus_target
+        ctl["bonus_mult"] = 1.0 + args.ent_bonus_scale * shortfall
+    intervened = False
+    if args.ent_guard and step >= args.ent_guard_warmup and action_entropy < args.ent_guard_threshold:
+        ctl["guard_mult"] = min(ctl["guard_mult"] * args.ent_guard_boost, args.ent_guard_max_mult)
+        ctl["interventions"] += 1
+        intervened = True
+    else:
+        ctl["guard_mult"] = max(1.0, ctl["guard_mult"] * args.ent_guard_relax)
+    return intervened
+
+
+def kl_prior_coef(args: Args, step: int) -> float:
+    return args.kl_prior_coef * max(0.0, 1.0 - step / max(args.kl_prior_anneal_steps, 1))
+
+
+def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities (..., 7) of the supervised prior over the allowed actions.
+
+    p = mean of the MLP/LSTM/GRU up-move probabilities; logit_a = temperature * direction_a * (p - 0.5) with
+    direction +1 for BUY_SMALL/MEDIUM/LARGE and ADD, -1 for SELL_PARTIAL/SELL_ALL, 0 for HOLD; masked actions get
+    -1e8 and the rest is renormalised. p = 0.5 gives the uniform distribution over the allowed actions.
+    """
+    direction = torch.tensor(ACTION_DIRECTION, dtype=sl_probs.dtype, device=sl_probs.device)
+    p = sl_probs.mean(-1, keepdim=True)  # (..., 1)
+    logits = temperature * (p - 0.5) * direction  # (..., 7)
+    logits = torch.where(action_mask.bool(), logits, torch.full_like(logits, -1e8))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
+    """GAE over a rollout whose steps may end episodes (same-step autoreset).
+
+    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
+    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
+    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
+    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
+    """
+    trunc_only = truncated.float() * (1.0 - terminated.float())
+    rewards = rewards + gamma * final_values * trunc_only
+    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+    return advantages, advantages + values
+
+
+def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
+    """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
+    counts = (actions[..., None] == np.arange(len(ACTION_NAMES))).mean(0)  # (E, S, 7)
+    return -(counts * np.log(np.where(counts > 0, counts, 1.0))).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backtest metrics (generic; candidates for trading_env.py so that mappo_master.py shares them)
+# ---------------------------------------------------------------------------------------------------------------
+def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
+    """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
+
+    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0); CAGR uses
+    N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
+    """
+    equity = np.asarray(equity, dtype=np.float64)
+    r = equity[1:] / equity[:-1] - 1.0
+    growth = equity[-1] / equity[0]
+    years = max(len(r) / periods_per_year, 1e-12)
+    std = r.std(ddof=1) if len(r) > 1 else 0.0
+    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if len(r) else 0.0
+    drawdown = equity / np.maximum.accumulate(equity) - 1.0
+    edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
+    cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
+    max_dd = float(drawdown.min())
+    return {
+        "total_return": float(growth - 1.0),
+        "cagr": float(cagr),
+        "sharpe": float(r.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
+        "sortino": float(r.mean() / downside * np.sqrt(periods_per_year)) if downside > 0 else 0.0,
+        "max_drawdown": max_dd,
+        "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
+        "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
+        "bars": len(r),
+        "periods_per_year": float(periods_per_year),
+    }
+
+
+def run_backtest(policy_fn, market, split: str, env_cfg, seed: int) -> dict:
+    """Sequential sweep of `split` with one env trading every symbol; the S accounts form one equal-capital book.
+
+    Returns performance metrics of the combined equity plus trades, win rate (share of exits decided while the
+    position showed a profit), exposure, annualised turnover (traded fraction of equity) and costs, the same for
+    buy-and-hold of the benchmark and of an equal-weight basket (entry commission charged), and the curves.
+    """
+    start, stop = market.splits[split]
+    core = VecTradingCore(market, 1, split=split, mode="independent", config=env_cfg, seed=seed, sequential=True)
+    obs = core.reset(seed=seed)
+    init = float(env_cfg.initial_capital)
+    prev = np.full(core.num_symbols, init)
+    pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
+    while True:
+        action = policy_fn(obs)  # (1, S)
+        in_profit, size_before = obs["position"][0, :, 2] > 0, obs["position"][0, :, 1].copy()
+        obs, _, terminated, truncated, info = core.step(action)
+        executed = info["executed_action"][0]
+        after = np.where(terminated[0] | truncated[0], info["final_obs"]["position"][0, :, 1], obs["position"][0, :, 1])
+        is_exit = (executed == 4) | (executed == 5)
+        trades += int((executed != 0).sum())
+        exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
+        traded += float(np.abs(after - size_before)[executed != 0].sum())
+        equity = info["equity"][0].astype(np.float64)
+        pnl.append((equity - prev).sum())  # a ruined slot restarts with fresh capital: its loss stays in the book
+        prev = np.where(terminated[0], init, equity)
+        exposure.append(float(info["exposure"][0].mean()))
+        cost += float(info["cost"][0].sum())
+        if truncated.any():
+            break
+    n, S, ppy = len(pnl), core.num_symbols, market.data.bars_per_year
+    curves = {"agent": init * S + np.r_[0.0, np.cumsum(pnl)]}
+    keep = 1.0 - env_cfg.commission_bps / 1e4
+    bench = market.data.benchmark[start : start + n + 1]
+    curves["benchmark"] = init * S * keep * bench / bench[0]
+    closes = market.valuation_close[start : start + n + 1]
+    curves["equal_weight"] = init * S * keep * (closes / closes[0]).mean(1)
+    report = {name: performance_metrics(curve, ppy) for name, curve in curves.items()}
+    report["agent"].update(
+        trades=trades,
+        win_rate=wins / exits if exits else None,
+        exposure=float(np.mean(exposure)),
+        turnover=traded / S * ppy / n,
+        costs=cost,
+        costs_frac=cost / (init * S),
+    )
+    report["curves"] = curves
+    return report
+
+
+def format_report(reports: dict[str, dict], split: str) -> str:
+    """Markdown table: one row per metric, one column per strategy."""
+    names = list(reports)
+    keys = ["total_return", "cagr", "sharpe", "sortino", "max_drawdown", "max_drawdown_bars", "calmar"]
+    keys += ["trades", "win_rate", "exposure", "turnover", "costs"]
+    lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        cells = [reports[n].get(k, "") for n in names]
+        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: observations to torch, logging to tensorboard and MLflow, checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def to_torch(obs: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
+
+
+def agent_policy(agent, device):
+    def act(obs):
+        with torch.no_grad():
+            return agent.get_action_and_value(to_torch(obs, device), deterministic=True)[0].cpu().numpy()
+
+    return act
+
+
+def random_policy(seed: int):
+    """Uniform over the allowed actions (Gumbel-max), with its own generator so training RNG is untouched."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        noise = rng.gumbel(size=obs["action_mask"].shape)
+        return np.where(obs["action_mask"] > 0, noise, -np.inf).argmax(-1)
+
+    return act
+
+
+def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    if mlflow is not None:
+        mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
+
+
+def start_mlflow(args: Args, run_name: str):
+    try:
+        import mlflow
+    except ImportError as e:
+        raise SystemExit("--track needs MLflow: `pip install mlflow` (or run without --track)") from e
+    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+    mlflow.set_experiment(args.exp_name)
+    mlflow.start_run(run_name=run_name)
+    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
+    return mlflow
+
+
+def dump_env(envs, market) -> torch.Tensor:
+    """The environment core's whole state as bytes (uint8 tensor), without the market it reads (rebuilt on load)."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf)
+    pickler.persistent_id = lambda obj: "market" if obj is market else None
+    pickler.dump(envs)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def load_env(blob: torch.Tensor, market):
+    unpickler = pickle.Unpickler(io.BytesIO(blob.numpy().tobytes()))
+    unpickler.persistent_load = lambda pid: market
+    return unpickler.load()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(fields)
+    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    T, E = args.num_steps, args.num_envs
+    assert T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive"
+    assert 1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0, (
+        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
+        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs"
+    )
+    assert args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, (
+        "need --ent-guard-boost >= 1 and 0 < --ent-guard-relax <= 1"
+    )
+    args.world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+    # market data: rank 0 fills the cache first so that ranks do not write it at once
+    if rank == 0:
+        market = prepare_market(args.data)
+    if args.world_size > 1:
+        dist.barrier()
+    if rank != 0:
+        market = prepare_market(args.data)
+    S = args.num_symbols = len(market.data.symbols)
+    args.batch_size = T * E * S
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
+    assert args.num_iterations >= 1, (
+        f"--total-timesteps ({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * "
+        f"world_size = {args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout"
+    )
+    for name in (args.split, args.eval_split, args.test_split):
+        assert name in market.splits, f"split {name!r} is not one of the data's splits {sorted(market.splits)}"
+    env_cfg = replace(args.env, episode_length=args.episode_length)
+
+    # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
+    preset = args.encoder_preset if args.encoder_preset != "auto" else ("gpu" if use_cuda else "cpu")
+    if preset == "cpu":
+        args.encoder = replace(args.encoder, kind="mlp", output_dim=128)
+    elif preset == "gpu":
+        args.encoder = replace(args.encoder, kind="transformer", d_model=256, nhead=8, num_layers=4, output_dim=256)
+        args.encoder = replace(args.encoder, dim_feedforward=1024)
+
+    # seeding (each rank its own seed and envs)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
+    agent = SymbolPolicy(S, args.encoder).to(device)
+    if args.world_size > 1:  # identical initial weights on every rank
+        for p in agent.parameters():
+            dist.broadcast(p.data, src=0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
+    global_step, start_iteration = 0, 1
+    next_obs_np = envs.reset(seed=args.seed + rank)
+
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, agent, optimizer, map_location=device)
+        extra = ckpt["extra"]
+        assert len(extra["ranks"]) == args.world_size, (
+            f"{args.resume} was written by {len(extra['ranks'])} process(es); resume it with as many (got "
+            f"{args.world_size})"
+        )
+        ctl, global_step, start_iteration = extra["entropy_control"], ckpt["global_step"], extra["iteration"] + 1
+        own = extra["ranks"][rank]
+        envs, next_obs_np = load_env(own["envs"], market), {k: v.numpy() for k, v in own["next_obs"].items()}
+        set_rng_state(own["rng"])
+        run_dir = Path(args.resume).resolve().parent
+    else:
+        run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_dir.name
+
+    writer, mlflow = None, None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(run_dir, status="running", run_name=run_name, global_step=global_step)
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
+        mlflow = start_mlflow(args, run_name) if args.track else None
+        print(
+            f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
+            f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
+            f"encoder preset {preset}: {args.encoder.kind} (output_dim {args.encoder.output_dim}) on {device}"
+        )
+
+    # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
+    obs = {
+        k: torch.zeros((T, E, S) + tuple(shape), dtype=torch.int8 if k == "action_mask" else torch.float32)
+        for k, shape in envs.observation_shapes.items()
+    }
+    obs = {k: v.to(device) for k, v in obs.items()}
+    actions = torch.zeros((T, E, S), dtype=torch.long, device=device)
+    logprobs, rewards, values, final_values = (torch.zeros((T, E, S), device=device) for _ in range(4))
+    terminateds, truncateds = (torch.zeros((T, E, S), dtype=torch.bool, device=device) for _ in range(2))
+    policy_actions, executed_actions = np.zeros((T, E, S), np.int8), np.zeros((T, E, S), np.int8)
+    start_time, start_step = time.time(), global_step
+    last_eval = {}
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        ent_coef = scheduled_ent_coef(args, global_step) * ctl["bonus_mult"] * ctl["guard_mult"]
+        kl_coef = kl_prior_coef(args, global_step)
+
+        t_rollout = time.time()
+        tele, comps, episodes, dist_entropy = {}, {}, {}, 0.0
+        for step in range(T):
+            global_step += E * S * args.world_size
+            for k, v in obs.items():
+                v[step].copy_(torch.as_tensor(next_obs_np[k]))
+            step_obs = {k: v[step] for k, v in obs.items()}
+            with torch.no_grad():
+                action, logprob, entropy, value = agent.get_action_and_value(step_obs)
+            actions[step], logprobs[step], values[step] = action, logprob, value
+            dist_entropy += entropy.mean().item() / T
+
+            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            rewards[step] = torch.as_tensor(reward, device=device)
+            terminateds[step] = torch.as_tensor(terminated, device=device)
+            truncateds[step] = torch.as_tensor(truncated, device=device)
+            bootstrap = truncated & ~terminated  # (E, S): value of the ended episode's last observation
+            if bootstrap.any():
+                rows = bootstrap.any(1)
+                with torch.no_grad():
+                    v_final = agent.get_value(to_torch({k: a[rows] for k, a in info["final_obs"].items()}, device))
+                final_values[step] = 0.0
+                final_values[step][torch.as_tensor(rows, device=device)] = v_final
+            else:
+                final_values[step] = 0.0
+
+            # telemetry: per-step means, summed over the rollout
+            policy_actions[step], executed_actions[step] = info["policy_action"], info["executed_action"]
+            for k in ("masked_attempt", "forced_hold", "voluntary_trade", "cost", "equity", "exposure"):
+                tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / T
+            for k in ("diversity_bonus", "violations"):
+                tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / T
+            for k, v in info["reward_components"].items():
+                comps[k] = comps.get(k, 0.0) + float(np.mean(v)) / T
+            done_mask = info["episode"]["done_mask"]
+            if done_mask.any():
+                for k, v in info["episode"].items():
+                    if k != "done_mask":
+                        episodes.setdefault(k, []).extend(np.asarray(v)[done_mask].tolist())
+        rollout_seconds = time.time() - t_rollout
+
+        # ALGO LOGIC: advantages with bootstrap at truncation
+        t_update = time.time()
+        with torch.no_grad():
+            next_obs_t = to_torch(next_obs_np, device)
+            next_value = agent.get_value(next_obs_t)
+            advantages, returns = compute_gae(
+                rewards, values, terminateds, truncateds, final_values, next_value, args.gamma, args.gae_lambda
+            )
+
+        # flatten (T, E) -> T*E env-steps; the symbol axis stays so that the per-symbol heads run batched
+        b_obs = {k: v.reshape((T * E,) + v.shape[2:]) for k, v in obs.items()}
+        b_logprobs, b_actions = logprobs.reshape(T * E, S), actions.reshape(T * E, S)
+        b_advantages, b_returns, b_values = (
+            advantages.reshape(T * E, S),
+            returns.reshape(T * E, S),
+            values.reshape(T * E, S),
+        )
+        b_prior = (
+            sl_prior_logprobs(b_obs["sl_probs"], b_obs["action_mask"], args.kl_prior_temperature)
+            if kl_coef > 0
+            else None
+        )
+
+        b_inds = np.arange(T * E)
+        mb_rows = (T * E) // args.num_minibatches
+        clipfracs = []
+        for _epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, T * E, mb_rows):
+                mb_inds = torch.as_tensor(b_inds[start : start + mb_rows], device=device)
+                mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
+                logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
+                _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                # KL(policy || supervised prior) over the allowed actions
+                kl_prior = torch.zeros((), device=device)
+                if b_prior is not None:
+                    logp = torch.log_softmax(logits, -1)
+                    kl_prior = (logp.exp() * (logp - b_prior[mb_inds])).sum(-1).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef + kl_coef * kl_prior
+
+                optimizer.zero_grad()
+                loss.backward()
+                if args.world_size > 1:  # one flattened all-reduce of the gradients per minibatch
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
+                    flat = torch.cat([g.reshape(-1) for g in grads])
+                    dist.all_reduce(flat)
+                    flat /= args.world_size
+                    torch.nn.utils.vector_to_parameters(flat, grads)
+                    for p, g in zip(agent.parameters(), grads, strict=True):
+                        p.grad = g
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None:
+                kl_now = approx_kl.clone()
+                if args.world_size > 1:
+                    dist.all_reduce(kl_now)
+                    kl_now /= args.world_size
+                if kl_now > args.target_kl:
+                    break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        update_seconds = time.time() - t_update
+
+        # entropy control from this rollout, then logging (rank 0)
+        policy_entropy = float(slot_action_entropy(policy_actions).mean())
+        executed_entropy = float(slot_action_entropy(executed_actions).mean())
+        intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
+
+        # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
+        if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
+            own = {"envs": dump_env(envs, market), "next_obs": {k: v.copy() for k, v in next_obs_np.items()}}
+            own["rng"] = rng_state()
+            ranks = [None] * args.world_size
+            if args.world_size > 1:
+                dist.gather_object(own, ranks if rank == 0 else None, dst=0)
+            else:
+                ranks = [own]
+            if rank == 0:
+                extra = {"iteration": iteration, "entropy_control": ctl, "ranks": ranks}
+                save_checkpoint(
+                    run_dir / "checkpoint.pt", agent, optimizer, args=args, global_step=global_step, extra=extra
+                )
+        if rank != 0:
+            continue
+        if intervened:
+            print(
+                f"global_step={global_step} entropy guard: policy_action_entropy_mean {policy_entropy:.3f} < "
+                f"{args.ent_guard_threshold}, guard multiplier -> {ctl['guard_mult']:.2f} "
+                f"(intervention {ctl['interventions']})"
+            )
+        policy_trades, executed_trades = (policy_actions != 0).mean(), (executed_actions != 0).mean()
+        unique = episodes.get("unique_actions") or [
+            len(np.unique(executed_actions[:, e, s])) for e in range(E) for s in range(S)
+        ]
+        metrics = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/ent_coef": ent_coef,
+            "charts/kl_prior_coef": kl_coef,
+            "charts/entropy_bonus_multiplier": ctl["bonus_mult"],
+            "charts/entropy_guard_multiplier": ctl["guard_mult"],
+            "charts/entropy_guard_interventions": ctl["interventions"],
+            "charts/policy_entropy": dist_entropy,
+            "charts/policy_action_entropy_mean": policy_entropy,
+            "charts/executed_action_entropy_mean": executed_entropy,
+            "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
+            "charts/sanitizer_trade_delta": policy_trades - executed_trades,
+            "charts/voluntary_trade_rate": tele["voluntary_trade"],
+            "charts/consecutive_action_violations": tele["violations"],
+            "charts/diversity_bonus": tele["diversity_bonus"],
+            "charts/masked_attempt_rate": tele["masked_attempt"],
+            "charts/forced_hold_rate": tele["forced_hold"],
+            "charts/ep_unique_actions": float(np.mean(unique)),
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/old_approx_kl": old_approx_kl.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": float(np.mean(clipfracs)),
+            "losses/explained_variance": float(explained_var),
+            "losses/kl_prior": kl_prior.item(),
+            "trading/equity": tele["equity"],
+            "trading/exposure": tele["exposure"],
+            "trading/cost_per_step": tele["cost"],
+            "trading/policy_trade_rate": float(policy_trades),
+            "trading/executed_trade_rate": float(executed_trades),
+            "reward/total": rewards.mean().item(),
+            "perf/rollout_seconds": rollout_seconds,
+            "perf/update_seconds": update_seconds,
+        }
+        for a, name in enumerate(ACTION_NAMES):
+            metrics[f"charts/action_distribution/{name}"] = float((executed_actions == a).mean())
+            metrics[f"charts/policy_action_distribution/{name}"] = float((policy_actions == a).mean())
+        metrics.update({f"reward/{k}": v for k, v in comps.items()})
+        if episodes:
+            returns_key = "r" if "r" in episodes else "return"
+            length_key = "l" if "l" in episodes else "length"
+            metrics["charts/episodic_return"] = float(np.mean(episodes.get(returns_key, [np.nan])))
+            metrics["charts/episodic_length"] = float(np.mean(episodes.get(length_key, [np.nan])))
+            metrics.update({f"trading/episode_{k}": float(np.mean(v)) for k, v in episodes.items()})
+        if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+            t_eval = time.time()
+            agent.eval()
+            report = run_backtest(agent_policy(agent, device), market, args.eval_split, env_cfg, seed=args.seed)
+            agent.train()
+            last_eval = {k: v for k, v in report["agent"].items() if v is not None}
+            metrics.update({f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()})
+            metrics["perf/eval_seconds"] = time.time() - t_eval
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        metrics["charts/SPS"] = sps
+        log_scalars(writer, mlflow, metrics, global_step)
+        print(
+            f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} ent_coef={ent_coef:.4f} "
+            f"policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
+            + (
+                f" {args.eval_split}_sharpe={last_eval['sharpe']:.2f}"
+                if "trading/" + args.eval_split + "_sharpe" in metrics
+                else ""
+            )
+        )
+        last_telemetry = {
+            MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")
+        }
+
+    # final backtest on the test split: agent vs a random policy vs buy-and-hold (benchmark, equal-weight basket)
+    if rank == 0:
+        t_eval = time.time()
+        agent.eval()
+        full = run_backtest(agent_policy(agent, device), market, args.test_split, env_cfg, seed=args.seed)
+        rand = run_backtest(random_policy(args.seed), market, args.test_split, env_cfg, seed=args.seed)
+        reports = {"agent": full["agent"], "random": rand["agent"]}
+        reports.update(benchmark_bh=full["benchmark"], equal_weight_bh=full["equal_weight"])
+        curves = full["curves"]
+        for name, curve in curves.items():
+            for i, value in enumerate(curve / curve[0]):
+                writer.add_scalar(f"equity/{args.test_split}_{name}", value, i)
+        table = format_report(reports, args.test_split)
+        print(
+            f"\nbacktest on the {args.test_split} split ({market.data.benchmark_name} benchmark, "
+            f"{market.data.bars_per_year:g} bars a year):\n{table}"
+        )
+        (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+        (run_dir / "backtest.md").write_text(table + "\n")
+        log_scalars(
+            writer,
+            mlflow,
+            {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if isinstance(v, (int, float))},
+            global_step,
+        )
+        writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
+        write_summary(
+            run_dir,
+            status="complete",
+            global_step=global_step,
+            encoder=args.encoder.kind,
+            backtest=reports,
+            val=last_eval,
+            telemetry=last_telemetry,
+            entropy_control=ctl,
+            args=asdict(args),
+        )
+        writer.close()
+        if mlflow is not None:
+            mlflow.end_run()
+    if args.world_size > 1:
+        dist.destroy_process_group()

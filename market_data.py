@@ -266,8 +266,9 @@ def generate_synthetic_market(
     close = p0[None, :] * np.exp(np.cumsum(r, axis=0))
     prev_close = np.vstack([p0[None, :], close[:-1]])
     gap_frac = np.where(hour == 0, 0.6, 0.0)[:, None]
-    open_ = prev_close * np.exp(gap_frac * r)
-    excursion = np.abs(rng.standard_normal((2, T, S))) * 0.5 * sd
+    noise = rng.standard_normal((3, T, S))
+    open_ = prev_close * np.exp(gap_frac * r + 0.05 * sd * noise[2])  # small tick noise between bars
+    excursion = np.abs(noise[:2]) * 0.5 * sd
     high = np.maximum(open_, close) * np.exp(excursion[0])
     low = np.minimum(open_, close) * np.exp(-excursion[1])
     base_volume = np.exp(rng.uniform(np.log(2e5), np.log(5e6), S))

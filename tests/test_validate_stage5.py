@@ -1,0 +1,201 @@
+"""Tests of the Stage 5 gate on real tensorboard event files written with torch's SummaryWriter."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+import validate_stage5 as gate
+
+ACTIONS = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
+STEPS = list(range(512, 10_241, 512))  # 20 rollouts of 512 steps
+
+
+def healthy_metrics(step: int) -> dict[str, float]:
+    share = {"HOLD": 0.40, "BUY_SMALL": 0.12, "BUY_MEDIUM": 0.10, "BUY_LARGE": 0.08}
+    share |= {"SELL_PARTIAL": 0.10, "SELL_ALL": 0.12, "ADD": 0.08}
+    return {
+        "charts/policy_action_entropy_mean": 1.2 - 0.5 * step / 10_240,
+        "charts/voluntary_trade_rate": 0.35,
+        "charts/sanitizer_trade_delta": 0.04,
+        "charts/diversity_bonus": 0.12,
+        "charts/entropy_guard_interventions": 0.0,
+        "charts/executed_action_entropy_mean": 1.0,
+        **{f"charts/action_distribution/{a}": share[a] for a in ACTIONS},
+    }
+
+
+def collapsed_metrics(step: int) -> dict[str, float]:
+    hold = min(0.99, 0.4 + step / 5000)
+    rest = (1.0 - hold) / 6
+    return {
+        "charts/policy_action_entropy_mean": max(0.01, 1.2 - step / 4000),
+        "charts/voluntary_trade_rate": 1.0 - hold,
+        "charts/sanitizer_trade_delta": 0.0,
+        "charts/diversity_bonus": 0.01,
+        "charts/entropy_guard_interventions": 0.0,
+        **{f"charts/action_distribution/{a}": hold if a == "HOLD" else rest for a in ACTIONS},
+    }
+
+
+def write_run(root: Path, name: str, metrics_at, steps=STEPS, summary: dict | None = None) -> Path:
+    run = root / name
+    writer = SummaryWriter(str(run))
+    for step in steps:
+        for tag, value in metrics_at(step).items():
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    (run / "summary.json").write_text(json.dumps({"seed": 7, "global_step": steps[-1]} if summary is None else summary))
+    return run
+
+
+def args(**kw) -> gate.Args:
+    return gate.Args(**kw)
+
+
+def series(steps, values) -> gate.Series:
+    return gate.make_series(zip(steps, values, strict=True))
+
+
+def test_healthy_run_passes_every_criterion(tmp_path):
+    run = write_run(tmp_path, "healthy", healthy_metrics)
+    result = gate.check_run(run, args())
+    assert [c["criterion"] for c in result["checks"]] == list(gate.CRITERIA)
+    assert result["passed"], result["checks"]
+    assert result["seed"] == 7
+    values = {c["criterion"]: c["value"] for c in result["checks"]}
+    assert values["entropy_by_step"] == pytest.approx(1.2 - 0.5 * 5632 / 10_240)  # last point at or before 6,000
+    assert values["sanitizer_delta"] == pytest.approx(4.0)  # percentage points
+    assert values["action_share"] == pytest.approx(0.40)
+
+
+def test_collapsed_run_fails_naming_the_criteria(tmp_path):
+    run = write_run(tmp_path, "collapsed", collapsed_metrics)
+    result = gate.check_run(run, args())
+    failed = {c["criterion"] for c in result["checks"] if not c["passed"]}
+    assert not result["passed"]
+    assert {"entropy_by_step", "entropy_floor", "action_share", "diversity_bonus"} <= failed
+    assert "sanitizer_delta" not in failed  # nothing to sanitize when the policy only holds
+    share = next(c for c in result["checks"] if c["criterion"] == "action_share")
+    assert "HOLD" in share["detail"]
+
+
+def test_main_writes_reports_and_exit_status(tmp_path, capsys):
+    good = write_run(tmp_path, "good", healthy_metrics)
+    bad = write_run(tmp_path, "bad", collapsed_metrics, summary={"seed": 1337})
+    out = tmp_path / "out"
+    assert gate.main(["--runs", str(good), "--out-dir", str(out)]) == 0
+    assert gate.main(["--runs", str(good), str(bad), "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "seed 1337" in err and "action_share failed" in err and "diversity_bonus failed" in err
+    assert "seed 7" not in err
+    report = json.loads((out / "stage5_report.json").read_text())
+    assert not report["passed"]
+    assert [r["passed"] for r in report["results"]] == [True, False]
+    diff = report["telemetry_diff"]["diversity_bonus"]
+    assert diff["min"] == pytest.approx(0.01) and diff["max"] == pytest.approx(0.12)
+    assert diff["spread"] == pytest.approx(0.11) and diff["runs"] == 2
+    md = (out / "stage5_report.md").read_text()
+    assert "FAIL" in md and "| diversity_bonus |" in md
+
+
+def test_thresholds_are_flags(tmp_path):
+    run = write_run(tmp_path, "good", healthy_metrics)
+    out = tmp_path / "out"
+    assert gate.main(["--runs", str(run), "--out-dir", str(out), "--min-diversity-bonus", "0.2"]) == 1
+    assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-action-share", "0.3"]) == 1
+    assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-sanitizer-delta-pp", "3"]) == 1
+
+
+def test_entropy_floor_dip_with_guard_passes_and_without_fails():
+    steps = [2000, 4000, 6000, 8000, 10000]
+    entropy = series(steps, [1.0, 0.6, 0.4, 0.15, 0.3])  # dips below 0.18 at 8,000
+    guarded = series(steps, [0, 0, 0, 1, 1])  # running total rises at 8,000
+    check = gate.check_entropy_floor(entropy, guarded, 6000, 0.18)
+    assert check.passed and check.value == pytest.approx(0.15)
+
+    unguarded = gate.check_entropy_floor(entropy, series(steps, [0] * 5), 6000, 0.18)
+    assert not unguarded.passed and "0.150 at step 8000" in unguarded.detail
+    assert not gate.check_entropy_floor(entropy, None, 6000, 0.18).passed
+
+    # a guard that fired in another rollout does not excuse this dip
+    elsewhere = gate.check_entropy_floor(entropy, series(steps, [0, 1, 1, 1, 1]), 6000, 0.18)
+    assert not elsewhere.passed
+
+
+def test_entropy_floor_guard_as_per_rollout_count():
+    steps = [7000, 8000, 9000]
+    entropy = series(steps, [0.17, 0.16, 0.3])
+    counts = series(steps, [1, 2, 0])  # not a running total: both dips are guarded
+    assert gate.check_entropy_floor(entropy, counts, 6000, 0.18, cumulative=False).passed
+    # read as a running total, 2 -> 0 is no rise, but 0 -> 1 -> 2 are two rises: still both guarded
+    assert gate.check_entropy_floor(entropy, counts, 6000, 0.18, cumulative=True).passed
+    assert not gate.check_entropy_floor(entropy, series(steps, [1, 1, 0]), 6000, 0.18, cumulative=True).passed
+
+
+def test_entropy_floor_ignores_dips_before_the_check_step_and_treats_nan_as_dip():
+    steps = [3000, 6000, 9000]
+    assert gate.check_entropy_floor(series(steps, [0.05, 0.3, 0.25]), None, 6000, 0.18).passed
+    assert not gate.check_entropy_floor(series(steps, [0.5, 0.3, float("nan")]), None, 6000, 0.18).passed
+
+
+def test_entropy_by_step_uses_last_point_at_or_before_the_step():
+    entropy = series([5000, 6000, 7000], [0.1, 0.25, 0.1])
+    assert gate.check_entropy_by_step(entropy, 6000, 0.20).passed
+    assert not gate.check_entropy_by_step(entropy, 6500, 0.30).passed
+    assert not gate.check_entropy_by_step(series([5500, 6500], [0.3, 0.1]), 7000, 0.20).passed  # too short
+    short = gate.check_entropy_by_step(series([1000, 2000], [0.9, 0.8]), 6000, 0.20)
+    assert not short.passed and "--entropy-by-step" in short.detail
+    assert not gate.check_entropy_by_step(None, 6000, 0.20).passed
+
+
+def test_missing_tags_fail_closed(tmp_path):
+    run = write_run(tmp_path, "sparse", lambda s: {"charts/policy_action_entropy_mean": 1.0})
+    result = gate.check_run(run, args())
+    failed = {c["criterion"] for c in result["checks"] if not c["passed"]}
+    assert failed == {"voluntary_trade_rate", "sanitizer_delta", "action_share", "diversity_bonus"}
+
+
+def test_unusable_run_folders_give_clear_errors(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(gate.GateError, match="does not exist"):
+        gate.check_run(tmp_path / "nope", args())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "summary.json").write_text("{}")
+    with pytest.raises(gate.GateError, match="no tensorboard event file"):
+        gate.check_run(empty, args())
+    cut = write_run(tmp_path, "cut", healthy_metrics, summary={"seed": 1, "incomplete": True})
+    with pytest.raises(gate.GateError, match="marked incomplete"):
+        gate.check_run(cut, args())
+    no_summary = write_run(tmp_path, "nosummary", healthy_metrics)
+    (no_summary / "summary.json").unlink()
+    with pytest.raises(gate.GateError, match="no summary.json"):
+        gate.check_run(no_summary, args())
+    assert gate.main(["--runs", str(tmp_path / "nope"), str(cut), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "nope does not exist" in err and "marked incomplete" in err
+
+
+def test_resumed_run_reads_every_event_file_and_keeps_the_last_value(tmp_path):
+    run = write_run(tmp_path, "resumed", healthy_metrics, steps=STEPS[:10])
+    writer = SummaryWriter(str(run))  # a second event file, as after --resume
+    for step in STEPS[9:]:
+        writer.add_scalar("charts/diversity_bonus", 0.5, step)
+    writer.close()
+    scalars = gate.read_scalars(run)
+    bonus = scalars["charts/diversity_bonus"]
+    assert list(bonus.steps) == STEPS
+    assert bonus.values[9] == 0.5 and bonus.values[8] == pytest.approx(0.12)
+
+
+def test_telemetry_diff_and_argv_split():
+    diff = gate.telemetry_diff({"a": {"x": 1.0, "y": 2.0}, "b": {"x": 3.0}})
+    assert diff["x"] == {"mean": 2.0, "min": 1.0, "max": 3.0, "spread": 2.0, "runs": 2}
+    assert diff["y"]["runs"] == 1
+    own, extra = gate.split_argv(["--seeds", "1", "--", "--ent-coef", "0", "--", "x"])
+    assert own == ["--seeds", "1"] and extra == ["--ent-coef", "0", "--", "x"]
+    assert gate.action_shares({"HOLD": series([1, 2], [0.2, 0.4])}) == {"HOLD": pytest.approx(0.3)}
+    assert np.isnan(gate.action_shares({"HOLD": gate.make_series([])})["HOLD"])

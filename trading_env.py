@@ -1,0 +1,1002 @@
+"""Vectorised trading environment: execution, costs, action masks, anti-collapse, reward shaper, telemetry, and the
+gymnasium / PettingZoo faces over one numpy core.
+
+Layout of this file: constants and configs -> RewardShaper -> VecTradingCore (the only simulator) ->
+TradingEnvironment (gymnasium.Env, one symbol) -> TradingVectorEnv (gymnasium VectorEnv over all slots) ->
+PortfolioParallelEnv (PettingZoo ParallelEnv, portfolio mode). Market data and features live in market_data.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from market_data import PreparedMarket
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Actions and directives
+# ---------------------------------------------------------------------------------------------------------------------
+NUM_ACTIONS = 7
+HOLD, BUY_SMALL, BUY_MEDIUM, BUY_LARGE, SELL_PARTIAL, SELL_ALL, ADD = range(NUM_ACTIONS)
+ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
+BUY_SIZES = np.array([0.025, 0.06, 0.09])  # BUY_SMALL/MEDIUM/LARGE notional as a fraction of equity
+ADD_SIZE = 0.03  # ADD notional as a fraction of equity
+SELL_PARTIAL_FRACTION = 0.5  # SELL_PARTIAL sells this fraction of the shares held
+
+# Master directives: a 4 x 4 x 3 grid, row-major: index = (risk * 4 + level) * 3 + regime (as encoders.py).
+# The per-position cap and the open-position limit move together as one "concentration level": a tight cap with many
+# positions (diversified) up to a loose cap with few positions (concentrated). The limit is a fraction of S, rounded up.
+RISK_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25)
+POSITION_CAPS = (0.05, 0.10, 0.15, 0.25)
+OPEN_LIMIT_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+REGIME_MODES = ("defensive", "neutral", "aggressive")
+REGIME_MAX_EXPOSURE = (0.5, 0.75, 0.9)
+DIRECTIVE_SHAPE = (4, 4, 3)
+NUM_DIRECTIVES = 48
+NEUTRAL_DIRECTIVE = (2 * 4 + 1) * 3 + 1  # risk 1.0, cap 10% / limit 50% of S, neutral regime
+
+OBS_KEYS = ("technical", "sl_probs", "position", "portfolio", "regime", "action_mask")
+REWARD_COMPONENTS = (
+    "pnl",
+    "cost",
+    "timing",
+    "sharpe",
+    "drawdown",
+    "utilisation",
+    "diversification",
+    "diversity_bonus",
+    "repeat_penalty",
+    "intrinsic",
+)
+POSITION_FEATURES = ("entry_over_close_minus_1", "size_fraction", "unrealised_pnl", "hold_time", "side")
+PORTFOLIO_FEATURES = (
+    "equity_over_initial",
+    "exposure",
+    "rolling_sharpe",
+    "rolling_sortino",
+    "realised_pnl_over_initial",
+    "cash_fraction",
+    "drawdown",
+    "open_positions",
+)
+DIRECTIVE_FEATURES = ("risk_multiplier", "position_cap", "open_limit_fraction", "regime_mode")
+HOLD_TIME_SCALE = 100.0  # position obs: hold time in bars / 100
+
+
+def directive_values(index) -> np.ndarray:
+    """Directive index (...) in [0, 48) -> (..., 4) float: risk multiplier, position cap, open-limit fraction,
+    regime mode (-1 defensive, 0 neutral, 1 aggressive)."""
+    index = np.asarray(index)
+    r, lvl, reg = np.unravel_index(index, DIRECTIVE_SHAPE)
+    return np.stack(
+        [
+            np.take(RISK_MULTIPLIERS, r),
+            np.take(POSITION_CAPS, lvl),
+            np.take(OPEN_LIMIT_FRACTIONS, lvl),
+            reg.astype(np.float64) - 1.0,
+        ],
+        axis=-1,
+    )
+
+
+def action_entropy(counts: np.ndarray) -> np.ndarray:
+    """Entropy in nats of action counts (..., 7) -> (...); 0 where there are no counts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(-1, keepdims=True)
+    p = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    logp = np.log(p, out=np.zeros_like(p), where=p > 0)
+    return -(p * logp).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RewardConfig:
+    """Weights and units of the reward components (defaults: the Stage-5 template)."""
+
+    pnl_weight: float = 0.75
+    """Weight of the PnL component."""
+    cost_weight: float = 0.10
+    """Weight of the transaction-cost penalty (costs are also inside the mark-to-market PnL: this is extra friction)."""
+    timing_weight: float = 0.0
+    """Weight of the entry/exit timing component (fill price against the 24-bar mean close seen at decision)."""
+    sharpe_weight: float = 0.03
+    """Weight of the rolling per-bar Sharpe ratio of the account."""
+    drawdown_weight: float = 0.02
+    """Weight of the drawdown penalty."""
+    utilisation_weight: float = 0.0
+    """Weight of the capital-utilisation component."""
+    diversification_weight: float = 0.0
+    """Weight of the diversification component (1 - Herfindahl index of the account's positions)."""
+    diversity_bonus_weight: float = 0.07
+    """Weight of the action-diversity bonus (anti-collapse)."""
+    repeat_penalty_weight: float = 0.05
+    """Weight of the action-repeat penalty (anti-collapse)."""
+    intrinsic_weight: float = 0.01
+    """Weight of the intrinsic reward for a voluntary, filled trade."""
+    pnl_mode: str = "mark_to_market"
+    """"mark_to_market" (equity change each bar) or "realized" (PnL booked only when shares are sold)."""
+    pnl_scale: float = 0.001
+    """PnL and cost are measured in units of this fraction of the account's initial capital (0.001 = 0.1%), so a
+    typical hourly move of a held position is ~0.1-1 units and dominates the diversity bonus (at most 0.3)."""
+    roi_scaling: bool = True
+    """Multiply the PnL component by clip(1 + roi * roi_scale_factor, *roi_clip), roi = PnL / position cost basis."""
+    roi_scale_factor: float = 2.0
+    """ROI scaling factor (10% ROI -> 1.2x)."""
+    roi_clip: tuple[float, float] = (0.5, 3.0)
+    """Bounds of the ROI multiplier."""
+    drawdown_scale: float = 0.10
+    """The drawdown component is -drawdown / drawdown_scale (a 10% drawdown costs 1 unit per bar)."""
+    utilisation_target: float = 0.5
+    """Utilisation component: -|exposure - target| / target."""
+    timing_scale: float = 0.01
+    """Timing component in units of this relative price difference (1%)."""
+    diversity_min_samples: int = 10
+    """The diversity bonus is 0 until the window holds this many actions."""
+
+    def weights(self) -> np.ndarray:
+        """The weights in the order of REWARD_COMPONENTS."""
+        return np.array([getattr(self, f"{name}_weight") for name in REWARD_COMPONENTS], dtype=np.float32)
+
+
+@dataclass
+class EnvConfig:
+    """Trading environment settings (nested into the scripts' tyro Args as `env`)."""
+
+    initial_capital: float = 100_000.0
+    """Starting cash of every account (a slot in independent mode, an env in portfolio mode)."""
+    commission_bps: float = 7.5
+    """Commission per side in basis points of the traded notional (15 bps round trip)."""
+    spread_bps: float = 1.0
+    """Fixed part of the slippage per side in basis points (half the quoted spread)."""
+    impact_coef: float = 1.0
+    """Square-root impact: slippage += impact_coef * vol * sqrt(order notional / dollar volume of the decision bar)."""
+    fill: str = "open"
+    """"open": an order decided on bar t fills at open[t+1]; "close": it fills at close[t+1] (the order waits one
+    full bar; filling at close[t] would need the close before it is printed)."""
+    lookback: int = 24
+    """Bars in the technical observation window."""
+    episode_length: int = 441
+    """Decision steps per training episode (441 hourly bars = one quarter); sequential mode runs to the split end."""
+    position_cap: float = 0.20
+    """Largest position as a fraction of equity in independent mode (ADD is masked at the cap; orders shrink to it)."""
+    max_exposure: float = 0.9
+    """BUY and ADD are masked when holdings / equity reach this (independent mode; portfolio mode: the regime)."""
+    cash_buffer: float = 0.01
+    """A BUY/ADD is masked unless cash covers notional * (1 + commission + cash_buffer)."""
+    max_consecutive: int = 3
+    """More identical consecutive non-HOLD policy actions than this: the executed action becomes HOLD."""
+    diversity_window: int = 50
+    """Window (steps) of executed actions for the diversity bonus."""
+    risk_window: int = 50
+    """Window (bars) of account returns for the rolling Sharpe / Sortino in the observation and reward."""
+    anti_collapse: bool = True
+    """Enable the repetition limiter, the diversity bonus and the repeat penalty."""
+    ruin_fraction: float = 0.5
+    """Terminate an account whose equity falls below this fraction of its initial capital."""
+    max_drawdown: float = 0.3
+    """Terminate an account whose drawdown from its episode peak reaches this (a breached risk limit)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward shaping."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward shaper
+# ---------------------------------------------------------------------------------------------------------------------
+class RewardShaper:
+    """All reward components for all slots at once; reward = sum_i weight_i * component_i.
+
+    | component | value per slot and step |
+    |---|---|
+    | pnl | mark_to_market: slot PnL (its holdings' value change + its cash flows, costs included) / (pnl_scale * C); realized: PnL booked on shares sold (net of all costs of those shares) / (pnl_scale * C); times the ROI multiplier clip(1 + 2 * PnL / cost basis, 0.5, 3) while a position is open |
+    | cost | -(commission + slippage paid) / (pnl_scale * C) |
+    | timing | on a fill: buy (m - p) / m / 0.01, sell (p - m) / m / 0.01; p the fill price, m the mean close of the 24 bars up to the decision bar |
+    | sharpe | rolling mean / std of the account's bar returns over risk_window (per bar, not annualised) |
+    | drawdown | -(1 - equity / episode peak) / drawdown_scale |
+    | utilisation | -abs(exposure - utilisation_target) / utilisation_target |
+    | diversification | 1 - sum w_i^2 over the account's position weights (0 when flat or with one symbol) |
+    | diversity_bonus | by unique executed actions in the last 50 steps: >=5 0.3, 4 0.2, 3 0.1, else 0 (0 before 10 steps) |
+    | repeat_penalty | -min(n - 1, k) / k for the n-th identical consecutive non-HOLD policy action, k = max_consecutive |
+    | intrinsic | 1 for a voluntary trade (the policy's own non-HOLD action, executed and filled) |
+
+    C is the account's initial capital. Costs enter twice on purpose in mark-to-market mode: once inside the PnL
+    (money really lost) and once as the weighted cost penalty (friction against churn).
+    """  # noqa: E501
+
+    TIERS = np.array([0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.3, 0.3], dtype=np.float32)  # bonus by unique-action count
+
+    def __init__(self, config: RewardConfig, anti_collapse: bool = True):
+        if config.pnl_mode not in ("mark_to_market", "realized"):
+            raise ValueError(f"RewardConfig.pnl_mode={config.pnl_mode!r}: use 'mark_to_market' or 'realized'.")
+        if config.pnl_scale <= 0:
+            raise ValueError(f"RewardConfig.pnl_scale={config.pnl_scale} must be positive (e.g. 0.001).")
+        self.config = config
+        self.anti_collapse = anti_collapse
+        self.weights = config.weights()  # (10,)
+        self.realized = config.pnl_mode == "realized"
+
+    def diversity_bonus(self, unique: np.ndarray, filled: np.ndarray) -> np.ndarray:
+        """Tiered bonus from unique-action counts (E, S) and window fill counts (E, S)."""
+        bonus = self.TIERS[unique]
+        bonus[filled < self.config.diversity_min_samples] = 0.0
+        return bonus
+
+    def compute(self, out: np.ndarray, *, pnl, realized, basis, cost, timing, sharpe, drawdown, exposure,
+                diversification, bonus, run, voluntary, capital, max_consecutive) -> np.ndarray:  # fmt: skip
+        """Fill out (10, E, S) float32 with the components and return the weighted reward (E, S) float32.
+
+        Inputs are (E, S) arrays (account-level values already broadcast to slots)."""
+        c = self.config
+        unit = c.pnl_scale * capital
+        base = (realized if self.realized else pnl) / unit
+        if c.roi_scaling:
+            roi = np.divide(pnl, basis, out=np.zeros_like(pnl), where=basis > 0)
+            mult = np.clip(1.0 + roi * c.roi_scale_factor, c.roi_clip[0], c.roi_clip[1])
+            base = base * mult
+        out[0] = base
+        np.multiply(cost, -1.0 / unit, out=out[1], casting="unsafe")
+        out[2] = timing
+        out[3] = sharpe
+        np.multiply(drawdown, -1.0 / c.drawdown_scale, out=out[4], casting="unsafe")
+        np.multiply(np.abs(exposure - c.utilisation_target), -1.0 / c.utilisation_target, out=out[5], casting="unsafe")
+        out[6] = diversification
+        if self.anti_collapse:
+            out[7] = bonus
+            np.minimum(np.maximum(run - 1, 0), max_consecutive, out=out[8], casting="unsafe")
+            out[8] *= -1.0 / max_consecutive
+        else:
+            out[7:9] = 0.0
+        out[9] = voluntary
+        return np.tensordot(self.weights, out, axes=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The vectorised core
+# ---------------------------------------------------------------------------------------------------------------------
+def _rolling_mean_std(x: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Causal rolling mean and std over the last `window` rows (fewer at the start) of x (T, S) via cumulative sums."""
+    T = x.shape[0]
+    c1 = np.cumsum(x, axis=0)
+    c2 = np.cumsum(x * x, axis=0)
+    lag = np.zeros_like(c1)
+    lag2 = np.zeros_like(c2)
+    lag[window:] = c1[:-window]
+    lag2[window:] = c2[:-window]
+    n = np.minimum(np.arange(1, T + 1), window)[:, None]
+    mean = (c1 - lag) / n
+    var = np.maximum((c2 - lag2) / n - mean * mean, 0.0)
+    return mean, np.sqrt(var)
+
+
+class VecTradingCore:
+    """E envs x S symbols of long-only trading as numpy arrays: one simulator behind every face of this module.
+
+    ### Description
+    Each env walks through the bars of one data split with its own clock; every (env, symbol) pair is a *slot* with
+    a policy choosing one of 7 actions per bar. In **independent** mode every slot trades its own account (initial
+    capital C, one symbol): symbol-agent training. In **portfolio** mode the S slots of an env share one account and
+    obey the master's directives (`set_directives`): MAPPO. An order decided on bar t fills at the open of bar t+1
+    (`fill="close"`: at the close of bar t+1), positions are marked at `valuation_close`, and the returned
+    observation belongs to bar t+1. A value at bar t never uses bars after t.
+
+    ### Observation Space (dict of arrays with leading axes (E, S); float32 unless stated)
+    | key | shape | content |
+    |---|---|---|
+    | technical | (24, 23) | market.technical[t-23 : t+1] |
+    | sl_probs | (3,) | market.sl_probs[t] |
+    | position | (5,) | entry price / close - 1, position value / equity, close / entry - 1, hold bars / 100, side |
+    | portfolio | (8,) | equity / C, exposure, rolling Sharpe, rolling Sortino (per bar, last 50 bars), realised PnL / C, cash / equity, drawdown, open positions / slots in the account |
+    | regime | (10,) | market.regime[t] |
+    | action_mask | (7,) int8 | 1 = allowed (rules below); HOLD is always allowed |
+    | directives | (4,) | portfolio mode only: risk multiplier, position cap, open-limit fraction, regime (-1, 0, 1) |
+    The entry price is the average cost per share including commissions and slippage; 0 while flat.
+
+    ### Action Space: Discrete(7) per slot
+    | action | order (notional at the decision bar's valuation close) |
+    |---|---|
+    | 0 HOLD | nothing |
+    | 1 BUY_SMALL / 2 BUY_MEDIUM / 3 BUY_LARGE | buy 2.5% / 6% / 9% of account equity x risk multiplier |
+    | 4 SELL_PARTIAL | sell 50% of the shares |
+    | 5 SELL_ALL | sell every share |
+    | 6 ADD | buy 3% of equity x risk multiplier more (pyramiding), shrunk to the room under the position cap |
+
+    Mask (1 = allowed): non-tradable decision bar (halt, missing bar, zero volume) -> HOLD only; flat -> no SELL/ADD;
+    holding -> no BUY_* (pyramid only by ADD); exposure >= the ceiling, or cash < notional * (1 + commission +
+    cash_buffer) -> no BUY/ADD for that size; position >= cap -> no ADD; a BUY larger than the cap -> masked;
+    portfolio mode: open positions >= limit -> no BUY_*, defensive regime -> no BUY_LARGE and no ADD.
+    A masked action, or a repetition-limit violation, is *executed* as HOLD and counted; the env never raises for
+    it (policies are expected to use the mask, random agents are not).
+
+    Directives (portfolio mode; index = (risk * 4 + level) * 3 + regime):
+    | directive | values by index | effect |
+    |---|---|---|
+    | risk multiplier | 0.5, 0.75, 1.0, 1.25 | multiplies BUY_* and ADD notional (and their cash checks) |
+    | concentration level: position cap | 5%, 10%, 15%, 25% of equity | ADD masked at the cap, ADD shrunk to it, a BUY larger than the cap masked |
+    | concentration level: open-position limit | ceil(1.0 / 0.5 / 0.25 / 0.1 x S) | BUY_* masked at the limit; same-step new buys beyond it cancelled in symbol order |
+    | regime mode | defensive, neutral, aggressive | exposure ceiling 50% / 75% / 90%; defensive also masks BUY_LARGE and ADD |
+    Independent mode behaves as risk 1.0, cap `position_cap`, no open-position limit, ceiling `max_exposure`.
+
+    ### Execution and costs
+    Fill price p = open[t+1] (or close[t+1]). Slippage fraction s = spread_bps / 1e4 + impact_coef * vol_t *
+    sqrt(N / DV_t), N the order notional, DV_t = volume_t * close_t the decision bar's dollar volume, vol_t the
+    std of the last 24 log returns of valuation_close (square-root impact law). Buys fill at p (1 + s), sells at
+    p (1 - s); commission = commission_bps / 1e4 of the filled notional, both sides. Shares are fractional.
+    An order whose fill bar is not tradable is cancelled (`order_cancelled`). Buys are shrunk, never silently, to
+    the cash available after the same step's sells, to the exposure ceiling and to the position cap
+    (`order_shrunk`). Cash never goes negative; equity = cash + sum(shares * valuation_close) at every step.
+
+    ### Reward
+    reward = sum of weighted components (see RewardShaper): with the defaults
+    0.75 pnl + 0.10 cost + 0.03 sharpe + 0.02 drawdown + 0.07 diversity_bonus + 0.05 repeat_penalty + 0.01 intrinsic,
+    PnL and cost in units of 0.1% of initial capital. In portfolio mode a slot's PnL is its own symbol's
+    contribution (the slots of an account sum to the account's equity change); the account-level terms (sharpe,
+    drawdown, utilisation, diversification) are the same for every slot of the account.
+
+    ### Starting State
+    Cash C, no positions, clean anti-collapse windows. Training (`sequential=False`): each env starts at a bar drawn
+    uniformly from the split so that `episode_length` steps fit (the whole split if it is shorter). Evaluation
+    (`sequential=True`): every env starts at the first bar of the split with a full lookback window and runs to
+    the split's last bar, then starts there again.
+
+    ### Episode End
+    Truncation (all slots of an env together): the clock reaches the episode's last bar (start + episode_length,
+    or the split's last bar). Nothing is decided on the last bar: its observation is the final one, so no order
+    ever needs a bar beyond the split. Termination (one account): equity < ruin_fraction * C (ruin) or drawdown >=
+    max_drawdown (risk limit). A terminated account restarts with fresh capital at the same clock (in independent
+    mode alone, in portfolio mode with all slots of its env). terminated and truncated are never both True: a
+    terminated slot reports truncated=False.
+
+    ### Arguments
+    market (PreparedMarket), num_envs, split ("train" | "val" | "test"), mode ("independent" | "portfolio"),
+    config (EnvConfig), seed, sequential (evaluation sweep), symbols (names or indices of a subset, default all).
+
+    ### Autoreset (same step)
+    Where terminated | truncated, the returned observation already belongs to the new episode (or the restarted
+    account) and info["final_obs"] holds the last observation of the ended one (valid only where
+    info["done_mask"]); info["episode"] holds the ended episodes' statistics, valid where info["episode"]
+    ["done_mask"]. Returned arrays (obs, reward, flags, info arrays, final_obs) are preallocated buffers that the
+    next call overwrites: copy what you keep.
+    """  # noqa: E501
+
+    def __init__(
+        self,
+        market: PreparedMarket,
+        num_envs: int,
+        split: str = "train",
+        mode: str = "independent",
+        config: EnvConfig | None = None,
+        seed: int = 0,
+        sequential: bool = False,
+        symbols=None,
+    ):
+        config = config if config is not None else EnvConfig()
+        self.config = config
+        if mode not in ("independent", "portfolio"):
+            raise ValueError(f"mode={mode!r} is not a core mode: use 'independent' or 'portfolio'.")
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs} must be at least 1.")
+        if split not in market.splits:
+            raise ValueError(f"split={split!r} is not in the market's splits {sorted(market.splits)}.")
+        if config.fill not in ("open", "close"):
+            raise ValueError(f"EnvConfig.fill={config.fill!r}: use 'open' (next open) or 'close' (next close).")
+        if config.max_consecutive < 1 or config.diversity_window < 1 or config.risk_window < 2:
+            raise ValueError("EnvConfig: max_consecutive and diversity_window must be >= 1 and risk_window >= 2.")
+        data = market.data
+        sym_idx = self._symbol_indices(data.symbols, symbols)
+        self.symbols = [data.symbols[i] for i in sym_idx]
+        self.mode = mode
+        self.split = split
+        self.sequential = sequential
+        self.num_envs = E = int(num_envs)
+        self.num_symbols = S = len(sym_idx)
+        self.A, self.K = (S, 1) if mode == "independent" else (1, S)
+        self.bars_per_year = float(data.bars_per_year)
+        self.capital = float(config.initial_capital)
+        self.commission = config.commission_bps / 1e4
+        L = self.lookback = int(config.lookback)
+        self.shaper = RewardShaper(config.reward, config.anti_collapse)
+
+        # ---- market arrays for the chosen symbols, (T, S) float64 unless stated ----
+        if market.technical.shape[0] < L:
+            raise ValueError(f"The market has {market.technical.shape[0]} bars, fewer than the lookback {L}.")
+        T = self.T = market.technical.shape[0]
+        vc = np.ascontiguousarray(market.valuation_close[:, sym_idx], dtype=np.float64)
+        if not np.isfinite(vc).all() or (vc <= 0).any():
+            raise ValueError("market.valuation_close must be finite and positive everywhere (forward/back-fill it).")
+        self._vc = vc
+        tradable = np.asarray(data.tradable[:, sym_idx], dtype=bool)
+        price_src = data.open if config.fill == "open" else data.close
+        px = np.asarray(price_src[:, sym_idx], dtype=np.float64)
+        close = np.asarray(data.close[:, sym_idx], dtype=np.float64)
+        vol = np.asarray(data.volume[:, sym_idx], dtype=np.float64)
+        fill_ok = tradable & np.isfinite(px) & (px > 0)
+        self._fill_ok = fill_ok
+        self._fill_px = np.where(fill_ok, px, 1.0)  # dummy 1.0 where the fill is cancelled anyway
+        dollar_vol = vol * close
+        self._decide_ok = tradable & np.isfinite(dollar_vol) & (dollar_vol > 0)
+        self._dollar_vol = np.where(self._decide_ok, dollar_vol, 1.0)
+        logret = np.zeros_like(vc)
+        logret[1:] = np.log(vc[1:] / vc[:-1])
+        _, self._vol = _rolling_mean_std(logret, 24)
+        self._mean_close, _ = _rolling_mean_std(vc, 24)
+        # technical laid out (S, T, F) so the window of (s, t) is one contiguous block of L * F floats; a strided
+        # (S*T - L + 1, L*F) view lets np.take copy all E*S windows into the observation buffer in one call.
+        F = market.technical.shape[2]
+        self._tech_st = np.ascontiguousarray(
+            np.asarray(market.technical[:, sym_idx], dtype=np.float32).transpose(1, 0, 2)
+        )
+        it = self._tech_st.itemsize
+        self._tech_rows = np.lib.stride_tricks.as_strided(
+            self._tech_st, shape=(S * T - L + 1, L * F), strides=(F * it, it), writeable=False
+        )
+        self._sym_offset = (np.arange(S) * T - (L - 1))[None, :]  # row of (s, t) = s * T + t - L + 1
+        self._sl = np.ascontiguousarray(market.sl_probs[:, sym_idx], dtype=np.float32)
+        self._regime = np.ascontiguousarray(market.regime, dtype=np.float32)
+        R = self._regime.shape[1]
+
+        lo, hi = market.splits[split]
+        self.split_start = max(int(lo), L - 1)
+        self.split_last = int(hi) - 1  # last bar of the split (inclusive)
+        if self.split_last - self.split_start < 1:
+            raise ValueError(f"Split {split!r} = [{lo}, {hi}) leaves fewer than 2 bars after the lookback {L}.")
+
+        # ---- observation buffers ----
+        self.observation_shapes = {
+            "technical": (L, F),
+            "sl_probs": (3,),
+            "position": (5,),
+            "portfolio": (8,),
+            "regime": (R,),
+            "action_mask": (NUM_ACTIONS,),
+        }
+        if mode == "portfolio":
+            self.observation_shapes["directives"] = (4,)
+        self.obs = {
+            k: np.zeros((E, S, *shape), dtype=np.int8 if k == "action_mask" else np.float32)
+            for k, shape in self.observation_shapes.items()
+        }
+        self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
+        self._tech_flat = self.obs["technical"].reshape(E * S, L * F)
+        self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)
+        self._rows = np.arange(E * S)
+
+        # ---- per-env directive parameters (independent mode: fixed) ----
+        self._risk = np.ones(E)
+        self._cap = np.full(E, config.position_cap)
+        self._limit = np.full(E, self.K, dtype=np.int64)
+        self._ceiling = np.full(E, config.max_exposure)
+        self._defensive = np.zeros(E, dtype=bool)
+        self.directive_index = np.full(E, -1, dtype=np.int64)
+
+        self._rng = np.random.default_rng(seed)
+        self._comp = np.zeros((len(REWARD_COMPONENTS), E, S), dtype=np.float32)
+        self._allocate_state()
+        self._ready = False
+        self._no_episode = {k: np.zeros_like(v) for k, v in self._episode_stats(np.zeros((E, S), bool)).items()}
+        if mode == "portfolio":
+            self.set_directives(np.full(E, NEUTRAL_DIRECTIVE))
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _symbol_indices(names: list[str], symbols) -> np.ndarray:
+        if symbols is None:
+            return np.arange(len(names))
+        out = []
+        for s in symbols:
+            if isinstance(s, (int, np.integer)):
+                if not 0 <= int(s) < len(names):
+                    raise ValueError(f"Symbol index {s} is out of range for a market of {len(names)} symbols.")
+                out.append(int(s))
+            elif s in names:
+                out.append(names.index(s))
+            else:
+                raise ValueError(f"Symbol {s!r} is not in the market; available: {names[:10]}...")
+        if not out:
+            raise ValueError("symbols=[] selects nothing: pass None for all symbols or a non-empty list.")
+        return np.asarray(out)
+
+    def _allocate_state(self) -> None:
+        E, S, A = self.num_envs, self.num_symbols, self.A
+        W, Wd = self.config.risk_window, self.config.diversity_window
+        self.t = np.zeros(E, dtype=np.int64)  # current (decision) bar of each env
+        self.end = np.zeros(E, dtype=np.int64)  # last bar of each env's episode
+        self.shares = np.zeros((E, S))
+        self.basis = np.zeros((E, S))  # average cost per share, costs included
+        self.hold = np.zeros((E, S))  # bars held
+        self.cash = np.zeros((E, A))
+        self.equity = np.zeros((E, A))
+        self.peak = np.zeros((E, A))
+        self.realized_total = np.zeros((E, A))
+        self.pos_value = np.zeros((E, S))
+        # rolling account returns: ring (E, A, W) with running sums, one write position for all (the clock is shared)
+        self._ret_ring = np.zeros((E, A, W))
+        self._ret_n = np.zeros((E, A))
+        self._ret_sum = np.zeros((E, A))
+        self._ret_sq = np.zeros((E, A))
+        self._ret_neg = np.zeros((E, A))
+        self._ret_pos = 0
+        self.sharpe = np.zeros((E, A))
+        self.sortino = np.zeros((E, A))
+        # anti-collapse: last limiter output and run length per slot; executed-action window as a ring (E, S, Wd)
+        # with per-slot counts (E, S, 8), column 7 counting the empty cells
+        self._last_action = np.zeros((E, S), dtype=np.int64)
+        self._run = np.zeros((E, S), dtype=np.int64)
+        self._div_ring = np.full((E, S, Wd), NUM_ACTIONS, dtype=np.int64)
+        self._div_count = np.zeros((E * S, NUM_ACTIONS + 1), dtype=np.int64)
+        self._div_count[:, NUM_ACTIONS] = Wd
+        self._div_pos = 0
+        # episode accumulators, per slot (E, S) unless stated
+        self._ep = {
+            k: np.zeros((E, S))
+            for k in (
+                "length", "reward", "cost", "turnover", "trades", "violations", "masked_attempts", "forced_holds",
+                "voluntary_trades", "policy_trades", "diversity_bonus", "order_cancelled", "order_shrunk",
+            )
+        }  # fmt: skip
+        self._ep_acc = {k: np.zeros((E, A)) for k in ("n", "sum", "sq", "neg", "max_drawdown")}
+        self._ep_policy_counts = np.zeros((E * S, NUM_ACTIONS))
+        self._ep_exec_counts = np.zeros((E * S, NUM_ACTIONS))
+        self._ep_seen = np.zeros((E * S, NUM_ACTIONS), dtype=bool)
+
+    # ------------------------------------------------------------------ accounts and episodes
+    def _env_to_slot(self, x: np.ndarray) -> np.ndarray:
+        """(E,) -> (E, S) broadcast view."""
+        return np.broadcast_to(x[:, None], (self.num_envs, self.num_symbols))
+
+    def _acc_to_slot(self, x: np.ndarray) -> np.ndarray:
+        """(E, A) account values -> (E, S) slot values (a view in portfolio mode)."""
+        if self.K == 1:
+            return x
+        return np.broadcast_to(x, (self.num_envs, self.num_symbols))
+
+    def _acc_sum(self, x: np.ndarray) -> np.ndarray:
+        """(E, S) slot values -> (E, A) sums over each account's slots."""
+        if self.K == 1:
+            return x
+        return x.sum(axis=1, keepdims=True)
+
+    def _new_starts(self, envs: np.ndarray) -> None:
+        """Draw start and end bars for the given env indices."""
+        lo, last = self.split_start, self.split_last
+        if self.sequential:
+            self.t[envs] = lo
+            self.end[envs] = last
+            return
+        length = min(self.config.episode_length, last - lo)
+        self.t[envs] = self._rng.integers(lo, last - length + 1, size=len(envs))
+        self.end[envs] = self.t[envs] + length
+
+    def _reset_accounts(self, acc: np.ndarray) -> None:
+        """Fresh accounts where acc (E, A) is True, and fresh slot state for their slots."""
+        slot = self._acc_to_slot(acc)
+        C = self.capital
+        self.cash[acc] = C
+        self.equity[acc] = C
+        self.peak[acc] = C
+        self.realized_total[acc] = 0.0
+        for x in (self._ret_n, self._ret_sum, self._ret_sq, self._ret_neg, self.sharpe, self.sortino):
+            x[acc] = 0.0
+        self._ret_ring[acc] = 0.0
+        for x in self._ep_acc.values():
+            x[acc] = 0.0
+        for x in (self.shares, self.basis, self.hold, self.pos_value, self._last_action, self._run):
+            x[slot] = 0
+        self._div_ring[slot] = NUM_ACTIONS
+        flat = slot.reshape(-1)
+        self._div_count[flat] = 0
+        self._div_count[flat, NUM_ACTIONS] = self.config.diversity_window
+        for x in self._ep.values():
+            x[slot] = 0.0
+        self._ep_policy_counts[flat] = 0
+        self._ep_exec_counts[flat] = 0
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Start every env afresh; returns the observation buffers (E, S, ...)."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._new_starts(np.arange(self.num_envs))
+        self._reset_accounts(np.ones((self.num_envs, self.A), dtype=bool))
+        self._ret_pos = 0
+        self._div_pos = 0
+        self._write_obs()
+        self._ready = True
+        return self.obs
+
+    # ------------------------------------------------------------------ directives (portfolio mode)
+    def set_directives(self, directive_index) -> None:
+        """Portfolio mode: set each env's directive, an index (E,) into the 4 x 4 x 3 grid (see the class table).
+        Takes effect at once: the current observation's mask and directives are rewritten."""
+        if self.mode != "portfolio":
+            raise ValueError("set_directives needs mode='portfolio'; independent-mode slots have no master.")
+        idx = np.asarray(directive_index)
+        if idx.shape != (self.num_envs,) or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(
+                f"directive_index must be an integer array of shape ({self.num_envs},), got {idx.dtype} {idx.shape}."
+            )
+        if (idx < 0).any() or (idx >= NUM_DIRECTIVES).any():
+            raise ValueError(f"directive_index values must lie in [0, {NUM_DIRECTIVES}); got {idx.min()}..{idx.max()}.")
+        vals = directive_values(idx)  # (E, 4)
+        self.directive_index[:] = idx
+        self._risk[:] = vals[:, 0]
+        self._cap[:] = vals[:, 1]
+        self._limit[:] = np.ceil(vals[:, 2] * self.num_symbols - 1e-9).astype(np.int64)
+        reg = np.round(vals[:, 3]).astype(np.int64) + 1
+        self._ceiling[:] = np.take(REGIME_MAX_EXPOSURE, reg)
+        self._defensive[:] = reg == 0
+        self.obs["directives"][:] = vals[:, None, :].astype(np.float32)
+        if self._ready:
+            self._write_mask()
+
+    # ------------------------------------------------------------------ observation
+    def _write_mask(self) -> None:
+        """action_mask (E, S, 7) for the current bar from the current state."""
+        t = self.t
+        m = self.obs["action_mask"]
+        c = self.commission + self.config.cash_buffer
+        ok = np.take(self._decide_ok, t, axis=0)  # (E, S)
+        holding = self.shares > 0
+        eq = self._acc_to_slot(self.equity)
+        cash_frac = self._acc_to_slot(self.cash / self.equity)  # (E, S)
+        exposure = self._acc_to_slot(1.0 - self.cash / self.equity)
+        room = exposure < self._ceiling[:, None]
+        open_n = self._acc_to_slot(self._acc_sum(holding.astype(np.int64)))
+        can_open = ok & ~holding & room & (open_n < self._limit[:, None])
+        risk = self._risk[:, None]
+        cap = self._cap[:, None]
+        buy_frac = BUY_SIZES[None, :] * risk  # (E, 3)
+        m[..., 1:4] = (
+            can_open[..., None]
+            & (cash_frac[..., None] >= (buy_frac * (1.0 + c))[:, None, :])
+            & (buy_frac <= cap + 1e-12)[:, None, :]
+        )
+        m[..., 3] &= ~self._defensive[:, None]
+        m[..., 4] = ok & holding
+        m[..., 5] = m[..., 4]
+        pos_frac = self.pos_value / eq
+        m[..., 6] = (
+            ok
+            & holding
+            & room
+            & (cash_frac >= ADD_SIZE * risk * (1.0 + c))
+            & (pos_frac < cap - 1e-9)
+            & ~self._defensive[:, None]
+        )
+        m[..., 0] = 1
+
+    def _write_obs(self) -> None:
+        """Write every observation key for the current bar into the preallocated buffers."""
+        t = self.t
+        o = self.obs
+        rows = (t[:, None] + self._sym_offset).reshape(-1)  # (E*S,) row of each slot's window
+        np.take(self._tech_rows, rows, axis=0, out=self._tech_flat)
+        np.take(self._sl, t, axis=0, out=o["sl_probs"])
+        o["regime"][:] = np.take(self._regime, t, axis=0)[:, None, :]
+        vc = np.take(self._vc, t, axis=0)  # (E, S)
+        eq = self._acc_to_slot(self.equity)
+        holding = self.shares > 0
+        p = o["position"]
+        p[..., 0] = np.divide(self.basis, vc, out=np.ones_like(vc), where=holding) - 1.0
+        p[..., 1] = self.pos_value / eq
+        p[..., 2] = np.divide(vc, self.basis, out=np.ones_like(vc), where=holding) - 1.0
+        p[..., 3] = self.hold / HOLD_TIME_SCALE
+        p[..., 4] = holding
+        f = self._pf4  # (E, A, K, 8)
+        C = self.capital
+        f[..., 0] = (self.equity / C)[..., None]
+        f[..., 1] = (1.0 - self.cash / self.equity)[..., None]
+        f[..., 2] = self.sharpe[..., None]
+        f[..., 3] = self.sortino[..., None]
+        f[..., 4] = (self.realized_total / C)[..., None]
+        f[..., 5] = (self.cash / self.equity)[..., None]
+        f[..., 6] = (1.0 - self.equity / self.peak)[..., None]
+        f[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
+        self._write_mask()
+
+    # ------------------------------------------------------------------ step
+    def _check_actions(self, actions) -> np.ndarray:
+        if not self._ready:
+            raise RuntimeError("VecTradingCore.step() was called before reset(): call reset() first.")
+        a = np.asarray(actions)
+        shape = (self.num_envs, self.num_symbols)
+        if a.shape != shape:
+            raise ValueError(f"actions must have shape (num_envs, num_symbols) = {shape}, got {a.shape}.")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"actions must be integers (action ids 0..6), got dtype {a.dtype}; cast with .astype(int).")
+        if a.size and (a.min() < 0 or a.max() >= NUM_ACTIONS):
+            raise ValueError(f"actions must lie in [0, {NUM_ACTIONS - 1}], got values {a.min()}..{a.max()}.")
+        return a.astype(np.int64, copy=False)
+
+    def step(self, actions):
+        """Decide `actions` (E, S) on the current bar; returns obs, reward (E, S) float32, terminated, truncated
+        (E, S) bool, info (see the class docstring for the autoreset contract)."""
+        pol = self._check_actions(actions)
+        cfg = self.config
+        E, S, K = self.num_envs, self.num_symbols, self.K
+        t = self.t
+        t1 = t + 1
+        cm = self.commission
+        mask = self.obs["action_mask"]
+
+        # ALGO LOGIC: sanitize. Repetition limiter on the policy's actions (seed 003: the history keeps the
+        # limiter's output, so a forced HOLD restarts the run), then the mask. Both turn the action into HOLD.
+        nonhold = pol != HOLD
+        if cfg.anti_collapse:
+            run = np.where(nonhold & (pol == self._last_action), self._run + 1, nonhold.astype(np.int64))
+            violation = run > cfg.max_consecutive
+            after_limit = np.where(violation, HOLD, pol)
+            self._last_action = after_limit
+            self._run = np.where(violation, 0, run)
+        else:
+            run = np.zeros((E, S), dtype=np.int64)
+            violation = np.zeros((E, S), dtype=bool)
+        masked = mask.reshape(-1, NUM_ACTIONS)[self._rows, pol.reshape(-1)].reshape(E, S) == 0
+        ex = np.where(violation | masked, HOLD, pol)  # executed action
+        forced = nonhold & (ex == HOLD)
+
+        # ALGO LOGIC: orders sized at the decision bar t, filled at bar t+1
+        vc0 = np.take(self._vc, t, axis=0)
+        px = np.take(self._fill_px, t1, axis=0)
+        fill_ok = np.take(self._fill_ok, t1, axis=0)
+        eq0 = self.equity.copy()
+        eq_slot = self._acc_to_slot(eq0)
+        risk = self._risk[:, None]
+        frac = np.take(_BUY_FRACTION, ex) * risk  # (E, S) buy notional / equity
+        want = frac * eq_slot
+        is_add = ex == ADD
+        cap_room = np.maximum(self._cap[:, None] * eq_slot - self.pos_value, 0.0)
+        shrunk = want > cap_room * (1 + 1e-12)
+        want = np.minimum(want, cap_room)
+        sell_sh = self.shares * np.take(_SELL_FRACTION, ex)
+        order = ex != HOLD
+        cancelled = order & ~fill_ok
+        if self.mode == "portfolio":  # new positions beyond the open-position limit: cancelled in symbol order
+            new = (want > 0) & ~is_add & ~cancelled
+            open_n = (self.shares > 0).sum(1, keepdims=True)
+            over = new & (open_n + np.cumsum(new, axis=1) > self._limit[:, None])
+            cancelled |= over
+        want[cancelled] = 0.0
+        sell_sh[cancelled] = 0.0
+        sell_notional = sell_sh * px
+        dv = np.take(self._dollar_vol, t, axis=0)
+        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * np.take(self._vol, t, axis=0) * np.sqrt(
+            (want + sell_notional) / dv
+        )
+        sell_px = px * (1.0 - slip)
+        proceeds = sell_sh * sell_px * (1.0 - cm)
+        # buys share the account's cash after its sells and the room under the exposure ceiling
+        need = want * (1.0 + cm)
+        need_acc = self._acc_sum(need)
+        cash_avail = self.cash + self._acc_sum(proceeds)
+        held_after_sells = self._acc_sum((self.shares - sell_sh) * vc0)
+        exp_room = np.maximum(self._ceiling[:, None] * eq0 - held_after_sells, 0.0)
+        want_acc = self._acc_sum(want)
+        scale = np.minimum(
+            np.divide(cash_avail * (1 - 1e-12), need_acc, out=np.ones_like(need_acc), where=need_acc > 0),
+            np.divide(exp_room, want_acc, out=np.ones_like(want_acc), where=want_acc > 0),
+        )
+        np.minimum(scale, 1.0, out=scale)
+        scale_slot = self._acc_to_slot(scale)
+        shrunk |= (scale_slot < 1.0) & (want > 0)
+        want = want * scale_slot
+        need = want * (1.0 + cm)
+        buy_px = px * (1.0 + slip)
+        bought = want / buy_px
+        self.cash = cash_avail - self._acc_sum(need)
+        commission = cm * (want + sell_sh * sell_px)
+        cost = commission + bought * (buy_px - px) + sell_sh * (px - sell_px)
+        realized = sell_sh * (sell_px * (1.0 - cm) - self.basis)
+        old_shares = self.shares
+        new_shares = old_shares - sell_sh + bought
+        basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
+        new_basis = np.divide(
+            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros_like(new_shares), where=new_shares > 0
+        )
+        traded = (bought > 0) | (sell_sh > 0)
+        timing_ref = np.take(self._mean_close, t, axis=0)
+        fill_price = np.where(bought > 0, buy_px, np.where(sell_sh > 0, sell_px, 0.0))
+        timing = np.where(bought > 0, timing_ref - buy_px, np.where(sell_sh > 0, sell_px - timing_ref, 0.0))
+        timing /= timing_ref * cfg.reward.timing_scale
+
+        # ALGO LOGIC: advance the clock and mark to market at valuation_close[t+1]
+        self.t = t1
+        vc1 = np.take(self._vc, t1, axis=0)
+        old_value = old_shares * vc0
+        self.shares = new_shares
+        self.basis = new_basis
+        self.hold = np.where(new_shares > 0, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
+        self.pos_value = new_shares * vc1
+        slot_pnl = self.pos_value - old_value + proceeds - need
+        self.equity = self.cash + self._acc_sum(self.pos_value)
+        self.realized_total += self._acc_sum(realized)
+        r = self.equity / eq0 - 1.0  # (E, A) account bar return
+        np.maximum(self.peak, self.equity, out=self.peak)
+        drawdown = 1.0 - self.equity / self.peak
+        self._push_return(r)
+
+        # ALGO LOGIC: anti-collapse window of executed actions (ring with counts)
+        flat_ex = ex.reshape(-1)
+        old = self._div_ring[:, :, self._div_pos].reshape(-1)
+        self._div_count[self._rows, old] -= 1
+        self._div_count[self._rows, flat_ex] += 1
+        self._div_ring[:, :, self._div_pos] = ex
+        self._div_pos = (self._div_pos + 1) % cfg.diversity_window
+        unique = (self._div_count[:, :NUM_ACTIONS] > 0).sum(1).reshape(E, S)
+        filled = (cfg.diversity_window - self._div_count[:, NUM_ACTIONS]).reshape(E, S)
+        bonus = self.shaper.diversity_bonus(unique, filled)
+        voluntary = order & (ex == pol) & traded
+
+        # ALGO LOGIC: reward
+        weights = self.pos_value if K > 1 else None
+        if weights is not None:
+            tot = weights.sum(1, keepdims=True)
+            hhi = np.divide((weights * weights).sum(1, keepdims=True), tot * tot, out=np.ones_like(tot), where=tot > 0)
+            divers = np.broadcast_to(1.0 - hhi, (E, S))
+        else:
+            divers = 0.0
+        exposure_acc = 1.0 - self.cash / self.equity
+        basis_roi = np.maximum(basis_cost, new_shares * new_basis)
+        reward = self.shaper.compute(
+            self._comp,
+            pnl=slot_pnl,
+            realized=realized,
+            basis=basis_roi,
+            cost=cost,
+            timing=timing,
+            sharpe=self._acc_to_slot(self.sharpe),
+            drawdown=self._acc_to_slot(drawdown),
+            exposure=self._acc_to_slot(exposure_acc),
+            diversification=divers,
+            bonus=bonus,
+            run=run,
+            voluntary=voluntary,
+            capital=self.capital,
+            max_consecutive=cfg.max_consecutive,
+        )
+
+        # ALGO LOGIC: episode accumulators
+        ep = self._ep
+        ep["length"] += 1
+        ep["reward"] += reward
+        ep["cost"] += cost
+        ep["turnover"] += want + sell_sh * px
+        ep["trades"] += traded
+        ep["violations"] += violation
+        ep["masked_attempts"] += masked
+        ep["forced_holds"] += forced
+        ep["voluntary_trades"] += voluntary
+        ep["policy_trades"] += nonhold
+        ep["diversity_bonus"] += bonus
+        ep["order_cancelled"] += cancelled
+        ep["order_shrunk"] += shrunk
+        self._ep_policy_counts[self._rows, pol.reshape(-1)] += 1
+        self._ep_exec_counts[self._rows, flat_ex] += 1
+        acc = self._ep_acc
+        acc["n"] += 1
+        acc["sum"] += r
+        acc["sq"] += r * r
+        acc["neg"] += np.minimum(r, 0.0) ** 2
+        np.maximum(acc["max_drawdown"], drawdown, out=acc["max_drawdown"])
+
+        # ALGO LOGIC: episode ends (truncation per env, termination per account) and same-step autoreset
+        trunc_env = t1 >= self.end
+        term_acc = (self.equity < cfg.ruin_fraction * self.capital) | (drawdown >= cfg.max_drawdown)
+        terminated = self._acc_to_slot(term_acc).copy()
+        truncated = self._env_to_slot(trunc_env) & ~terminated
+        done = terminated | truncated
+        self._write_obs()
+        info = {
+            "policy_action": pol,
+            "executed_action": ex,
+            "masked_attempt": masked,
+            "forced_hold": forced,
+            "voluntary_trade": voluntary,
+            "violations": violation,
+            "order_cancelled": cancelled,
+            "order_shrunk": shrunk,
+            "traded_shares": bought - sell_sh,
+            "fill_price": fill_price,
+            "cost": cost,
+            "equity": self._acc_to_slot(self.equity).copy(),
+            "exposure": self._acc_to_slot(exposure_acc),
+            "cash": self._acc_to_slot(self.cash).copy(),
+            "diversity_bonus": bonus,
+            "unique_actions": unique,
+            "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
+            "bar": t1,
+            "done_mask": done,
+            "final_obs": self.final_obs,
+            "episode": self._no_episode,
+        }
+        if done.any():
+            for k, v in self.obs.items():
+                np.copyto(self.final_obs[k], v)
+            info["episode"] = self._episode_stats(done)
+            restart_acc = term_acc | trunc_env[:, None]
+            ended_envs = np.flatnonzero(trunc_env)
+            if len(ended_envs):
+                self._new_starts(ended_envs)
+            self._reset_accounts(restart_acc)
+            self._write_obs()
+        return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
+
+    def _push_return(self, r: np.ndarray) -> None:
+        """Add the account returns r (E, A) to the rolling window and refresh the rolling Sharpe / Sortino."""
+        W = self.config.risk_window
+        p = self._ret_pos
+        old = self._ret_ring[:, :, p]
+        full = self._ret_n >= W
+        self._ret_sum += r - old
+        self._ret_sq += r * r - old * old
+        self._ret_neg += np.minimum(r, 0.0) ** 2 - np.minimum(old, 0.0) ** 2
+        self._ret_ring[:, :, p] = r
+        self._ret_n = np.where(full, W, self._ret_n + 1)
+        self._ret_pos = (p + 1) % W
+        n = self._ret_n
+        mean = self._ret_sum / n
+        std = np.sqrt(np.maximum(self._ret_sq / n - mean * mean, 0.0))
+        down = np.sqrt(self._ret_neg / n)
+        enough = n >= 2
+        np.divide(mean, std, out=self.sharpe, where=enough & (std > 1e-12))
+        self.sharpe[~(enough & (std > 1e-12))] = 0.0
+        np.divide(mean, down, out=self.sortino, where=enough & (down > 1e-12))
+        self.sortino[~(enough & (down > 1e-12))] = 0.0
+
+    def _episode_stats(self, done: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-slot statistics of the episodes that end now (valid where done)."""
+        ep = self._ep
+        acc = {k: self._acc_to_slot(v) for k, v in self._ep_acc.items()}
+        n = np.maximum(acc["n"], 1.0)
+        mean = acc["sum"] / n
+        std = np.sqrt(np.maximum(acc["sq"] / n - mean * mean, 0.0))
+        down = np.sqrt(acc["neg"] / n)
+        ann = np.sqrt(self.bars_per_year)
+        length = np.maximum(ep["length"], 1.0)
+        E, S = done.shape
+        pc = self._ep_policy_counts.reshape(E, S, NUM_ACTIONS)
+        xc = self._ep_exec_counts.reshape(E, S, NUM_ACTIONS)
+        equity = self._acc_to_slot(self.equity)
+        return {
+            "return": equity / self.capital - 1.0,
+            "length": ep["length"].copy(),
+            "reward": ep["reward"].copy(),
+            "sharpe": np.divide(mean, std, out=np.zeros_like(mean), where=std > 1e-12) * ann,
+            "sortino": np.divide(mean, down, out=np.zeros_like(mean), where=down > 1e-12) * ann,
+            "max_drawdown": acc["max_drawdown"].copy(),
+            "turnover": ep["turnover"] / self.capital,
+            "costs": ep["cost"] / self.capital,
+            "trades": ep["trades"].copy(),
+            "unique_actions": (xc > 0).sum(-1).astype(np.float64),
+            "policy_action_entropy": action_entropy(pc),
+            "executed_action_entropy": action_entropy(xc),
+            "voluntary_trade_rate": ep["voluntary_trades"] / length,
+            "sanitizer_trade_delta": 100.0 * (ep["policy_trades"] - ep["trades"]) / length,
+            "violations": ep["violations"].copy(),
+            "masked_attempts": ep["masked_attempts"].copy(),
+            "forced_holds": ep["forced_holds"].copy(),
+            "diversity_bonus": ep["diversity_bonus"] / length,
+            "order_cancelled": ep["order_cancelled"].copy(),
+            "order_shrunk": ep["order_shrunk"].copy(),
+            "action_counts": xc.copy(),
+            "done_mask": done.copy(),
+        }
+
+    # ------------------------------------------------------------------ centralised critic
+    @property
+    def state_dim(self) -> int:
+        return 8 + self._regime.shape[1] + 4 + 2 * self.num_symbols
+
+    def state(self) -> np.ndarray:
+        """Global state (E, state_dim) float32 for a centralised critic: account features (8, averaged over the
+        env's accounts), regime (10), directives (4; zeros in independent mode), then per symbol the position size
+        fraction (S) and unrealised PnL (S)."""
+        o = self.obs
+        parts = [o["portfolio"].mean(1), o["regime"][:, 0]]
+        parts.append(o["directives"][:, 0] if self.mode == "portfolio" else np.zeros((self.num_envs, 4), np.float32))
+        parts += [o["position"][..., 1], o["position"][..., 2]]
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+_BUY_FRACTION = np.array([0.0, *BUY_SIZES, 0.0, 0.0, ADD_SIZE])  # by action id
+_SELL_FRACTION = np.array([0.0, 0.0, 0.0, 0.0, SELL_PARTIAL_FRACTION, 1.0, 0.0])

@@ -311,6 +311,283 @@ def generate_synthetic_market(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# User data: loaders, validation, calendar alignment
+# ---------------------------------------------------------------------------------------------------------------
+# Accepted layouts: a folder of per-symbol files (SYMBOL.parquet, SYMBOL.csv; the file stem is the symbol) or one
+# long-format parquet with a symbol column. Column names are matched case-insensitively with the aliases below;
+# naive timestamps are read in DataConfig.timezone and everything is converted to UTC.
+
+_ALIASES = {
+    "timestamp": ("timestamp", "datetime", "date_time", "date time", "time", "date", "ts", "unnamed: 0", ""),
+    "open": ("open", "o"),
+    "high": ("high", "h"),
+    "low": ("low", "l"),
+    "close": ("close", "c", "last"),
+    "volume": ("volume", "vol", "v"),
+    "adj_close": ("adj close", "adj_close", "adjclose", "adjusted close", "adjusted_close"),
+    "symbol": ("symbol", "ticker", "asset", "instrument"),
+}
+BAD_BAR_POLICIES = ("raise", "drop", "repair")
+_NON_MONOTONIC = "timestamp earlier than a previous row (timestamps must increase)"
+_FIX = "Correct the file, or opt in to --data.bad-bars drop (remove such bars) or repair (fix what can be fixed)."
+
+
+class DataValidationError(ValueError):
+    """Bad user data: the message names the file, the row and the problem, and says how to fix it."""
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as err:  # any reader failure means the file is unusable; say which file and why
+        raise DataValidationError(
+            f"Could not read {path}: {type(err).__name__}: {err}. The file looks corrupt or is not a "
+            f"{path.suffix.lstrip('.')} file; re-export it or remove it from the data folder."
+        ) from err
+
+
+def _find_column(columns: dict[str, str], field_name: str) -> str | None:
+    for alias in _ALIASES[field_name]:
+        if alias in columns:
+            return columns[alias]
+    return None
+
+
+def _standardize(df: pd.DataFrame, where: str, cfg: DataConfig, need_symbol: bool = False) -> pd.DataFrame:
+    """Columns renamed to timestamp (UTC, naive datetime64[ns]), open, high, low, close, volume (+ symbol)."""
+    if isinstance(df.index, pd.DatetimeIndex) and df.index.name is not None:
+        df = df.reset_index()
+    columns = {str(c).strip().lower(): c for c in df.columns}
+    out = pd.DataFrame(index=df.index)
+    if "date" in columns and "time" in columns and not any(a in columns for a in ("timestamp", "datetime")):
+        raw_ts = df[columns["date"]].astype(str) + " " + df[columns["time"]].astype(str)
+    else:
+        ts_col = _find_column(columns, "timestamp")
+        if ts_col is None:
+            raise DataValidationError(
+                f"{where}: no timestamp column (looked for {', '.join(a for a in _ALIASES['timestamp'] if a)}); "
+                f"found columns {list(df.columns)}. Rename the time column to 'timestamp'."
+            )
+        raw_ts = df[ts_col]
+    out["timestamp"] = _to_utc(raw_ts, where, cfg.timezone)
+    for name in ("open", "high", "low", "close", "volume"):
+        col = _find_column(columns, name)
+        if col is None:
+            raise DataValidationError(
+                f"{where}: missing column '{name}' (case-insensitive; aliases {list(_ALIASES[name])}); found "
+                f"columns {list(df.columns)}. Add the column or rename it."
+            )
+        out[name] = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
+    if cfg.adjusted:
+        col = _find_column(columns, "adj_close")
+        if col is None:
+            raise DataValidationError(
+                f"{where}: adjusted=True but there is no Adj Close column; drop --data.adjusted or add the column."
+            )
+        factor = pd.to_numeric(df[col], errors="coerce").astype(np.float64) / out["close"]
+        for name in ("open", "high", "low", "close"):
+            out[name] = out[name] * factor
+    if need_symbol:
+        col = _find_column(columns, "symbol")
+        if col is None:
+            raise DataValidationError(
+                f"{where}: a long-format parquet needs a symbol column (aliases {list(_ALIASES['symbol'])}); found "
+                f"{list(df.columns)}. Add it, or split the data into one file per symbol in a folder."
+            )
+        out["symbol"] = df[col].astype(str)
+    return out.reset_index(drop=True)
+
+
+def _to_utc(values: pd.Series, where: str, timezone: str) -> pd.Series:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # format inference chatter
+        ts = pd.to_datetime(values, errors="coerce")
+        if ts.dtype == object:  # mixed offsets: let pandas convert each to UTC
+            ts = pd.to_datetime(values, errors="coerce", utc=True)
+    if ts.dt.tz is None:
+        ts = ts.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+    ts = ts.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[ns]")
+    bad = ts.isna().to_numpy()
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataValidationError(
+            f"{where}: row {i + 1} has an unreadable or ambiguous timestamp {values.iloc[i]!r}. Write timestamps as "
+            f"ISO 8601 (e.g. 2024-01-02 14:30:00+00:00), or set --data.timezone for naive local times."
+        )
+    return ts
+
+
+def _bad_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Boolean masks (N,) of every problem a row can have, in the order they are reported."""
+    ts = df["timestamp"].to_numpy()
+    o, h, l, c, v = (df[k].to_numpy() for k in ("open", "high", "low", "close", "volume"))
+    prev_max = np.maximum.accumulate(ts)
+    earlier = np.r_[False, ts[1:] <= prev_max[:-1]]
+    dup = df["timestamp"].duplicated(keep="first").to_numpy()
+    with np.errstate(invalid="ignore"):
+        return {
+            "duplicate timestamp": dup,
+            _NON_MONOTONIC: earlier & ~dup,
+            "NaN in open/high/low/close/volume": ~np.isfinite(np.c_[o, h, l, c, v]).all(axis=1),
+            "non-positive price": (np.c_[o, h, l, c] <= 0).any(axis=1),
+            "high below max(open, close)": h < np.fmax(o, c),
+            "low above min(open, close)": l > np.fmin(o, c),
+            "negative volume": v < 0,
+        }
+
+
+def validate_bars(df: pd.DataFrame, where: str, policy: str) -> pd.DataFrame:
+    """Check one symbol's standardised bars; raise on the first bad row, or drop / repair them (counts warned)."""
+    if policy not in BAD_BAR_POLICIES:
+        raise ValueError(f"bad_bars must be one of {BAD_BAR_POLICIES}, got {policy!r}.")
+    problems = _bad_rows(df)
+    if policy == "raise":
+        for problem, mask in problems.items():
+            if mask.any():
+                i = int(np.argmax(mask))
+                row = df.iloc[i]
+                values = ", ".join(f"{k}={row[k]}" for k in ("open", "high", "low", "close", "volume"))
+                raise DataValidationError(
+                    f"{where}: row {i + 1} (timestamp {row['timestamp']}): {problem} ({values}). {_FIX}"
+                )
+        return df
+    counts = {}
+    if policy == "drop":
+        bad = np.zeros(len(df), dtype=bool)
+        for problem, mask in problems.items():
+            counts[problem] = int((mask & ~bad).sum())
+            bad |= mask
+        df = df[~bad]
+    else:  # repair: order by time (a later duplicate is taken as the correction), widen high/low, zero negative volume
+        df = df.sort_values("timestamp", kind="stable").drop_duplicates("timestamp", keep="last")
+        out_of_order = problems["duplicate timestamp"] | problems[_NON_MONOTONIC]
+        counts["duplicate or out-of-order timestamp (sorted, last kept)"] = int(out_of_order.sum())
+        unfixable = ~np.isfinite(df[["open", "high", "low", "close", "volume"]].to_numpy()).all(axis=1)
+        unfixable |= (df[["open", "high", "low", "close"]].to_numpy() <= 0).any(axis=1)
+        counts["NaN or non-positive price/volume (dropped, cannot be repaired)"] = int(unfixable.sum())
+        df = df[~unfixable].copy()
+        hi, lo = df[["open", "close"]].max(axis=1), df[["open", "close"]].min(axis=1)
+        counts["high raised to max(open, close)"] = int((df["high"] < hi).sum())
+        counts["low lowered to min(open, close)"] = int((df["low"] > lo).sum())
+        counts["negative volume set to 0"] = int((df["volume"] < 0).sum())
+        df["high"], df["low"] = np.fmax(df["high"], hi), np.fmin(df["low"], lo)
+        df["volume"] = df["volume"].clip(lower=0.0)
+    counts = {k: n for k, n in counts.items() if n}
+    if counts:
+        summary = "; ".join(f"{n} x {k}" for k, n in counts.items())
+        warnings.warn(f"{where}: bad_bars={policy}: {summary}.", stacklevel=3)
+    return df.reset_index(drop=True)
+
+
+def _user_frames(cfg: DataConfig) -> dict[str, tuple[str, pd.DataFrame]]:
+    """symbol -> (where, standardised and validated bars) for the folder or long-parquet source."""
+    path = Path(cfg.source)
+    frames = {}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".parquet", ".csv") and p.is_file())
+        if not files:
+            raise DataValidationError(
+                f"The data folder {path} holds no .parquet or .csv files; put one file per symbol there "
+                f"(e.g. {path}/SPY.parquet) or point --data.source at a long-format parquet."
+            )
+        for p in files:
+            if cfg.symbols is not None and p.stem not in cfg.symbols and p.stem != cfg.benchmark:
+                continue
+            if p.stem in frames:
+                raise DataValidationError(f"{path}: symbol {p.stem} has both a parquet and a CSV file; keep one.")
+            frames[p.stem] = (str(p), validate_bars(_standardize(_read_table(p), str(p), cfg), str(p), cfg.bad_bars))
+    elif path.is_file():
+        if path.suffix.lower() != ".parquet":
+            raise DataValidationError(
+                f"{path} is a single {path.suffix} file; a single file must be a long-format parquet with a symbol "
+                f"column. Put per-symbol files in a folder instead, or convert it to parquet."
+            )
+        long = _standardize(_read_table(path), str(path), cfg, need_symbol=True)
+        for sym, part in long.groupby("symbol", sort=True):
+            if cfg.symbols is not None and sym not in cfg.symbols and sym != cfg.benchmark:
+                continue
+            where = f"{path} (symbol {sym})"
+            frames[str(sym)] = (
+                where,
+                validate_bars(part.drop(columns="symbol").reset_index(drop=True), where, cfg.bad_bars),
+            )
+    else:
+        raise DataValidationError(
+            f"Data source {path} does not exist. Pass --data.source synthetic, a folder of per-symbol parquet/CSV "
+            f"files, or a long-format parquet file."
+        )
+    if cfg.symbols is not None:
+        missing = [s for s in cfg.symbols if s not in frames]
+        if missing:
+            raise DataValidationError(f"{path}: no data for requested symbols {missing}; found {sorted(frames)}.")
+    return frames
+
+
+def infer_calendar(timestamps: np.ndarray) -> tuple[float, float]:
+    """(bars_per_day, bars_per_year) from the timestamps themselves: the median number of bars on a date with data,
+    and bars per 365.25 calendar days over the sample (hourly US equities ~1764, daily equities ~252, 24/7 ~8766)."""
+    ts = pd.DatetimeIndex(timestamps)
+    if len(ts) < 2:
+        raise DataValidationError("Need at least two bars to infer the calendar.")
+    bars_per_day = float(pd.Series(ts.normalize()).value_counts().median())
+    step = np.median(np.diff(ts.asi8))
+    span_days = (ts.asi8[-1] - ts.asi8[0] + step) / 86_400e9
+    return bars_per_day, float(len(ts) / span_days * 365.25)
+
+
+def load_user_market(cfg: DataConfig) -> MarketData:
+    """Load, validate and align the user's bars on the union calendar; missing bars are NaN and not tradable."""
+    frames = _user_frames(cfg)
+    if cfg.benchmark is not None and cfg.benchmark not in frames:
+        raise DataValidationError(
+            f"Benchmark symbol {cfg.benchmark!r} is not in {cfg.source} (symbols found: {sorted(frames)}); "
+            f"add its file or choose one of those with --data.benchmark."
+        )
+    symbols = list(cfg.symbols) if cfg.symbols is not None else sorted(frames)
+    ts = np.unique(np.concatenate([f["timestamp"].to_numpy("datetime64[ns]") for _, f in frames.values()]))
+    need = feature_warmup() + cfg.lookback + cfg.min_episode_bars
+    panels = {k: np.full((len(ts), len(symbols)), np.nan) for k in ("open", "high", "low", "close", "volume")}
+    for j, sym in enumerate(symbols):
+        where, f = frames[sym]
+        if len(f) < need:
+            raise DataValidationError(
+                f"{where}: only {len(f)} valid bars; at least {need} are needed (warm-up {feature_warmup()} + "
+                f"lookback {cfg.lookback} + one episode of {cfg.min_episode_bars}). Add history, lower "
+                f"--data.lookback / --data.min-episode-bars, or leave the symbol out with --data.symbols."
+            )
+        idx = np.searchsorted(ts, f["timestamp"].to_numpy("datetime64[ns]"))
+        for k in panels:
+            panels[k][idx, j] = f[k].to_numpy()
+    tradable = np.isfinite(panels["close"])
+    if cfg.benchmark is not None:
+        _, bf = frames[cfg.benchmark]
+        bench = pd.Series(bf["close"].to_numpy(), index=bf["timestamp"].to_numpy("datetime64[ns]"))
+        benchmark = bench.reindex(ts).ffill().bfill().to_numpy()
+        name = cfg.benchmark
+    else:  # equal-weight index: mean log return of the symbols trading on each bar
+        logc = np.log(pd.DataFrame(panels["close"]).ffill().to_numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            step = np.nan_to_num(np.nanmean(np.diff(logc, axis=0), axis=1))
+        benchmark = 100.0 * np.exp(np.r_[0.0, np.cumsum(step)])
+        name = "EQUAL_WEIGHT"
+    bars_per_day, bars_per_year = infer_calendar(ts)
+    return MarketData(
+        timestamps=ts,
+        symbols=symbols,
+        **panels,
+        tradable=tradable,
+        benchmark=benchmark,
+        benchmark_name=name,
+        bars_per_day=bars_per_day,
+        bars_per_year=bars_per_year,
+        source=str(cfg.source),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Features (all causal: the value at bar t uses bars <= t only)
 # ---------------------------------------------------------------------------------------------------------------
 # Raw per-bar features computed on the (T, S) panel. Missing bars are treated as flat bars at the last close (zero
@@ -570,10 +847,6 @@ def make_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo
     a = warmup + n_train
     b = a + embargo + n_val
     return {"train": (warmup, a), "val": (a + embargo, b), "test": (b + embargo, T)}
-
-
-def load_user_market(cfg):
-    raise NotImplementedError("user data loaders are not written yet")
 
 
 def fit_signals(technical, data, splits, cfg):

@@ -1,5 +1,8 @@
 """Market data: the synthetic generator, the user-data loaders and their validation, splits and the cache."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,3 +108,185 @@ def test_planted_signal_strength_sets_lag1_autocorrelation():
         z = np.where(np.isfinite(z), z, 0.0)
         ac1 = np.mean([np.corrcoef(z[1:, s], z[:-1, s])[0, 1] for s in range(40)])
         assert abs(ac1 - rho) < 0.06, (rho, ac1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# User data: loaders, validation errors (one per case), bad-bar policies, real bars from the backtesting package.
+# ---------------------------------------------------------------------------------------------------------------
+N_BARS = 260  # warm-up 70 + lookback 24 + episode 100 = 194 needed
+
+
+def _bars(n: int = N_BARS, seed: int = 0, start: str = "2024-01-02 14:30") -> pd.DataFrame:
+    """Valid hourly bars on weekdays (7 a day), with mixed-case column names as exported by common tools."""
+    rng = np.random.default_rng(seed)
+    days = pd.bdate_range(start[:10], periods=n // 7 + 2)
+    ts = (days.values[:, None] + pd.to_timedelta(np.arange(7) + 14.5, "h").values[None, :]).reshape(-1)[:n]
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.005, n)))
+    open_ = np.r_[100.0, close[:-1]]
+    return pd.DataFrame(
+        {
+            "Timestamp": ts,
+            "Open": open_,
+            "HIGH": np.maximum(open_, close) * 1.002,
+            "low": np.minimum(open_, close) * 0.998,
+            "Close": close,
+            "Volume": rng.integers(1000, 5000, n).astype(float),
+        }
+    )
+
+
+def _cfg(source, **kw) -> md.DataConfig:
+    return md.DataConfig(source=str(source), sl_signals=False, cache=False, **kw)
+
+
+def _write(folder, name: str, df: pd.DataFrame):
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    if name.endswith(".csv"):
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("Close", np.nan, "NaN in open/high/low/close/volume"),
+        ("HIGH", 50.0, "high below max(open, close)"),
+        ("low", 500.0, "low above min(open, close)"),
+        ("Open", -1.0, "non-positive price"),
+        ("Volume", -5.0, "negative volume"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_bad_bar_raises_naming_file_row_and_problem(tmp_path, column, value, problem, suffix):
+    df = _bars()
+    df.loc[10, column] = value
+    _write(tmp_path / "d", "ABC" + suffix, df)
+    _write(tmp_path / "d", "XYZ" + suffix, _bars(seed=1))
+    with pytest.raises(md.DataValidationError) as err:
+        md.load_user_market(_cfg(tmp_path / "d"))
+    msg = str(err.value)
+    assert "ABC" + suffix in msg and "row 11" in msg and problem in msg and "bad-bars" in msg
+    assert str(pd.Timestamp(df.loc[10, "Timestamp"])) in msg
+
+
+def test_duplicate_timestamp_raises(tmp_path):
+    df = _bars()
+    df.loc[20, "Timestamp"] = df.loc[19, "Timestamp"]
+    _write(tmp_path / "d", "DUP.parquet", df)
+    with pytest.raises(md.DataValidationError, match=r"DUP.parquet: row 21 .*duplicate timestamp"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_non_monotonic_timestamps_raise(tmp_path):
+    df = _bars()
+    df.loc[[30, 31], "Timestamp"] = df.loc[[31, 30], "Timestamp"].to_numpy()
+    _write(tmp_path / "d", "ORD.csv", df)
+    with pytest.raises(md.DataValidationError, match=r"ORD.csv: row 32 .*timestamps must increase"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_too_few_bars_raises(tmp_path):
+    _write(tmp_path / "d", "SHORT.parquet", _bars(n=150))
+    with pytest.raises(md.DataValidationError, match=r"SHORT.parquet: only 150 valid bars; at least 194"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(md.DataValidationError, match="does not exist"):
+        md.load_user_market(_cfg(tmp_path / "nowhere"))
+
+
+def test_empty_folder_raises(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not data")
+    with pytest.raises(md.DataValidationError, match="holds no .parquet or .csv files"):
+        md.load_user_market(_cfg(tmp_path / "empty"))
+
+
+def test_corrupt_file_raises(tmp_path):
+    path = _write(tmp_path / "d", "BAD.parquet", _bars())
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    with pytest.raises(md.DataValidationError, match=r"Could not read .*BAD.parquet.*corrupt"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_missing_column_raises(tmp_path):
+    _write(tmp_path / "d", "NOVOL.csv", _bars().drop(columns="Volume"))
+    with pytest.raises(md.DataValidationError, match=r"NOVOL.csv: missing column 'volume'"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_unknown_benchmark_raises(tmp_path):
+    _write(tmp_path / "d", "AAA.parquet", _bars())
+    with pytest.raises(md.DataValidationError, match="Benchmark symbol 'SPY' is not in"):
+        md.load_user_market(_cfg(tmp_path / "d", benchmark="SPY"))
+
+
+def test_drop_policy_removes_bad_rows_and_counts_them(tmp_path):
+    df = _bars(n=N_BARS + 10)
+    df.loc[10, "Close"] = np.nan
+    df.loc[40, "HIGH"] = 1.0
+    df.loc[41, "Timestamp"] = df.loc[40, "Timestamp"]
+    _write(tmp_path / "d", "DRP.parquet", df)
+    with pytest.warns(UserWarning, match=r"DRP.parquet: bad_bars=drop: 1 x duplicate timestamp.*1 x NaN.*1 x high"):
+        m = md.load_user_market(_cfg(tmp_path / "d", bad_bars="drop"))
+    assert len(m.timestamps) == N_BARS + 10 - 3 and np.isfinite(m.close).all()
+
+
+def test_repair_policy_fixes_high_low_and_counts(tmp_path):
+    df = _bars()
+    df.loc[50, "HIGH"] = df.loc[50, "Close"] * 0.9
+    df.loc[60, "Volume"] = -3.0
+    _write(tmp_path / "d", "REP.csv", df)
+    with pytest.warns(UserWarning, match=r"REP.csv: bad_bars=repair: 1 x high raised.*1 x negative volume"):
+        m = md.load_user_market(_cfg(tmp_path / "d", bad_bars="repair"))
+    assert len(m.timestamps) == N_BARS
+    assert m.high[50, 0] == max(m.open[50, 0], m.close[50, 0]) and m.volume[60, 0] == 0
+
+
+def test_long_parquet_aliases_timezones_union_calendar_and_benchmark(tmp_path):
+    a, b = _bars(seed=1), _bars(seed=2)
+    b = b.drop(index=[100, 101]).reset_index(drop=True)  # two missing bars for symbol B
+    a["ticker"], b["ticker"] = "AAA", "BBB"
+    long = pd.concat([a, b]).rename(columns={"Timestamp": "Datetime"})
+    # naive New York times: 09:30 local is 14:30 UTC in January
+    long["Datetime"] = long["Datetime"] - pd.Timedelta(hours=5)
+    path = tmp_path / "long.parquet"
+    long.to_parquet(path, index=False)
+    m = md.load_user_market(_cfg(path, timezone="America/New_York", benchmark="AAA"))
+    assert m.symbols == ["AAA", "BBB"] and len(m.timestamps) == N_BARS
+    assert pd.Timestamp(m.timestamps[0]) == pd.Timestamp("2024-01-02 14:30")
+    assert not m.tradable[100:102, 1].any() and np.isnan(m.close[100:102, 1]).all() and m.tradable[:, 0].all()
+    np.testing.assert_array_equal(m.benchmark, a["Close"].to_numpy())
+    p = md.prepare_market(_cfg(path, timezone="America/New_York", benchmark="AAA"))
+    # valuation_close is the only forward-filled array; fills use data.open/close, NaN on the missing bars
+    assert p.valuation_close[100, 1] == p.data.close[99, 1] and np.isnan(p.data.open[100, 1])
+    assert np.all(p.technical[100:102, 1] == 0)
+
+
+def test_adj_close_ignored_unless_asked(tmp_path):
+    df = _bars()
+    df["Adj Close"] = df["Close"] * 0.5
+    _write(tmp_path / "d", "ADJ.parquet", df)
+    raw = md.load_user_market(_cfg(tmp_path / "d"))
+    adj = md.load_user_market(_cfg(tmp_path / "d", adjusted=True))
+    np.testing.assert_allclose(raw.close[:, 0], df["Close"])
+    np.testing.assert_allclose(adj.close[:, 0], df["Close"] * 0.5)
+    np.testing.assert_allclose(adj.high[:, 0], df["HIGH"] * 0.5)
+
+
+@pytest.mark.parametrize(("name", "per_day", "per_year"), [("EURUSD", 24, (5500, 6500)), ("GOOG", 1, (245, 258))])
+def test_real_bars_from_backtesting_package(tmp_path, name, per_day, per_year):
+    backtesting = pytest.importorskip("backtesting")
+    src = Path(backtesting.__file__).parent / "test" / f"{name}.csv"
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(src, folder / f"{name}.csv")
+    p = md.prepare_market(_cfg(folder))
+    assert p.data.symbols == [name] and p.data.bars_per_day == per_day
+    assert per_year[0] < p.data.bars_per_year < per_year[1]
+    assert np.isfinite(p.technical).all() and np.abs(p.technical[p.warmup :]).sum() > 0
+    assert p.splits["test"][1] == len(p.data.timestamps)

@@ -126,7 +126,7 @@ def _flatten_obs(obs: dict[str, torch.Tensor], cfg: EncoderConfig, dtype: torch.
         raise KeyError(f"The observation has no 'technical' key (keys: {sorted(obs)}); pass the env's obs dict.")
     tech = obs["technical"]
     want = (cfg.seq_len, cfg.technical_dim)
-    if tech.dim() < 3 or tuple(tech.shape[-2:]) != want:
+    if tech.dim() < 2 or tuple(tech.shape[-2:]) != want:
         raise ValueError(
             f"obs['technical'] has shape {tuple(tech.shape)}, expected (..., {want[0]}, {want[1]}); "
             "set EncoderConfig.seq_len / technical_dim to match the data."

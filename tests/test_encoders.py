@@ -110,6 +110,17 @@ def test_transformer_layout_and_sequence_output():
     assert seq.shape == (2, 3, 28, 256)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_zero_is_deterministic_in_train_mode(kind):
+    """PPO builds the encoder with dropout=0.0 so that train-mode log-probs equal the rollout's."""
+    enc = make_encoder(cfg(kind)).train()
+    obs = make_obs(3, 2)
+    assert torch.equal(enc(obs), enc(obs))
+    single = enc({k: v[0, 0] for k, v in obs.items()})  # no leading dims at all
+    assert single.shape == (256,)
+    torch.testing.assert_close(single, enc(obs)[0, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_attention_weights_rows_sum_to_one():
     enc = FeatureEncoder(EncoderConfig()).eval()
     w = enc.get_attention_weights(make_obs(2, 3))

@@ -27,7 +27,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +50,11 @@ class Args:
     """training script run once per seed (resolved next to this file when relative)"""
     train_args: tuple[str, ...] = ()
     """extra arguments for the training script; everything after a bare `--` on the command line lands here"""
+    num_envs: int = 4
+    """--num-envs passed to the training script (its default rollout, 10,240 symbol-steps, would make a 5-10k
+    retrain a single rollout; 4 envs x 32 steps x 10 symbols gives a rollout of 1,280)"""
+    num_steps: int = 32
+    """--num-steps passed to the training script (see `num_envs`); `train_args` may override both"""
     train_timeout_s: float = 3600.0
     """a training subprocess running longer than this is stopped and its seed reported as failed"""
 
@@ -67,6 +71,9 @@ class Args:
     """maximum run mean of the sanitizer delta (policy minus executed trade rate) in percentage points"""
     max_action_share: float = 0.60
     """maximum share of any single executed action in the run's action histogram"""
+    action_share_from: float = 0.5
+    """the histogram covers the rollouts logged after this fraction of the run's last step (0: the whole run;
+    the default, the second half, is where a collapse shows instead of being averaged away by the start)"""
     min_diversity_bonus: float = 0.08
     """minimum run mean of the diversity bonus"""
 
@@ -126,10 +133,17 @@ class Check:
 
 
 def make_series(points) -> Series:
-    """(step, value) pairs -> Series sorted by step; a repeated step keeps its last value (a resumed run)."""
+    """(step, value) or (step, value, wall_time) -> Series sorted by step.
+
+    A step logged twice (a run resumed from a checkpoint older than its last log) keeps the value written last:
+    the latest wall time, or the later position when no wall time is given.
+    """
     by_step = {}
-    for step, value in points:
-        by_step[int(step)] = float(value)
+    for order, (step, value, *wall) in enumerate(points):
+        key = (wall[0], order) if wall else (0.0, order)
+        if int(step) not in by_step or key >= by_step[int(step)][0]:
+            by_step[int(step)] = (key, float(value))
+    by_step = {step: value for step, (_, value) in by_step.items()}
     steps = np.array(sorted(by_step), dtype=np.int64)
     return Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
 
@@ -210,20 +224,34 @@ def check_mean(
     return Check(name, passed, value, threshold, f"run mean {value:.3f}{unit} (needs {relation} {threshold}{unit})")
 
 
-def action_shares(actions: dict[str, Series]) -> dict[str, float]:
-    """Each action's share of the run's histogram: the mean over rollouts of its per-rollout share."""
-    return {name: float(np.mean(s.values)) if len(s.values) else float("nan") for name, s in actions.items()}
+def action_shares(actions: dict[str, Series], from_step: float = 0) -> dict[str, float]:
+    """Each action's share of the histogram of the rollouts logged after from_step (all of them when 0): rollouts
+    are equal in size, so this is the mean over rollouts of the per-rollout shares."""
+    shares = {}
+    for name, s in actions.items():
+        keep = s.values[s.steps > from_step] if from_step > 0 else s.values
+        shares[name] = float(np.mean(keep)) if len(keep) else float("nan")
+    return shares
 
 
-def check_action_share(actions: dict[str, Series], maximum: float) -> Check:
+def check_action_share(actions: dict[str, Series], maximum: float, from_fraction: float = 0.0) -> Check:
+    """No executed action above `maximum` of the histogram over the run's steps after `from_fraction` of it."""
     name = "action_share"
     if not actions:
         return Check(name, False, None, maximum, "no per-action distribution was logged")
-    shares = action_shares(actions)
+    from_step = from_fraction * max((int(s.steps[-1]) for s in actions.values() if len(s.steps)), default=0)
+    shares = action_shares(actions, from_step)
     top = max(shares, key=lambda a: -1.0 if math.isnan(shares[a]) else shares[a])
     value = shares[top]
     passed = all(math.isfinite(v) for v in shares.values()) and value <= maximum
-    return Check(name, passed, value, maximum, f"largest executed-action share {value:.1%} ({top}), max {maximum:.0%}")
+    window = f"steps > {from_step:.0f}" if from_fraction > 0 else "the whole run"
+    return Check(
+        name,
+        passed,
+        value,
+        maximum,
+        f"largest executed-action share {value:.1%} ({top}) over {window} (max {maximum:.0%})",
+    )
 
 
 def evaluate(scalars: dict[str, Series], args: Args) -> list[Check]:
@@ -239,7 +267,7 @@ def evaluate(scalars: dict[str, Series], args: Args) -> list[Check]:
         check_mean(
             "sanitizer_delta", scalars.get(args.sanitizer_tag), args.max_sanitizer_delta_pp, False, 100.0, " pp"
         ),
-        check_action_share(actions, args.max_action_share),
+        check_action_share(actions, args.max_action_share, args.action_share_from),
         check_mean("diversity_bonus", scalars.get(args.diversity_tag), args.min_diversity_bonus, True),
     ]
 
@@ -277,6 +305,7 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
     """Every scalar tag of a run folder's event files (all of them, in order, so a resumed run reads whole)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GateError(f"Run folder {run_dir} does not exist: pass a folder under runs/ written by the training.")
     if not any(run_dir.glob("events.out.tfevents.*")):
@@ -284,9 +313,11 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
             f"Run folder {run_dir} holds no tensorboard event file (events.out.tfevents.*): "
             "it is not a training run, or the training failed before logging."
         )
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    # No purging of "orphaned" steps: duplicates are settled by wall time in make_series, whatever the order in
+    # which tensorboard lists the event files (it sorts names as strings).
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
-    return {tag: make_series((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+    return {tag: make_series((e.step, e.value, e.wall_time) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -301,24 +332,33 @@ def read_summary(run_dir: Path) -> dict:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise GateError(f"{path} is not valid JSON ({e}): the training was cut off while writing it; retrain.") from e
-    if summary.get("incomplete") or summary.get("complete") is False or summary.get("status") == "incomplete":
+    status = summary.get("status")
+    if status != "complete":
         raise GateError(
-            f"Run folder {run_dir} is marked incomplete in summary.json (training interrupted): "
-            "finish it with the training script's --resume before checking it."
+            f"Run folder {run_dir} is marked incomplete (summary.json status {status!r}, not 'complete'): the "
+            "training was interrupted or is still running; finish it with the training script's --resume "
+            "runs/<run>/checkpoint.pt, or retrain."
         )
     return summary
 
 
 def check_run(run_dir: Path, args: Args) -> dict:
+    run_dir = Path(run_dir)
     scalars = read_scalars(run_dir)
     summary = read_summary(run_dir)
     checks = evaluate(scalars, args)
+    row = telemetry(scalars, checks, args)
+    agent = summary.get("backtest", {}).get("agent", {})  # the final test-split backtest, when the run has one
+    for key in ("sharpe", "total_return", "max_drawdown", "trades"):
+        if isinstance(agent.get(key), (int, float)):
+            row[f"test_{key}"] = float(agent[key])
     return {
         "run": str(run_dir),
         "seed": summary.get("seed", summary.get("args", {}).get("seed")),
+        "global_step": summary.get("global_step"),
         "passed": all(c.passed for c in checks),
         "checks": [asdict(c) for c in checks],
-        "telemetry": telemetry(scalars, checks, args),
+        "telemetry": row,
     }
 
 
@@ -330,11 +370,13 @@ def train_seed(seed: int, args: Args, out_dir: Path) -> Path:
         script = Path(__file__).resolve().parent / script
     if not script.is_file():
         raise GateError(f"Training script {script} does not exist: pass --train-script PATH.")
-    runs_root = Path("runs")
-    before = set(runs_root.iterdir()) if runs_root.is_dir() else set()
-    tag = f"stage5_s{seed}_{int(time.time())}"
+    runs_root = out_dir / "runs"
+    runs_root.mkdir(parents=True, exist_ok=True)
+    before = set(runs_root.iterdir())
+    tag = f"stage5_s{seed}"
     cmd = [sys.executable, str(script), "--seed", str(seed), "--total-timesteps", str(args.total_timesteps)]
-    cmd += ["--exp-name", tag, *args.train_args]
+    cmd += ["--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps)]
+    cmd += ["--exp-name", tag, "--run-dir", str(runs_root), *args.train_args]
     log_path = out_dir / f"train_seed{seed}.log"
     print(f"[stage5] seed {seed}: {' '.join(cmd)}  (log: {log_path})", flush=True)
     with open(log_path, "w") as log:
@@ -451,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "thresholds": thresholds,
         "train_command": None
         if args.runs
-        else [args.train_script, "--total-timesteps", args.total_timesteps] + list(args.train_args),
+        else [args.train_script, "--total-timesteps", args.total_timesteps, "--num-envs", args.num_envs]
+        + ["--num-steps", args.num_steps, *args.train_args],
         "results": results,
         "telemetry_diff": telemetry_diff({r["run"]: r["telemetry"] for r in results if "telemetry" in r}),
         "failures": failures,

@@ -47,7 +47,9 @@ def write_run(root: Path, name: str, metrics_at, steps=STEPS, summary: dict | No
         for tag, value in metrics_at(step).items():
             writer.add_scalar(tag, value, step)
     writer.close()
-    (run / "summary.json").write_text(json.dumps({"seed": 7, "global_step": steps[-1]} if summary is None else summary))
+    if summary is None:
+        summary = {"status": "complete", "global_step": steps[-1], "args": {"seed": 7}}
+    (run / "summary.json").write_text(json.dumps(summary))
     return run
 
 
@@ -84,7 +86,7 @@ def test_collapsed_run_fails_naming_the_criteria(tmp_path):
 
 def test_main_writes_reports_and_exit_status(tmp_path, capsys):
     good = write_run(tmp_path, "good", healthy_metrics)
-    bad = write_run(tmp_path, "bad", collapsed_metrics, summary={"seed": 1337})
+    bad = write_run(tmp_path, "bad", collapsed_metrics, summary={"status": "complete", "args": {"seed": 1337}})
     out = tmp_path / "out"
     assert gate.main(["--runs", str(good), "--out-dir", str(out)]) == 0
     assert gate.main(["--runs", str(good), str(bad), "--out-dir", str(out)]) == 1
@@ -107,6 +109,23 @@ def test_thresholds_are_flags(tmp_path):
     assert gate.main(["--runs", str(run), "--out-dir", str(out), "--min-diversity-bonus", "0.2"]) == 1
     assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-action-share", "0.3"]) == 1
     assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-sanitizer-delta-pp", "3"]) == 1
+
+
+def test_action_share_looks_at_the_late_run_where_a_collapse_shows():
+    def late_collapse(step):
+        metrics = healthy_metrics(step)
+        if step > 5120:  # the second half of the run: HOLD 90%
+            metrics |= {f"charts/action_distribution/{a}": 0.9 if a == "HOLD" else 0.1 / 6 for a in ACTIONS}
+        return metrics
+
+    scalars = {tag: series(STEPS, [late_collapse(s)[tag] for s in STEPS]) for tag in late_collapse(512)}
+    actions = {t.rsplit("/", 1)[1]: s for t, s in scalars.items() if t.startswith("charts/action_distribution/")}
+    late = gate.check_action_share(actions, 0.60, from_fraction=0.5)
+    assert not late.passed and late.value == pytest.approx(0.9) and "HOLD" in late.detail
+    whole = gate.check_action_share(actions, 0.60, from_fraction=0.0)  # averaged with the healthy start: 0.65
+    assert not whole.passed and whole.value == pytest.approx(0.65)
+    assert gate.check_action_share(actions, 0.70, from_fraction=0.0).passed
+    assert not gate.check_action_share(actions, 0.70, from_fraction=0.5).passed
 
 
 def test_entropy_floor_dip_with_guard_passes_and_without_fails():
@@ -167,9 +186,12 @@ def test_unusable_run_folders_give_clear_errors(tmp_path, capsys):
     (empty / "summary.json").write_text("{}")
     with pytest.raises(gate.GateError, match="no tensorboard event file"):
         gate.check_run(empty, args())
-    cut = write_run(tmp_path, "cut", healthy_metrics, summary={"seed": 1, "incomplete": True})
-    with pytest.raises(gate.GateError, match="marked incomplete"):
+    cut = write_run(tmp_path, "cut", healthy_metrics, summary={"status": "running", "args": {"seed": 1}})
+    with pytest.raises(gate.GateError, match="marked incomplete .*'running'.*--resume"):
         gate.check_run(cut, args())
+    unmarked = write_run(tmp_path, "unmarked", healthy_metrics, summary={"args": {"seed": 1}})
+    with pytest.raises(gate.GateError, match="marked incomplete"):
+        gate.check_run(unmarked, args())
     no_summary = write_run(tmp_path, "nosummary", healthy_metrics)
     (no_summary / "summary.json").unlink()
     with pytest.raises(gate.GateError, match="no summary.json"):
@@ -189,6 +211,9 @@ def test_resumed_run_reads_every_event_file_and_keeps_the_last_value(tmp_path):
     bonus = scalars["charts/diversity_bonus"]
     assert list(bonus.steps) == STEPS
     assert bonus.values[9] == 0.5 and bonus.values[8] == pytest.approx(0.12)
+    # without wall times, the later of two points at one step wins
+    assert gate.make_series([(1, 0.1), (2, 0.2), (2, 0.3)]).values.tolist() == [0.1, 0.3]
+    assert gate.make_series([(2, 0.3, 5.0), (2, 0.2, 4.0)]).values.tolist() == [0.3]
 
 
 def test_telemetry_diff_and_argv_split():

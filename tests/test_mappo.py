@@ -1,0 +1,241 @@
+"""mappo_master.py: value normalisation, master reward, the centralised critic's input, loading a ppo_symbol_agent.py
+checkpoint into the symbol agents, and the script itself run as a subprocess with tiny settings.
+
+The directive semantics (risk multiplier scales sizes, position cap and open-position limit mask and cancel orders,
+regime mode sets the exposure ceiling and masks) are tested on the core in tests/test_trading_env.py
+(test_risk_multiplier_scales_buy_size, test_position_cap_masks_buys_and_adds, ...); here the MAPPO-level question is
+whether the symbol agents can read the directive at all."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import mappo_master as mappo  # noqa: E402
+import trading_env as te  # noqa: E402
+from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, load_checkpoint  # noqa: E402
+from market_data import make_synthetic_prepared  # noqa: E402
+
+# 3 symbols x 2 envs x 14 bars = 84 symbol-steps and 2 x 2 master decisions per iteration
+COMMON = [
+    "--data.num-symbols", "3", "--data.years", "0.5", "--data.no-sl-signals", "--data.no-cache", "--num-envs", "2",
+    "--num-minibatches", "2", "--update-epochs", "2",
+]  # fmt: skip
+TINY = [*COMMON, "--eval-interval", "2", "--num-steps", "14", "--total-timesteps"]
+MASTER_TAGS = [f"master_reward/{name}" for name in (*mappo.MASTER_REWARD_COMPONENTS, "total")] + [
+    "losses/master_value_loss",
+    "losses/master_policy_loss",
+    "losses/master_entropy",
+    "losses/master_explained_variance",
+    "charts/value_norm_mean",
+    "charts/value_norm_std",
+    "master/directive_risk_level",
+    "losses/value_loss",
+    "charts/policy_action_entropy_mean",
+    "charts/SPS",
+    "reward/pnl",
+    "trading/val_max_drawdown",
+    "trading/drawdown_reduction_vs_neutral",
+    "equity/test_master",
+    "equity/test_neutral",
+]
+
+
+def run_script(script: str, cwd: Path, *flags: str, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / script), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def only_run(folder: Path) -> Path:
+    runs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny ppo_symbol_agent.py run that saves its checkpoint, then a tiny MAPPO run initialised from it (both in
+    one folder, so the second reads the first's market cache)."""
+    cwd = tmp_path_factory.mktemp("mappo")
+    ppo_flags = [*COMMON, "--num-steps", "8", "--total-timesteps", "48", "--eval-interval", "0", "--save-model"]
+    run_script("ppo_symbol_agent.py", cwd, *ppo_flags, "--run-dir", "ppo")
+    ckpt = only_run(cwd / "ppo") / "checkpoint.pt"
+    flags = [*TINY, "168", "--symbol-checkpoint", str(ckpt), "--save-model"]
+    proc = run_script("mappo_master.py", cwd, *flags)
+    return proc, only_run(cwd / "runs"), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the script
+# ---------------------------------------------------------------------------------------------------------------
+def test_summary_backtest_and_go_criterion(runs):
+    proc, run, ckpt = runs
+    assert f"encoder preset from {ckpt}" in proc.stdout
+    assert "backtest on the test split" in proc.stdout and "go criterion" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 2 * 84
+    backtest = summary["backtest"]
+    assert set(backtest) == {"master", "neutral", "defensive", "benchmark_bh", "equal_weight_bh"}
+    for key in ("total_return", "sharpe", "sortino", "max_drawdown", "calmar", "turnover", "trades", "costs"):
+        assert key in backtest["master"] and key in backtest["neutral"]
+    go = summary["go_criterion"]
+    dd_m, dd_n = abs(backtest["master"]["max_drawdown"]), abs(backtest["neutral"]["max_drawdown"])
+    assert go["drawdown_reduction_vs_neutral"] == pytest.approx(1 - dd_m / dd_n)
+    assert go["passed"] == (go["drawdown_reduction_vs_neutral"] > 0.15)
+    assert (run / "checkpoint.pt").is_file() and (run / "backtest.md").read_text().startswith("| test |")
+
+
+def test_tensorboard_event_file_has_master_reward_components(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run, _ = runs
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    missing = [t for t in MASTER_TAGS if t not in tags]
+    assert not missing, f"missing tags {missing}; logged: {sorted(tags)}"
+    assert [e.step for e in acc.Scalars("master_reward/total")] == [84, 168]
+    for name in mappo.MASTER_REWARD_COMPONENTS:
+        assert all(math.isfinite(e.value) for e in acc.Scalars(f"master_reward/{name}"))
+    assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
+
+
+def test_ppo_checkpoint_loads_into_symbol_agents(runs):
+    """The loaded agents equal the PPO policy on any observation: the directive rows start at zero weight."""
+    _, _, ckpt = runs
+    agent, encoder = mappo.load_symbol_agents(str(ckpt), 3)
+    payload = load_checkpoint(ckpt)
+    ppo_agent = SymbolPolicy(3, EncoderConfig(**payload["args"]["encoder"]))
+    load_checkpoint(ckpt, ppo_agent)
+    assert agent.directive_dim == 4 and encoder.kind == payload["args"]["encoder"]["kind"]
+    core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)
+    obs = core.reset(seed=0)
+    core.set_directives(np.array([0, 47]))  # two very different directives
+    with torch.no_grad():
+        got = agent.get_logits(mappo.to_torch(obs, "cpu"))
+        want = ppo_agent.get_logits(mappo.to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
+    torch.testing.assert_close(got, want)
+    # the MAPPO checkpoint holds both levels and the value normaliser
+    saved = torch.load(next(ckpt.parent.parent.parent.glob("runs/*/checkpoint.pt")), weights_only=True)["model"]
+    assert {k.split(".")[0] for k in saved} == {"symbols", "master", "value_norm"}
+    with pytest.raises(ValueError, match="3 symbols but the data has 5"):
+        mappo.load_symbol_agents(str(ckpt), 5)
+
+
+def test_symbol_agents_read_the_directive():
+    """Once the directive rows have weight, two directives give the same symbols different action distributions."""
+    core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)
+    obs = core.reset(seed=0)
+    torch.manual_seed(0)
+    agent = SymbolPolicy(3, EncoderConfig(kind="mlp", d_model=32, output_dim=32, dropout=0.0), directive_dim=4)
+    core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, te.NEUTRAL_DIRECTIVE]))
+    with torch.no_grad():
+        same = agent.get_logits(mappo.to_torch(obs, "cpu"))
+        core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, 0]))
+        changed = agent.get_logits(mappo.to_torch(obs, "cpu"))
+    torch.testing.assert_close(changed[0], same[0])
+    assert not torch.allclose(changed[1], same[1])
+
+
+def test_bad_master_interval_fails_before_any_run_folder(tmp_path):
+    proc = run_script("mappo_master.py", tmp_path, *COMMON, "--num-steps", "10", check=False)
+    assert proc.returncode != 0 and "--master-interval" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure pieces
+# ---------------------------------------------------------------------------------------------------------------
+def test_centralised_critic_receives_the_global_state():
+    market = make_synthetic_prepared(num_symbols=3, years=0.5)
+    core = te.VecTradingCore(market, 2, mode="portfolio", seed=0)
+    obs = core.reset(seed=0)
+    for _ in range(5):  # open some positions so that the state's per-symbol part is not all zeros
+        obs, *_ = core.step(np.where(obs["action_mask"][..., te.BUY_SMALL] == 1, te.BUY_SMALL, te.HOLD))
+    agent = SymbolPolicy(3, EncoderConfig(kind="mlp", d_model=32, output_dim=32, dropout=0.0), directive_dim=4)
+    last = np.zeros((2, 3), np.int64)
+    emb, glob, state = mappo.master_inputs(agent, obs, core.directive_index, last, core.state(), "cpu")
+    np.testing.assert_array_equal(state.numpy(), core.state())
+    assert state.shape == (2, core.state_dim) and glob.shape == (2, 36) and emb.shape == (2, 3, 32)
+    # the global state of a copied observation (as for info["final_obs"]) is the env's own state()
+    copy = {k: v.copy() for k, v in obs.items()}
+    np.testing.assert_array_equal(mappo.state_from_obs(core, copy), core.state())
+    master = MasterNetwork(32, 36, state_dim=core.state_dim)
+    logits, value = master(emb, glob, state)
+    other = state.clone()
+    other[:, -1] += 1.0  # one symbol's unrealised PnL
+    logits2, value2 = master(emb, glob, other)
+    torch.testing.assert_close(logits2, logits)  # the actor never sees the state
+    assert not torch.allclose(value2, value)  # the critic does
+
+
+def test_value_norm_tracks_running_mean_and_std():
+    norm = mappo.ValueNorm()
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(5.0, 3.0, size=n) for n in (10, 50, 7)]
+    for b in batches:
+        norm.update(torch.as_tensor(b, dtype=torch.float32))
+    allx = np.concatenate(batches)
+    assert norm.mean.item() == pytest.approx(allx.mean(), rel=1e-4)
+    assert norm.var.item() == pytest.approx(allx.var(), rel=1e-3)
+    x = torch.tensor([1.0, 5.0, 9.0])
+    torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+    assert norm.normalize(torch.tensor(allx.mean())).abs().item() < 1e-3
+
+
+def test_master_reward_components_by_hand():
+    args = mappo.Args(risk_coef=0.5, div_coef=0.1, dd_coef=2.0, excess_coef=0.5)
+    acc = {
+        "ret": np.array([0.01, -0.02]),
+        "ret_sq": np.array([0.0001, 0.0004]),
+        "bench": np.array([0.005, 0.0]),
+        "dd_up": np.array([0.0, 0.02]),
+        "div": np.array([7 * 0.5, 0.0]),
+        "bars": np.array([7.0, 7.0]),
+    }
+    parts = mappo.master_reward(acc, args, num_symbols=2)
+    np.testing.assert_allclose(parts["risk_adjusted"], [100 * (0.01 - 0.5 * 0.01), 100 * (-0.02 - 0.5 * 0.02)])
+    np.testing.assert_allclose(parts["diversification"], [0.1 * 0.5 / 0.5, 0.0])
+    np.testing.assert_allclose(parts["drawdown"], [0.0, -2.0 * 100 * 0.02])
+    np.testing.assert_allclose(parts["excess"], [0.5 * 100 * 0.005, 0.5 * 100 * -0.02])
+    np.testing.assert_allclose(mappo.herfindahl_complement(np.array([[0.1, 0.1], [0.2, 0.0], [0.0, 0.0]])), [0.5, 0, 0])
+
+
+def test_global_features_encode_the_directive_and_intents():
+    core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)
+    obs = core.reset(seed=0)
+    core.set_directives(np.array([0, 47]))
+    last = np.array([[0, 0, 1], [5, 5, 5]])
+    g = mappo.global_features(obs, core.directive_index, last)
+    np.testing.assert_array_equal(g[:, :8], obs["portfolio"][:, 0])
+    np.testing.assert_array_equal(g[0, 18:29], [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0])  # risk 0, level 0, defensive
+    np.testing.assert_array_equal(g[1, 18:29], [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 3, level 3, aggressive
+    np.testing.assert_allclose(g[0, 29:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(g[1, 29:], [0, 0, 0, 0, 0, 1, 0])
+
+
+def test_portfolio_face_passes_parallel_api_test():
+    """The PettingZoo face of portfolio mode, whose agents are MAPPO's symbol agents."""
+    faces = ROOT / "tests" / "test_env_faces.py"
+    if faces.exists() and "parallel_api_test" in faces.read_text():
+        pytest.skip("covered by tests/test_env_faces.py")
+    if not hasattr(te, "PortfolioParallelEnv"):
+        pytest.skip("trading_env.PortfolioParallelEnv has not landed yet")
+    from pettingzoo.test import parallel_api_test
+
+    env = te.PortfolioParallelEnv(make_synthetic_prepared(num_symbols=3, years=0.5))
+    parallel_api_test(env, num_cycles=50)

@@ -412,26 +412,25 @@ class VecTradingCore:
         close = np.asarray(data.close[:, sym_idx], dtype=np.float64)
         vol = np.asarray(data.volume[:, sym_idx], dtype=np.float64)
         fill_ok = tradable & np.isfinite(px) & (px > 0)
-        self._fill_ok = fill_ok
-        self._fill_px = np.where(fill_ok, px, 1.0)  # dummy 1.0 where the fill is cancelled anyway
+        # all (T, S) arrays C-contiguous: a row gather on a column-major array is ~200x slower
+        self._fill_ok = np.ascontiguousarray(fill_ok)
+        self._fill_px = np.ascontiguousarray(np.where(fill_ok, px, 1.0))  # dummy 1.0 where the fill is cancelled
         dollar_vol = vol * close
-        self._decide_ok = tradable & np.isfinite(dollar_vol) & (dollar_vol > 0)
-        self._dollar_vol = np.where(self._decide_ok, dollar_vol, 1.0)
+        self._decide_ok = np.ascontiguousarray(tradable & np.isfinite(dollar_vol) & (dollar_vol > 0))
+        self._dollar_vol = np.ascontiguousarray(np.where(self._decide_ok, dollar_vol, 1.0))
         logret = np.zeros_like(vc)
         logret[1:] = np.log(vc[1:] / vc[:-1])
         _, self._vol = _rolling_mean_std(logret, 24)
         self._mean_close, _ = _rolling_mean_std(vc, 24)
-        # technical laid out (S, T, F) so the window of (s, t) is one contiguous block of L * F floats; a strided
-        # (S*T - L + 1, L*F) view lets np.take copy all E*S windows into the observation buffer in one call.
+        # technical laid out (S, T, F): windows[t - L + 1] is a strided (S, L, F) view of the window ending at t for
+        # every symbol, so one fancy index gathers all E * S windows. (np.take would first copy the whole
+        # overlapping view: seconds per call.)
         F = market.technical.shape[2]
-        self._tech_st = np.ascontiguousarray(
-            np.asarray(market.technical[:, sym_idx], dtype=np.float32).transpose(1, 0, 2)
+        tech_st = np.ascontiguousarray(np.asarray(market.technical[:, sym_idx], dtype=np.float32).transpose(1, 0, 2))
+        it = tech_st.itemsize
+        self._tech_windows = np.lib.stride_tricks.as_strided(
+            tech_st, shape=(T - L + 1, S, L, F), strides=(F * it, T * F * it, F * it, it), writeable=False
         )
-        it = self._tech_st.itemsize
-        self._tech_rows = np.lib.stride_tricks.as_strided(
-            self._tech_st, shape=(S * T - L + 1, L * F), strides=(F * it, it), writeable=False
-        )
-        self._sym_offset = (np.arange(S) * T - (L - 1))[None, :]  # row of (s, t) = s * T + t - L + 1
         self._sl = np.ascontiguousarray(market.sl_probs[:, sym_idx], dtype=np.float32)
         self._regime = np.ascontiguousarray(market.regime, dtype=np.float32)
         R = self._regime.shape[1]
@@ -458,7 +457,6 @@ class VecTradingCore:
             for k, shape in self.observation_shapes.items()
         }
         self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
-        self._tech_flat = self.obs["technical"].reshape(E * S, L * F)
         self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)
         self._rows = np.arange(E * S)
 
@@ -635,7 +633,7 @@ class VecTradingCore:
         t = self.t
         m = self.obs["action_mask"]
         c = self.commission + self.config.cash_buffer
-        ok = np.take(self._decide_ok, t, axis=0)  # (E, S)
+        ok = self._decide_ok[t]  # (E, S)
         holding = self.shares > 0
         eq = self._acc_to_slot(self.equity)
         cash_frac = self._acc_to_slot(self.cash / self.equity)  # (E, S)
@@ -669,11 +667,10 @@ class VecTradingCore:
         """Write every observation key for the current bar into the preallocated buffers."""
         t = self.t
         o = self.obs
-        rows = (t[:, None] + self._sym_offset).reshape(-1)  # (E*S,) row of each slot's window
-        np.take(self._tech_rows, rows, axis=0, out=self._tech_flat)
+        o["technical"][:] = self._tech_windows[t - (self.lookback - 1)]  # (E, S, L, F)
         np.take(self._sl, t, axis=0, out=o["sl_probs"])
-        o["regime"][:] = np.take(self._regime, t, axis=0)[:, None, :]
-        vc = np.take(self._vc, t, axis=0)  # (E, S)
+        o["regime"][:] = self._regime[t][:, None, :]
+        vc = self._vc[t]  # (E, S)
         eq = self._acc_to_slot(self.equity)
         holding = self.shares > 0
         p = o["position"]
@@ -736,9 +733,9 @@ class VecTradingCore:
         forced = nonhold & (ex == HOLD)
 
         # ALGO LOGIC: orders sized at the decision bar t, filled at bar t+1
-        vc0 = np.take(self._vc, t, axis=0)
-        px = np.take(self._fill_px, t1, axis=0)
-        fill_ok = np.take(self._fill_ok, t1, axis=0)
+        vc0 = self._vc[t]
+        px = self._fill_px[t1]
+        fill_ok = self._fill_ok[t1]
         eq0 = self.equity.copy()
         eq_slot = self._acc_to_slot(eq0)
         risk = self._risk[:, None]
@@ -759,10 +756,8 @@ class VecTradingCore:
         want[cancelled] = 0.0
         sell_sh[cancelled] = 0.0
         sell_notional = sell_sh * px
-        dv = np.take(self._dollar_vol, t, axis=0)
-        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * np.take(self._vol, t, axis=0) * np.sqrt(
-            (want + sell_notional) / dv
-        )
+        dv = self._dollar_vol[t]
+        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t] * np.sqrt((want + sell_notional) / dv)
         sell_px = px * (1.0 - slip)
         proceeds = sell_sh * sell_px * (1.0 - cm)
         # buys share the account's cash after its sells and the room under the exposure ceiling
@@ -794,14 +789,14 @@ class VecTradingCore:
             basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros_like(new_shares), where=new_shares > 0
         )
         traded = (bought > 0) | (sell_sh > 0)
-        timing_ref = np.take(self._mean_close, t, axis=0)
+        timing_ref = self._mean_close[t]
         fill_price = np.where(bought > 0, buy_px, np.where(sell_sh > 0, sell_px, 0.0))
         timing = np.where(bought > 0, timing_ref - buy_px, np.where(sell_sh > 0, sell_px - timing_ref, 0.0))
         timing /= timing_ref * cfg.reward.timing_scale
 
         # ALGO LOGIC: advance the clock and mark to market at valuation_close[t+1]
         self.t = t1
-        vc1 = np.take(self._vc, t1, axis=0)
+        vc1 = self._vc[t1]
         old_value = old_shares * vc0
         self.shares = new_shares
         self.basis = new_basis
@@ -904,7 +899,7 @@ class VecTradingCore:
             "diversity_bonus": bonus,
             "unique_actions": unique,
             "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
-            "bar": t1,
+            "bar": t1.copy(),
             "done_mask": done,
             "final_obs": self.final_obs,
             "episode": self._no_episode,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 
 from market_data import PreparedMarket
 
@@ -995,3 +997,182 @@ class VecTradingCore:
 
 _BUY_FRACTION = np.array([0.0, *BUY_SIZES, 0.0, 0.0, ADD_SIZE])  # by action id
 _SELL_FRACTION = np.array([0.0, 0.0, 0.0, 0.0, SELL_PARTIAL_FRACTION, 1.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Faces
+# ---------------------------------------------------------------------------------------------------------------------
+def slot_observation_space(core: VecTradingCore) -> spaces.Dict:
+    """The observation space of one slot of `core`."""
+    boxes = {}
+    for k, shape in core.observation_shapes.items():
+        if k == "action_mask":
+            boxes[k] = spaces.Box(0, 1, shape, dtype=np.int8)
+        elif k == "sl_probs":
+            boxes[k] = spaces.Box(0.0, 1.0, shape, dtype=np.float32)
+        else:
+            boxes[k] = spaces.Box(-np.inf, np.inf, shape, dtype=np.float32)
+    return spaces.Dict(boxes)
+
+
+_SCALAR_INFO = (
+    "policy_action", "executed_action", "masked_attempt", "forced_hold", "voluntary_trade", "violations",
+    "order_cancelled", "order_shrunk", "traded_shares", "fill_price", "cost", "equity", "exposure", "cash",
+    "diversity_bonus", "unique_actions",
+)  # fmt: skip
+
+
+class TradingEnvironment(gym.Env):
+    """One symbol, one account: a gymnasium view of a VecTradingCore with E = S = 1 (see its docstring for the
+    observation, actions, masks, costs and reward). No autoreset: after terminated or truncated, call reset().
+    Observations and info are fresh: info holds the core's per-step telemetry as Python scalars, and at the end of
+    an episode info["episode_stats"] (the core's info["episode"] for this slot).
+    `action_masks()` returns the current mask as bool (7,) for sb3-contrib's MaskablePPO."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, market: PreparedMarket, symbol=0, split: str = "train", config: EnvConfig | None = None,
+                 seed: int = 0, sequential: bool = False):  # fmt: skip
+        self.core = VecTradingCore(market, 1, split, "independent", config, seed, sequential, symbols=[symbol])
+        self.observation_space = slot_observation_space(self.core)
+        self.action_space = spaces.Discrete(NUM_ACTIONS)
+        self._action = np.zeros((1, 1), dtype=np.int64)
+        self._needs_reset = True
+
+    def _copy(self, obs: dict) -> dict:
+        return {k: v[0, 0].copy() for k, v in obs.items()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        obs = self.core.reset(seed=seed)
+        self._needs_reset = False
+        return self._copy(obs), {}
+
+    def step(self, action):
+        if self._needs_reset:
+            raise RuntimeError("TradingEnvironment.step() after the episode ended (or before reset): call reset().")
+        if not isinstance(action, (int, np.integer)) and not (isinstance(action, np.ndarray) and action.ndim == 0):
+            raise TypeError(f"action must be one integer in [0, 6], got {type(action).__name__} {action!r}.")
+        self._action[0, 0] = int(action)
+        if not 0 <= self._action[0, 0] < NUM_ACTIONS:
+            raise ValueError(f"action must lie in [0, {NUM_ACTIONS - 1}], got {int(action)}.")
+        obs, reward, terminated, truncated, info = self.core.step(self._action)
+        term, trunc = bool(terminated[0, 0]), bool(truncated[0, 0])
+        out = {k: info[k][0, 0].item() for k in _SCALAR_INFO}
+        out["reward_components"] = {k: float(v[0, 0]) for k, v in info["reward_components"].items()}
+        if term or trunc:
+            self._needs_reset = True
+            obs = info["final_obs"]
+            # "episode_stats", not "episode": SB3's Monitor convention reserves info["episode"] for {"r", "l", "t"}
+            out["episode_stats"] = {k: v[0, 0].item() for k, v in info["episode"].items() if v.ndim == 2}
+        return self._copy(obs), float(reward[0, 0]), term, trunc, out
+
+    def action_masks(self) -> np.ndarray:
+        return self.core.obs["action_mask"][0, 0].astype(bool)
+
+
+class TradingVectorEnv(gym.vector.VectorEnv):
+    """gymnasium VectorEnv over all E * S slots of one core (sub-env i = env i // S, symbol i % S), same-step
+    autoreset: where terminated | truncated the returned observation starts the next episode, info["final_obs"]
+    (batched dict) holds the ended one's last observation and info["_final_obs"] marks which rows are valid.
+    Returned arrays are views of the core's buffers (copy to keep). `action_masks()` gives (E * S, 7) bool."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(self, market: PreparedMarket, num_envs: int = 1, split: str = "train", mode: str = "independent",
+                 config: EnvConfig | None = None, seed: int = 0, sequential: bool = False, symbols=None):  # fmt: skip
+        self.core = VecTradingCore(market, num_envs, split, mode, config, seed, sequential, symbols)
+        self.num_envs = self.core.num_envs * self.core.num_symbols
+        self.single_observation_space = slot_observation_space(self.core)
+        self.single_action_space = spaces.Discrete(NUM_ACTIONS)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+
+    def _flat(self, obs: dict) -> dict:
+        return {k: v.reshape(self.num_envs, *v.shape[2:]) for k, v in obs.items()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        return self._flat(self.core.reset(seed=seed)), {}
+
+    def step(self, actions):
+        a = np.asarray(actions)
+        if a.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},) (one per sub-env), got {a.shape}.")
+        obs, reward, terminated, truncated, info = self.core.step(a.reshape(self.core.num_envs, -1))
+        n = self.num_envs
+        out = {k: v.reshape(n, *v.shape[2:]) for k, v in info.items() if isinstance(v, np.ndarray) and v.ndim >= 2}
+        out["reward_components"] = {k: v.reshape(n) for k, v in info["reward_components"].items()}
+        out["episode"] = {k: v.reshape(n, *v.shape[2:]) for k, v in info["episode"].items()}
+        out["final_obs"] = self._flat(info["final_obs"])
+        out["_final_obs"] = info["done_mask"].reshape(n)
+        return self._flat(obs), reward.reshape(n), terminated.reshape(n), truncated.reshape(n), out
+
+    def action_masks(self) -> np.ndarray:
+        return self.core.obs["action_mask"].reshape(self.num_envs, NUM_ACTIONS).astype(bool)
+
+
+try:
+    from pettingzoo import ParallelEnv
+except ImportError:  # pettingzoo is in requirements.txt; only the portfolio face needs it
+    ParallelEnv = object
+
+
+class PortfolioParallelEnv(ParallelEnv):
+    """PettingZoo ParallelEnv over one portfolio-mode account: agents are the symbol names, each observes its slot
+    (with `directives`) and picks Discrete(7). `state()` is the global state for a centralised critic
+    (VecTradingCore.state). The master sets directives with `set_directive(index)` (an int in [0, 48)). When the
+    account terminates or the episode is truncated, every agent is done together and `agents` becomes empty."""
+
+    metadata = {"name": "portfolio_trading_v0", "render_modes": []}
+
+    def __init__(self, market: PreparedMarket, split: str = "train", config: EnvConfig | None = None,
+                 seed: int = 0, sequential: bool = False, symbols=None):  # fmt: skip
+        self.core = VecTradingCore(market, 1, split, "portfolio", config, seed, sequential, symbols)
+        self.possible_agents = list(self.core.symbols)
+        self.agents = []
+        self._space = slot_observation_space(self.core)
+        self._action_space = spaces.Discrete(NUM_ACTIONS)
+        self.state_space = spaces.Box(-np.inf, np.inf, (self.core.state_dim,), dtype=np.float32)
+        self._actions = np.zeros((1, self.core.num_symbols), dtype=np.int64)
+
+    def observation_space(self, agent):
+        return self._space
+
+    def action_space(self, agent):
+        return self._action_space
+
+    def _split(self, obs: dict) -> dict:
+        return {a: {k: v[0, i].copy() for k, v in obs.items()} for i, a in enumerate(self.possible_agents)}
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        obs = self.core.reset(seed=seed)
+        self.agents = list(self.possible_agents)
+        return self._split(obs), {a: {} for a in self.agents}
+
+    def set_directive(self, index: int) -> None:
+        self.core.set_directives(np.array([int(index)]))
+
+    def step(self, actions: dict):
+        if not self.agents:
+            raise RuntimeError("PortfolioParallelEnv.step() after the episode ended (or before reset): call reset().")
+        missing = [a for a in self.agents if a not in actions]
+        if missing:
+            raise ValueError(f"actions has no entry for agents {missing[:5]}: pass one action per agent.")
+        self._actions[0] = [int(actions[a]) for a in self.possible_agents]
+        obs, reward, terminated, truncated, info = self.core.step(self._actions)
+        if info["done_mask"].any():
+            obs = info["final_obs"]
+            self.agents = []
+        names = self.possible_agents
+        infos = {a: {"executed_action": int(info["executed_action"][0, i]), "cost": float(info["cost"][0, i])}
+                 for i, a in enumerate(names)}  # fmt: skip
+        return (
+            self._split(obs),
+            {a: float(reward[0, i]) for i, a in enumerate(names)},
+            {a: bool(terminated[0, i]) for i, a in enumerate(names)},
+            {a: bool(truncated[0, i]) for i, a in enumerate(names)},
+            infos,
+        )
+
+    def state(self) -> np.ndarray:
+        return self.core.state()[0]

@@ -74,8 +74,8 @@ class DataConfig:
     """Training epochs of each signal classifier."""
     sl_max_samples: int = 20000
     """Training windows subsampled (seeded) from the train split, to bound fitting time for large universes."""
-    sl_threads: int = 2
-    """torch threads used while fitting and predicting the classifiers."""
+    sl_threads: int = 1
+    """torch threads while fitting and predicting the classifiers (1: more threads stall on a busy shared CPU)."""
     cache: bool = True
     """Read and write the prepared arrays under cache_dir."""
     cache_dir: str = ".cache/market"
@@ -849,8 +849,132 @@ def make_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo
     return {"train": (warmup, a), "val": (a + embargo, b), "test": (b + embargo, T)}
 
 
-def fit_signals(technical, data, splits, cfg):
-    raise NotImplementedError("signal classifiers are not written yet")
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised signals
+# ---------------------------------------------------------------------------------------------------------------
+# Label at (t, s): log(close[t + h] / close[t]) > threshold, h = sl_horizon; it looks h bars ahead, so a training
+# sample at t needs t + h < train_stop (the label never reads a bar outside the train split). Inputs are the
+# observation windows technical[t - lookback + 1 : t + 1, s]. The three classifiers (encoders.SignalMLP /
+# SignalLSTM / SignalGRU) are fitted on the train split only, so val and test probabilities are out of sample.
+
+SL_MODELS = ("mlp", "lstm", "gru")
+
+
+def forward_labels(close: np.ndarray, horizon: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(T, S) labels (1.0 if the forward log return beats the threshold) and their validity (both bars exist)."""
+    T = close.shape[0]
+    fwd = np.full(close.shape, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fwd[: T - horizon] = np.log(close[horizon:] / close[: T - horizon])
+    valid = np.isfinite(fwd)
+    return (np.nan_to_num(fwd, nan=0.0) > threshold).astype(np.float32), valid
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney rank statistic (ties get their average rank)."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    ranks = avg_rank[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def f1_score(labels: np.ndarray, probs: np.ndarray, cut: float = 0.5) -> float:
+    """F1 of the positive class with predictions probs > cut."""
+    y = np.asarray(labels).astype(bool).ravel()
+    p = np.asarray(probs).ravel() > cut
+    tp = float((y & p).sum())
+    denom = 2 * tp + float((~y & p).sum()) + float((y & ~p).sum())
+    return 2 * tp / denom if denom > 0 else 0.0
+
+
+def _windows(technical: np.ndarray, t: np.ndarray, s: np.ndarray, lookback: int) -> np.ndarray:
+    """(N, lookback, F) float32 copies of technical[t - lookback + 1 : t + 1, s]."""
+    view = np.lib.stride_tricks.sliding_window_view(technical, lookback, axis=0)  # (T - L + 1, S, F, L)
+    return np.ascontiguousarray(view[t - lookback + 1, s].transpose(0, 2, 1))
+
+
+def fit_signals(
+    technical: np.ndarray, data: MarketData, splits: dict[str, tuple[int, int]], cfg: DataConfig
+) -> tuple[np.ndarray, dict]:
+    """Fit the MLP, LSTM and GRU classifiers on the train split; (T, S, 3) probabilities for every bar (0.5 before
+    the warm-up and on missing bars) and {"mlp": {"val_auc", "val_f1", ...}, "lstm": ..., "gru": ...}."""
+    import torch
+
+    from encoders import SignalGRU, SignalLSTM, SignalMLP
+
+    T, S, F = technical.shape
+    L, h = cfg.lookback, cfg.sl_horizon
+    labels, valid = forward_labels(data.close, h, cfg.sl_threshold)
+    valid &= data.tradable
+    first = max(L - 1, feature_warmup())
+    valid[:first] = False
+
+    def samples(split: str) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = splits[split]
+        mask = np.zeros_like(valid)
+        mask[start : stop - h] = valid[start : stop - h]  # the label of t reads bar t + h, still inside the split
+        return np.nonzero(mask)
+
+    rng = np.random.default_rng(cfg.seed + 7919)
+    tr_t, tr_s = samples("train")
+    if len(tr_t) < 64:
+        raise ValueError(
+            f"Only {len(tr_t)} training windows for the signal classifiers; use more data or sl_signals=False."
+        )
+    if len(tr_t) > cfg.sl_max_samples:
+        keep = np.sort(rng.choice(len(tr_t), cfg.sl_max_samples, replace=False))
+        tr_t, tr_s = tr_t[keep], tr_s[keep]
+    x_train = torch.from_numpy(_windows(technical, tr_t, tr_s, L))
+    y_train = torch.from_numpy(labels[tr_t, tr_s])
+    va_t, va_s = samples("val")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.sl_threads))
+    probs = np.full((T, S, 3), 0.5, dtype=np.float32)
+    metrics = {}
+    try:
+        for k, (name, cls) in enumerate(zip(SL_MODELS, (SignalMLP, SignalLSTM, SignalGRU), strict=True)):
+            torch.manual_seed(cfg.seed + k)
+            model = cls(L, F)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loss_fn = torch.nn.BCEWithLogitsLoss()
+            gen = torch.Generator().manual_seed(cfg.seed + 100 + k)
+            model.train()
+            for _ in range(cfg.sl_epochs):
+                for idx in torch.randperm(len(x_train), generator=gen).split(256):
+                    loss = loss_fn(model(x_train[idx]), y_train[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            model.eval()
+            with torch.no_grad():
+                chunk = max(1, 16384 // S)
+                for a in range(first, T, chunk):
+                    t_idx = np.repeat(np.arange(a, min(a + chunk, T)), S)
+                    s_idx = np.tile(np.arange(S), len(t_idx) // S)
+                    out = torch.sigmoid(model(torch.from_numpy(_windows(technical, t_idx, s_idx, L)))).numpy()
+                    probs[t_idx, s_idx, k] = out
+            probs[~data.tradable, k] = 0.5
+            p_val, y_val = probs[va_t, va_s, k], labels[va_t, va_s]
+            metrics[name] = {
+                "val_auc": roc_auc(y_val, p_val),
+                "val_f1": f1_score(y_val, p_val),
+                "val_samples": int(len(y_val)),
+                "val_positive_rate": float(y_val.mean()) if len(y_val) else float("nan"),
+                "train_auc": roc_auc(labels[tr_t, tr_s], probs[tr_t, tr_s, k]),
+                "train_samples": int(len(tr_t)),
+                "horizon": h,
+                "threshold": cfg.sl_threshold,
+            }
+    finally:
+        torch.set_num_threads(threads)
+    return probs, metrics
 
 
 class CacheError(Exception):

@@ -20,7 +20,7 @@ KL prior: a 7-action distribution built from sl_probs (see `sl_prior_logprobs`),
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 import os
 import pickle
@@ -36,11 +36,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-from trading_env import EnvConfig, VecTradingCore
 
 from encoders import EncoderConfig, SymbolPolicy, load_checkpoint, masked_policy, save_checkpoint
 from market_data import DataConfig, prepare_market
+from trading_env import EnvConfig, VecTradingCore
 
+# CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
+CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
 ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
 # Direction of each action for the supervised prior: +1 adds exposure, -1 removes it, 0 holds.
 ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
@@ -66,6 +68,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
     """if toggled, cuda is used when available"""
+    torch_threads: int = 1
+    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
+    busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns, needs `pip install mlflow`)"""
     save_model: bool = False
@@ -74,9 +79,10 @@ class Args:
     """path of a checkpoint.pt to continue from (model, optimiser, entropy control, RNG, envs, global step)"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
-    encoder_preset: Literal["auto", "cpu", "gpu", "custom"] = "auto"
-    """auto: `gpu` on CUDA, `cpu` otherwise; cpu: small MLP encoder (fast on 2 cores); gpu: the seed's transformer
-    (d_model 256, 8 heads, 4 layers); custom: exactly the --encoder.* flags"""
+    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
+    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
+    encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+    transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -87,8 +93,6 @@ class Args:
     """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
     split: str = "train"
     """split the agents train on (random episode starts inside it)"""
-    episode_length: int = 256
-    """bars per training episode (the environment truncates there; the value is bootstrapped)"""
     eval_split: str = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
@@ -299,14 +303,13 @@ def run_backtest(policy_fn, market, split: str, env_cfg, seed: int) -> dict:
     pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
     while True:
         action = policy_fn(obs)  # (1, S)
-        in_profit, size_before = obs["position"][0, :, 2] > 0, obs["position"][0, :, 1].copy()
+        in_profit = obs["position"][0, :, 2] > 0  # close / entry - 1 at the decision
         obs, _, terminated, truncated, info = core.step(action)
         executed = info["executed_action"][0]
-        after = np.where(terminated[0] | truncated[0], info["final_obs"]["position"][0, :, 1], obs["position"][0, :, 1])
         is_exit = (executed == 4) | (executed == 5)
         trades += int((executed != 0).sum())
         exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
-        traded += float(np.abs(after - size_before)[executed != 0].sum())
+        traded += float(np.abs(info["traded_shares"][0] * info["fill_price"][0]).sum())
         equity = info["equity"][0].astype(np.float64)
         pnl.append((equity - prev).sum())  # a ruined slot restarts with fresh capital: its loss stays in the book
         prev = np.where(terminated[0], init, equity)
@@ -326,7 +329,7 @@ def run_backtest(policy_fn, market, split: str, env_cfg, seed: int) -> dict:
         trades=trades,
         win_rate=wins / exits if exits else None,
         exposure=float(np.mean(exposure)),
-        turnover=traded / S * ppy / n,
+        turnover=traded / (init * S) * ppy / n,
         costs=cost,
         costs_frac=cost / (init * S),
     )
@@ -381,10 +384,8 @@ def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
 
 
 def start_mlflow(args: Args, run_name: str):
-    try:
-        import mlflow
-    except ImportError as e:
-        raise SystemExit("--track needs MLflow: `pip install mlflow` (or run without --track)") from e
+    import mlflow
+
     mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
     mlflow.set_experiment(args.exp_name)
     mlflow.start_run(run_name=run_name)
@@ -393,18 +394,30 @@ def start_mlflow(args: Args, run_name: str):
 
 
 def dump_env(envs, market) -> torch.Tensor:
-    """The environment core's whole state as bytes (uint8 tensor), without the market it reads (rebuilt on load)."""
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf)
-    pickler.persistent_id = lambda obj: "market" if obj is market else None
-    pickler.dump(envs)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    """The mutable state of a VecTradingCore as pickled bytes (uint8 tensor): its arrays except views and per-bar
+    market tables (rebuilt from the data), dicts of arrays, scalars and its RNG. Restored in place by `load_env` so
+    that the core's internal views of its own buffers stay views (pickling the core itself would break them)."""
+    bars, state = len(market.data.timestamps), {}
+    for k, v in vars(envs).items():
+        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == bars):
+            state[k] = v
+        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
+            state[k] = v
+        elif isinstance(v, bool | int | float | np.random.Generator):
+            state[k] = v
+    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
 
 
-def load_env(blob: torch.Tensor, market):
-    unpickler = pickle.Unpickler(io.BytesIO(blob.numpy().tobytes()))
-    unpickler.persistent_load = lambda pid: market
-    return unpickler.load()
+def load_env(envs, blob: torch.Tensor) -> None:
+    for k, v in pickle.loads(blob.numpy().tobytes()).items():
+        current = getattr(envs, k)
+        if isinstance(v, np.ndarray):
+            np.copyto(current, v)
+        elif isinstance(v, dict):
+            for name, array in v.items():
+                np.copyto(current[name], array)
+        else:
+            setattr(envs, k, v)
 
 
 def rng_state() -> dict:
@@ -436,6 +449,8 @@ if __name__ == "__main__":
     assert args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, (
         "need --ent-guard-boost >= 1 and 0 < --ent-guard-relax <= 1"
     )
+    if args.track and importlib.util.find_spec("mlflow") is None:
+        raise SystemExit("--track logs to MLflow, which is not installed: `pip install mlflow` (or drop --track)")
     args.world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     use_cuda = args.cuda and torch.cuda.is_available()
     if args.world_size > 1:
@@ -460,16 +475,17 @@ if __name__ == "__main__":
     )
     for name in (args.split, args.eval_split, args.test_split):
         assert name in market.splits, f"split {name!r} is not one of the data's splits {sorted(market.splits)}"
-    env_cfg = replace(args.env, episode_length=args.episode_length)
+    env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    preset = args.encoder_preset if args.encoder_preset != "auto" else ("gpu" if use_cuda else "cpu")
-    if preset == "cpu":
-        args.encoder = replace(args.encoder, kind="mlp", output_dim=128)
-    elif preset == "gpu":
-        args.encoder = replace(args.encoder, kind="transformer", d_model=256, nhead=8, num_layers=4, output_dim=256)
-        args.encoder = replace(args.encoder, dim_feedforward=1024)
+    preset = args.encoder_preset if args.encoder_preset != "auto" else ("as_given" if use_cuda else "cpu")
+    if preset == "cpu":  # fills the encoder fields left at their (transformer) defaults
+        default = EncoderConfig()
+        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(args.encoder, k) == getattr(default, k)}
+        args.encoder = replace(args.encoder, **fill)
 
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     # seeding (each rank its own seed and envs)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -497,7 +513,8 @@ if __name__ == "__main__":
         )
         ctl, global_step, start_iteration = extra["entropy_control"], ckpt["global_step"], extra["iteration"] + 1
         own = extra["ranks"][rank]
-        envs, next_obs_np = load_env(own["envs"], market), {k: v.numpy() for k, v in own["next_obs"].items()}
+        load_env(envs, own["envs"])
+        next_obs_np = {k: v.numpy() for k, v in own["next_obs"].items()}
         set_rng_state(own["rng"])
         run_dir = Path(args.resume).resolve().parent
     else:
@@ -517,7 +534,8 @@ if __name__ == "__main__":
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
-            f"encoder preset {preset}: {args.encoder.kind} (output_dim {args.encoder.output_dim}) on {device}"
+            f"encoder preset {preset}: {args.encoder.kind} (d_model {args.encoder.d_model}, output_dim "
+            f"{args.encoder.output_dim}) on {device}"
         )
 
     # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
@@ -577,7 +595,7 @@ if __name__ == "__main__":
             done_mask = info["episode"]["done_mask"]
             if done_mask.any():
                 for k, v in info["episode"].items():
-                    if k != "done_mask":
+                    if k not in ("done_mask", "action_counts"):
                         episodes.setdefault(k, []).extend(np.asarray(v)[done_mask].tolist())
         rollout_seconds = time.time() - t_rollout
 
@@ -749,10 +767,8 @@ if __name__ == "__main__":
             metrics[f"charts/policy_action_distribution/{name}"] = float((policy_actions == a).mean())
         metrics.update({f"reward/{k}": v for k, v in comps.items()})
         if episodes:
-            returns_key = "r" if "r" in episodes else "return"
-            length_key = "l" if "l" in episodes else "length"
-            metrics["charts/episodic_return"] = float(np.mean(episodes.get(returns_key, [np.nan])))
-            metrics["charts/episodic_length"] = float(np.mean(episodes.get(length_key, [np.nan])))
+            metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
+            metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))
             metrics.update({f"trading/episode_{k}": float(np.mean(v)) for k, v in episodes.items()})
         if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             t_eval = time.time()

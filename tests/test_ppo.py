@@ -1,0 +1,235 @@
+"""ppo_symbol_agent.py: the pure pieces (GAE, entropy control, supervised prior, metrics) and the script itself run as
+a subprocess with tiny settings: run folder, summary, tensorboard tags, resume == uninterrupted, torchrun, bad flags."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "ppo_symbol_agent.py"
+sys.path.insert(0, str(ROOT))
+import ppo_symbol_agent as ppo  # noqa: E402
+
+# 3 symbols x 2 envs x 16 steps = 96 symbol-steps per iteration
+TINY = [
+    "--data.num-symbols", "3", "--data.years", "0.5", "--data.no-sl-signals", "--data.no-cache",
+    "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2",
+    "--env.episode-length", "24", "--eval-interval", "2", "--ent-guard-warmup", "0", "--ent-bonus-warmup", "0",
+    "--encoder.d-model", "32", "--encoder.output-dim", "32",
+]  # fmt: skip
+ITER = 3 * 2 * 16
+
+DESIGN_TAGS = [
+    "charts/policy_action_entropy_mean",
+    "charts/executed_action_entropy_mean",
+    "charts/executed_vs_policy_trades",
+    "charts/consecutive_action_violations",
+    "charts/diversity_bonus",
+    "charts/voluntary_trade_rate",
+    "charts/sanitizer_trade_delta",
+    "charts/ep_unique_actions",
+    "charts/SPS",
+    "charts/learning_rate",
+    "charts/ent_coef",
+    "charts/entropy_guard_interventions",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/kl_prior",
+    "losses/explained_variance",
+    "reward/total",
+    "reward/pnl",
+    "trading/equity",
+    "trading/val_sharpe",
+    "trading/test_sharpe",
+    "perf/rollout_seconds",
+    "perf/update_seconds",
+    "perf/eval_seconds",
+    "equity/test_agent",
+    "equity/test_benchmark",
+    "equity/test_equal_weight",
+] + [f"charts/action_distribution/{name}" for name in ppo.ACTION_NAMES]
+
+
+def run_script(cwd: Path, *flags: str, launcher: list[str] | None = None, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def only_run(folder: Path) -> Path:
+    runs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for the runs of this module."""
+    return tmp_path_factory.mktemp("ppo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------------------------
+def test_gae_bootstraps_at_truncation_only():
+    # step 0 truncated (V(final obs) = 0.9 bootstrapped), step 1 ordinary, step 2 terminated (nothing bootstrapped)
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.5], [0.6], [0.7]])
+    terminated = torch.tensor([[False], [False], [True]])
+    truncated = torch.tensor([[True], [False], [False]])
+    final_values = torch.tensor([[0.9], [0.0], [0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, terminated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    a2 = 3.0 - 0.7  # terminal: no next value
+    a1 = 2.0 + gamma * 0.7 - 0.6 + gamma * lam * a2
+    a0 = 1.0 + gamma * 0.9 - 0.5  # truncated: bootstrap the ended episode, do not look into the next one
+    torch.testing.assert_close(adv[:, 0], torch.tensor([a0, a1, a2]))
+    torch.testing.assert_close(ret[:, 0], torch.tensor([a0 + 0.5, a1 + 0.6, a2 + 0.7]))
+    # a step both terminated and truncated is a termination: no bootstrap
+    adv, _ = ppo.compute_gae(rewards, values, truncated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    assert adv[0, 0].item() == pytest.approx(1.0 - 0.5)
+    # no episode end: the last step bootstraps next_value
+    never = torch.zeros_like(terminated)
+    adv, _ = ppo.compute_gae(rewards, values, never, never, final_values, torch.tensor([0.4]), gamma, lam)
+    assert adv[2, 0].item() == pytest.approx(3.0 + gamma * 0.4 - 0.7)
+
+
+def test_hold_then_linear_schedule():
+    args = ppo.Args()
+    coefs = [ppo.scheduled_ent_coef(args, s) for s in (0, 10_000, 30_000, 50_000, 10**6)]
+    assert coefs == pytest.approx([0.08, 0.08, 0.055, 0.03, 0.03])
+    args.ent_min = 0.05
+    assert ppo.scheduled_ent_coef(args, 10**6) == pytest.approx(0.05)
+
+
+def test_entropy_guard_and_bonus():
+    args = ppo.Args()
+    ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
+    assert not ppo.update_entropy_control(args, ctl, 1_000, dist_entropy=0.1, action_entropy=0.05)  # warm-up
+    assert ctl == {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
+    assert ppo.update_entropy_control(args, ctl, 5_000, dist_entropy=0.275, action_entropy=0.1)
+    assert ctl["guard_mult"] == pytest.approx(1.5) and ctl["interventions"] == 1
+    assert ctl["bonus_mult"] == pytest.approx(1.0 + 0.35 * 0.5)  # half the target entropy
+    assert not ppo.update_entropy_control(args, ctl, 6_000, dist_entropy=1.0, action_entropy=1.0)
+    assert ctl["guard_mult"] == pytest.approx(1.35) and ctl["bonus_mult"] == 1.0
+
+
+def test_sl_prior():
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1, 1]], dtype=torch.int8)
+    neutral = ppo.sl_prior_logprobs(torch.full((2, 3), 0.5), mask, 4.0).exp()
+    torch.testing.assert_close(neutral, mask.float() / mask.sum(-1, keepdim=True))
+    bullish = ppo.sl_prior_logprobs(torch.full((2, 3), 0.9), mask, 4.0).exp()
+    assert bullish[0, 1] > bullish[0, 0] and bullish[1, 6] > bullish[1, 0] > bullish[1, 5]
+    assert bullish[mask == 0].max() < 1e-30
+
+
+def test_performance_metrics():
+    equity = np.array([100.0, 110.0, 99.0, 99.0, 120.0])
+    m = ppo.performance_metrics(equity, periods_per_year=4)
+    r = equity[1:] / equity[:-1] - 1
+    assert m["total_return"] == pytest.approx(0.2) and m["cagr"] == pytest.approx(0.2)
+    assert m["sharpe"] == pytest.approx(r.mean() / r.std(ddof=1) * 2)
+    assert m["max_drawdown"] == pytest.approx(99 / 110 - 1) and m["max_drawdown_bars"] == 2
+    assert m["calmar"] == pytest.approx(0.2 / (1 - 99 / 110))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the script
+# ---------------------------------------------------------------------------------------------------------------
+def test_bad_arguments_fail_before_any_run_folder(tmp_path):
+    proc = run_script(tmp_path, *TINY, "--num-minibatches", "5", "--total-timesteps", str(ITER), check=False)
+    assert proc.returncode != 0 and "--num-minibatches" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    if importlib.util.find_spec("mlflow") is None:
+        proc = run_script(tmp_path, *TINY, "--track", "--total-timesteps", str(ITER), check=False)
+        assert proc.returncode != 0 and "pip install mlflow" in proc.stderr
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """4 iterations, uninterrupted, with checkpoints."""
+    proc = run_script(workdir, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr")
+    return proc, only_run(workdir / "runs")
+
+
+def test_run_folder_summary_and_backtest(full_run):
+    proc, run = full_run
+    assert "backtest on the test split" in proc.stdout and "| sharpe |" in proc.stdout
+    assert "encoder preset cpu: mlp" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 4 * ITER
+    for key in ("policy_action_entropy_mean", "executed_action_entropy_mean", "voluntary_trade_rate_mean"):
+        assert math.isfinite(summary["telemetry"][key])
+    backtest = json.loads((run / "backtest.json").read_text())
+    assert set(backtest) == {"agent", "random", "benchmark_bh", "equal_weight_bh"}
+    for key in ("total_return", "cagr", "sharpe", "sortino", "max_drawdown", "turnover", "trades", "costs"):
+        assert key in backtest["agent"]
+    assert (run / "backtest.md").read_text().startswith("| test |")
+    assert (run / "checkpoint.pt").is_file()
+
+
+def test_tensorboard_tags(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = full_run
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    missing = [t for t in DESIGN_TAGS if t not in tags]
+    assert not missing, f"missing tags {missing}; logged: {sorted(tags)}"
+    steps = [e.step for e in acc.Scalars("charts/SPS")]
+    assert steps == [ITER, 2 * ITER, 3 * ITER, 4 * ITER]  # global_step counts symbol-steps
+    assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
+
+
+def test_resume_equals_uninterrupted(full_run, workdir):
+    _, run = full_run
+    first = workdir / "split"
+    first.mkdir()
+    run_script(first, *TINY, "--total-timesteps", str(2 * ITER), "--save-model", "--no-anneal-lr")
+    half = only_run(first / "runs")
+    assert json.loads((half / "summary.json").read_text())["global_step"] == 2 * ITER
+    run_script(first, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr",
+               "--resume", str(half / "checkpoint.pt"))  # fmt: skip
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(half / "checkpoint.pt", weights_only=True)
+    assert b["global_step"] == a["global_step"] == 4 * ITER
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    sa = json.loads((run / "summary.json").read_text())
+    sb = json.loads((half / "summary.json").read_text())
+    assert sa["backtest"]["agent"] == sb["backtest"]["agent"]
+    assert {k: v for k, v in sa["telemetry"].items() if k != "SPS"} == {
+        k: v for k, v in sb["telemetry"].items() if k != "SPS"
+    }
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_processes(workdir):
+    cwd = workdir / "ddp"
+    cwd.mkdir()
+    proc = run_script(
+        cwd, *TINY, "--total-timesteps", str(4 * ITER), "--eval-interval", "0",
+        launcher=["torchrun", "--standalone", "--nproc_per_node", "2"],
+    )  # fmt: skip
+    summary = json.loads((only_run(cwd / "runs") / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["args"]["world_size"] == 2
+    assert summary["global_step"] == 4 * ITER  # two ranks, two iterations each
+    assert proc.stdout.count("backtest on the test split") == 1  # rank 0 alone reports

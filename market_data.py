@@ -8,9 +8,14 @@ Every feature at bar t uses bars <= t only; tests/test_features.py checks that b
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import tempfile
+import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -977,20 +982,149 @@ def fit_signals(
     return probs, metrics
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Cache: one folder per key = sha256(parameters, data file contents, CODE_VERSION, this module's source); parquet
+# files plus meta.json with their sha256 checksums. A folder whose checksums, key or shapes do not match is rebuilt.
+# ---------------------------------------------------------------------------------------------------------------
+_NOT_IN_KEY = ("cache", "cache_dir", "sl_threads")
+
+
 class CacheError(Exception):
-    pass
+    """A cache folder that cannot be trusted (missing, corrupt or stale); prepare_market rebuilds it."""
 
 
-def cache_key(cfg):
-    raise NotImplementedError
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def read_cache(folder, key):
-    raise NotImplementedError
+def cache_key(cfg: DataConfig) -> str:
+    """Hash of everything the prepared arrays depend on: parameters, the data's bytes and the code."""
+    params = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
+    parts = [CODE_VERSION, json.dumps(params, sort_keys=True), _file_sha256(Path(__file__))]
+    if cfg.sl_signals:
+        import encoders
+
+        parts.append(_file_sha256(Path(encoders.__file__)))
+    if cfg.source != "synthetic":
+        src = Path(cfg.source)
+        files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src] if src.exists() else []
+        parts += [f"{p.name}:{_file_sha256(p)}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def write_cache(prepared, folder, key):
-    raise NotImplementedError
+def _panel_table(arrays: dict[str, np.ndarray]):
+    import pyarrow as pa
+
+    return pa.table({k: pa.array(np.ascontiguousarray(v).reshape(-1)) for k, v in arrays.items()})
+
+
+def write_cache(p: PreparedMarket, folder: Path, key: str) -> None:
+    """Write the prepared arrays atomically (a temporary folder renamed into place)."""
+    import pyarrow.parquet as pq
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    d = p.data
+    T, S = d.close.shape
+    tables = {
+        "bars": {k: getattr(d, k) for k in ("open", "high", "low", "close", "volume", "tradable")}
+        | {"valuation_close": p.valuation_close},
+        "series": {"timestamp": d.timestamps, "benchmark": d.benchmark}
+        | ({"regime_label": d.regime_labels} if d.regime_labels is not None else {}),
+        "technical": {n: p.technical[..., i] for i, n in enumerate(p.feature_names)},
+        "regime": {n: p.regime[:, i] for i, n in enumerate(p.regime_names)},
+        "sl_probs": {n: p.sl_probs[..., i] for i, n in enumerate(SL_MODELS)},
+    }
+    checksums = {}
+    for name, arrays in tables.items():
+        path = tmp / f"{name}.parquet"
+        pq.write_table(_panel_table(arrays), path)
+        checksums[name] = _file_sha256(path)
+    meta = {
+        "key": key,
+        "code_version": CODE_VERSION,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shape": [T, S],
+        "symbols": d.symbols,
+        "benchmark_name": d.benchmark_name,
+        "bars_per_day": d.bars_per_day,
+        "bars_per_year": d.bars_per_year,
+        "source": d.source,
+        "splits": p.splits,
+        "warmup": p.warmup,
+        "lookback": p.lookback,
+        "embargo": p.embargo,
+        "sl_metrics": p.sl_metrics,
+        "feature_names": p.feature_names,
+        "regime_names": p.regime_names,
+        "checksums": checksums,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def read_cache(folder: Path, key: str) -> PreparedMarket:
+    """The PreparedMarket stored in folder; CacheError if anything is missing, altered or stale."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(f"meta.json unreadable ({err})") from err
+    if meta.get("key") != key or meta.get("code_version") != CODE_VERSION:
+        raise CacheError("the cache was written for other data, parameters or code")
+    cols = {}
+    for name, digest in meta["checksums"].items():
+        path = folder / f"{name}.parquet"
+        if not path.exists() or _file_sha256(path) != digest:
+            raise CacheError(f"{path.name} is missing or its checksum does not match (corrupt or edited)")
+        try:
+            table = pq.read_table(path)
+            cols[name] = {k: table.column(k).to_numpy() for k in table.column_names}
+        except Exception as err:  # a file with a matching checksum that pyarrow cannot read is still unusable
+            raise CacheError(f"{path.name} unreadable ({err})") from err
+    T, S = meta["shape"]
+    try:
+        bars = {k: v.reshape(T, S) for k, v in cols["bars"].items()}
+        series = cols["series"]
+        data = MarketData(
+            timestamps=series["timestamp"].astype("datetime64[ns]"),
+            symbols=meta["symbols"],
+            open=bars["open"],
+            high=bars["high"],
+            low=bars["low"],
+            close=bars["close"],
+            volume=bars["volume"],
+            tradable=bars["tradable"].astype(bool),
+            benchmark=series["benchmark"],
+            benchmark_name=meta["benchmark_name"],
+            bars_per_day=meta["bars_per_day"],
+            bars_per_year=meta["bars_per_year"],
+            regime_labels=series.get("regime_label"),
+            source=meta["source"],
+        )
+        stack = lambda name, n: np.stack([cols[name][k] for k in n], axis=-1)  # noqa: E731
+        return PreparedMarket(
+            data=data,
+            technical=stack("technical", meta["feature_names"]).reshape(T, S, -1),
+            regime=stack("regime", meta["regime_names"]),
+            sl_probs=stack("sl_probs", SL_MODELS).reshape(T, S, 3),
+            valuation_close=bars["valuation_close"],
+            splits={k: tuple(v) for k, v in meta["splits"].items()},
+            warmup=meta["warmup"],
+            sl_metrics=meta["sl_metrics"],
+            feature_names=meta["feature_names"],
+            regime_names=meta["regime_names"],
+            lookback=meta["lookback"],
+            embargo=meta["embargo"],
+        )
+    except (KeyError, ValueError) as err:
+        raise CacheError(f"arrays do not match the recorded shapes ({err})") from err
 
 
 # ---------------------------------------------------------------------------------------------------------------

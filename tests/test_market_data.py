@@ -1,6 +1,7 @@
 """Market data: the synthetic generator, the user-data loaders and their validation, splits and the cache."""
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def _bars(n: int = N_BARS, seed: int = 0, start: str = "2024-01-02 14:30") -> pd
 
 
 def _cfg(source, **kw) -> md.DataConfig:
-    return md.DataConfig(source=str(source), sl_signals=False, cache=False, **kw)
+    return md.DataConfig(**{"source": str(source), "sl_signals": False, "cache": False, **kw})
 
 
 def _write(folder, name: str, df: pd.DataFrame):
@@ -290,3 +291,58 @@ def test_real_bars_from_backtesting_package(tmp_path, name, per_day, per_year):
     assert per_year[0] < p.data.bars_per_year < per_year[1]
     assert np.isfinite(p.technical).all() and np.abs(p.technical[p.warmup :]).sum() > 0
     assert p.splits["test"][1] == len(p.data.timestamps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same(a: md.PreparedMarket, b: md.PreparedMarket):
+    for k in ("technical", "regime", "sl_probs", "valuation_close"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    for k in ("open", "high", "low", "close", "volume", "tradable", "benchmark", "timestamps"):
+        np.testing.assert_array_equal(getattr(a.data, k), getattr(b.data, k))
+    assert a.splits == b.splits and a.data.symbols == b.data.symbols and a.warmup == b.warmup
+
+
+def test_cache_round_trip_and_key(tmp_path):
+    cfg = md.DataConfig(num_symbols=3, years=0.4, gap_rate=0.02, sl_signals=False, cache_dir=str(tmp_path))
+    built = md.prepare_market(cfg)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == md.cache_key(cfg) and (folder / "technical.parquet").exists()
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    cached = md.prepare_market(cfg)
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp, "a valid cache must be read, not rewritten"
+    _assert_same(built, cached)
+    assert md.cache_key(replace(cfg, normalization="robust")) != md.cache_key(cfg)
+    assert md.cache_key(replace(cfg, cache_dir="elsewhere")) == md.cache_key(cfg)
+
+
+@pytest.mark.parametrize("victim", ["technical.parquet", "meta.json"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, victim):
+    cfg = md.DataConfig(num_symbols=2, years=0.4, sl_signals=False, cache_dir=str(tmp_path))
+    built = md.prepare_market(cfg)
+    (folder,) = tmp_path.iterdir()
+    path = folder / victim
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flip one byte
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="Rebuilding the market cache"):
+        rebuilt = md.prepare_market(cfg)
+    _assert_same(built, rebuilt)
+    md.read_cache(folder, md.cache_key(cfg))  # the rewritten folder is valid again
+
+
+def test_changed_user_file_changes_the_key(tmp_path):
+    _write(tmp_path / "d", "AAA.parquet", _bars())
+    cfg = _cfg(tmp_path / "d", cache=True, cache_dir=str(tmp_path / "cache"))
+    key = md.cache_key(cfg)
+    first = md.prepare_market(cfg)
+    df = _bars()
+    df.loc[200, "Close"] *= 1.01
+    df.loc[200, "HIGH"] = max(df.loc[200, "HIGH"], df.loc[200, "Close"])
+    _write(tmp_path / "d", "AAA.parquet", df)
+    assert md.cache_key(cfg) != key, "edited data must not reuse the old cache"
+    second = md.prepare_market(cfg)
+    assert second.data.close[200, 0] == pytest.approx(first.data.close[200, 0] * 1.01)

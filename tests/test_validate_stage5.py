@@ -224,3 +224,41 @@ def test_telemetry_diff_and_argv_split():
     assert own == ["--seeds", "1"] and extra == ["--ent-coef", "0", "--", "x"]
     assert gate.action_shares({"HOLD": series([1, 2], [0.2, 0.4])}) == {"HOLD": pytest.approx(0.3)}
     assert np.isnan(gate.action_shares({"HOLD": gate.make_series([])})["HOLD"])
+
+
+# Integration: the gate retrains ppo_symbol_agent.py itself (tiny settings) and judges the runs.
+TINY_TRAIN = ["--data.num-symbols", "4", "--data.years", "0.5", "--data.no-sl-signals", "--data.no-cache"]
+TINY_TRAIN += ["--num-minibatches", "2", "--update-epochs", "4", "--eval-interval", "0"]
+# 4,096 symbol-steps in rollouts of 256; the entropy check moves from step 6,000 to 2,048 to fit the tiny run.
+TINY_GATE = ["--seeds", "1", "--total-timesteps", "4096", "--num-envs", "2", "--num-steps", "32"]
+TINY_GATE += ["--entropy-by-step", "2048"]
+COLLAPSE = ["--env.no-anti-collapse", "--ent-schedule", "constant", "--ent-coef", "0", "--no-ent-bonus"]
+COLLAPSE += ["--no-ent-guard", "--kl-prior-coef", "0", "--learning-rate", "0.03"]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses inherit it
+
+
+def test_gate_passes_a_healthy_tiny_run(tmp_path, one_thread, capsys):
+    """Default training settings (anti-collapse on, the entropy stack on) for 4,096 symbol-steps pass every
+    criterion at the default thresholds; only the entropy check step is lowered from 6,000 to 2,048."""
+    assert gate.main([*TINY_GATE, "--out-dir", str(tmp_path), "--", *TINY_TRAIN]) == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "stage5_report.json").read_text())
+    (result,) = report["results"]
+    assert result["passed"] and result["seed"] == 1 and result["global_step"] == 4096
+    assert Path(result["run"]).parent == tmp_path / "runs"
+
+
+def test_gate_fails_a_run_forced_to_collapse(tmp_path, one_thread, capsys):
+    """The same gate flags on a run forced to collapse: anti-collapse off, entropy coefficient 0 (no schedule
+    floor, no adaptive bonus, no guard) and no KL prior (with sl_probs at 0.5 the prior is uniform, a hidden
+    entropy bonus). At the default learning rate 4,096 steps move the policy too little to collapse, so this run
+    also trains at 0.03 (the healthy run at 0.03 collapses too, into HOLD / SELL_PARTIAL: not a fair control)."""
+    assert gate.main([*TINY_GATE, "--out-dir", str(tmp_path), "--", *TINY_TRAIN, *COLLAPSE]) == 1
+    err = capsys.readouterr().err
+    assert "seed 1" in err and "diversity_bonus failed" in err, err
+    report = json.loads((tmp_path / "stage5_report.json").read_text())
+    failed = {c["criterion"] for c in report["results"][0]["checks"] if not c["passed"]}
+    assert "diversity_bonus" in failed and "error" not in report["results"][0]

@@ -599,7 +599,7 @@ if __name__ == "__main__":
         )
         global_step, start_iteration = ckpt["global_step"], extra["iteration"] + 1
         own = extra["ranks"][rank]
-        envs, next_obs_np = load_env(own["envs"], market), envs.obs
+        envs = load_env(own["envs"], market)
         next_obs_np = envs.obs
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
@@ -978,17 +978,14 @@ if __name__ == "__main__":
     # final backtest on the test split: learned master vs fixed directives vs buy-and-hold
     if rank == 0:
         t_eval = time.time()
-        full = run_backtest(
-            agent, master_policy(agent, master, device), market, args.test_split, env_cfg, args.seed, I, device
-        )
-        neutral = run_backtest(
-            agent, fixed_directive(NEUTRAL_DIRECTIVE), market, args.test_split, env_cfg, args.seed, I, device
-        )
-        defensive = run_backtest(
-            agent, fixed_directive(DEFENSIVE_DIRECTIVE), market, args.test_split, env_cfg, args.seed, I, device
-        )
-        reports = {"master": full["agent"], "neutral": neutral["agent"], "defensive": defensive["agent"]}
-        reports.update(benchmark_bh=full["benchmark"], equal_weight_bh=full["equal_weight"])
+        choosers = {"master": master_policy(agent, master, device), "neutral": fixed_directive(NEUTRAL_DIRECTIVE)}
+        choosers["defensive"] = fixed_directive(DEFENSIVE_DIRECTIVE)
+        full = {
+            n: run_backtest(agent, c, market, args.test_split, env_cfg, args.seed, I, device)
+            for n, c in choosers.items()
+        }
+        reports = {name: report["agent"] for name, report in full.items()}
+        reports.update(benchmark_bh=full["master"]["benchmark"], equal_weight_bh=full["master"]["equal_weight"])
         dd_master, dd_neutral = abs(reports["master"]["max_drawdown"]), abs(reports["neutral"]["max_drawdown"])
         reduction = 1.0 - dd_master / dd_neutral if dd_neutral > 0 else 0.0
         go = {
@@ -998,8 +995,8 @@ if __name__ == "__main__":
             "return_change_vs_neutral": reports["master"]["total_return"] - reports["neutral"]["total_return"],
             "sharpe_change_vs_neutral": reports["master"]["sharpe"] - reports["neutral"]["sharpe"],
         }
-        curves = {"master": full["curves"]["agent"], "neutral": neutral["curves"]["agent"]}
-        curves.update(defensive=defensive["curves"]["agent"], benchmark=full["curves"]["benchmark"])
+        curves = {name: report["curves"]["agent"] for name, report in full.items()}
+        curves.update(benchmark=full["master"]["curves"]["benchmark"])
         for name, curve in curves.items():
             for i, value in enumerate(curve / curve[0]):
                 writer.add_scalar(f"equity/{args.test_split}_{name}", value, i)

@@ -4,11 +4,13 @@ checkpoint into the symbol agents, and the script itself run as a subprocess wit
 The directive semantics (risk multiplier scales sizes, position cap and open-position limit mask and cancel orders,
 regime mode sets the exposure ceiling and masks) are tested on the core in tests/test_trading_env.py
 (test_risk_multiplier_scales_buy_size, test_position_cap_masks_buys_and_adds, ...); here the MAPPO-level question is
-whether the symbol agents can read the directive at all."""
+whether the symbol agents can read the directive at all. The PettingZoo face of portfolio mode (PortfolioParallelEnv,
+whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in tests/test_env_faces.py."""
 
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +153,36 @@ def test_symbol_agents_read_the_directive():
     assert not torch.allclose(changed[1], same[1])
 
 
+def _core_survives_pickling() -> bool:
+    """Whether a VecTradingCore stepped after a pickle round trip still matches the original (resume needs it)."""
+    core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 1, mode="portfolio", seed=0)
+    core.reset(seed=0)
+    copy = pickle.loads(pickle.dumps(core))
+    a = np.full((1, 3), te.BUY_SMALL)
+    return all(np.array_equal(x, y) for x, y in zip(core.step(a)[0].values(), copy.step(a)[0].values(), strict=True))
+
+
+def test_resume_equals_uninterrupted(runs):
+    if not _core_survives_pickling():
+        pytest.skip(
+            "trading_env.VecTradingCore loses its observation views in a pickle round trip (needs __setstate__)"
+        )
+    _, run, ckpt = runs
+    cwd = run.parent.parent / "split"
+    cwd.mkdir()
+    extra = ["--symbol-checkpoint", str(ckpt), "--save-model"]
+    run_script("mappo_master.py", cwd, *TINY, "84", *extra)  # one iteration of the fixture's two
+    half = only_run(cwd / "runs")
+    run_script("mappo_master.py", cwd, *TINY, "168", *extra, "--resume", str(half / "checkpoint.pt"))
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(half / "checkpoint.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 168
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (run, half))
+    assert sa["backtest"]["master"] == sb["backtest"]["master"]
+
+
 def test_bad_master_interval_fails_before_any_run_folder(tmp_path):
     proc = run_script("mappo_master.py", tmp_path, *COMMON, "--num-steps", "10", check=False)
     assert proc.returncode != 0 and "--master-interval" in proc.stderr
@@ -226,16 +258,3 @@ def test_global_features_encode_the_directive_and_intents():
     np.testing.assert_array_equal(g[1, 18:29], [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 3, level 3, aggressive
     np.testing.assert_allclose(g[0, 29:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(g[1, 29:], [0, 0, 0, 0, 0, 1, 0])
-
-
-def test_portfolio_face_passes_parallel_api_test():
-    """The PettingZoo face of portfolio mode, whose agents are MAPPO's symbol agents."""
-    faces = ROOT / "tests" / "test_env_faces.py"
-    if faces.exists() and "parallel_api_test" in faces.read_text():
-        pytest.skip("covered by tests/test_env_faces.py")
-    if not hasattr(te, "PortfolioParallelEnv"):
-        pytest.skip("trading_env.PortfolioParallelEnv has not landed yet")
-    from pettingzoo.test import parallel_api_test
-
-    env = te.PortfolioParallelEnv(make_synthetic_prepared(num_symbols=3, years=0.5))
-    parallel_api_test(env, num_cycles=50)

@@ -39,13 +39,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from encoders import EncoderConfig, SymbolPolicy, load_checkpoint, masked_policy, save_checkpoint
 from market_data import DataConfig, prepare_market
-from trading_env import EnvConfig, VecTradingCore
+from trading_env import ACTION_NAMES, EnvConfig, VecTradingCore, action_entropy
 
 # CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
 CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
-ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
 # Direction of each action for the supervised prior: +1 adds exposure, -1 removes it, 0 holds.
 ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
+# per-step info arrays (E, S) averaged over each rollout
+TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost", "equity")
+TELEMETRY_KEYS += ("exposure",)
 # tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
 MLFLOW_NAMES = {
     "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
@@ -252,8 +254,7 @@ def compute_gae(rewards, values, terminated, truncated, final_values, next_value
 
 def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
     """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
-    counts = (actions[..., None] == np.arange(len(ACTION_NAMES))).mean(0)  # (E, S, 7)
-    return -(counts * np.log(np.where(counts > 0, counts, 1.0))).sum(-1)
+    return action_entropy((actions[..., None] == np.arange(len(ACTION_NAMES))).sum(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,10 +394,11 @@ def start_mlflow(args: Args, run_name: str):
     return mlflow
 
 
-def dump_env(envs, market) -> torch.Tensor:
-    """The mutable state of a VecTradingCore as pickled bytes (uint8 tensor): its arrays except views and per-bar
-    market tables (rebuilt from the data), dicts of arrays, scalars and its RNG. Restored in place by `load_env` so
-    that the core's internal views of its own buffers stay views (pickling the core itself would break them)."""
+def dump_rank_state(envs, market, next_obs: dict) -> torch.Tensor:
+    """What a rank needs to continue exactly, pickled into a uint8 tensor: the python/numpy/torch RNG, the next
+    observation and the mutable state of its VecTradingCore (arrays except views and per-bar market tables, dicts of
+    arrays, scalars, its RNG). `load_rank_state` writes the arrays back in place, so the core's internal views of its
+    own buffers stay views (pickling the core object itself would silently break them)."""
     bars, state = len(market.data.timestamps), {}
     for k, v in vars(envs).items():
         if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == bars):
@@ -405,30 +407,25 @@ def dump_env(envs, market) -> torch.Tensor:
             state[k] = v
         elif isinstance(v, bool | int | float | np.random.Generator):
             state[k] = v
-    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    blob = pickle.dumps({"envs": state, "rng": rng, "next_obs": next_obs})
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
-def load_env(envs, blob: torch.Tensor) -> None:
-    for k, v in pickle.loads(blob.numpy().tobytes()).items():
-        current = getattr(envs, k)
+def load_rank_state(envs, blob: torch.Tensor) -> dict:
+    saved = pickle.loads(blob.numpy().tobytes())
+    for k, v in saved["envs"].items():
         if isinstance(v, np.ndarray):
-            np.copyto(current, v)
+            np.copyto(getattr(envs, k), v)
         elif isinstance(v, dict):
             for name, array in v.items():
-                np.copyto(current[name], array)
+                np.copyto(getattr(envs, k)[name], array)
         else:
             setattr(envs, k, v)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
+    random.setstate(saved["rng"]["python"])
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    return saved["next_obs"]
 
 
 def write_summary(run_dir: Path, **fields) -> None:
@@ -512,10 +509,7 @@ if __name__ == "__main__":
             f"{args.world_size})"
         )
         ctl, global_step, start_iteration = extra["entropy_control"], ckpt["global_step"], extra["iteration"] + 1
-        own = extra["ranks"][rank]
-        load_env(envs, own["envs"])
-        next_obs_np = {k: v.numpy() for k, v in own["next_obs"].items()}
-        set_rng_state(own["rng"])
+        next_obs_np = load_rank_state(envs, extra["ranks"][rank])
         run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -524,7 +518,7 @@ if __name__ == "__main__":
     writer, mlflow = None, None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(run_dir, status="running", run_name=run_name, global_step=global_step)
+        write_summary(run_dir, status="incomplete", run_name=run_name, global_step=global_step)
         writer = SummaryWriter(str(run_dir))
         writer.add_text(
             "hyperparameters",
@@ -575,20 +569,16 @@ if __name__ == "__main__":
             terminateds[step] = torch.as_tensor(terminated, device=device)
             truncateds[step] = torch.as_tensor(truncated, device=device)
             bootstrap = truncated & ~terminated  # (E, S): value of the ended episode's last observation
-            if bootstrap.any():
+            final_values[step] = 0.0
+            if bootstrap.any():  # only the envs that were truncated go through the network
                 rows = bootstrap.any(1)
                 with torch.no_grad():
                     v_final = agent.get_value(to_torch({k: a[rows] for k, a in info["final_obs"].items()}, device))
-                final_values[step] = 0.0
                 final_values[step][torch.as_tensor(rows, device=device)] = v_final
-            else:
-                final_values[step] = 0.0
 
             # telemetry: per-step means, summed over the rollout
             policy_actions[step], executed_actions[step] = info["policy_action"], info["executed_action"]
-            for k in ("masked_attempt", "forced_hold", "voluntary_trade", "cost", "equity", "exposure"):
-                tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / T
-            for k in ("diversity_bonus", "violations"):
+            for k in TELEMETRY_KEYS:
                 tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / T
             for k, v in info["reward_components"].items():
                 comps[k] = comps.get(k, 0.0) + float(np.mean(v)) / T
@@ -611,16 +601,10 @@ if __name__ == "__main__":
         # flatten (T, E) -> T*E env-steps; the symbol axis stays so that the per-symbol heads run batched
         b_obs = {k: v.reshape((T * E,) + v.shape[2:]) for k, v in obs.items()}
         b_logprobs, b_actions = logprobs.reshape(T * E, S), actions.reshape(T * E, S)
-        b_advantages, b_returns, b_values = (
-            advantages.reshape(T * E, S),
-            returns.reshape(T * E, S),
-            values.reshape(T * E, S),
-        )
-        b_prior = (
-            sl_prior_logprobs(b_obs["sl_probs"], b_obs["action_mask"], args.kl_prior_temperature)
-            if kl_coef > 0
-            else None
-        )
+        b_advantages, b_returns, b_values = (x.reshape(T * E, S) for x in (advantages, returns, values))
+        b_prior = None
+        if kl_coef > 0:  # (T*E, S, 7) prior log-probabilities under the rollout's masks
+            b_prior = sl_prior_logprobs(b_obs["sl_probs"], b_obs["action_mask"], args.kl_prior_temperature)
 
         b_inds = np.arange(T * E)
         mb_rows = (T * E) // args.num_minibatches
@@ -703,8 +687,7 @@ if __name__ == "__main__":
 
         # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
         if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
-            own = {"envs": dump_env(envs, market), "next_obs": {k: v.copy() for k, v in next_obs_np.items()}}
-            own["rng"] = rng_state()
+            own = dump_rank_state(envs, market, next_obs_np)
             ranks = [None] * args.world_size
             if args.world_size > 1:
                 dist.gather_object(own, ranks if rank == 0 else None, dst=0)
@@ -724,9 +707,8 @@ if __name__ == "__main__":
                 f"(intervention {ctl['interventions']})"
             )
         policy_trades, executed_trades = (policy_actions != 0).mean(), (executed_actions != 0).mean()
-        unique = episodes.get("unique_actions") or [
-            len(np.unique(executed_actions[:, e, s])) for e in range(E) for s in range(S)
-        ]
+        # unique executed actions per ended episode, or per slot over this rollout when none ended
+        unique = episodes.get("unique_actions") or (executed_actions[..., None] == np.arange(7)).any(0).sum(-1)
         metrics = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/ent_coef": ent_coef,
@@ -781,14 +763,11 @@ if __name__ == "__main__":
         sps = int((global_step - start_step) / (time.time() - start_time))
         metrics["charts/SPS"] = sps
         log_scalars(writer, mlflow, metrics, global_step)
+        val_sharpe = metrics.get(f"trading/{args.eval_split}_sharpe")
         print(
             f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} ent_coef={ent_coef:.4f} "
             f"policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
-            + (
-                f" {args.eval_split}_sharpe={last_eval['sharpe']:.2f}"
-                if "trading/" + args.eval_split + "_sharpe" in metrics
-                else ""
-            )
+            + (f" {args.eval_split}_sharpe={val_sharpe:.2f}" if val_sharpe is not None else "")
         )
         last_telemetry = {
             MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")
@@ -813,24 +792,12 @@ if __name__ == "__main__":
         )
         (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
         (run_dir / "backtest.md").write_text(table + "\n")
-        log_scalars(
-            writer,
-            mlflow,
-            {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if isinstance(v, (int, float))},
-            global_step,
-        )
+        test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
+        log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
-        write_summary(
-            run_dir,
-            status="complete",
-            global_step=global_step,
-            encoder=args.encoder.kind,
-            backtest=reports,
-            val=last_eval,
-            telemetry=last_telemetry,
-            entropy_control=ctl,
-            args=asdict(args),
-        )
+        final = {"status": "complete", "global_step": global_step, "seed": args.seed, "encoder": args.encoder.kind}
+        final.update(backtest=reports, val=last_eval, telemetry=last_telemetry, entropy_control=ctl, args=asdict(args))
+        write_summary(run_dir, **final)
         writer.close()
         if mlflow is not None:
             mlflow.end_run()

@@ -1,0 +1,193 @@
+"""Training throughput of ppo_symbol_agent.py against Stable-Baselines3 PPO and sb3-contrib MaskablePPO, all three
+with the same encoder (encoders.make_encoder as SB3 features extractor, the same 256-128 heads) on the same
+environment (TradingEnvironment, one per (env, symbol) slot, in a DummyVecEnv), the same rollout (num_steps x slots),
+minibatches and epochs, measured in one run. Also, with --learning, the learning-vs-placebo experiment.
+
+    python benchmarks/bench_train.py --json benchmarks/results/train.json
+    python benchmarks/bench_train.py --learning --json benchmarks/results/learning.json
+
+SPS = symbol-steps (environment transitions) per second of training, rollout and update included: for this script
+the last `charts/SPS` of a run with periodic evaluation off (data preparation and the final backtest excluded), for
+SB3 the timesteps of `model.learn()` divided by its wall time. Torch runs one intra-op thread in every case (stated
+in the JSON). The seed's transformer (d_model 256, 4 layers) is far too slow for CPU training (~94 samples/s
+forward+backward on one core), so the transformer rows use a small transformer on CPU and the seed's on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ROOT, write_json
+
+SCRIPT = ROOT / "ppo_symbol_agent.py"
+SMALL_TRANSFORMER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
+                     "output_dim": 64}  # fmt: skip
+MLP = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+
+
+def encoder_flags(enc: dict) -> list[str]:
+    flags = ["--encoder-preset", "as_given"]
+    for k, v in enc.items():
+        flags += [f"--encoder.{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def last_scalar(run_dir: Path, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Scalars(tag)[-1].value
+
+
+def run_ours(enc: dict, data_flags: list[str], num_envs: int, num_steps: int, iterations: int, cwd: Path) -> float:
+    """charts/SPS of ppo_symbol_agent.py after `iterations` iterations (no periodic evaluation)."""
+    S = int(data_flags[data_flags.index("--data.num-symbols") + 1])
+    flags = [*data_flags, *encoder_flags(enc), "--num-envs", str(num_envs), "--num-steps", str(num_steps)]
+    flags += ["--total-timesteps", str(iterations * num_envs * num_steps * S), "--eval-interval", "0"]
+    flags += ["--torch-threads", "1", "--exp-name", f"bench_{enc['kind']}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ppo_symbol_agent.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    run = sorted(glob.glob(str(cwd / "runs" / f"bench_{enc['kind']}__*")))[-1]
+    return last_scalar(Path(run), "charts/SPS")
+
+
+def run_sb3(algo: str, enc: dict, market, num_envs: int, num_steps: int, iterations: int) -> float:
+    """SPS of SB3 PPO or MaskablePPO with the same encoder and heads on TradingEnvironment slots."""
+    from gymnasium import spaces
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from encoders import EncoderConfig, make_encoder
+    from trading_env import EnvConfig, TradingEnvironment
+
+    class Extractor(BaseFeaturesExtractor):
+        def __init__(self, observation_space: spaces.Dict, **cfg):
+            config = EncoderConfig(dropout=0.0, **cfg)
+            super().__init__(observation_space, features_dim=config.output_dim)
+            self.encoder = make_encoder(config)
+
+        def forward(self, obs):
+            return self.encoder(obs)  # (B, output_dim); the action mask key is ignored
+
+    S = len(market.data.symbols)
+    fns = [
+        (lambda i=i: TradingEnvironment(market, symbol=i % S, config=EnvConfig(), seed=i)) for i in range(num_envs * S)
+    ]
+    venv = DummyVecEnv(fns)
+    kw = dict(
+        n_steps=num_steps,
+        batch_size=num_envs * S * num_steps // 4,
+        n_epochs=4,
+        learning_rate=3e-4,
+        ent_coef=0.08,
+        policy_kwargs=dict(
+            features_extractor_class=Extractor,
+            features_extractor_kwargs=enc,
+            net_arch=dict(pi=[256, 128], vf=[256, 128]),
+        ),
+        device="cpu",
+        seed=1,
+        verbose=0,
+    )
+    if algo == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        model = MaskablePPO("MultiInputPolicy", venv, **kw)
+    else:
+        from stable_baselines3 import PPO
+
+        model = PPO("MultiInputPolicy", venv, **kw)
+    steps = iterations * num_envs * S * num_steps
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    return steps / (time.perf_counter() - t0)
+
+
+def speed(args) -> dict:
+    from market_data import DataConfig, prepare_market
+
+    data_flags = ["--data.num-symbols", str(args.num_symbols), "--data.no-sl-signals"]
+    market = prepare_market(DataConfig(num_symbols=args.num_symbols, sl_signals=False))
+    cases = {"mlp": (MLP, args.iterations)}
+    if torch.cuda.is_available():
+        cases["transformer"] = ({"kind": "transformer"}, args.iterations)  # the seed's transformer
+    else:
+        cases["transformer"] = (SMALL_TRANSFORMER, 1)
+    record = {"num_envs": args.num_envs, "num_symbols": args.num_symbols, "num_steps": args.num_steps}
+    record["torch_threads"] = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (enc, iterations) in cases.items():
+            row = {"encoder": enc, "iterations": iterations}
+            row["ours_sps"] = run_ours(enc, data_flags, args.num_envs, args.num_steps, iterations, Path(tmp))
+            for algo in ("sb3_ppo", "maskable_ppo"):
+                row[f"{algo}_sps"] = run_sb3(algo, enc, market, args.num_envs, args.num_steps, iterations)
+            print(name, row, flush=True)
+            record[name] = row
+            record[f"ratio_vs_sb3_{name}"] = row["ours_sps"] / row["sb3_ppo_sps"]
+            record[f"ratio_vs_maskable_{name}"] = row["ours_sps"] / row["maskable_ppo_sps"]
+    record["goals"] = {"ratio_vs_sb3_mlp": 3.0, "ratio_vs_sb3_transformer": 1.5}
+    return record
+
+
+def learning(args) -> dict:
+    """Test-split Sharpe of the trained agent, a random policy and buy-and-hold, with a planted signal and without
+    (placebo). Each seed trains on its own synthetic market (data seed = training seed), so the test periods differ."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for strength in (args.signal_strength, 0.0):
+            for seed in args.seeds:
+                flags = ["--seed", str(seed), "--data.seed", str(seed), "--data.signal-strength", str(strength)]
+                flags += ["--exp-name", f"sig{strength}"]
+                flags += [
+                    "--total-timesteps",
+                    str(args.total_timesteps),
+                    "--data.cache-dir",
+                    str(ROOT / ".cache/market"),
+                ]
+                proc = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=tmp, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+                run = sorted(glob.glob(str(Path(tmp) / "runs" / f"sig{strength}__{seed}__*")))[-1]
+                bt = json.loads((Path(run) / "backtest.json").read_text())
+                row = {"signal_strength": strength, "seed": seed}
+                for name in ("agent", "random", "benchmark_bh", "equal_weight_bh"):
+                    row[f"{name}_sharpe"] = bt[name]["sharpe"]
+                    row[f"{name}_total_return"] = bt[name]["total_return"]
+                print(row, flush=True)
+                rows.append(row)
+    summary = {}
+    for strength in (args.signal_strength, 0.0):
+        sel = [r for r in rows if r["signal_strength"] == strength]
+        summary[str(strength)] = {
+            k: float(np.mean([r[k] for r in sel])) for k in sel[0] if k.endswith("_sharpe") or k.endswith("_return")
+        }
+    return {"total_timesteps": args.total_timesteps, "seeds": args.seeds, "runs": rows, "mean_by_strength": summary}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write the record here (e.g. benchmarks/results/train.json)")
+    p.add_argument("--num-envs", type=int, default=16)
+    p.add_argument("--num-symbols", type=int, default=10)
+    p.add_argument("--num-steps", type=int, default=64)
+    p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed per framework (MLP)")
+    p.add_argument("--learning", action="store_true", help="run the learning-vs-placebo experiment instead")
+    p.add_argument("--signal-strength", type=float, default=0.5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--total-timesteps", type=int, default=400_000)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    write_json(args.json, learning(args) if args.learning else speed(args))

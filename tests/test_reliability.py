@@ -159,7 +159,16 @@ def test_sigint_leaves_a_resumable_incomplete_run(tmp_path):
     flags = [*TINY, *SYNTHETIC, "--seed", "5", "--total-timesteps", str(total), "--save-model"]
     flags += ["--eval-interval", "2", "--run-dir", str(tmp_path / "runs")]
     cmd = [sys.executable, str(SCRIPT), *flags]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a shell's background jobs inherit SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -98,6 +98,9 @@ def test_summary_backtest_and_go_criterion(runs):
     dd_m, dd_n = abs(backtest["master"]["max_drawdown"]), abs(backtest["neutral"]["max_drawdown"])
     assert go["drawdown_reduction_vs_neutral"] == pytest.approx(1 - dd_m / dd_n)
     assert go["passed"] == (go["drawdown_reduction_vs_neutral"] > 0.15)
+    assert (
+        math.isfinite(go["drawdown_reduction_vs_deleveraged_neutral"]) and go["neutral_deleveraged_max_drawdown"] <= 0
+    )
     assert (run / "checkpoint.pt").is_file() and (run / "backtest.md").read_text().startswith("| test |")
 
 

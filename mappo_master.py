@@ -33,7 +33,6 @@ directive vs buy-and-hold, and the drawdown reduction against neutral (the seeds
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import pickle
@@ -55,6 +54,10 @@ from market_data import DataConfig, prepare_market
 from trading_env import DIRECTIVE_SHAPE, NEUTRAL_DIRECTIVE, NUM_DIRECTIVES, EnvConfig, VecTradingCore
 
 ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
+CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+# per-step info arrays (E, S) averaged over each rollout
+TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost", "equity")
+TELEMETRY_KEYS += ("exposure",)
 MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
 DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))  # risk 0.5, tightest level, defensive
 # tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
@@ -79,6 +82,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
     """if toggled, cuda is used when available"""
+    torch_threads: int = 1
+    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
+    busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns, needs `pip install mlflow`)"""
     save_model: bool = False
@@ -87,9 +93,10 @@ class Args:
     """path of a checkpoint.pt of this script to continue from (both networks, optimiser, value norm, RNG, envs)"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
-    encoder_preset: Literal["auto", "cpu", "gpu", "custom"] = "auto"
-    """auto: `gpu` on CUDA, `cpu` otherwise; cpu: small MLP encoder (fast on 2 cores); gpu: the seed's transformer
-    (d_model 256, 8 heads, 4 layers); custom: exactly the --encoder.* flags"""
+    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
+    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
+    encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+    transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -474,30 +481,38 @@ def start_mlflow(args: Args, run_name: str):
     return mlflow
 
 
-def dump_env(envs, market) -> torch.Tensor:
-    """The environment core's whole state as bytes (uint8 tensor), without the market it reads (rebuilt on load)."""
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf)
-    pickler.persistent_id = lambda obj: "market" if obj is market else None
-    pickler.dump(envs)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+def dump_rank_state(envs, market, next_obs: dict) -> torch.Tensor:
+    """What a rank needs to continue exactly, pickled into a uint8 tensor: the python/numpy/torch RNG, the next
+    observation and the mutable state of its VecTradingCore (arrays except views and per-bar market tables, dicts of
+    arrays, scalars, its RNG). `load_rank_state` writes the arrays back in place, so the core's internal views of its
+    own buffers stay views (pickling the core object itself would silently break them)."""
+    bars, state = len(market.data.timestamps), {}
+    for k, v in vars(envs).items():
+        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == bars):
+            state[k] = v
+        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
+            state[k] = v
+        elif isinstance(v, bool | int | float | np.random.Generator):
+            state[k] = v
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    blob = pickle.dumps({"envs": state, "rng": rng, "next_obs": next_obs})
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
-def load_env(blob: torch.Tensor, market):
-    unpickler = pickle.Unpickler(io.BytesIO(blob.numpy().tobytes()))
-    unpickler.persistent_load = lambda pid: market
-    return unpickler.load()
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
+def load_rank_state(envs, blob: torch.Tensor) -> dict:
+    saved = pickle.loads(blob.numpy().tobytes())
+    for k, v in saved["envs"].items():
+        if isinstance(v, np.ndarray):
+            np.copyto(getattr(envs, k), v)
+        elif isinstance(v, dict):
+            for name, array in v.items():
+                np.copyto(getattr(envs, k)[name], array)
+        else:
+            setattr(envs, k, v)
+    random.setstate(saved["rng"]["python"])
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    return saved["next_obs"]
 
 
 def write_summary(run_dir: Path, **fields) -> None:
@@ -549,12 +564,14 @@ if __name__ == "__main__":
     env_cfg = replace(args.env, episode_length=args.episode_length)
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    preset = args.encoder_preset if args.encoder_preset != "auto" else ("gpu" if use_cuda else "cpu")
-    if preset == "cpu":
-        args.encoder = replace(args.encoder, kind="mlp", output_dim=128)
-    elif preset == "gpu":
-        args.encoder = replace(args.encoder, kind="transformer", d_model=256, nhead=8, num_layers=4, output_dim=256)
-        args.encoder = replace(args.encoder, dim_feedforward=1024)
+    preset = args.encoder_preset if args.encoder_preset != "auto" else ("as_given" if use_cuda else "cpu")
+    if preset == "cpu":  # fills the encoder fields left at their (transformer) defaults
+        default = EncoderConfig()
+        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(args.encoder, k) == getattr(default, k)}
+        args.encoder = replace(args.encoder, **fill)
+
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
 
     # seeding (each rank its own seed and envs)
     random.seed(args.seed + rank)
@@ -599,11 +616,9 @@ if __name__ == "__main__":
         )
         global_step, start_iteration = ckpt["global_step"], extra["iteration"] + 1
         own = extra["ranks"][rank]
-        envs = load_env(own["envs"], market)
-        next_obs_np = envs.obs
+        load_rank_state(envs, own["core"])  # the core's buffers are rewritten in place: next_obs_np is envs.obs
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
-        set_rng_state(own["rng"])
         run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -612,7 +627,7 @@ if __name__ == "__main__":
     writer, mlflow = None, None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(run_dir, status="running", run_name=run_name, global_step=global_step)
+        write_summary(run_dir, status="incomplete", run_name=run_name, global_step=global_step)
         writer = SummaryWriter(str(run_dir))
         writer.add_text(
             "hyperparameters",
@@ -739,9 +754,7 @@ if __name__ == "__main__":
 
             # telemetry: per-step means, summed over the rollout
             policy_actions[step], executed_actions[step] = info["policy_action"], info["executed_action"]
-            for key in ("masked_attempt", "forced_hold", "voluntary_trade", "cost", "equity", "exposure"):
-                tele[key] = tele.get(key, 0.0) + float(np.mean(info[key])) / T
-            for key in ("diversity_bonus", "violations"):
+            for key in TELEMETRY_KEYS:
                 tele[key] = tele.get(key, 0.0) + float(np.mean(info[key])) / T
             for key, v in info["reward_components"].items():
                 comps[key] = comps.get(key, 0.0) + float(np.mean(v)) / T
@@ -881,9 +894,8 @@ if __name__ == "__main__":
 
         # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
         if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
-            own = {"envs": dump_env(envs, market), "rng": rng_state()}
-            own.update(track={key: torch.as_tensor(v) for key, v in track.items()})
-            own["last_actions"] = torch.as_tensor(last_actions)
+            own = {"core": dump_rank_state(envs, market, next_obs_np), "last_actions": torch.as_tensor(last_actions)}
+            own["track"] = {key: torch.as_tensor(v) for key, v in track.items()}
             ranks = [None] * args.world_size
             if args.world_size > 1:
                 dist.gather_object(own, ranks if rank == 0 else None, dst=0)

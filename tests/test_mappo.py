@@ -10,7 +10,6 @@ whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -156,20 +155,7 @@ def test_symbol_agents_read_the_directive():
     assert not torch.allclose(changed[1], same[1])
 
 
-def _core_survives_pickling() -> bool:
-    """Whether a VecTradingCore stepped after a pickle round trip still matches the original (resume needs it)."""
-    core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 1, mode="portfolio", seed=0)
-    core.reset(seed=0)
-    copy = pickle.loads(pickle.dumps(core))
-    a = np.full((1, 3), te.BUY_SMALL)
-    return all(np.array_equal(x, y) for x, y in zip(core.step(a)[0].values(), copy.step(a)[0].values(), strict=True))
-
-
 def test_resume_equals_uninterrupted(runs):
-    if not _core_survives_pickling():
-        pytest.skip(
-            "trading_env.VecTradingCore loses its observation views in a pickle round trip (needs __setstate__)"
-        )
     _, run, ckpt = runs
     cwd = run.parent.parent / "split"
     cwd.mkdir()

@@ -778,7 +778,11 @@ if __name__ == "__main__":
                 args.master_gae_lambda,
             )  # fmt: skip
             if args.value_norm:  # PopArt-lite: the critic regresses normalised returns
-                value_norm.update(m_returns)
+                all_returns = [m_returns]
+                if args.world_size > 1:  # every rank's normaliser sees every rank's returns, so they stay equal
+                    all_returns = [torch.zeros_like(m_returns) for _ in range(args.world_size)]
+                    dist.all_gather(all_returns, m_returns)
+                value_norm.update(torch.cat(all_returns))
             m_targets = value_norm.normalize(m_returns) if args.value_norm else m_returns
 
         # ALGO LOGIC: symbol agents, PPO-clip over (T * E) env-steps that keep the symbol axis

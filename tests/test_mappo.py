@@ -10,6 +10,7 @@ whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,9 @@ MASTER_TAGS = [f"master_reward/{name}" for name in (*mappo.MASTER_REWARD_COMPONE
 ]
 
 
-def run_script(script: str, cwd: Path, *flags: str, check: bool = True):
+def run_script(script: str, cwd: Path, *flags: str, check: bool = True, launcher: list[str] | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / script), *flags]
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *flags]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -170,6 +171,18 @@ def test_resume_equals_uninterrupted(runs):
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (run, half))
     assert sa["backtest"]["master"] == sb["backtest"]["master"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_processes(tmp_path):
+    flags = [*TINY, "168", "--eval-interval", "0"]
+    proc = run_script(
+        "mappo_master.py", tmp_path, *flags, launcher=["torchrun", "--standalone", "--nproc_per_node", "2"]
+    )
+    summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["args"]["world_size"] == 2
+    assert summary["global_step"] == 168  # two ranks, one iteration each
+    assert proc.stdout.count("backtest on the test split") == 1  # rank 0 alone reports
 
 
 def test_bad_master_interval_fails_before_any_run_folder(tmp_path):

@@ -289,7 +289,7 @@ def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
     return -(counts * np.log(np.where(counts > 0, counts, 1.0))).sum(-1)
 
 
-def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> SymbolPolicy:
+def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
     """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
 
     The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first

@@ -144,22 +144,24 @@ def speed(args) -> dict:
 
 def learning(args) -> dict:
     """Test-split Sharpe of the trained agent, a random policy and buy-and-hold, with a planted signal and without
-    (placebo). Each seed trains on its own synthetic market (data seed = training seed), so the test periods differ."""
+    (placebo). Each seed trains on its own synthetic market (data seed = training seed), so the test periods differ.
+    The two strengths of one seed train side by side (one torch thread each)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for strength in (args.signal_strength, 0.0):
-            for seed in args.seeds:
+        for seed in args.seeds:
+            procs = {}
+            for strength in (args.signal_strength, 0.0):
                 flags = ["--seed", str(seed), "--data.seed", str(seed), "--data.signal-strength", str(strength)]
-                flags += ["--exp-name", f"sig{strength}"]
-                flags += [
-                    "--total-timesteps",
-                    str(args.total_timesteps),
-                    "--data.cache-dir",
-                    str(ROOT / ".cache/market"),
-                ]
-                proc = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=tmp, capture_output=True, text=True)
+                flags += ["--exp-name", f"sig{strength}", "--total-timesteps", str(args.total_timesteps)]
+                flags += ["--data.cache-dir", str(ROOT / ".cache/market")]
+                cmd = [sys.executable, str(SCRIPT), *flags]
+                procs[strength] = subprocess.Popen(
+                    cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            for strength, proc in procs.items():
+                out, _ = proc.communicate()
                 if proc.returncode != 0:
-                    raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+                    raise RuntimeError(f"training failed:\n{out[-3000:]}")
                 run = sorted(glob.glob(str(Path(tmp) / "runs" / f"sig{strength}__{seed}__*")))[-1]
                 bt = json.loads((Path(run) / "backtest.json").read_text())
                 row = {"signal_strength": strength, "seed": seed}
@@ -172,7 +174,7 @@ def learning(args) -> dict:
     for strength in (args.signal_strength, 0.0):
         sel = [r for r in rows if r["signal_strength"] == strength]
         summary[str(strength)] = {
-            k: float(np.mean([r[k] for r in sel])) for k in sel[0] if k.endswith("_sharpe") or k.endswith("_return")
+            k: float(np.mean([r[k] for r in sel])) for k in sel[0] if k.endswith(("sharpe", "return"))
         }
     return {"total_timesteps": args.total_timesteps, "seeds": args.seeds, "runs": rows, "mean_by_strength": summary}
 
@@ -187,7 +189,7 @@ if __name__ == "__main__":
     p.add_argument("--learning", action="store_true", help="run the learning-vs-placebo experiment instead")
     p.add_argument("--signal-strength", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--total-timesteps", type=int, default=400_000)
+    p.add_argument("--total-timesteps", type=int, default=1_000_000)
     args = p.parse_args()
     torch.set_num_threads(1)
     write_json(args.json, learning(args) if args.learning else speed(args))

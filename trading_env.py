@@ -217,6 +217,7 @@ class RewardShaper:
         self.config = config
         self.anti_collapse = anti_collapse
         self.weights = config.weights()  # (10,)
+        self._weights_row = self.weights[None, :]  # (1, 10)
         self.realized = config.pnl_mode == "realized"
 
     def diversity_bonus(self, unique: np.ndarray, filled: np.ndarray) -> np.ndarray:
@@ -235,7 +236,8 @@ class RewardShaper:
         base = (realized if self.realized else pnl) / unit
         if c.roi_scaling:
             roi = np.divide(pnl, basis, out=np.zeros_like(pnl), where=basis > 0)
-            mult = np.clip(1.0 + roi * c.roi_scale_factor, c.roi_clip[0], c.roi_clip[1])
+            mult = 1.0 + roi * c.roi_scale_factor
+            np.minimum(np.maximum(mult, c.roi_clip[0], out=mult), c.roi_clip[1], out=mult)  # np.clip, in place
             base = base * mult
         out[0] = base
         np.multiply(cost, -1.0 / unit, out=out[1], casting="unsafe")
@@ -251,7 +253,8 @@ class RewardShaper:
         else:
             out[7:9] = 0.0
         out[9] = voluntary
-        return np.tensordot(self.weights, out, axes=1)
+        # np.tensordot(self.weights, out, axes=1) without its Python overhead: the same (1, 10) @ (10, E * S) dot
+        return np.dot(self._weights_row, out.reshape(out.shape[0], -1)).reshape(out.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,15 +427,13 @@ class VecTradingCore:
         logret[1:] = np.log(vc[1:] / vc[:-1])
         _, self._vol = _rolling_mean_std(logret, 24)
         self._mean_close, _ = _rolling_mean_std(vc, 24)
-        # technical laid out (S, T, F): windows[t - L + 1] is a strided (S, L, F) view of the window ending at t for
-        # every symbol, so one fancy index gathers all E * S windows. (np.take would first copy the whole
-        # overlapping view: seconds per call.)
+        # technical laid out (S, T, F) and viewed as rows (S * T, F): row s * T + t - L + 1 + l is row l of the window
+        # of (t, s), so one np.take(..., out=obs) copies all E * S windows once, straight into the buffer (a fancy
+        # index on a strided window view copies twice; np.take on that view would copy the whole view first)
         F = market.technical.shape[2]
         tech_st = np.ascontiguousarray(np.asarray(market.technical[:, sym_idx], dtype=np.float32).transpose(1, 0, 2))
-        it = tech_st.itemsize
-        self._tech_windows = np.lib.stride_tricks.as_strided(
-            tech_st, shape=(T - L + 1, S, L, F), strides=(F * it, T * F * it, F * it, it), writeable=False
-        )
+        self._tech_rows = tech_st.reshape(S * T, F)
+        self._tech_base = (np.arange(S) * T)[:, None] + np.arange(L)[None, :] - (L - 1)  # (S, L)
         self._sl = np.ascontiguousarray(market.sl_probs[:, sym_idx], dtype=np.float32)
         self._regime = np.ascontiguousarray(market.regime, dtype=np.float32)
         R = self._regime.shape[1]
@@ -460,6 +461,7 @@ class VecTradingCore:
         }
         self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
         self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)
+        self._tech_idx = np.zeros((E, S, L), dtype=np.int64)
         self._rows = np.arange(E * S)
 
         # ---- per-env directive parameters (independent mode: fixed) ----
@@ -669,7 +671,8 @@ class VecTradingCore:
         """Write every observation key for the current bar into the preallocated buffers."""
         t = self.t
         o = self.obs
-        o["technical"][:] = self._tech_windows[t - (self.lookback - 1)]  # (E, S, L, F)
+        rows = np.add(t[:, None, None], self._tech_base, out=self._tech_idx)  # (E, S, L)
+        np.take(self._tech_rows, rows, axis=0, out=o["technical"], mode="clip")  # (E, S, L, F); rows are in range
         np.take(self._sl, t, axis=0, out=o["sl_probs"])
         o["regime"][:] = self._regime[t][:, None, :]
         vc = self._vc[t]  # (E, S)

@@ -1057,5 +1057,9 @@ if __name__ == "__main__":
         writer.close()
         if mlflow is not None:
             mlflow.end_run()
-    if args.world_size > 1:
+    if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
+        weights = nn.utils.parameters_to_vector([*model.parameters(), *model.buffers()]).detach()
+        reference = weights.clone()
+        dist.broadcast(reference, src=0)
+        assert torch.equal(weights, reference), f"rank {rank}: weights differ from rank 0's after training"
         dist.destroy_process_group()

@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -429,6 +430,21 @@ def load_rank_state(envs, blob: torch.Tensor) -> dict:
     return saved["next_obs"]
 
 
+def stop_on_sigint() -> dict:
+    """Ctrl-C asks the run to stop after the current iteration (checkpoint with --save-model, folder left
+    incomplete, exit status 130); a second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("SIGINT: stopping after this iteration (press Ctrl-C again to stop now)", flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 def write_summary(run_dir: Path, **fields) -> None:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
@@ -544,7 +560,7 @@ if __name__ == "__main__":
     terminateds, truncateds = (torch.zeros((T, E, S), dtype=torch.bool, device=device) for _ in range(2))
     policy_actions, executed_actions = np.zeros((T, E, S), np.int8), np.zeros((T, E, S), np.int8)
     start_time, start_step = time.time(), global_step
-    last_eval = {}
+    last_eval, stop, stopping = {}, stop_on_sigint(), False
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:
@@ -686,8 +702,14 @@ if __name__ == "__main__":
         executed_entropy = float(slot_action_entropy(executed_actions).mean())
         intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
 
+        stopping = torch.tensor(float(stop["requested"]))
+        if args.world_size > 1:  # all ranks stop at the same iteration
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        stopping = bool(stopping.item())
+
         # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
-        if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
+        periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
+        if args.save_model and (periodic or stopping):
             own = dump_rank_state(envs, market, next_obs_np)
             ranks = [None] * args.world_size
             if args.world_size > 1:
@@ -700,6 +722,8 @@ if __name__ == "__main__":
                     run_dir / "checkpoint.pt", agent, optimizer, args=args, global_step=global_step, extra=extra
                 )
         if rank != 0:
+            if stopping:
+                break
             continue
         if intervened:
             print(
@@ -773,6 +797,17 @@ if __name__ == "__main__":
         last_telemetry = {
             MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")
         }
+        if stopping:
+            break
+
+    if stopping:  # interrupted: no backtest, the folder stays marked incomplete
+        if rank == 0:
+            writer.close()
+            saved = f"; continue with --resume {run_dir / 'checkpoint.pt'}" if args.save_model else ""
+            print(f"stopped at global_step={global_step}, run folder {run_dir} left incomplete{saved}")
+        if args.world_size > 1:
+            dist.destroy_process_group()
+        raise SystemExit(130)
 
     # final backtest on the test split: agent vs a random policy vs buy-and-hold (benchmark, equal-weight basket)
     if rank == 0:

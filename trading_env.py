@@ -235,7 +235,7 @@ class RewardShaper:
         unit = c.pnl_scale * capital
         base = (realized if self.realized else pnl) / unit
         if c.roi_scaling:
-            roi = np.divide(pnl, basis, out=np.zeros_like(pnl), where=basis > 0)
+            roi = np.divide(pnl, basis, out=np.zeros(np.shape(pnl)), where=basis > 0)
             mult = 1.0 + roi * c.roi_scale_factor
             np.minimum(np.maximum(mult, c.roi_clip[0], out=mult), c.roi_clip[1], out=mult)  # np.clip, in place
             base = base * mult
@@ -471,6 +471,7 @@ class VecTradingCore:
         self._ceiling = np.full(E, config.max_exposure)
         self._defensive = np.zeros(E, dtype=bool)
         self.directive_index = np.full(E, -1, dtype=np.int64)
+        self._directive_constants()
 
         self._rng = np.random.default_rng(seed)
         self._comp = np.zeros((len(REWARD_COMPONENTS), E, S), dtype=np.float32)
@@ -627,45 +628,50 @@ class VecTradingCore:
         reg = np.round(vals[:, 3]).astype(np.int64) + 1
         self._ceiling[:] = np.take(REGIME_MAX_EXPOSURE, reg)
         self._defensive[:] = reg == 0
+        self._directive_constants()
         self.obs["directives"][:] = vals[:, None, :].astype(np.float32)
         if self._ready:
             self._write_mask()
 
-    # ------------------------------------------------------------------ observation
-    def _write_mask(self) -> None:
-        """action_mask (E, S, 7) for the current bar from the current state."""
-        t = self.t
-        m = self.obs["action_mask"]
+    def _directive_constants(self) -> None:
+        """Mask thresholds that change only with the directives, (E, 1) or (E, 1, 3), for _write_mask."""
         c = self.commission + self.config.cash_buffer
-        ok = self._decide_ok[t]  # (E, S)
-        holding = self.shares > 0
-        eq = self._acc_to_slot(self.equity)
-        cash_frac = self._acc_to_slot(self.cash / self.equity)  # (E, S)
-        exposure = self._acc_to_slot(1.0 - self.cash / self.equity)
-        room = exposure < self._ceiling[:, None]
-        open_n = self._acc_to_slot(self._acc_sum(holding.astype(np.int64)))
-        can_open = ok & ~holding & room & (open_n < self._limit[:, None])
         risk = self._risk[:, None]
         cap = self._cap[:, None]
         buy_frac = BUY_SIZES[None, :] * risk  # (E, 3)
-        m[..., 1:4] = (
-            can_open[..., None]
-            & (cash_frac[..., None] >= (buy_frac * (1.0 + c))[:, None, :])
-            & (buy_frac <= cap + 1e-12)[:, None, :]
-        )
-        m[..., 3] &= ~self._defensive[:, None]
-        m[..., 4] = ok & holding
+        self._m_buy_cash = (buy_frac * (1.0 + c))[:, None, :]  # cash fraction a BUY_* needs
+        self._m_buy_ok = (buy_frac <= cap + 1e-12)[:, None, :]  # the BUY_* fits under the cap
+        self._m_buy_ok[:, :, 2] &= ~self._defensive[:, None]  # defensive: no BUY_LARGE
+        self._m_add_cash = ADD_SIZE * risk * (1.0 + c)  # cash fraction an ADD needs
+        self._m_cap = cap - 1e-9
+        self._m_ceiling = self._ceiling[:, None]
+        self._m_limit = self._limit[:, None]
+        self._m_not_defensive = ~self._defensive[:, None]
+
+    # ------------------------------------------------------------------ observation
+    def _write_mask(self) -> None:
+        """action_mask (E, S, 7) for the current bar from the current state."""
+        m = self.obs["action_mask"].view(bool)  # int8 0/1 written as bool: the same bytes
+        ok = self._decide_ok[self.t]  # (E, S)
+        holding = self.shares > 0
+        cash_frac = self._acc_to_slot(self.cash / self.equity)  # (E, S)
+        room = self._acc_to_slot(1.0 - self.cash / self.equity) < self._m_ceiling
+        if self.K == 1:  # independent mode: the limit is 1 open position per account, the slot's own
+            can_open = ok & ~holding & room
+        else:
+            open_n = self._acc_to_slot(self._acc_sum(holding.astype(np.int64)))
+            can_open = ok & ~holding & room & (open_n < self._m_limit)
+        np.greater_equal(cash_frac[..., None], self._m_buy_cash, out=m[..., 1:4])
+        m[..., 1:4] &= self._m_buy_ok
+        m[..., 1:4] &= can_open[..., None]
+        np.logical_and(ok, holding, out=m[..., 4])
         m[..., 5] = m[..., 4]
-        pos_frac = self.pos_value / eq
-        m[..., 6] = (
-            ok
-            & holding
-            & room
-            & (cash_frac >= ADD_SIZE * risk * (1.0 + c))
-            & (pos_frac < cap - 1e-9)
-            & ~self._defensive[:, None]
-        )
-        m[..., 0] = 1
+        add = m[..., 6]
+        np.logical_and(m[..., 4], room, out=add)
+        add &= cash_frac >= self._m_add_cash
+        add &= self.pos_value / self._acc_to_slot(self.equity) < self._m_cap
+        add &= self._m_not_defensive
+        m[..., 0] = True
 
     def _write_obs(self) -> None:
         """Write every observation key for the current bar into the preallocated buffers."""
@@ -679,9 +685,9 @@ class VecTradingCore:
         eq = self._acc_to_slot(self.equity)
         holding = self.shares > 0
         p = o["position"]
-        p[..., 0] = np.divide(self.basis, vc, out=np.ones_like(vc), where=holding) - 1.0
+        p[..., 0] = np.divide(self.basis, vc, out=np.ones(vc.shape), where=holding) - 1.0
         p[..., 1] = self.pos_value / eq
-        p[..., 2] = np.divide(vc, self.basis, out=np.ones_like(vc), where=holding) - 1.0
+        p[..., 2] = np.divide(vc, self.basis, out=np.ones(vc.shape), where=holding) - 1.0
         p[..., 3] = self.hold / HOLD_TIME_SCALE
         p[..., 4] = holding
         f = self._pf4  # (E, A, K, 8)
@@ -706,7 +712,7 @@ class VecTradingCore:
             raise ValueError(f"actions must have shape (num_envs, num_symbols) = {shape}, got {a.shape}.")
         if not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"actions must be integers (action ids 0..6), got dtype {a.dtype}; cast with .astype(int).")
-        if a.size and (a.min() < 0 or a.max() >= NUM_ACTIONS):
+        if a.size and (np.minimum.reduce(a, axis=None) < 0 or np.maximum.reduce(a, axis=None) >= NUM_ACTIONS):
             raise ValueError(f"actions must lie in [0, {NUM_ACTIONS - 1}], got values {a.min()}..{a.max()}.")
         return a.astype(np.int64, copy=False)
 
@@ -741,16 +747,16 @@ class VecTradingCore:
         vc0 = self._vc[t]
         px = self._fill_px[t1]
         fill_ok = self._fill_ok[t1]
-        eq0 = self.equity.copy()
+        eq0 = self.equity  # self.equity is rebound below, never written in place during the step
         eq_slot = self._acc_to_slot(eq0)
         risk = self._risk[:, None]
-        frac = np.take(_BUY_FRACTION, ex) * risk  # (E, S) buy notional / equity
+        frac = _BUY_FRACTION.take(ex) * risk  # (E, S) buy notional / equity
         want = frac * eq_slot
         is_add = ex == ADD
         cap_room = np.maximum(self._cap[:, None] * eq_slot - self.pos_value, 0.0)
         shrunk = want > cap_room * (1 + 1e-12)
         want = np.minimum(want, cap_room)
-        sell_sh = self.shares * np.take(_SELL_FRACTION, ex)
+        sell_sh = self.shares * _SELL_FRACTION.take(ex)
         order = ex != HOLD
         cancelled = order & ~fill_ok
         if self.mode == "portfolio":  # new positions beyond the open-position limit: cancelled in symbol order
@@ -773,8 +779,8 @@ class VecTradingCore:
         exp_room = np.maximum(self._ceiling[:, None] * eq0 - held_after_sells, 0.0)
         want_acc = self._acc_sum(want)
         scale = np.minimum(
-            np.divide(cash_avail * (1 - 1e-12), need_acc, out=np.ones_like(need_acc), where=need_acc > 0),
-            np.divide(exp_room, want_acc, out=np.ones_like(want_acc), where=want_acc > 0),
+            np.divide(cash_avail * (1 - 1e-12), need_acc, out=np.ones(need_acc.shape), where=need_acc > 0),
+            np.divide(exp_room, want_acc, out=np.ones(want_acc.shape), where=want_acc > 0),
         )
         np.minimum(scale, 1.0, out=scale)
         scale_slot = self._acc_to_slot(scale)
@@ -791,7 +797,7 @@ class VecTradingCore:
         new_shares = old_shares - sell_sh + bought
         basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
         new_basis = np.divide(
-            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros_like(new_shares), where=new_shares > 0
+            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros(new_shares.shape), where=new_shares > 0
         )
         traded = (bought > 0) | (sell_sh > 0)
         timing_ref = self._mean_close[t]
@@ -883,7 +889,7 @@ class VecTradingCore:
         trunc_env = t1 >= self.end
         term_acc = (self.equity < cfg.ruin_fraction * self.capital) | (drawdown >= cfg.max_drawdown)
         terminated = self._acc_to_slot(term_acc).copy()
-        truncated = self._env_to_slot(trunc_env) & ~terminated
+        truncated = trunc_env[:, None] & ~terminated  # (E, 1) & (E, S)
         done = terminated | truncated
         self._write_obs()
         info = {
@@ -1041,15 +1047,19 @@ class TradingEnvironment(gym.Env):
         self.action_space = spaces.Discrete(NUM_ACTIONS)
         self._action = np.zeros((1, 1), dtype=np.int64)
         self._needs_reset = True
+        # (E, S) = (1, 1): views of the core's observation buffers (rewritten in place, never rebound) for _copy
+        self._obs_views = {k: v[0, 0] for k, v in self.core.obs.items()}
+        self._final_views = {k: v[0, 0] for k, v in self.core.final_obs.items()}
 
-    def _copy(self, obs: dict) -> dict:
-        return {k: v[0, 0].copy() for k, v in obs.items()}
+    @staticmethod
+    def _copy(views: dict) -> dict:
+        return {k: v.copy() for k, v in views.items()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        obs = self.core.reset(seed=seed)
+        self.core.reset(seed=seed)
         self._needs_reset = False
-        return self._copy(obs), {}
+        return self._copy(self._obs_views), {}
 
     def step(self, action):
         if self._needs_reset:
@@ -1059,16 +1069,18 @@ class TradingEnvironment(gym.Env):
         self._action[0, 0] = int(action)
         if not 0 <= self._action[0, 0] < NUM_ACTIONS:
             raise ValueError(f"action must lie in [0, {NUM_ACTIONS - 1}], got {int(action)}.")
-        obs, reward, terminated, truncated, info = self.core.step(self._action)
-        term, trunc = bool(terminated[0, 0]), bool(truncated[0, 0])
-        out = {k: info[k][0, 0].item() for k in _SCALAR_INFO}
-        out["reward_components"] = {k: float(v[0, 0]) for k, v in info["reward_components"].items()}
+        _, reward, terminated, truncated, info = self.core.step(self._action)
+        term, trunc = terminated.item(), truncated.item()  # (1, 1) arrays -> Python scalars in one call each
+        out = {k: info[k].item() for k in _SCALAR_INFO}
+        # the components (10, 1, 1) float32 -> 10 Python floats at once (as float(v[0, 0]) each)
+        out["reward_components"] = dict(zip(REWARD_COMPONENTS, self.core._comp.reshape(-1).tolist(), strict=True))
+        views = self._obs_views
         if term or trunc:
             self._needs_reset = True
-            obs = info["final_obs"]
+            views = self._final_views
             # "episode_stats", not "episode": SB3's Monitor convention reserves info["episode"] for {"r", "l", "t"}
-            out["episode_stats"] = {k: v[0, 0].item() for k, v in info["episode"].items() if v.ndim == 2}
-        return self._copy(obs), float(reward[0, 0]), term, trunc, out
+            out["episode_stats"] = {k: v.item() for k, v in info["episode"].items() if v.ndim == 2}
+        return self._copy(views), reward.item(), term, trunc, out
 
     def action_masks(self) -> np.ndarray:
         return self.core.obs["action_mask"][0, 0].astype(bool)

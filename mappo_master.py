@@ -105,14 +105,13 @@ class Args:
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
     """market data: synthetic market or the user's files, features, splits"""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """trading environment: capital, costs, slippage, limits, reward weights"""
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(episode_length=280))
+    """trading environment: capital, costs, slippage, limits, reward weights (episodes of 280 bars = 40 trading days,
+    a whole number of master decisions)"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
     split: str = "train"
     """split the agents train on (random episode starts inside it)"""
-    episode_length: int = 280
-    """bars per training episode (40 trading days; the environment truncates there; values are bootstrapped)"""
     eval_split: str = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
@@ -561,7 +560,7 @@ if __name__ == "__main__":
     )
     for name in (args.split, args.eval_split, args.test_split):
         assert name in market.splits, f"split {name!r} is not one of the data's splits {sorted(market.splits)}"
-    env_cfg = replace(args.env, episode_length=args.episode_length)
+    env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
     preset = args.encoder_preset if args.encoder_preset != "auto" else ("as_given" if use_cuda else "cpu")
@@ -637,8 +636,8 @@ if __name__ == "__main__":
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps and {M * E * args.world_size} master decisions per "
-            f"iteration, {args.num_iterations} iterations | encoder preset {preset}: {args.encoder.kind} "
-            f"(output_dim {args.encoder.output_dim}) on {device} | symbol agents "
+            f"iteration, {args.num_iterations} iterations | encoder preset {preset}: {args.encoder.kind} (d_model "
+            f"{args.encoder.d_model}, output_dim {args.encoder.output_dim}) on {device} | symbol agents "
             f"{'frozen' if args.freeze_symbols else 'trained'}"
         )
 

@@ -631,31 +631,37 @@ class VecTradingCore:
         self._directive_constants()
         self.obs["directives"][:] = vals[:, None, :].astype(np.float32)
         if self._ready:
-            self._write_mask()
+            self._write_mask(*self._derived())
 
     def _directive_constants(self) -> None:
-        """Mask thresholds that change only with the directives, (E, 1) or (E, 1, 3), for _write_mask."""
+        """Mask thresholds that change only with the directives, (E, 1) or (E, 1, 3), for _write_mask. Each is an
+        array of its own (not a view), so code that saves and restores the core's arrays in place restores these too."""
         c = self.commission + self.config.cash_buffer
         risk = self._risk[:, None]
-        cap = self._cap[:, None]
-        buy_frac = BUY_SIZES[None, :] * risk  # (E, 3)
-        self._m_buy_cash = (buy_frac * (1.0 + c))[:, None, :]  # cash fraction a BUY_* needs
-        self._m_buy_ok = (buy_frac <= cap + 1e-12)[:, None, :]  # the BUY_* fits under the cap
+        cap = self._cap[:, None, None]
+        buy_frac = BUY_SIZES[None, None, :] * self._risk[:, None, None]  # (E, 1, 3)
+        self._m_buy_cash = buy_frac * (1.0 + c)  # cash fraction a BUY_* needs
+        self._m_buy_ok = buy_frac <= cap + 1e-12  # the BUY_* fits under the cap
         self._m_buy_ok[:, :, 2] &= ~self._defensive[:, None]  # defensive: no BUY_LARGE
         self._m_add_cash = ADD_SIZE * risk * (1.0 + c)  # cash fraction an ADD needs
-        self._m_cap = cap - 1e-9
+        self._m_cap = self._cap[:, None] - 1e-9
         self._m_ceiling = self._ceiling[:, None]
         self._m_limit = self._limit[:, None]
         self._m_not_defensive = ~self._defensive[:, None]
 
     # ------------------------------------------------------------------ observation
-    def _write_mask(self) -> None:
-        """action_mask (E, S, 7) for the current bar from the current state."""
+    def _derived(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Quantities both the observation and the mask use, computed once: holding (E, S), cash / equity (E, A),
+        exposure = 1 - cash / equity (E, A), position value / equity (E, S)."""
+        cash_frac = self.cash / self.equity
+        return self.shares > 0, cash_frac, 1.0 - cash_frac, self.pos_value / self._acc_to_slot(self.equity)
+
+    def _write_mask(self, holding, cash_frac_acc, exposure_acc, pos_frac) -> None:
+        """action_mask (E, S, 7) for the current bar from the current state (arguments: see _derived)."""
         m = self.obs["action_mask"].view(bool)  # int8 0/1 written as bool: the same bytes
         ok = self._decide_ok[self.t]  # (E, S)
-        holding = self.shares > 0
-        cash_frac = self._acc_to_slot(self.cash / self.equity)  # (E, S)
-        room = self._acc_to_slot(1.0 - self.cash / self.equity) < self._m_ceiling
+        cash_frac = self._acc_to_slot(cash_frac_acc)  # (E, S)
+        room = self._acc_to_slot(exposure_acc) < self._m_ceiling
         if self.K == 1:  # independent mode: the limit is 1 open position per account, the slot's own
             can_open = ok & ~holding & room
         else:
@@ -669,7 +675,7 @@ class VecTradingCore:
         add = m[..., 6]
         np.logical_and(m[..., 4], room, out=add)
         add &= cash_frac >= self._m_add_cash
-        add &= self.pos_value / self._acc_to_slot(self.equity) < self._m_cap
+        add &= pos_frac < self._m_cap
         add &= self._m_not_defensive
         m[..., 0] = True
 
@@ -682,25 +688,24 @@ class VecTradingCore:
         np.take(self._sl, t, axis=0, out=o["sl_probs"])
         o["regime"][:] = self._regime[t][:, None, :]
         vc = self._vc[t]  # (E, S)
-        eq = self._acc_to_slot(self.equity)
-        holding = self.shares > 0
+        holding, cash_frac, exposure, pos_frac = self._derived()
         p = o["position"]
         p[..., 0] = np.divide(self.basis, vc, out=np.ones(vc.shape), where=holding) - 1.0
-        p[..., 1] = self.pos_value / eq
+        p[..., 1] = pos_frac
         p[..., 2] = np.divide(vc, self.basis, out=np.ones(vc.shape), where=holding) - 1.0
         p[..., 3] = self.hold / HOLD_TIME_SCALE
         p[..., 4] = holding
         f = self._pf4  # (E, A, K, 8)
         C = self.capital
         f[..., 0] = (self.equity / C)[..., None]
-        f[..., 1] = (1.0 - self.cash / self.equity)[..., None]
+        f[..., 1] = exposure[..., None]
         f[..., 2] = self.sharpe[..., None]
         f[..., 3] = self.sortino[..., None]
         f[..., 4] = (self.realized_total / C)[..., None]
-        f[..., 5] = (self.cash / self.equity)[..., None]
+        f[..., 5] = cash_frac[..., None]
         f[..., 6] = (1.0 - self.equity / self.peak)[..., None]
         f[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
-        self._write_mask()
+        self._write_mask(holding, cash_frac, exposure, pos_frac)
 
     # ------------------------------------------------------------------ step
     def _check_actions(self, actions) -> np.ndarray:
@@ -819,7 +824,8 @@ class VecTradingCore:
         r = self.equity / eq0 - 1.0  # (E, A) account bar return
         np.maximum(self.peak, self.equity, out=self.peak)
         drawdown = 1.0 - self.equity / self.peak
-        self._push_return(r)
+        r_neg_sq = np.minimum(r, 0.0) ** 2
+        self._push_return(r, r_neg_sq)
 
         # ALGO LOGIC: anti-collapse window of executed actions (ring with counts)
         flat_ex = ex.reshape(-1)
@@ -882,7 +888,7 @@ class VecTradingCore:
         acc["n"] += 1
         acc["sum"] += r
         acc["sq"] += r * r
-        acc["neg"] += np.minimum(r, 0.0) ** 2
+        acc["neg"] += r_neg_sq
         np.maximum(acc["max_drawdown"], drawdown, out=acc["max_drawdown"])
 
         # ALGO LOGIC: episode ends (truncation per env, termination per account) and same-step autoreset
@@ -927,27 +933,28 @@ class VecTradingCore:
             self._write_obs()
         return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
 
-    def _push_return(self, r: np.ndarray) -> None:
-        """Add the account returns r (E, A) to the rolling window and refresh the rolling Sharpe / Sortino."""
+    def _push_return(self, r: np.ndarray, r_neg_sq: np.ndarray) -> None:
+        """Add the account returns r (E, A) (r_neg_sq = min(r, 0) ** 2) to the rolling window and refresh the rolling
+        Sharpe / Sortino."""
         W = self.config.risk_window
         p = self._ret_pos
         old = self._ret_ring[:, :, p]
-        full = self._ret_n >= W
         self._ret_sum += r - old
         self._ret_sq += r * r - old * old
-        self._ret_neg += np.minimum(r, 0.0) ** 2 - np.minimum(old, 0.0) ** 2
+        self._ret_neg += r_neg_sq - np.minimum(old, 0.0) ** 2
         self._ret_ring[:, :, p] = r
-        self._ret_n = np.where(full, W, self._ret_n + 1)
+        n = np.minimum(self._ret_n + 1, W, out=self._ret_n)  # counts are whole numbers <= W
         self._ret_pos = (p + 1) % W
-        n = self._ret_n
         mean = self._ret_sum / n
         std = np.sqrt(np.maximum(self._ret_sq / n - mean * mean, 0.0))
         down = np.sqrt(self._ret_neg / n)
         enough = n >= 2
-        np.divide(mean, std, out=self.sharpe, where=enough & (std > 1e-12))
-        self.sharpe[~(enough & (std > 1e-12))] = 0.0
-        np.divide(mean, down, out=self.sortino, where=enough & (down > 1e-12))
-        self.sortino[~(enough & (down > 1e-12))] = 0.0
+        ok = enough & (std > 1e-12)
+        self.sharpe.fill(0.0)
+        np.divide(mean, std, out=self.sharpe, where=ok)
+        ok = np.logical_and(enough, down > 1e-12, out=ok)
+        self.sortino.fill(0.0)
+        np.divide(mean, down, out=self.sortino, where=ok)
 
     def _episode_stats(self, done: np.ndarray) -> dict[str, np.ndarray]:
         """Per-slot statistics of the episodes that end now (valid where done)."""

@@ -612,3 +612,33 @@ def test_portfolio_slot_pnl_sums_to_account_change_and_state():
         del eq0
     st = core.state()
     assert st.shape == (1, core.state_dim) and st.dtype == np.float32 and np.isfinite(st).all()
+
+
+def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
+    # The core caches mask thresholds derived from the directives; a resume that copies the core's own arrays in
+    # place (ppo_symbol_agent / mappo_master load_rank_state) must carry them, so the restored core steps identically.
+    market = make_market(T=300, S=6, seed=21)
+    a = te.VecTradingCore(market, 2, mode="portfolio", seed=3)
+    a.reset()
+    a.set_directives(np.array([_directive(0, 3, 0), _directive(3, 0, 2)]))  # defensive + tight cap / aggressive
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        a.step(masked_random_actions(rng, a.obs["action_mask"]))
+    b = te.VecTradingCore(market, 2, mode="portfolio", seed=99)  # neutral directives, other starts
+    b.reset()
+    for k, v in vars(a).items():  # what load_rank_state restores: own arrays, dicts of arrays, plain scalars
+        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == a.T):
+            np.copyto(getattr(b, k), v)
+        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
+            for name, x in v.items():
+                np.copyto(getattr(b, k)[name], x)
+        elif isinstance(v, (bool, int, float)):
+            setattr(b, k, v)
+    for _ in range(30):
+        acts = rng.integers(0, te.NUM_ACTIONS, (2, 6))
+        oa, ra, ta, ua, ia = a.step(acts)
+        ob, rb, tb, ub, ib = b.step(acts)
+        for key in oa:
+            np.testing.assert_array_equal(oa[key], ob[key])
+        np.testing.assert_array_equal(ra, rb)
+        np.testing.assert_array_equal(ia["executed_action"], ib["executed_action"])

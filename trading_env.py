@@ -800,14 +800,16 @@ class VecTradingCore:
         realized = sell_sh * (sell_px * (1.0 - cm) - self.basis)
         old_shares = self.shares
         new_shares = old_shares - sell_sh + bought
+        new_pos = new_shares > 0
         basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
         new_basis = np.divide(
-            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros(new_shares.shape), where=new_shares > 0
+            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros(new_shares.shape), where=new_pos
         )
-        traded = (bought > 0) | (sell_sh > 0)
+        buying, selling = bought > 0, sell_sh > 0
+        traded = buying | selling
         timing_ref = self._mean_close[t]
-        fill_price = np.where(bought > 0, buy_px, np.where(sell_sh > 0, sell_px, 0.0))
-        timing = np.where(bought > 0, timing_ref - buy_px, np.where(sell_sh > 0, sell_px - timing_ref, 0.0))
+        fill_price = np.where(buying, buy_px, np.where(selling, sell_px, 0.0))
+        timing = np.where(buying, timing_ref - buy_px, np.where(selling, sell_px - timing_ref, 0.0))
         timing /= timing_ref * cfg.reward.timing_scale
 
         # ALGO LOGIC: advance the clock and mark to market at valuation_close[t+1]
@@ -816,7 +818,7 @@ class VecTradingCore:
         old_value = old_shares * vc0
         self.shares = new_shares
         self.basis = new_basis
-        self.hold = np.where(new_shares > 0, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
+        self.hold = np.where(new_pos, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
         self.pos_value = new_shares * vc1
         slot_pnl = self.pos_value - old_value + proceeds - need
         self.equity = self.cash + self._acc_sum(self.pos_value)

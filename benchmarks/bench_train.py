@@ -33,6 +33,7 @@ SCRIPT = ROOT / "ppo_symbol_agent.py"
 SMALL_TRANSFORMER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
                      "output_dim": 64}  # fmt: skip
 MLP = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+MINIBATCHES = 8  # per update epoch (4 epochs), as ppo_symbol_agent.py's default
 
 
 def encoder_flags(enc: dict) -> list[str]:
@@ -55,7 +56,7 @@ def run_ours(enc: dict, data_flags: list[str], num_envs: int, num_steps: int, it
     S = int(data_flags[data_flags.index("--data.num-symbols") + 1])
     flags = [*data_flags, *encoder_flags(enc), "--num-envs", str(num_envs), "--num-steps", str(num_steps)]
     flags += ["--total-timesteps", str(iterations * num_envs * num_steps * S), "--eval-interval", "0"]
-    flags += ["--torch-threads", "1", "--exp-name", f"bench_{enc['kind']}"]
+    flags += ["--torch-threads", "1", "--exp-name", f"bench_{enc['kind']}", "--num-minibatches", str(MINIBATCHES)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -89,7 +90,7 @@ def run_sb3(algo: str, enc: dict, market, num_envs: int, num_steps: int, iterati
     venv = DummyVecEnv(fns)
     kw = dict(
         n_steps=num_steps,
-        batch_size=num_envs * S * num_steps // 4,
+        batch_size=num_envs * S * num_steps // MINIBATCHES,
         n_epochs=4,
         learning_rate=3e-4,
         ent_coef=0.08,
@@ -128,6 +129,7 @@ def speed(args) -> dict:
         cases["transformer"] = (SMALL_TRANSFORMER, 1)
     record = {"num_envs": args.num_envs, "num_symbols": args.num_symbols, "num_steps": args.num_steps}
     record["torch_threads"] = 1
+    record["minibatches"], record["update_epochs"] = MINIBATCHES, 4
     with tempfile.TemporaryDirectory() as tmp:
         for name, (enc, iterations) in cases.items():
             row = {"encoder": enc, "iterations": iterations}

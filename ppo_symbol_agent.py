@@ -93,13 +93,14 @@ class Args:
     env: EnvConfig = field(default_factory=EnvConfig)
     """trading environment: capital, costs, slippage, limits, reward weights"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
-    """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
+    """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
     split: str = "train"
     """split the agents train on (random episode starts inside it)"""
     eval_split: str = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
-    """evaluate (and checkpoint with --save-model) every this many iterations; 0 disables periodic evaluation"""
+    """evaluate on eval_split and checkpoint (with --save-model) every this many iterations and at the end; 0: no
+    periodic evaluation, a checkpoint every iteration"""
     test_split: str = "test"
     """split of the final backtest"""
 

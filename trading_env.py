@@ -460,7 +460,7 @@ class VecTradingCore:
             for k, shape in self.observation_shapes.items()
         }
         self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
-        self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)
+        self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)  # a view: see _VIEWS
         self._tech_idx = np.zeros((E, S, L), dtype=np.int64)
         self._rows = np.arange(E * S)
 
@@ -949,7 +949,7 @@ class VecTradingCore:
         self._ret_pos = (p + 1) % W
         mean = self._ret_sum / n
         std = np.sqrt(np.maximum(self._ret_sq / n - mean * mean, 0.0))
-        down = np.sqrt(self._ret_neg / n)
+        down = np.sqrt(np.maximum(self._ret_neg / n, 0.0))  # the running sum can drift a hair below 0
         enough = n >= 2
         ok = enough & (std > 1e-12)
         self.sharpe.fill(0.0)
@@ -997,16 +997,98 @@ class VecTradingCore:
             "done_mask": done.copy(),
         }
 
+    # ------------------------------------------------------------------ state for checkpoints and pickling
+    # Attributes that are not the core's state: fixed at construction (market tables, sizes, config, constants),
+    # scratch buffers rewritten before they are read, and the views below. Everything else in vars(core) is state.
+    _FIXED = (
+        "config", "symbols", "mode", "split", "sequential", "num_envs", "num_symbols", "A", "K", "bars_per_year",
+        "capital", "commission", "lookback", "shaper", "T", "_vc", "_fill_ok", "_fill_px", "_decide_ok",
+        "_dollar_vol", "_vol", "_mean_close", "_tech_rows", "_tech_base", "_sl", "_regime", "split_start",
+        "split_last", "observation_shapes", "_rows", "_no_episode", "final_obs", "_tech_idx", "_comp",
+    )  # fmt: skip
+    # Views of the state's arrays and values derived from it, rebuilt by _rebuild_views (pickle would store a view
+    # as an unrelated copy): the (E, A, K, 8) view of obs["portfolio"] and the directive-derived mask thresholds.
+    _VIEWS = (
+        "_pf4", "_m_buy_cash", "_m_buy_ok", "_m_add_cash", "_m_cap", "_m_ceiling", "_m_limit", "_m_not_defensive",
+    )  # fmt: skip
+
+    def _rebuild_views(self) -> None:
+        self._pf4 = self.obs["portfolio"].reshape(self.num_envs, self.A, self.K, 8)
+        self._directive_constants()
+
+    def get_state(self) -> dict:
+        """Copies of everything that changes as the core runs: numpy arrays, dicts of arrays, Python scalars and the
+        generator's state (a dict of ints). `set_state` on a core built with the same arguments continues exactly
+        where this one is; `encoders.save_checkpoint` can store the dict (arrays become tensors)."""
+        state = {}
+        for k, v in vars(self).items():
+            if k in self._FIXED or k in self._VIEWS:
+                continue
+            if isinstance(v, np.ndarray):
+                state[k] = v.copy()
+            elif isinstance(v, dict):
+                state[k] = {name: x.copy() for name, x in v.items()}
+            elif isinstance(v, np.random.Generator):
+                state[k] = v.bit_generator.state
+            elif isinstance(v, bool | int | float):
+                state[k] = v
+            else:
+                raise TypeError(f"VecTradingCore.get_state: attribute {k} ({type(v).__name__}) is neither state "
+                                "nor listed in _FIXED / _VIEWS; classify it there.")  # fmt: skip
+        return state
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a `get_state()` dict (its arrays may be torch tensors, as a loaded checkpoint holds them).
+        Arrays are copied into the core's own buffers in place, so the observation dict the caller holds and the
+        core's views of its buffers stay valid; the directive-derived mask thresholds are recomputed."""
+        own = {k: v for k, v in vars(self).items() if k not in self._FIXED and k not in self._VIEWS}
+        if set(state) != set(own):
+            raise ValueError(
+                f"VecTradingCore.set_state: the state's keys differ from this core's (missing "
+                f"{sorted(set(own) - set(state))}, unexpected {sorted(set(state) - set(own))}); it was saved by "
+                "another version of trading_env.py."
+            )
+        for k, cur in own.items():
+            if isinstance(cur, np.random.Generator):
+                cur.bit_generator.state = state[k]
+            elif isinstance(cur, np.ndarray):
+                self._copy_into(k, cur, state[k])
+            elif isinstance(cur, dict):
+                for name, x in cur.items():
+                    self._copy_into(f"{k}[{name!r}]", x, state[k][name])
+            else:
+                setattr(self, k, type(cur)(state[k]))
+        self._rebuild_views()
+
+    @staticmethod
+    def _copy_into(name: str, dst: np.ndarray, src) -> None:
+        src = np.asarray(src)
+        if src.shape != dst.shape:
+            raise ValueError(
+                f"VecTradingCore.set_state: {name} has shape {src.shape} in the state but {dst.shape} here; build the "
+                "core with the state's num_envs, symbols and mode."
+            )
+        np.copyto(dst, src)
+
+    def __getstate__(self) -> dict:
+        """Pickling: everything but the views, which __setstate__ rebuilds on the unpickled arrays."""
+        return {k: v for k, v in vars(self).items() if k not in self._VIEWS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._rebuild_views()
+
     # ------------------------------------------------------------------ centralised critic
     @property
     def state_dim(self) -> int:
         return 8 + self._regime.shape[1] + 4 + 2 * self.num_symbols
 
-    def state(self) -> np.ndarray:
+    def state(self, obs: dict | None = None) -> np.ndarray:
         """Global state (E, state_dim) float32 for a centralised critic: account features (8, averaged over the
         env's accounts), regime (10), directives (4; zeros in independent mode), then per symbol the position size
-        fraction (S) and unrealised PnL (S)."""
-        o = self.obs
+        fraction (S) and unrealised PnL (S). It reads only observation arrays: `obs` (default: the current
+        observation) may be another observation dict of this core, such as info["final_obs"]."""
+        o = self.obs if obs is None else obs
         parts = [o["portfolio"].mean(1), o["regime"][:, 0]]
         parts.append(o["directives"][:, 0] if self.mode == "portfolio" else np.zeros((self.num_envs, 4), np.float32))
         parts += [o["position"][..., 1], o["position"][..., 2]]

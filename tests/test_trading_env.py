@@ -615,8 +615,8 @@ def test_portfolio_slot_pnl_sums_to_account_change_and_state():
 
 
 def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
-    # The core caches mask thresholds derived from the directives; a resume that copies the core's own arrays in
-    # place (ppo_symbol_agent / mappo_master load_rank_state) must carry them, so the restored core steps identically.
+    # The core caches mask thresholds derived from the directives; set_state copies the state into another core's
+    # buffers in place (as a resume does) and must carry them, so the restored core steps identically.
     market = make_market(T=300, S=6, seed=21)
     a = te.VecTradingCore(market, 2, mode="portfolio", seed=3)
     a.reset()
@@ -625,15 +625,11 @@ def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
     for _ in range(20):
         a.step(masked_random_actions(rng, a.obs["action_mask"]))
     b = te.VecTradingCore(market, 2, mode="portfolio", seed=99)  # neutral directives, other starts
-    b.reset()
-    for k, v in vars(a).items():  # what load_rank_state restores: own arrays, dicts of arrays, plain scalars
-        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == a.T):
-            np.copyto(getattr(b, k), v)
-        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
-            for name, x in v.items():
-                np.copyto(getattr(b, k)[name], x)
-        elif isinstance(v, (bool, int, float)):
-            setattr(b, k, v)
+    held = b.reset()  # the caller's observation dict: set_state must refresh it in place
+    b.set_state(a.get_state())
+    assert held is b.obs and np.shares_memory(b._pf4, b.obs["portfolio"])
+    for key in a.obs:
+        np.testing.assert_array_equal(held[key], a.obs[key])
     for _ in range(30):
         acts = rng.integers(0, te.NUM_ACTIONS, (2, 6))
         oa, ra, ta, ua, ia = a.step(acts)
@@ -642,3 +638,62 @@ def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
             np.testing.assert_array_equal(oa[key], ob[key])
         np.testing.assert_array_equal(ra, rb)
         np.testing.assert_array_equal(ia["executed_action"], ib["executed_action"])
+
+
+def _run_pair(a, b, rng, steps: int) -> None:
+    """Step cores a and b with the same random actions; every output must be bit-identical."""
+    for _ in range(steps):
+        acts = rng.integers(0, te.NUM_ACTIONS, (a.num_envs, a.num_symbols))
+        if a.mode == "portfolio" and rng.random() < 0.2:
+            directive = rng.integers(0, te.NUM_DIRECTIVES, a.num_envs)
+            a.set_directives(directive)
+            b.set_directives(directive)
+        oa, ra, ta, ua, ia = a.step(acts)
+        ob, rb, tb, ub, ib = b.step(acts)
+        for key in oa:
+            np.testing.assert_array_equal(oa[key], ob[key], err_msg=key)
+        for x, y in ((ra, rb), (ta, tb), (ua, ub), (ia["equity"], ib["equity"]), (ia["cost"], ib["cost"])):
+            np.testing.assert_array_equal(x, y)
+        for key, v in ia["episode"].items():
+            np.testing.assert_array_equal(v, ib["episode"][key], err_msg=key)
+        np.testing.assert_array_equal(a.state(), b.state())
+
+
+@pytest.mark.parametrize("mode", ["independent", "portfolio"])
+@pytest.mark.parametrize("how", ["pickle", "get_set_state", "through_a_checkpoint"])
+def test_state_round_trip_continues_bit_identically(mode, how, tmp_path):
+    import pickle
+
+    import torch
+
+    from encoders import load_checkpoint, save_checkpoint
+
+    market = make_market(T=300, S=4, seed=5)
+    config = te.EnvConfig(episode_length=30)  # episode ends inside both stretches
+    a = te.VecTradingCore(market, 3, mode=mode, config=config, seed=8)
+    a.reset()
+    rng = np.random.default_rng(6)
+    for _ in range(45):
+        a.step(masked_random_actions(rng, a.obs["action_mask"]))
+    if how == "pickle":
+        b = pickle.loads(pickle.dumps(a))
+        assert np.shares_memory(b._pf4, b.obs["portfolio"])
+    else:
+        b = te.VecTradingCore(market, 3, mode=mode, config=config, seed=123)
+        b.reset()
+        state = a.get_state()
+        if how == "through_a_checkpoint":  # arrays come back as tensors, the generator state as plain ints
+            save_checkpoint(tmp_path / "c.pt", torch.nn.Linear(1, 1), extra={"core": state})
+            state = load_checkpoint(tmp_path / "c.pt")["extra"]["core"]
+        b.set_state(state)
+    _run_pair(a, b, rng, 80)
+
+
+def test_set_state_rejects_a_state_of_another_shape():
+    market = make_market(T=300, S=4, seed=5)
+    a = te.VecTradingCore(market, 2, seed=0)
+    b = te.VecTradingCore(market, 3, seed=0)
+    with pytest.raises(ValueError, match="num_envs"):
+        b.set_state(a.get_state())
+    with pytest.raises(ValueError, match="keys differ"):
+        b.set_state({"t": np.zeros(3, np.int64)})

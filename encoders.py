@@ -1,13 +1,16 @@
 """Neural networks shared by the scripts: feature encoders, per-symbol actor-critic heads, the master network,
-the supervised signal classifiers and checkpoint helpers."""
+the supervised signal classifiers, checkpoint helpers and the run plumbing both training scripts share (GAE, the
+gradient all-reduce, logging, run summaries, the SIGINT stop flag)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import random
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,7 +645,8 @@ def _plain(obj):
     )
 
 
-def _rng_states() -> dict:
+def rng_states() -> dict:
+    """The python, numpy, torch (and CUDA) generators' states as tensors and builtins (weights_only-loadable)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     states = {
         "python": random.getstate(),
@@ -654,7 +659,7 @@ def _rng_states() -> dict:
     return states
 
 
-def _set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], *states["numpy_gauss"]))
@@ -685,7 +690,7 @@ def save_checkpoint(
         "obs_norm": _plain(obs_norm),
         "args": _plain(args),
         "global_step": int(global_step),
-        "rng": _rng_states(),
+        "rng": rng_states(),
         "extra": _plain(extra),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -747,5 +752,117 @@ def load_checkpoint(
         except (ValueError, KeyError) as e:
             raise ValueError(f"The optimizer state in {path} does not fit this optimizer: {e}") from e
     if restore_rng:
-        _set_rng_states(payload["rng"])
+        set_rng_states(payload["rng"])
     return payload
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run plumbing shared by the scripts (ppo_symbol_agent.py, mappo_master.py): advantages, the data-parallel gradient
+# all-reduce, observations to torch, tensorboard / MLflow logging, run summaries, the SIGINT stop flag.
+# ---------------------------------------------------------------------------------------------------------------
+
+# tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
+MLFLOW_NAMES = {
+    "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
+    "charts/executed_action_entropy_mean": "executed_action_entropy_mean",
+    "charts/voluntary_trade_rate": "voluntary_trade_rate_mean",
+    "charts/sanitizer_trade_delta": "sanitizer_trade_delta_mean",
+    "charts/ep_unique_actions": "ep_unique_actions_mean",
+    "charts/diversity_bonus": "ep_diversity_bonus_mean",
+}
+
+
+def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
+    """GAE over a rollout whose steps may end episodes (same-step autoreset).
+
+    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
+    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
+    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
+    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
+    """
+    trunc_only = truncated.float() * (1.0 - terminated.float())
+    rewards = rewards + gamma * final_values * trunc_only
+    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+    return advantages, advantages + values
+
+
+def allreduce_grads(module: nn.Module, world_size: int) -> None:
+    """Average the gradients of module's trainable parameters over the torchrun processes, one flattened
+    all-reduce (missing gradients count as zeros)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    torch.nn.utils.vector_to_parameters(flat, grads)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+def gather_on_rank0(obj, rank: int, world_size: int) -> list | None:
+    """Every rank's obj as a list on rank 0 (None elsewhere); no communication with one process."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
+
+
+def to_torch(obs: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
+
+
+def agent_policy(agent: nn.Module, device):
+    """The agent's deterministic policy as a function of a numpy observation dict, for trading_env.run_backtest."""
+
+    def act(obs):
+        with torch.no_grad():
+            return agent.get_action_and_value(to_torch(obs, device), deterministic=True)[0].cpu().numpy()
+
+    return act
+
+
+def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    if mlflow is not None:
+        mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
+
+
+def start_mlflow(args, run_name: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+    mlflow.set_experiment(args.exp_name)
+    mlflow.start_run(run_name=run_name)
+    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
+    return mlflow
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    """Merge fields into run_dir/summary.json (status, global step, backtest, telemetry, args)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(fields)
+    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+
+def stop_on_sigint() -> dict:
+    """Ctrl-C asks the run to stop after the current iteration (checkpoint with --save-model, folder left
+    incomplete, exit status 130); a second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("SIGINT: stopping after this iteration (press Ctrl-C again to stop now)", flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop

@@ -23,9 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pickle
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,9 +36,35 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from encoders import EncoderConfig, SymbolPolicy, load_checkpoint, masked_policy, save_checkpoint
+from encoders import (
+    MLFLOW_NAMES,
+    EncoderConfig,
+    SymbolPolicy,
+    agent_policy,
+    allreduce_grads,
+    compute_gae,
+    gather_on_rank0,
+    load_checkpoint,
+    log_scalars,
+    masked_policy,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+    start_mlflow,
+    stop_on_sigint,
+    to_torch,
+    write_summary,
+)
 from market_data import DataConfig, prepare_market
-from trading_env import ACTION_NAMES, EnvConfig, VecTradingCore, action_entropy
+from trading_env import (
+    ACTION_NAMES,
+    EnvConfig,
+    VecTradingCore,
+    format_report,
+    random_policy,
+    run_backtest,
+    slot_action_entropy,
+)
 
 # CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
 CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
@@ -49,15 +73,6 @@ ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
 # per-step info arrays (E, S) averaged over each rollout
 TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost", "equity")
 TELEMETRY_KEYS += ("exposure",)
-# tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
-MLFLOW_NAMES = {
-    "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
-    "charts/executed_action_entropy_mean": "executed_action_entropy_mean",
-    "charts/voluntary_trade_rate": "voluntary_trade_rate_mean",
-    "charts/sanitizer_trade_delta": "sanitizer_trade_delta_mean",
-    "charts/ep_unique_actions": "ep_unique_actions_mean",
-    "charts/diversity_bonus": "ep_diversity_bonus_mean",
-}
 
 
 @dataclass
@@ -236,224 +251,6 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
     return torch.log_softmax(logits, dim=-1)
 
 
-def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
-    """GAE over a rollout whose steps may end episodes (same-step autoreset).
-
-    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
-    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
-    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
-    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
-    """
-    trunc_only = truncated.float() * (1.0 - terminated.float())
-    rewards = rewards + gamma * final_values * trunc_only
-    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
-    return advantages, advantages + values
-
-
-def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
-    """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
-    return action_entropy((actions[..., None] == np.arange(len(ACTION_NAMES))).sum(0))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backtest metrics (generic; candidates for trading_env.py so that mappo_master.py shares them)
-# ---------------------------------------------------------------------------------------------------------------
-def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
-    """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
-
-    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0); CAGR uses
-    N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
-    """
-    equity = np.asarray(equity, dtype=np.float64)
-    r = equity[1:] / equity[:-1] - 1.0
-    growth = equity[-1] / equity[0]
-    years = max(len(r) / periods_per_year, 1e-12)
-    std = r.std(ddof=1) if len(r) > 1 else 0.0
-    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if len(r) else 0.0
-    drawdown = equity / np.maximum.accumulate(equity) - 1.0
-    edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
-    cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
-    max_dd = float(drawdown.min())
-    return {
-        "total_return": float(growth - 1.0),
-        "cagr": float(cagr),
-        "sharpe": float(r.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
-        "sortino": float(r.mean() / downside * np.sqrt(periods_per_year)) if downside > 0 else 0.0,
-        "max_drawdown": max_dd,
-        "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
-        "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
-        "bars": len(r),
-        "periods_per_year": float(periods_per_year),
-    }
-
-
-def run_backtest(policy_fn, market, split: str, env_cfg, seed: int) -> dict:
-    """Sequential sweep of `split` with one env trading every symbol; the S accounts form one equal-capital book.
-
-    Returns performance metrics of the combined equity plus trades, win rate (share of exits decided while the
-    position showed a profit), exposure, annualised turnover (traded fraction of equity) and costs, the same for
-    buy-and-hold of the benchmark and of an equal-weight basket (entry commission charged), and the curves.
-    """
-    start, stop = market.splits[split]
-    core = VecTradingCore(market, 1, split=split, mode="independent", config=env_cfg, seed=seed, sequential=True)
-    obs = core.reset(seed=seed)
-    init = float(env_cfg.initial_capital)
-    prev = np.full(core.num_symbols, init)
-    pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
-    while True:
-        action = policy_fn(obs)  # (1, S)
-        in_profit = obs["position"][0, :, 2] > 0  # close / entry - 1 at the decision
-        obs, _, terminated, truncated, info = core.step(action)
-        executed = info["executed_action"][0]
-        is_exit = (executed == 4) | (executed == 5)
-        trades += int((executed != 0).sum())
-        exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
-        traded += float(np.abs(info["traded_shares"][0] * info["fill_price"][0]).sum())
-        equity = info["equity"][0].astype(np.float64)
-        pnl.append((equity - prev).sum())  # a ruined slot restarts with fresh capital: its loss stays in the book
-        prev = np.where(terminated[0], init, equity)
-        exposure.append(float(info["exposure"][0].mean()))
-        cost += float(info["cost"][0].sum())
-        if truncated.any():
-            break
-    n, S, ppy = len(pnl), core.num_symbols, market.data.bars_per_year
-    curves = {"agent": init * S + np.r_[0.0, np.cumsum(pnl)]}
-    keep = 1.0 - env_cfg.commission_bps / 1e4
-    bench = market.data.benchmark[start : start + n + 1]
-    curves["benchmark"] = init * S * keep * bench / bench[0]
-    closes = market.valuation_close[start : start + n + 1]
-    curves["equal_weight"] = init * S * keep * (closes / closes[0]).mean(1)
-    report = {name: performance_metrics(curve, ppy) for name, curve in curves.items()}
-    report["agent"].update(
-        trades=trades,
-        win_rate=wins / exits if exits else None,
-        exposure=float(np.mean(exposure)),
-        turnover=traded / (init * S) * ppy / n,
-        costs=cost,
-        costs_frac=cost / (init * S),
-    )
-    report["curves"] = curves
-    return report
-
-
-def format_report(reports: dict[str, dict], split: str) -> str:
-    """Markdown table: one row per metric, one column per strategy."""
-    names = list(reports)
-    keys = ["total_return", "cagr", "sharpe", "sortino", "max_drawdown", "max_drawdown_bars", "calmar"]
-    keys += ["trades", "win_rate", "exposure", "turnover", "costs"]
-    lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in keys:
-        cells = [reports[n].get(k, "") for n in names]
-        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plumbing: observations to torch, logging to tensorboard and MLflow, checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-def to_torch(obs: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
-
-
-def agent_policy(agent, device):
-    def act(obs):
-        with torch.no_grad():
-            return agent.get_action_and_value(to_torch(obs, device), deterministic=True)[0].cpu().numpy()
-
-    return act
-
-
-def random_policy(seed: int):
-    """Uniform over the allowed actions (Gumbel-max), with its own generator so training RNG is untouched."""
-    rng = np.random.default_rng(seed)
-
-    def act(obs):
-        noise = rng.gumbel(size=obs["action_mask"].shape)
-        return np.where(obs["action_mask"] > 0, noise, -np.inf).argmax(-1)
-
-    return act
-
-
-def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, step)
-    if mlflow is not None:
-        mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
-
-
-def start_mlflow(args: Args, run_name: str):
-    import mlflow
-
-    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
-    mlflow.set_experiment(args.exp_name)
-    mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
-    return mlflow
-
-
-def dump_rank_state(envs, market, next_obs: dict) -> torch.Tensor:
-    """What a rank needs to continue exactly, pickled into a uint8 tensor: the python/numpy/torch RNG, the next
-    observation and the mutable state of its VecTradingCore (arrays except views and per-bar market tables, dicts of
-    arrays, scalars, its RNG). `load_rank_state` writes the arrays back in place, so the core's internal views of its
-    own buffers stay views (pickling the core object itself would silently break them)."""
-    bars, state = len(market.data.timestamps), {}
-    for k, v in vars(envs).items():
-        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == bars):
-            state[k] = v
-        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
-            state[k] = v
-        elif isinstance(v, bool | int | float | np.random.Generator):
-            state[k] = v
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    blob = pickle.dumps({"envs": state, "rng": rng, "next_obs": next_obs})
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-
-
-def load_rank_state(envs, blob: torch.Tensor) -> dict:
-    saved = pickle.loads(blob.numpy().tobytes())
-    for k, v in saved["envs"].items():
-        if isinstance(v, np.ndarray):
-            np.copyto(getattr(envs, k), v)
-        elif isinstance(v, dict):
-            for name, array in v.items():
-                np.copyto(getattr(envs, k)[name], array)
-        else:
-            setattr(envs, k, v)
-    random.setstate(saved["rng"]["python"])
-    np.random.set_state(saved["rng"]["numpy"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    return saved["next_obs"]
-
-
-def stop_on_sigint() -> dict:
-    """Ctrl-C asks the run to stop after the current iteration (checkpoint with --save-model, folder left
-    incomplete, exit status 130); a second Ctrl-C stops at once."""
-    stop = {"requested": False}
-
-    def handler(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("SIGINT: stopping after this iteration (press Ctrl-C again to stop now)", flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-    return stop
-
-
-def write_summary(run_dir: Path, **fields) -> None:
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update(fields)
-    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     T, E = args.num_steps, args.num_envs
@@ -528,7 +325,8 @@ if __name__ == "__main__":
             f"{args.world_size})"
         )
         ctl, global_step, start_iteration = extra["entropy_control"], ckpt["global_step"], extra["iteration"] + 1
-        next_obs_np = load_rank_state(envs, extra["ranks"][rank])
+        envs.set_state(extra["ranks"][rank]["core"])  # in place: next_obs_np is envs.obs
+        set_rng_states(extra["ranks"][rank]["rng"])
         run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -675,14 +473,8 @@ if __name__ == "__main__":
 
                 optimizer.zero_grad()
                 loss.backward()
-                if args.world_size > 1:  # one flattened all-reduce of the gradients per minibatch
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
-                    flat = torch.cat([g.reshape(-1) for g in grads])
-                    dist.all_reduce(flat)
-                    flat /= args.world_size
-                    torch.nn.utils.vector_to_parameters(flat, grads)
-                    for p, g in zip(agent.parameters(), grads, strict=True):
-                        p.grad = g
+                if args.world_size > 1:
+                    allreduce_grads(agent, args.world_size)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
@@ -712,12 +504,7 @@ if __name__ == "__main__":
         # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
-            own = dump_rank_state(envs, market, next_obs_np)
-            ranks = [None] * args.world_size
-            if args.world_size > 1:
-                dist.gather_object(own, ranks if rank == 0 else None, dst=0)
-            else:
-                ranks = [own]
+            ranks = gather_on_rank0({"core": envs.get_state(), "rng": rng_states()}, rank, args.world_size)
             if rank == 0:
                 extra = {"iteration": iteration, "entropy_control": ctl, "ranks": ranks}
                 save_checkpoint(
@@ -747,7 +534,7 @@ if __name__ == "__main__":
             "charts/policy_action_entropy_mean": policy_entropy,
             "charts/executed_action_entropy_mean": executed_entropy,
             "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
-            "charts/sanitizer_trade_delta": policy_trades - executed_trades,
+            "charts/sanitizer_trade_delta": 100.0 * (policy_trades - executed_trades),  # percentage points
             "charts/voluntary_trade_rate": tele["voluntary_trade"],
             "charts/consecutive_action_violations": tele["violations"],
             "charts/diversity_bonus": tele["diversity_bonus"],

@@ -91,6 +91,11 @@ def action_entropy(counts: np.ndarray) -> np.ndarray:
     return -(p * logp).sum(-1)
 
 
+def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
+    """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
+    return action_entropy((actions[..., None] == np.arange(NUM_ACTIONS)).sum(0))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1282,3 +1287,137 @@ class PortfolioParallelEnv(ParallelEnv):
 
     def state(self) -> np.ndarray:
         return self.core.state()[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backtest: a deterministic sweep of one split, its metrics and the buy-and-hold baselines (shared by the scripts)
+# ---------------------------------------------------------------------------------------------------------------------
+def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
+    """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
+
+    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0); CAGR uses
+    N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
+    """
+    equity = np.asarray(equity, dtype=np.float64)
+    r = equity[1:] / equity[:-1] - 1.0
+    growth = equity[-1] / equity[0]
+    years = max(len(r) / periods_per_year, 1e-12)
+    std = r.std(ddof=1) if len(r) > 1 else 0.0
+    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if len(r) else 0.0
+    drawdown = equity / np.maximum.accumulate(equity) - 1.0
+    edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
+    cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
+    max_dd = float(drawdown.min())
+    return {
+        "total_return": float(growth - 1.0),
+        "cagr": float(cagr),
+        "sharpe": float(r.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
+        "sortino": float(r.mean() / downside * np.sqrt(periods_per_year)) if downside > 0 else 0.0,
+        "max_drawdown": max_dd,
+        "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
+        "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
+        "bars": len(r),
+        "periods_per_year": float(periods_per_year),
+    }
+
+
+def buy_and_hold(market: PreparedMarket, start: int, bars: int, capital: float, commission_bps: float) -> dict:
+    """Equity curves (bars + 1,) of `capital` put at bar `start` into the benchmark and into an equal-weight basket
+    of every symbol (valued at valuation_close), the entry commission charged, never rebalanced."""
+    keep = 1.0 - commission_bps / 1e4
+    bench = market.data.benchmark[start : start + bars + 1]
+    closes = market.valuation_close[start : start + bars + 1]
+    return {
+        "benchmark": capital * keep * bench / bench[0],
+        "equal_weight": capital * keep * (closes / closes[0]).mean(1),
+    }
+
+
+def random_policy(seed: int):
+    """Uniform over the allowed actions (Gumbel-max), with its own generator so the training RNG is untouched."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        noise = rng.gumbel(size=obs["action_mask"].shape)
+        return np.where(obs["action_mask"] > 0, noise, -np.inf).argmax(-1)
+
+    return act
+
+
+def run_backtest(
+    policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, mode: str = "independent",
+    directive=None, interval: int = 1,
+) -> dict:  # fmt: skip
+    """Sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
+
+    independent mode: the S accounts form one equal-capital book (S x initial capital). portfolio mode: one account;
+    directive(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
+    neutral directive throughout). Returns performance_metrics of the book's equity ("agent") plus trades, win rate
+    (share of exits decided while the position showed a profit), exposure, annualised turnover (traded notional over
+    the initial book in independent mode, over the mean equity in portfolio mode), costs and, with `directive`, the
+    directives' usage; the same metrics for buy-and-hold of the benchmark and of the equal-weight basket; and the
+    equity curves ("curves").
+    """
+    if directive is not None and mode != "portfolio":
+        raise ValueError("run_backtest: a directive function needs mode='portfolio' (independent slots take none).")
+    start, _ = market.splits[split]
+    core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True)
+    obs = core.reset(seed=seed)
+    init, A, K = float(config.initial_capital), core.A, core.K
+    prev, last_actions, used = np.full(A, init), np.zeros((1, core.num_symbols), np.int64), np.zeros(NUM_DIRECTIVES)
+    pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
+    while True:
+        if directive is not None and len(pnl) % interval == 0:
+            index = np.asarray(directive(obs, core, last_actions), dtype=np.int64)
+            core.set_directives(index)
+            used[index[0]] += 1
+        action = policy(obs)  # (1, S)
+        in_profit = obs["position"][0, :, 2] > 0  # close / entry - 1 at the decision
+        obs, _, terminated, truncated, info = core.step(action)
+        executed, last_actions = info["executed_action"][0], info["policy_action"].copy()
+        is_exit = (executed == SELL_PARTIAL) | (executed == SELL_ALL)
+        trades += int((executed != HOLD).sum())
+        exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
+        traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
+        equity = info["equity"][0, ::K]  # (A,) account equity before any restart
+        pnl.append((equity - prev).sum())  # a ruined account restarts with fresh capital: its loss stays in the book
+        prev = np.where(terminated[0, ::K], init, equity)
+        exposure.append(float(info["exposure"][0, ::K].mean()))
+        cost += float(info["cost"][0].sum())
+        if truncated.any():
+            break
+    n, ppy, book = len(pnl), market.data.bars_per_year, init * A
+    curves = {"agent": book + np.r_[0.0, np.cumsum(pnl)]}
+    curves.update(buy_and_hold(market, start, n, book, config.commission_bps))
+    report = {name: performance_metrics(curve, ppy) for name, curve in curves.items()}
+    report["agent"].update(
+        trades=trades,
+        win_rate=wins / exits if exits else None,
+        exposure=float(np.mean(exposure)),
+        turnover=traded / (book if mode == "independent" else float(np.mean(curves["agent"]))) * ppy / n,
+        costs=cost,
+        costs_frac=cost / book,
+    )
+    if directive is not None:
+        coords, share = np.unravel_index(np.arange(NUM_DIRECTIVES), DIRECTIVE_SHAPE), used / used.sum()
+        report["agent"].update(
+            directive_risk_level=float((share * coords[0]).sum()),
+            directive_concentration_level=float((share * coords[1]).sum()),
+            directive_regime_level=float((share * coords[2]).sum()),
+            directive_most_used=int(used.argmax()),
+        )
+    report["curves"] = curves
+    return report
+
+
+def format_report(reports: dict[str, dict], split: str) -> str:
+    """Markdown table: one row per metric, one column per strategy."""
+    names = list(reports)
+    keys = ["total_return", "cagr", "sharpe", "sortino", "max_drawdown", "max_drawdown_bars", "calmar"]
+    keys += ["trades", "win_rate", "exposure", "turnover", "costs"]
+    lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        cells = [reports[n].get(k, "") for n in names]
+        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""ppo_symbol_agent.py: the pure pieces (GAE, entropy control, supervised prior, metrics) and the script itself run as
+"""ppo_symbol_agent.py: the pure pieces (GAE, entropy control, supervised prior) and the script itself run as
 a subprocess with tiny settings: run folder, summary, tensorboard tags, resume == uninterrupted, torchrun, bad flags."""
 
 import importlib.util
@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_symbol_agent.py"
 sys.path.insert(0, str(ROOT))
 import ppo_symbol_agent as ppo  # noqa: E402
+from encoders import compute_gae  # noqa: E402
 
 # 3 symbols x 2 envs x 16 steps = 96 symbol-steps per iteration
 TINY = [
@@ -95,18 +95,18 @@ def test_gae_bootstraps_at_truncation_only():
     terminated = torch.tensor([[False], [False], [True]])
     truncated = torch.tensor([[True], [False], [False]])
     final_values = torch.tensor([[0.9], [0.0], [0.0]])
-    adv, ret = ppo.compute_gae(rewards, values, terminated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, ret = compute_gae(rewards, values, terminated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
     a2 = 3.0 - 0.7  # terminal: no next value
     a1 = 2.0 + gamma * 0.7 - 0.6 + gamma * lam * a2
     a0 = 1.0 + gamma * 0.9 - 0.5  # truncated: bootstrap the ended episode, do not look into the next one
     torch.testing.assert_close(adv[:, 0], torch.tensor([a0, a1, a2]))
     torch.testing.assert_close(ret[:, 0], torch.tensor([a0 + 0.5, a1 + 0.6, a2 + 0.7]))
     # a step both terminated and truncated is a termination: no bootstrap
-    adv, _ = ppo.compute_gae(rewards, values, truncated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, _ = compute_gae(rewards, values, truncated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
     assert adv[0, 0].item() == pytest.approx(1.0 - 0.5)
     # no episode end: the last step bootstraps next_value
     never = torch.zeros_like(terminated)
-    adv, _ = ppo.compute_gae(rewards, values, never, never, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, _ = compute_gae(rewards, values, never, never, final_values, torch.tensor([0.4]), gamma, lam)
     assert adv[2, 0].item() == pytest.approx(3.0 + gamma * 0.4 - 0.7)
 
 
@@ -137,16 +137,6 @@ def test_sl_prior():
     bullish = ppo.sl_prior_logprobs(torch.full((2, 3), 0.9), mask, 4.0).exp()
     assert bullish[0, 1] > bullish[0, 0] and bullish[1, 6] > bullish[1, 0] > bullish[1, 5]
     assert bullish[mask == 0].max() < 1e-30
-
-
-def test_performance_metrics():
-    equity = np.array([100.0, 110.0, 99.0, 99.0, 120.0])
-    m = ppo.performance_metrics(equity, periods_per_year=4)
-    r = equity[1:] / equity[:-1] - 1
-    assert m["total_return"] == pytest.approx(0.2) and m["cagr"] == pytest.approx(0.2)
-    assert m["sharpe"] == pytest.approx(r.mean() / r.std(ddof=1) * 2)
-    assert m["max_drawdown"] == pytest.approx(99 / 110 - 1) and m["max_drawdown_bars"] == 2
-    assert m["calmar"] == pytest.approx(0.2 / (1 - 99 / 110))
 
 
 # ---------------------------------------------------------------------------------------------------------------

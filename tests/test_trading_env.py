@@ -697,3 +697,55 @@ def test_set_state_rejects_a_state_of_another_shape():
         b.set_state(a.get_state())
     with pytest.raises(ValueError, match="keys differ"):
         b.set_state({"t": np.zeros(3, np.int64)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# backtest
+# ---------------------------------------------------------------------------------------------------------------------
+def test_performance_metrics():
+    equity = np.array([100.0, 110.0, 99.0, 99.0, 120.0])
+    m = te.performance_metrics(equity, periods_per_year=4)
+    r = equity[1:] / equity[:-1] - 1
+    assert m["total_return"] == pytest.approx(0.2) and m["cagr"] == pytest.approx(0.2)
+    assert m["sharpe"] == pytest.approx(r.mean() / r.std(ddof=1) * 2)
+    assert m["sortino"] == pytest.approx(r.mean() / math.sqrt(np.mean(np.minimum(r, 0) ** 2)) * 2)
+    assert m["max_drawdown"] == pytest.approx(99 / 110 - 1) and m["max_drawdown_bars"] == 2
+    assert m["calmar"] == pytest.approx(0.2 / (1 - 99 / 110))
+
+
+def test_buy_and_hold_charges_the_entry_commission():
+    market = make_market(T=300, S=3, seed=2)
+    curves = te.buy_and_hold(market, 230, 10, 1000.0, commission_bps=10.0)
+    bench, closes = market.data.benchmark[230:241], market.valuation_close[230:241]
+    np.testing.assert_allclose(curves["benchmark"], 999.0 * bench / bench[0])
+    np.testing.assert_allclose(curves["equal_weight"], 999.0 * (closes / closes[0]).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["independent", "portfolio"])
+def test_run_backtest_books_the_sweep(mode):
+    market = make_market(T=300, S=3, seed=2)
+    config = te.EnvConfig()
+    calls = []
+
+    def directive(obs, core, last_actions):
+        calls.append(last_actions.copy())
+        return np.array([te.NEUTRAL_DIRECTIVE])
+
+    report = te.run_backtest(
+        te.random_policy(0), market, "val", config, seed=0, mode=mode,
+        directive=directive if mode == "portfolio" else None, interval=7,
+    )  # fmt: skip
+    book = config.initial_capital * (3 if mode == "independent" else 1)
+    agent = report["curves"]["agent"]
+    n = report["agent"]["bars"]
+    assert n == 260 - 230 - 1 and agent[0] == book and len(agent) == n + 1  # the last bar is never decided on
+    assert report["agent"]["trades"] > 0 and 0 <= report["agent"]["exposure"] <= 1
+    assert report["agent"]["costs_frac"] == pytest.approx(report["agent"]["costs"] / book)
+    assert set(report) == {"agent", "benchmark", "equal_weight", "curves"}
+    if mode == "portfolio":
+        assert len(calls) == math.ceil(n / 7) and report["agent"]["directive_most_used"] == te.NEUTRAL_DIRECTIVE
+    else:
+        with pytest.raises(ValueError, match="portfolio"):
+            te.run_backtest(te.random_policy(0), market, "val", config, seed=0, directive=directive)
+    table = te.format_report({"agent": report["agent"], "bh": report["benchmark"]}, "val")
+    assert table.startswith("| val | agent | bh |") and "| win_rate |" in table

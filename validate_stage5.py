@@ -87,7 +87,7 @@ class Args:
     voluntary_tag: str = "charts/voluntary_trade_rate"
     """fraction of slot-steps whose executed action is a trade the policy chose"""
     sanitizer_tag: str = "charts/sanitizer_trade_delta"
-    """policy trade rate minus executed trade rate, as a fraction (multiplied by 100 for percentage points)"""
+    """policy trade rate minus executed trade rate, logged in percentage points by both training scripts"""
     action_prefix: str = "charts/action_distribution/"
     """prefix of the per-action executed-action shares; the rest of the tag is the action's name"""
     diversity_tag: str = "charts/diversity_bonus"
@@ -212,13 +212,11 @@ def check_entropy_floor(
     return Check(name, True, lowest, floor, f"lowest {lowest:.3f} after step {after_step}; {guarded} guarded dips")
 
 
-def check_mean(
-    name: str, series: Series | None, threshold: float, at_least: bool, scale: float = 1.0, unit: str = ""
-) -> Check:
-    """Run mean of a tag (times `scale`) against a threshold: >= when `at_least`, else strictly <."""
+def check_mean(name: str, series: Series | None, threshold: float, at_least: bool, unit: str = "") -> Check:
+    """Run mean of a tag against a threshold: >= when `at_least`, else strictly <."""
     if series is None or len(series.steps) == 0:
         return Check(name, False, None, threshold, f"no points logged for {name}")
-    value = float(np.mean(series.values)) * scale
+    value = float(np.mean(series.values))
     passed = math.isfinite(value) and (value >= threshold if at_least else value < threshold)
     relation = ">=" if at_least else "<"
     return Check(name, passed, value, threshold, f"run mean {value:.3f}{unit} (needs {relation} {threshold}{unit})")
@@ -264,9 +262,7 @@ def evaluate(scalars: dict[str, Series], args: Args) -> list[Check]:
             entropy, scalars.get(args.guard_tag), args.entropy_by_step, args.entropy_floor, args.guard_tag_cumulative
         ),
         check_mean("voluntary_trade_rate", scalars.get(args.voluntary_tag), args.min_voluntary_trade_rate, True),
-        check_mean(
-            "sanitizer_delta", scalars.get(args.sanitizer_tag), args.max_sanitizer_delta_pp, False, 100.0, " pp"
-        ),
+        check_mean("sanitizer_delta", scalars.get(args.sanitizer_tag), args.max_sanitizer_delta_pp, False, unit=" pp"),
         check_action_share(actions, args.max_action_share, args.action_share_from),
         check_mean("diversity_bonus", scalars.get(args.diversity_tag), args.min_diversity_bonus, True),
     ]

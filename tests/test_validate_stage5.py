@@ -19,7 +19,7 @@ def healthy_metrics(step: int) -> dict[str, float]:
     return {
         "charts/policy_action_entropy_mean": 1.2 - 0.5 * step / 10_240,
         "charts/voluntary_trade_rate": 0.35,
-        "charts/sanitizer_trade_delta": 0.04,
+        "charts/sanitizer_trade_delta": 4.0,  # percentage points, as the scripts log it
         "charts/diversity_bonus": 0.12,
         "charts/entropy_guard_interventions": 0.0,
         "charts/executed_action_entropy_mean": 1.0,

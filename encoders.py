@@ -511,7 +511,7 @@ def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_di
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Master network (portfolio manager for MAPPO).
+# Master network (portfolio manager for MAPPO) and the value normaliser of its centralised critic.
 # ---------------------------------------------------------------------------------------------------------------
 
 DIRECTIVE_GRID = (4, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
@@ -609,6 +609,34 @@ class MasterNetwork(nn.Module):
         logits, value = self(symbol_embeddings, global_features, state, symbol_mask)
         action, logprob, entropy = masked_policy(logits, action, deterministic)
         return action, logprob, entropy, value
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the critic's targets (Chan et al.'s parallel update over batches). The critic
+    predicts normalised values; GAE uses denormalised ones (MAPPO's ValueNorm, PopArt without the output rescale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("var", torch.ones(()))
+        self.register_buffer("count", torch.full((), 1e-4))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1).double()
+        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False)
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean.copy_(self.mean + delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / torch.sqrt(self.var + 1e-8)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sqrt(self.var + 1e-8) + self.mean
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -756,9 +784,40 @@ def load_checkpoint(
     return payload
 
 
+def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
+    """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
+
+    The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first
+    layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
+    updates teach them to read the master's orders."""
+    payload = load_checkpoint(path)
+    saved, saved_args = payload["model"], payload["args"] or {}
+    if "encoder" not in saved_args or "actor.weights.0" not in saved:
+        raise ValueError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
+    encoder = EncoderConfig(**saved_args["encoder"])
+    heads = saved["actor.weights.0"].shape[0]
+    if heads not in (1, num_symbols):
+        raise ValueError(
+            f"{path} holds per-symbol heads for {heads} symbols but the data has {num_symbols}; train the symbol "
+            "agents on the same universe (--data.* flags) or start without --symbol-checkpoint."
+        )
+    agent = SymbolPolicy(num_symbols, encoder, shared_heads=heads == 1 and num_symbols > 1, directive_dim=directive_dim)
+    own = agent.state_dict()
+    for key in ("actor.weights.0", "critic.weights.0"):  # (H, D, hidden) -> (H, D + directive_dim, hidden)
+        w = saved[key]
+        if w.shape[1] + directive_dim == own[key].shape[1]:
+            saved[key] = torch.cat([w, torch.zeros(w.shape[0], directive_dim, w.shape[2], dtype=w.dtype)], dim=1)
+    bad = sorted(set(own) ^ set(saved)) + [k for k in own if k in saved and own[k].shape != saved[k].shape]
+    if bad:
+        raise ValueError(f"{path} does not fit SymbolPolicy({num_symbols}, {encoder.kind}): mismatched keys {bad}.")
+    agent.load_state_dict(saved)
+    return agent, encoder
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Run plumbing shared by the scripts (ppo_symbol_agent.py, mappo_master.py): advantages, the data-parallel gradient
-# all-reduce, observations to torch, tensorboard / MLflow logging, run summaries, the SIGINT stop flag.
+# Run plumbing shared by the scripts (ppo_symbol_agent.py, mappo_master.py): GAE and the PPO-clip loss, the
+# data-parallel gradient all-reduce and rank gathering, observations to torch, tensorboard / MLflow logging, run
+# summaries, the SIGINT stop flag, and setup (distributed init, seeding, encoder preset, run folder).
 # ---------------------------------------------------------------------------------------------------------------
 
 # tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
@@ -770,6 +829,11 @@ MLFLOW_NAMES = {
     "charts/ep_unique_actions": "ep_unique_actions_mean",
     "charts/diversity_bonus": "ep_diversity_bonus_mean",
 }
+
+
+def summary_telemetry(metrics: dict) -> dict:
+    """The charts/* scalars under their MLflow names, without the prefix: summary.json's "telemetry"."""
+    return {MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")}
 
 
 def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
@@ -866,3 +930,93 @@ def stop_on_sigint() -> dict:
 
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+# CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
+CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+
+
+def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple[EncoderConfig, str]:
+    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu fills the encoder fields left at their
+    (transformer) defaults from CPU_ENCODER. Returns the encoder and the preset applied."""
+    preset = preset if preset != "auto" else ("as_given" if use_cuda else "cpu")
+    if preset == "cpu":
+        default = EncoderConfig()
+        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(encoder, k) == getattr(default, k)}
+        encoder = dataclasses.replace(encoder, **fill)
+    return encoder, preset
+
+
+def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
+    """torchrun's world size and rank (1 and 0 without torchrun), the process group (nccl on CUDA, gloo on CPU)
+    and this process's device."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    use_cuda = cuda and torch.cuda.is_available()
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return world_size, rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def seed_everything(seed: int, torch_threads: int, torch_deterministic: bool) -> None:
+    """Seed python, numpy and torch; torch's intra-op threads (0: its default) and deterministic algorithms."""
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    if torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def open_run(run_dir: Path, args, global_step: int):
+    """Create the run folder marked incomplete, a tensorboard writer with the hyperparameter table and, with
+    --track, an MLflow run. Returns (writer, mlflow or None)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_summary(run_dir, status="incomplete", run_name=run_dir.name, global_step=global_step)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+    )
+    return writer, start_mlflow(args, run_dir.name) if args.track else None
+
+
+def clipped_ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, clip_coef, clip_vloss, norm_adv):
+    """PPO-clip policy loss and (clipped) value loss of one minibatch (Schulman et al. 2017, as CleanRL's ppo.py).
+    Returns pg_loss, v_loss, old_approx_kl, approx_kl and the clipped fraction (a float)."""
+    logratio = newlogprob - oldlogprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+    if norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    # Policy loss
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # Value loss
+    if clip_vloss:
+        v_loss_unclipped = (newvalue - returns) ** 2
+        v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    return pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac
+
+
+def assert_ranks_agree(tensors, rank: int) -> None:
+    """Every rank must end with rank 0's weights (same init, same all-reduced gradients)."""
+    weights = nn.utils.parameters_to_vector(list(tensors)).detach()
+    reference = weights.clone()
+    dist.broadcast(reference, src=0)
+    assert torch.equal(weights, reference), f"rank {rank}: weights differ from rank 0's after training"

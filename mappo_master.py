@@ -33,12 +33,9 @@ directive vs buy-and-hold, and the drawdown reduction against neutral (the seeds
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import pickle
-import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,28 +44,49 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, load_checkpoint, masked_policy, save_checkpoint
+from encoders import (
+    EncoderConfig,
+    MasterNetwork,
+    SymbolPolicy,
+    ValueNorm,
+    agent_policy,
+    allreduce_grads,
+    assert_ranks_agree,
+    clipped_ppo_loss,
+    compute_gae,
+    encoder_preset,
+    gather_on_rank0,
+    init_distributed,
+    load_checkpoint,
+    load_symbol_agents,
+    log_scalars,
+    masked_policy,
+    open_run,
+    rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_rng_states,
+    summary_telemetry,
+    to_torch,
+    write_summary,
+)
 from market_data import DataConfig, prepare_market
-from trading_env import DIRECTIVE_SHAPE, NEUTRAL_DIRECTIVE, NUM_DIRECTIVES, EnvConfig, VecTradingCore
+from trading_env import (
+    ACTION_NAMES,
+    DIRECTIVE_SHAPE,
+    NEUTRAL_DIRECTIVE,
+    EnvConfig,
+    VecTradingCore,
+    add_step_telemetry,
+    performance_metrics,
+    run_backtest,
+    save_backtest,
+    telemetry_metrics,
+)
 
-ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
-CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
-# per-step info arrays (E, S) averaged over each rollout
-TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost", "equity")
-TELEMETRY_KEYS += ("exposure",)
 MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
 DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))  # risk 0.5, tightest level, defensive
-# tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
-MLFLOW_NAMES = {
-    "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
-    "charts/executed_action_entropy_mean": "executed_action_entropy_mean",
-    "charts/voluntary_trade_rate": "voluntary_trade_rate_mean",
-    "charts/sanitizer_trade_delta": "sanitizer_trade_delta_mean",
-    "charts/ep_unique_actions": "ep_unique_actions_mean",
-    "charts/diversity_bonus": "ep_diversity_bonus_mean",
-}
 
 
 @dataclass
@@ -189,36 +207,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: value normalisation, master reward, inputs and advantages (unit-tested in tests/test_mappo.py)
+# ALGO LOGIC: master reward and inputs (unit-tested in tests/test_mappo.py)
 # ---------------------------------------------------------------------------------------------------------------
-class ValueNorm(nn.Module):
-    """Running mean and variance of the critic's targets (Chan et al.'s parallel update over batches). The critic
-    predicts normalised values; GAE uses denormalised ones (MAPPO's ValueNorm, PopArt without the output rescale)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(()))
-        self.register_buffer("var", torch.ones(()))
-        self.register_buffer("count", torch.full((), 1e-4))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1).double()
-        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False)
-        total = self.count + n
-        delta = mean - self.mean
-        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
-        self.mean.copy_(self.mean + delta * n / total)
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / torch.sqrt(self.var + 1e-8)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sqrt(self.var + 1e-8) + self.mean
-
-
 def master_reward(acc: dict, args: Args, num_symbols: int) -> dict:
     """Components (E,) of the master's reward from one decision's accumulators (E,): ret (sum of account bar
     returns), ret_sq (sum of their squares), bench (sum of benchmark bar returns), dd_up (sum of drawdown increases),
@@ -253,182 +243,6 @@ def global_features(obs: dict, directive_index: np.ndarray, last_actions: np.nda
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def state_from_obs(envs: VecTradingCore, obs: dict) -> np.ndarray:
-    """The env's global state (E, state_dim) evaluated on an observation dict such as info["final_obs"]: state()
-    reads only the observation buffers, so it is evaluated on a stand-in holding `obs`."""
-    if obs is envs.obs:
-        return envs.state()
-    stand_in = type("StateView", (), {"obs": obs, "mode": envs.mode, "num_envs": envs.num_envs})()
-    return VecTradingCore.state(stand_in)
-
-
-def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
-    """GAE over a rollout whose steps may end episodes (same-step autoreset).
-
-    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
-    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
-    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
-    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
-    """
-    trunc_only = truncated.float() * (1.0 - terminated.float())
-    rewards = rewards + gamma * final_values * trunc_only
-    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
-    return advantages, advantages + values
-
-
-def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
-    """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
-    counts = (actions[..., None] == np.arange(len(ACTION_NAMES))).mean(0)  # (E, S, 7)
-    return -(counts * np.log(np.where(counts > 0, counts, 1.0))).sum(-1)
-
-
-def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
-    """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
-
-    The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first
-    layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
-    updates teach them to read the master's orders."""
-    payload = load_checkpoint(path)
-    saved, saved_args = payload["model"], payload["args"] or {}
-    if "encoder" not in saved_args or "actor.weights.0" not in saved:
-        raise ValueError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
-    encoder = EncoderConfig(**saved_args["encoder"])
-    heads = saved["actor.weights.0"].shape[0]
-    if heads not in (1, num_symbols):
-        raise ValueError(
-            f"{path} holds per-symbol heads for {heads} symbols but the data has {num_symbols}; train the symbol "
-            "agents on the same universe (--data.* flags) or start without --symbol-checkpoint."
-        )
-    agent = SymbolPolicy(num_symbols, encoder, shared_heads=heads == 1 and num_symbols > 1, directive_dim=directive_dim)
-    own = agent.state_dict()
-    for key in ("actor.weights.0", "critic.weights.0"):  # (H, D, hidden) -> (H, D + directive_dim, hidden)
-        w = saved[key]
-        if w.shape[1] + directive_dim == own[key].shape[1]:
-            saved[key] = torch.cat([w, torch.zeros(w.shape[0], directive_dim, w.shape[2], dtype=w.dtype)], dim=1)
-    bad = sorted(set(own) ^ set(saved)) + [k for k in own if k in saved and own[k].shape != saved[k].shape]
-    if bad:
-        raise ValueError(f"{path} does not fit SymbolPolicy({num_symbols}, {encoder.kind}): mismatched keys {bad}.")
-    agent.load_state_dict(saved)
-    return agent, encoder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backtest metrics (the same definitions as ppo_symbol_agent.py)
-# ---------------------------------------------------------------------------------------------------------------
-def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
-    """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
-
-    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0); CAGR uses
-    N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
-    """
-    equity = np.asarray(equity, dtype=np.float64)
-    r = equity[1:] / equity[:-1] - 1.0
-    growth = equity[-1] / equity[0]
-    years = max(len(r) / periods_per_year, 1e-12)
-    std = r.std(ddof=1) if len(r) > 1 else 0.0
-    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if len(r) else 0.0
-    drawdown = equity / np.maximum.accumulate(equity) - 1.0
-    edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
-    cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
-    max_dd = float(drawdown.min())
-    return {
-        "total_return": float(growth - 1.0),
-        "cagr": float(cagr),
-        "sharpe": float(r.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
-        "sortino": float(r.mean() / downside * np.sqrt(periods_per_year)) if downside > 0 else 0.0,
-        "max_drawdown": max_dd,
-        "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
-        "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
-        "bars": len(r),
-        "periods_per_year": float(periods_per_year),
-    }
-
-
-def run_backtest(agent, choose_directive, market, split: str, env_cfg, seed: int, interval: int, device) -> dict:
-    """Sequential sweep of `split` with one portfolio-mode env: the deterministic symbol agents trade every symbol
-    from one account while choose_directive(obs, core, last_actions) -> (1,) sets the directive every `interval`
-    bars. Returns the account's metrics (plus trades, win rate, exposure, turnover, costs, directive usage), the
-    same for buy-and-hold of the benchmark and of an equal-weight basket (entry commission charged), and the curves.
-    """
-    start, stop = market.splits[split]
-    core = VecTradingCore(market, 1, split=split, mode="portfolio", config=env_cfg, seed=seed, sequential=True)
-    obs = core.reset(seed=seed)
-    init = float(env_cfg.initial_capital)
-    prev, last_actions, used = init, np.zeros((1, core.num_symbols), np.int64), np.zeros(NUM_DIRECTIVES)
-    pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
-    while True:
-        if len(pnl) % interval == 0:
-            directive = np.asarray(choose_directive(obs, core, last_actions), dtype=np.int64)
-            core.set_directives(directive)
-            used[directive[0]] += 1
-        with torch.no_grad():
-            action = agent.get_action_and_value(to_torch(obs, device), deterministic=True)[0].cpu().numpy()
-        in_profit = obs["position"][0, :, 2] > 0
-        obs, _, terminated, truncated, info = core.step(action)
-        executed, last_actions = info["executed_action"][0], info["policy_action"].copy()
-        is_exit = (executed == 4) | (executed == 5)
-        trades += int((executed != 0).sum())
-        exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
-        traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
-        equity = float(info["equity"][0, 0])
-        pnl.append(equity - prev)  # a ruined account restarts with fresh capital: its loss stays in the book
-        prev = init if terminated.any() else equity
-        exposure.append(float(info["exposure"][0, 0]))
-        cost += float(info["cost"][0].sum())
-        if truncated.any():
-            break
-    n, ppy = len(pnl), market.data.bars_per_year
-    curves = {"agent": init + np.r_[0.0, np.cumsum(pnl)]}
-    keep = 1.0 - env_cfg.commission_bps / 1e4
-    bench = market.data.benchmark[start : start + n + 1]
-    curves["benchmark"] = init * keep * bench / bench[0]
-    closes = market.valuation_close[start : start + n + 1]
-    curves["equal_weight"] = init * keep * (closes / closes[0]).mean(1)
-    report = {name: performance_metrics(curve, ppy) for name, curve in curves.items()}
-    coords = np.unravel_index(np.arange(NUM_DIRECTIVES), DIRECTIVE_SHAPE)
-    share = used / used.sum()
-    report["agent"].update(
-        trades=trades,
-        win_rate=wins / exits if exits else None,
-        exposure=float(np.mean(exposure)),
-        turnover=traded / float(np.mean(curves["agent"])) * ppy / n,
-        costs=cost,
-        costs_frac=cost / init,
-        directive_risk_level=float((share * coords[0]).sum()),
-        directive_concentration_level=float((share * coords[1]).sum()),
-        directive_regime_level=float((share * coords[2]).sum()),
-        directive_most_used=int(used.argmax()),
-    )
-    report["curves"] = curves
-    return report
-
-
-def format_report(reports: dict[str, dict], split: str) -> str:
-    """Markdown table: one row per metric, one column per strategy."""
-    names = list(reports)
-    keys = ["total_return", "cagr", "sharpe", "sortino", "max_drawdown", "max_drawdown_bars", "calmar"]
-    keys += ["trades", "win_rate", "exposure", "turnover", "costs"]
-    lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in keys:
-        cells = [reports[n].get(k, "") for n in names]
-        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plumbing: observations to torch, logging to tensorboard and MLflow, checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-def to_torch(obs: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
-
-
 def master_inputs(agent, obs: dict, directive_index, last_actions, state, device):
     """The master network's three inputs as tensors: symbol embeddings (E, S, D) from the symbol agents' shared
     encoder (no gradient: the master does not train the encoder), global features (E, 36), global state (E, .)."""
@@ -451,76 +265,6 @@ def fixed_directive(index: int):
     return lambda obs, core, last_actions: np.full(core.num_envs, index)
 
 
-def allreduce_grads(module: nn.Module, world_size: int) -> None:
-    """Average the gradients of module over the torchrun processes with one flattened all-reduce."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    torch.nn.utils.vector_to_parameters(flat, grads)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-
-
-def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, step)
-    if mlflow is not None:
-        mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
-
-
-def start_mlflow(args: Args, run_name: str):
-    import mlflow
-
-    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
-    mlflow.set_experiment(args.exp_name)
-    mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
-    return mlflow
-
-
-def dump_rank_state(envs, market, next_obs: dict) -> torch.Tensor:
-    """What a rank needs to continue exactly, pickled into a uint8 tensor: the python/numpy/torch RNG, the next
-    observation and the mutable state of its VecTradingCore (arrays except views and per-bar market tables, dicts of
-    arrays, scalars, its RNG). `load_rank_state` writes the arrays back in place, so the core's internal views of its
-    own buffers stay views (pickling the core object itself would silently break them)."""
-    bars, state = len(market.data.timestamps), {}
-    for k, v in vars(envs).items():
-        if isinstance(v, np.ndarray) and v.base is None and not (v.ndim > 1 and v.shape[0] == bars):
-            state[k] = v
-        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
-            state[k] = v
-        elif isinstance(v, bool | int | float | np.random.Generator):
-            state[k] = v
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    blob = pickle.dumps({"envs": state, "rng": rng, "next_obs": next_obs})
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-
-
-def load_rank_state(envs, blob: torch.Tensor) -> dict:
-    saved = pickle.loads(blob.numpy().tobytes())
-    for k, v in saved["envs"].items():
-        if isinstance(v, np.ndarray):
-            np.copyto(getattr(envs, k), v)
-        elif isinstance(v, dict):
-            for name, array in v.items():
-                np.copyto(getattr(envs, k)[name], array)
-        else:
-            setattr(envs, k, v)
-    random.setstate(saved["rng"]["python"])
-    np.random.set_state(saved["rng"]["numpy"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    return saved["next_obs"]
-
-
-def write_summary(run_dir: Path, **fields) -> None:
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update(fields)
-    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     T, E, I = args.num_steps, args.num_envs, args.master_interval
@@ -536,12 +280,7 @@ if __name__ == "__main__":
     M = T // I
     if args.track and importlib.util.find_spec("mlflow") is None:
         raise SystemExit("--track logs to MLflow, which is not installed: `pip install mlflow` (or drop --track)")
-    args.world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if args.world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    args.world_size, rank, device = init_distributed(args.cuda)
 
     # market data: rank 0 fills the cache first so that ranks do not write it at once
     if rank == 0:
@@ -563,22 +302,10 @@ if __name__ == "__main__":
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    preset = args.encoder_preset if args.encoder_preset != "auto" else ("as_given" if use_cuda else "cpu")
-    if preset == "cpu":  # fills the encoder fields left at their (transformer) defaults
-        default = EncoderConfig()
-        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(args.encoder, k) == getattr(default, k)}
-        args.encoder = replace(args.encoder, **fill)
-
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    args.encoder, preset = encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
     # seeding (each rank its own seed and envs)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
     if args.symbol_checkpoint:
@@ -615,24 +342,17 @@ if __name__ == "__main__":
         )
         global_step, start_iteration = ckpt["global_step"], extra["iteration"] + 1
         own = extra["ranks"][rank]
-        load_rank_state(envs, own["core"])  # the core's buffers are rewritten in place: next_obs_np is envs.obs
+        envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
+        set_rng_states(own["rng"])
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
         run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = run_dir.name
 
     writer, mlflow = None, None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(run_dir, status="incomplete", run_name=run_name, global_step=global_step)
-        writer = SummaryWriter(str(run_dir))
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-        )
-        mlflow = start_mlflow(args, run_name) if args.track else None
+        writer, mlflow = open_run(run_dir, args, global_step)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps and {M * E * args.world_size} master decisions per "
@@ -666,7 +386,7 @@ if __name__ == "__main__":
     def master_value(o, rows):
         """Denormalised centralised value (len(rows),) of the observation dict o at env rows `rows`."""
         sub = {k: v[rows] for k, v in o.items()}
-        state = state_from_obs(envs, o)[rows]
+        state = envs.state(o)[rows]
         emb, glob, st = master_inputs(agent, sub, envs.directive_index[rows], last_actions[rows], state, device)
         with torch.no_grad():
             v = master.get_value(emb, glob, st)
@@ -679,7 +399,7 @@ if __name__ == "__main__":
                 group["lr"] = frac * lr
 
         t_rollout = time.time()
-        tele, comps, m_comps, episodes, dist_entropy = {}, {}, {}, {}, 0.0
+        tele, m_comps, episodes, dist_entropy = {}, {}, {}, 0.0
         for step in range(T):
             global_step += E * S * args.world_size
             k = step // I
@@ -753,15 +473,7 @@ if __name__ == "__main__":
 
             # telemetry: per-step means, summed over the rollout
             policy_actions[step], executed_actions[step] = info["policy_action"], info["executed_action"]
-            for key in TELEMETRY_KEYS:
-                tele[key] = tele.get(key, 0.0) + float(np.mean(info[key])) / T
-            for key, v in info["reward_components"].items():
-                comps[key] = comps.get(key, 0.0) + float(np.mean(v)) / T
-            done_mask = info["episode"]["done_mask"]
-            if done_mask.any():
-                for key, v in info["episode"].items():
-                    if key not in ("done_mask", "action_counts"):
-                        episodes.setdefault(key, []).extend(np.asarray(v)[done_mask].tolist())
+            add_step_telemetry(tele, episodes, info, T)
         rollout_seconds = time.time() - t_rollout
 
         # ALGO LOGIC: advantages with bootstrap at truncation, for both levels
@@ -802,34 +514,11 @@ if __name__ == "__main__":
                 mb_obs = {key: v[mb_inds] for key, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
                 _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-
-                with torch.no_grad():
-                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                    )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = clipped_ppo_loss(
+                    newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
+                    b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
+                )  # fmt: skip
+                clipfracs.append(clipfrac)
 
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -863,21 +552,11 @@ if __name__ == "__main__":
                 j = torch.as_tensor(idx, device=device)
                 logits, newvalue = master(mb_emb[j], mb_glob[j], mb_state[j])
                 _, newlogprob, entropy = masked_policy(logits, mb_act[j])
-                logratio = newlogprob - mb_logp[j]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    m_approx_kl = ((ratio - 1) - logratio).mean()
-                    m_clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-                adv = mb_adv[j]
-                if args.norm_adv and len(j) > 1:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                m_pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
-                m_pg_loss = m_pg_loss.mean()
-                if args.clip_vloss:
-                    v_clipped = mb_old[j] + torch.clamp(newvalue - mb_old[j], -args.clip_coef, args.clip_coef)
-                    m_v_loss = 0.5 * torch.max((newvalue - mb_tgt[j]) ** 2, (v_clipped - mb_tgt[j]) ** 2).mean()
-                else:
-                    m_v_loss = 0.5 * ((newvalue - mb_tgt[j]) ** 2).mean()
+                m_pg_loss, m_v_loss, _, m_approx_kl, clipfrac = clipped_ppo_loss(
+                    newlogprob, mb_logp[j], mb_adv[j], newvalue, mb_old[j], mb_tgt[j], args.clip_coef,
+                    args.clip_vloss, args.norm_adv,
+                )  # fmt: skip
+                m_clipfracs.append(clipfrac)
                 m_entropy = entropy.mean()
                 loss = m_pg_loss - args.master_ent_coef * m_entropy + m_v_loss * args.vf_coef
 
@@ -897,13 +576,8 @@ if __name__ == "__main__":
 
         # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
         if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
-            own = {"core": dump_rank_state(envs, market, next_obs_np), "last_actions": torch.as_tensor(last_actions)}
-            own["track"] = {key: torch.as_tensor(v) for key, v in track.items()}
-            ranks = [None] * args.world_size
-            if args.world_size > 1:
-                dist.gather_object(own, ranks if rank == 0 else None, dst=0)
-            else:
-                ranks = [own]
+            own = {"core": envs.get_state(), "rng": rng_states(), "last_actions": last_actions, "track": track}
+            ranks = gather_on_rank0(own, rank, args.world_size)
             if rank == 0:
                 extra = {"iteration": iteration, "ranks": ranks}
                 save_checkpoint(
@@ -911,23 +585,12 @@ if __name__ == "__main__":
                 )
         if rank != 0:
             continue
-        policy_entropy = float(slot_action_entropy(policy_actions).mean())
-        executed_entropy = float(slot_action_entropy(executed_actions).mean())
-        policy_trades, executed_trades = (policy_actions != 0).mean(), (executed_actions != 0).mean()
+        telemetry = telemetry_metrics(tele, policy_actions, executed_actions)
         coords = np.stack(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE), -1).reshape(-1, 3)
-        metrics = {
+        metrics = telemetry | {
             "charts/learning_rate": optimizer.param_groups[-1]["lr"],
             "charts/master_learning_rate": optimizer.param_groups[0]["lr"],
             "charts/policy_entropy": dist_entropy,
-            "charts/policy_action_entropy_mean": policy_entropy,
-            "charts/executed_action_entropy_mean": executed_entropy,
-            "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
-            "charts/sanitizer_trade_delta": 100.0 * (policy_trades - executed_trades),
-            "charts/voluntary_trade_rate": tele["voluntary_trade"],
-            "charts/consecutive_action_violations": tele["violations"],
-            "charts/diversity_bonus": tele["diversity_bonus"],
-            "charts/masked_attempt_rate": tele["masked_attempt"],
-            "charts/forced_hold_rate": tele["forced_hold"],
             "charts/value_norm_mean": value_norm.mean.item(),
             "charts/value_norm_std": value_norm.var.sqrt().item(),
             "losses/value_loss": v_loss.item(),
@@ -948,18 +611,10 @@ if __name__ == "__main__":
             "master/directive_regime_level": float(coords[:, 2].mean()),
             "master/unique_directives": float(len(np.unique(m_actions.cpu().numpy()))),
             "master_reward/total": m_rewards.mean().item(),
-            "trading/equity": tele["equity"],
-            "trading/exposure": tele["exposure"],
-            "trading/cost_per_step": tele["cost"],
-            "trading/policy_trade_rate": float(policy_trades),
-            "trading/executed_trade_rate": float(executed_trades),
             "reward/total": rewards.mean().item(),
             "perf/rollout_seconds": rollout_seconds,
             "perf/update_seconds": update_seconds,
         }
-        for a, name in enumerate(ACTION_NAMES):
-            metrics[f"charts/action_distribution/{name}"] = float((executed_actions == a).mean())
-        metrics.update({f"reward/{key}": v for key, v in comps.items()})
         metrics.update({f"master_reward/{key}": v for key, v in m_comps.items()})
         if episodes:
             metrics["charts/episodic_return"] = float(np.mean(episodes["return"]))
@@ -968,8 +623,8 @@ if __name__ == "__main__":
             metrics.update({f"trading/episode_{key}": float(np.mean(v)) for key, v in episodes.items()})
         if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             t_eval = time.time()
-            chooser = master_policy(agent, master, device)
-            report = run_backtest(agent, chooser, market, args.eval_split, env_cfg, args.seed, I, device)
+            chooser, policy = master_policy(agent, master, device), agent_policy(agent, device)
+            report = run_backtest(policy, market, args.eval_split, env_cfg, args.seed, "portfolio", chooser, I)
             last_eval = {key: v for key, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{key}": v for key, v in last_eval.items()})
             metrics["perf/eval_seconds"] = time.time() - t_eval
@@ -986,17 +641,16 @@ if __name__ == "__main__":
                 else ""
             )
         )
-        last_telemetry = {
-            MLFLOW_NAMES.get(key, key.split("/", 1)[1]): v for key, v in metrics.items() if key.startswith("charts/")
-        }
+        last_telemetry = summary_telemetry(metrics)
 
     # final backtest on the test split: learned master vs fixed directives vs buy-and-hold
     if rank == 0:
         t_eval = time.time()
         choosers = {"master": master_policy(agent, master, device), "neutral": fixed_directive(NEUTRAL_DIRECTIVE)}
         choosers["defensive"] = fixed_directive(DEFENSIVE_DIRECTIVE)
+        policy = agent_policy(agent, device)
         full = {
-            n: run_backtest(agent, c, market, args.test_split, env_cfg, args.seed, I, device)
+            n: run_backtest(policy, market, args.test_split, env_cfg, args.seed, "portfolio", c, I)
             for n, c in choosers.items()
         }
         reports = {name: report["agent"] for name, report in full.items()}
@@ -1020,19 +674,12 @@ if __name__ == "__main__":
         go["drawdown_reduction_vs_deleveraged_neutral"] = 1.0 - dd_master / max(abs(scaled["max_drawdown"]), 1e-12)
         curves = {name: report["curves"]["agent"] for name, report in full.items()}
         curves.update(benchmark=full["master"]["curves"]["benchmark"])
-        for name, curve in curves.items():
-            for i, value in enumerate(curve / curve[0]):
-                writer.add_scalar(f"equity/{args.test_split}_{name}", value, i)
-        table = format_report(reports, args.test_split)
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(
-            f"\nbacktest on the {args.test_split} split ({market.data.benchmark_name} benchmark, "
-            f"{market.data.bars_per_year:g} bars a year):\n{table}\n"
             f"max drawdown: master {dd_master:.2%} vs neutral {dd_neutral:.2%} -> reduction {reduction:.1%} "
             f"({'passes' if go['passed'] else 'misses'} the > 15% go criterion); against neutral de-leveraged to the "
             f"master's exposure: {go['drawdown_reduction_vs_deleveraged_neutral']:.1%}"
         )
-        (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
-        (run_dir / "backtest.md").write_text(table + "\n")
         log_scalars(
             writer,
             mlflow,
@@ -1057,8 +704,5 @@ if __name__ == "__main__":
         if mlflow is not None:
             mlflow.end_run()
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
-        weights = nn.utils.parameters_to_vector([*model.parameters(), *model.buffers()]).detach()
-        reference = weights.clone()
-        dist.broadcast(reference, src=0)
-        assert torch.equal(weights, reference), f"rank {rank}: weights differ from rank 0's after training"
+        assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
         dist.destroy_process_group()

@@ -21,11 +21,9 @@ KL prior: a 7-action distribution built from sl_probs (see `sl_prior_logprobs`),
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,45 +32,44 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 from encoders import (
-    MLFLOW_NAMES,
     EncoderConfig,
     SymbolPolicy,
     agent_policy,
     allreduce_grads,
+    assert_ranks_agree,
+    clipped_ppo_loss,
     compute_gae,
+    encoder_preset,
     gather_on_rank0,
+    init_distributed,
     load_checkpoint,
     log_scalars,
     masked_policy,
+    open_run,
     rng_states,
     save_checkpoint,
+    seed_everything,
     set_rng_states,
-    start_mlflow,
     stop_on_sigint,
+    summary_telemetry,
     to_torch,
     write_summary,
 )
 from market_data import DataConfig, prepare_market
 from trading_env import (
-    ACTION_NAMES,
     EnvConfig,
     VecTradingCore,
-    format_report,
+    add_step_telemetry,
     random_policy,
     run_backtest,
-    slot_action_entropy,
+    save_backtest,
+    telemetry_metrics,
 )
 
-# CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
-CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
 # Direction of each action for the supervised prior: +1 adds exposure, -1 removes it, 0 holds.
 ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
-# per-step info arrays (E, S) averaged over each rollout
-TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost", "equity")
-TELEMETRY_KEYS += ("exposure",)
 
 
 @dataclass
@@ -264,12 +261,7 @@ if __name__ == "__main__":
     )
     if args.track and importlib.util.find_spec("mlflow") is None:
         raise SystemExit("--track logs to MLflow, which is not installed: `pip install mlflow` (or drop --track)")
-    args.world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if args.world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    args.world_size, rank, device = init_distributed(args.cuda)
 
     # market data: rank 0 fills the cache first so that ranks do not write it at once
     if rank == 0:
@@ -291,21 +283,10 @@ if __name__ == "__main__":
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    preset = args.encoder_preset if args.encoder_preset != "auto" else ("as_given" if use_cuda else "cpu")
-    if preset == "cpu":  # fills the encoder fields left at their (transformer) defaults
-        default = EncoderConfig()
-        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(args.encoder, k) == getattr(default, k)}
-        args.encoder = replace(args.encoder, **fill)
+    args.encoder, preset = encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
     # seeding (each rank its own seed and envs)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
     agent = SymbolPolicy(S, args.encoder).to(device)
@@ -330,18 +311,10 @@ if __name__ == "__main__":
         run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = run_dir.name
 
     writer, mlflow = None, None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(run_dir, status="incomplete", run_name=run_name, global_step=global_step)
-        writer = SummaryWriter(str(run_dir))
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-        )
-        mlflow = start_mlflow(args, run_name) if args.track else None
+        writer, mlflow = open_run(run_dir, args, global_step)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
@@ -370,7 +343,7 @@ if __name__ == "__main__":
         kl_coef = kl_prior_coef(args, global_step)
 
         t_rollout = time.time()
-        tele, comps, episodes, dist_entropy = {}, {}, {}, 0.0
+        tele, episodes, dist_entropy = {}, {}, 0.0
         for step in range(T):
             global_step += E * S * args.world_size
             for k, v in obs.items():
@@ -395,15 +368,7 @@ if __name__ == "__main__":
 
             # telemetry: per-step means, summed over the rollout
             policy_actions[step], executed_actions[step] = info["policy_action"], info["executed_action"]
-            for k in TELEMETRY_KEYS:
-                tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / T
-            for k, v in info["reward_components"].items():
-                comps[k] = comps.get(k, 0.0) + float(np.mean(v)) / T
-            done_mask = info["episode"]["done_mask"]
-            if done_mask.any():
-                for k, v in info["episode"].items():
-                    if k not in ("done_mask", "action_counts"):
-                        episodes.setdefault(k, []).extend(np.asarray(v)[done_mask].tolist())
+            add_step_telemetry(tele, episodes, info, T)
         rollout_seconds = time.time() - t_rollout
 
         # ALGO LOGIC: advantages with bootstrap at truncation
@@ -433,34 +398,11 @@ if __name__ == "__main__":
                 mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
                 _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-
-                with torch.no_grad():
-                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                    )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = clipped_ppo_loss(
+                    newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
+                    b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
+                )  # fmt: skip
+                clipfracs.append(clipfrac)
 
                 # KL(policy || supervised prior) over the allowed actions
                 kl_prior = torch.zeros((), device=device)
@@ -492,8 +434,8 @@ if __name__ == "__main__":
         update_seconds = time.time() - t_update
 
         # entropy control from this rollout, then logging (rank 0)
-        policy_entropy = float(slot_action_entropy(policy_actions).mean())
-        executed_entropy = float(slot_action_entropy(executed_actions).mean())
+        telemetry = telemetry_metrics(tele, policy_actions, executed_actions)
+        policy_entropy = telemetry["charts/policy_action_entropy_mean"]
         intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
 
         stopping = torch.tensor(float(stop["requested"]))
@@ -520,10 +462,9 @@ if __name__ == "__main__":
                 f"{args.ent_guard_threshold}, guard multiplier -> {ctl['guard_mult']:.2f} "
                 f"(intervention {ctl['interventions']})"
             )
-        policy_trades, executed_trades = (policy_actions != 0).mean(), (executed_actions != 0).mean()
         # unique executed actions per ended episode, or per slot over this rollout when none ended
         unique = episodes.get("unique_actions") or (executed_actions[..., None] == np.arange(7)).any(0).sum(-1)
-        metrics = {
+        metrics = telemetry | {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/ent_coef": ent_coef,
             "charts/kl_prior_coef": kl_coef,
@@ -531,15 +472,6 @@ if __name__ == "__main__":
             "charts/entropy_guard_multiplier": ctl["guard_mult"],
             "charts/entropy_guard_interventions": ctl["interventions"],
             "charts/policy_entropy": dist_entropy,
-            "charts/policy_action_entropy_mean": policy_entropy,
-            "charts/executed_action_entropy_mean": executed_entropy,
-            "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
-            "charts/sanitizer_trade_delta": 100.0 * (policy_trades - executed_trades),  # percentage points
-            "charts/voluntary_trade_rate": tele["voluntary_trade"],
-            "charts/consecutive_action_violations": tele["violations"],
-            "charts/diversity_bonus": tele["diversity_bonus"],
-            "charts/masked_attempt_rate": tele["masked_attempt"],
-            "charts/forced_hold_rate": tele["forced_hold"],
             "charts/ep_unique_actions": float(np.mean(unique)),
             "losses/value_loss": v_loss.item(),
             "losses/policy_loss": pg_loss.item(),
@@ -549,19 +481,10 @@ if __name__ == "__main__":
             "losses/clipfrac": float(np.mean(clipfracs)),
             "losses/explained_variance": float(explained_var),
             "losses/kl_prior": kl_prior.item(),
-            "trading/equity": tele["equity"],
-            "trading/exposure": tele["exposure"],
-            "trading/cost_per_step": tele["cost"],
-            "trading/policy_trade_rate": float(policy_trades),
-            "trading/executed_trade_rate": float(executed_trades),
             "reward/total": rewards.mean().item(),
             "perf/rollout_seconds": rollout_seconds,
             "perf/update_seconds": update_seconds,
         }
-        for a, name in enumerate(ACTION_NAMES):
-            metrics[f"charts/action_distribution/{name}"] = float((executed_actions == a).mean())
-            metrics[f"charts/policy_action_distribution/{name}"] = float((policy_actions == a).mean())
-        metrics.update({f"reward/{k}": v for k, v in comps.items()})
         if episodes:
             metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
             metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))
@@ -583,9 +506,7 @@ if __name__ == "__main__":
             f"policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
             + (f" {args.eval_split}_sharpe={val_sharpe:.2f}" if val_sharpe is not None else "")
         )
-        last_telemetry = {
-            MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")
-        }
+        last_telemetry = summary_telemetry(metrics)
         if stopping:
             break
 
@@ -607,16 +528,7 @@ if __name__ == "__main__":
         reports = {"agent": full["agent"], "random": rand["agent"]}
         reports.update(benchmark_bh=full["benchmark"], equal_weight_bh=full["equal_weight"])
         curves = full["curves"]
-        for name, curve in curves.items():
-            for i, value in enumerate(curve / curve[0]):
-                writer.add_scalar(f"equity/{args.test_split}_{name}", value, i)
-        table = format_report(reports, args.test_split)
-        print(
-            f"\nbacktest on the {args.test_split} split ({market.data.benchmark_name} benchmark, "
-            f"{market.data.bars_per_year:g} bars a year):\n{table}"
-        )
-        (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
-        (run_dir / "backtest.md").write_text(table + "\n")
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
         log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
@@ -627,8 +539,5 @@ if __name__ == "__main__":
         if mlflow is not None:
             mlflow.end_run()
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
-        weights = nn.utils.parameters_to_vector(agent.parameters()).detach()
-        reference = weights.clone()
-        dist.broadcast(reference, src=0)
-        assert torch.equal(weights, reference), f"rank {rank}: weights differ from rank 0's after training"
+        assert_ranks_agree(agent.parameters(), rank)
         dist.destroy_process_group()

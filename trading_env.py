@@ -8,6 +8,7 @@ PortfolioParallelEnv (PettingZoo ParallelEnv, portfolio mode). Market data and f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -1290,6 +1291,56 @@ class PortfolioParallelEnv(ParallelEnv):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Rollout telemetry: the tensorboard scalars of DESIGN section 3, from the core's per-step info (shared by the scripts)
+# ---------------------------------------------------------------------------------------------------------------------
+TELEMETRY_KEYS = ("masked_attempt", "forced_hold", "voluntary_trade", "violations", "diversity_bonus", "cost")
+TELEMETRY_KEYS += ("equity", "exposure")
+
+
+def add_step_telemetry(tele: dict, episodes: dict, info: dict, steps: int) -> None:
+    """Accumulate one step's info over a rollout of `steps` steps: the rollout means of the TELEMETRY_KEYS arrays and
+    of the reward components (as "reward/<name>") into tele, the statistics of the episodes that ended at this step
+    into episodes (a list per key)."""
+    for k in TELEMETRY_KEYS:
+        tele[k] = tele.get(k, 0.0) + float(np.mean(info[k])) / steps
+    for k, v in info["reward_components"].items():
+        tele[f"reward/{k}"] = tele.get(f"reward/{k}", 0.0) + float(np.mean(v)) / steps
+    done_mask = info["episode"]["done_mask"]
+    if done_mask.any():
+        for k, v in info["episode"].items():
+            if k not in ("done_mask", "action_counts"):
+                episodes.setdefault(k, []).extend(np.asarray(v)[done_mask].tolist())
+
+
+def telemetry_metrics(tele: dict, policy_actions: np.ndarray, executed_actions: np.ndarray) -> dict:
+    """Tensorboard scalars of one rollout from add_step_telemetry's `tele` and the (T, E, S) policy and executed
+    actions. Trade rates are fractions of slot-steps; the sanitizer trade delta (policy minus executed trade rate)
+    is in percentage points, as DESIGN.md and validate_stage5.py read it."""
+    policy_trades, executed_trades = (policy_actions != HOLD).mean(), (executed_actions != HOLD).mean()
+    metrics = {
+        "charts/policy_action_entropy_mean": float(slot_action_entropy(policy_actions).mean()),
+        "charts/executed_action_entropy_mean": float(slot_action_entropy(executed_actions).mean()),
+        "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
+        "charts/sanitizer_trade_delta": 100.0 * (policy_trades - executed_trades),
+        "charts/voluntary_trade_rate": tele["voluntary_trade"],
+        "charts/consecutive_action_violations": tele["violations"],
+        "charts/diversity_bonus": tele["diversity_bonus"],
+        "charts/masked_attempt_rate": tele["masked_attempt"],
+        "charts/forced_hold_rate": tele["forced_hold"],
+        "trading/equity": tele["equity"],
+        "trading/exposure": tele["exposure"],
+        "trading/cost_per_step": tele["cost"],
+        "trading/policy_trade_rate": float(policy_trades),
+        "trading/executed_trade_rate": float(executed_trades),
+    }
+    for a, name in enumerate(ACTION_NAMES):
+        metrics[f"charts/action_distribution/{name}"] = float((executed_actions == a).mean())
+        metrics[f"charts/policy_action_distribution/{name}"] = float((policy_actions == a).mean())
+    metrics.update({k: v for k, v in tele.items() if k.startswith("reward/")})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Backtest: a deterministic sweep of one split, its metrics and the buy-and-hold baselines (shared by the scripts)
 # ---------------------------------------------------------------------------------------------------------------------
 def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
@@ -1421,3 +1472,16 @@ def format_report(reports: dict[str, dict], split: str) -> str:
         cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket) -> str:
+    """Write the final backtest: reports as run_dir/backtest.json and the format_report table as backtest.md, each
+    equity curve (normalised to 1) to tensorboard as equity/<split>_<name> by bar. Returns the text to print."""
+    for name, curve in curves.items():
+        for i, value in enumerate(curve / curve[0]):
+            writer.add_scalar(f"equity/{split}_{name}", value, i)
+    table = format_report(reports, split)
+    (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+    (run_dir / "backtest.md").write_text(table + "\n")
+    head = f"backtest on the {split} split ({market.data.benchmark_name} benchmark, {market.data.bars_per_year:g} bars"
+    return f"\n{head} a year):\n{table}"

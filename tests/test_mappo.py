@@ -23,7 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import mappo_master as mappo  # noqa: E402
 import trading_env as te  # noqa: E402
-from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, load_checkpoint  # noqa: E402
+from encoders import (  # noqa: E402
+    EncoderConfig,
+    MasterNetwork,
+    SymbolPolicy,
+    ValueNorm,
+    load_checkpoint,
+    load_symbol_agents,
+    to_torch,
+)
 from market_data import make_synthetic_prepared  # noqa: E402
 
 # 3 symbols x 2 envs x 14 bars = 84 symbol-steps and 2 x 2 master decisions per iteration
@@ -122,7 +130,7 @@ def test_tensorboard_event_file_has_master_reward_components(runs):
 def test_ppo_checkpoint_loads_into_symbol_agents(runs):
     """The loaded agents equal the PPO policy on any observation: the directive rows start at zero weight."""
     _, _, ckpt = runs
-    agent, encoder = mappo.load_symbol_agents(str(ckpt), 3)
+    agent, encoder = load_symbol_agents(str(ckpt), 3)
     payload = load_checkpoint(ckpt)
     ppo_agent = SymbolPolicy(3, EncoderConfig(**payload["args"]["encoder"]))
     load_checkpoint(ckpt, ppo_agent)
@@ -131,14 +139,14 @@ def test_ppo_checkpoint_loads_into_symbol_agents(runs):
     obs = core.reset(seed=0)
     core.set_directives(np.array([0, 47]))  # two very different directives
     with torch.no_grad():
-        got = agent.get_logits(mappo.to_torch(obs, "cpu"))
-        want = ppo_agent.get_logits(mappo.to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
+        got = agent.get_logits(to_torch(obs, "cpu"))
+        want = ppo_agent.get_logits(to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
     torch.testing.assert_close(got, want)
     # the MAPPO checkpoint holds both levels and the value normaliser
     saved = torch.load(next(ckpt.parent.parent.parent.glob("runs/*/checkpoint.pt")), weights_only=True)["model"]
     assert {k.split(".")[0] for k in saved} == {"symbols", "master", "value_norm"}
     with pytest.raises(ValueError, match="3 symbols but the data has 5"):
-        mappo.load_symbol_agents(str(ckpt), 5)
+        load_symbol_agents(str(ckpt), 5)
 
 
 def test_symbol_agents_read_the_directive():
@@ -149,9 +157,9 @@ def test_symbol_agents_read_the_directive():
     agent = SymbolPolicy(3, EncoderConfig(kind="mlp", d_model=32, output_dim=32, dropout=0.0), directive_dim=4)
     core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, te.NEUTRAL_DIRECTIVE]))
     with torch.no_grad():
-        same = agent.get_logits(mappo.to_torch(obs, "cpu"))
+        same = agent.get_logits(to_torch(obs, "cpu"))
         core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, 0]))
-        changed = agent.get_logits(mappo.to_torch(obs, "cpu"))
+        changed = agent.get_logits(to_torch(obs, "cpu"))
     torch.testing.assert_close(changed[0], same[0])
     assert not torch.allclose(changed[1], same[1])
 
@@ -207,7 +215,7 @@ def test_centralised_critic_receives_the_global_state():
     assert state.shape == (2, core.state_dim) and glob.shape == (2, 36) and emb.shape == (2, 3, 32)
     # the global state of a copied observation (as for info["final_obs"]) is the env's own state()
     copy = {k: v.copy() for k, v in obs.items()}
-    np.testing.assert_array_equal(mappo.state_from_obs(core, copy), core.state())
+    np.testing.assert_array_equal(core.state(copy), core.state())
     master = MasterNetwork(32, 36, state_dim=core.state_dim)
     logits, value = master(emb, glob, state)
     other = state.clone()
@@ -218,7 +226,7 @@ def test_centralised_critic_receives_the_global_state():
 
 
 def test_value_norm_tracks_running_mean_and_std():
-    norm = mappo.ValueNorm()
+    norm = ValueNorm()
     rng = np.random.default_rng(0)
     batches = [rng.normal(5.0, 3.0, size=n) for n in (10, 50, 7)]
     for b in batches:

@@ -18,6 +18,7 @@ SCRIPT = ROOT / "ppo_symbol_agent.py"
 sys.path.insert(0, str(ROOT))
 import ppo_symbol_agent as ppo  # noqa: E402
 from encoders import compute_gae  # noqa: E402
+from trading_env import ACTION_NAMES  # noqa: E402
 
 # 3 symbols x 2 envs x 16 steps = 96 symbol-steps per iteration
 TINY = [
@@ -58,7 +59,7 @@ DESIGN_TAGS = [
     "equity/test_agent",
     "equity/test_benchmark",
     "equity/test_equal_weight",
-] + [f"charts/action_distribution/{name}" for name in ppo.ACTION_NAMES]
+] + [f"charts/action_distribution/{name}" for name in ACTION_NAMES]
 
 
 def run_script(cwd: Path, *flags: str, launcher: list[str] | None = None, check: bool = True):

@@ -749,3 +749,17 @@ def test_run_backtest_books_the_sweep(mode):
             te.run_backtest(te.random_policy(0), market, "val", config, seed=0, directive=directive)
     table = te.format_report({"agent": report["agent"], "bh": report["benchmark"]}, "val")
     assert table.startswith("| val | agent | bh |") and "| win_rate |" in table
+
+
+def test_telemetry_metrics_sanitizer_delta_in_percentage_points():
+    policy = np.zeros((4, 1, 2), np.int8)
+    policy[:2] = te.BUY_SMALL  # half the slot-steps are intended trades
+    executed = policy.copy()
+    executed[1] = te.HOLD  # a quarter of them executed
+    tele = {k: 0.0 for k in te.TELEMETRY_KEYS} | {"reward/pnl": 0.5}
+    m = te.telemetry_metrics(tele, policy, executed)
+    assert m["charts/sanitizer_trade_delta"] == pytest.approx(25.0)  # 50% - 25% of slot-steps, in points
+    assert m["trading/policy_trade_rate"] == 0.5 and m["trading/executed_trade_rate"] == 0.25
+    assert m["charts/executed_vs_policy_trades"] == pytest.approx(0.5) and m["reward/pnl"] == 0.5
+    assert m["charts/action_distribution/HOLD"] == 0.75 and m["charts/policy_action_distribution/HOLD"] == 0.5
+    assert m["charts/policy_action_entropy_mean"] == pytest.approx(math.log(2))

@@ -900,6 +900,9 @@ def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
 
 
 def start_mlflow(args, run_name: str):
+    # MLflow 3 keeps the ./mlruns file store only behind this opt-in (it steers users to a database server); a local
+    # folder beside runs/ is what a CleanRL-style `--track` without a server needs.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     import mlflow
 
     mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())

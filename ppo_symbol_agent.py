@@ -87,7 +87,7 @@ class Args:
     """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
     busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
     track: bool = False
-    """if toggled, the metrics are also sent to MLflow (local ./mlruns, needs `pip install mlflow`)"""
+    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
     save_model: bool = False
     """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
     resume: str | None = None
@@ -260,7 +260,7 @@ if __name__ == "__main__":
         "need --ent-guard-boost >= 1 and 0 < --ent-guard-relax <= 1"
     )
     if args.track and importlib.util.find_spec("mlflow") is None:
-        raise SystemExit("--track logs to MLflow, which is not installed: `pip install mlflow` (or drop --track)")
+        raise SystemExit("--track logs to MLflow, not installed: `pip install mlflow-skinny` (or drop --track)")
     args.world_size, rank, device = init_distributed(args.cuda)
 
     # market data: rank 0 fills the cache first so that ranks do not write it at once

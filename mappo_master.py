@@ -1,20 +1,16 @@
 """MAPPO for the master agent: a portfolio manager whose directives steer the symbol agents, trained on the core.
 
-The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one trading day)
-the master picks one of the 48 directives of the 4 x 4 x 3 grid (risk multiplier, concentration level, regime mode;
-the table is `VecTradingCore`'s docstring); in between, the symbol agents act every bar under that directive, which
-enters their observation and changes their sizes and masks. Both levels are updated with PPO-clip:
+The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the master
+picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in `VecTradingCore`); the
+symbol agents act every bar under it (it enters their observation, sizes and masks). Both levels use PPO-clip:
 
-  - symbol agents: one shared encoder and batched heads (parameter sharing), optionally initialised from a
-    ``ppo_symbol_agent.py`` checkpoint (--symbol-checkpoint; the directive inputs start at zero weight, so the loaded
-    policy acts exactly as it did) and optionally frozen (--freeze-symbols); their own per-slot rewards and critics.
-  - master: actor on pooled symbol embeddings + portfolio/regime features + the current directive + the symbols'
-    last actions; centralised critic that also sees the env's global state (`VecTradingCore.state()`), with
-    PopArt-lite value normalisation (running mean / std of the returns; the critic predicts normalised values).
+  - symbol agents: shared encoder and batched heads, optionally from a ``ppo_symbol_agent.py`` checkpoint (directive
+    inputs start at zero weight, so the loaded policy acts as it did) and optionally frozen; per-slot rewards/critics.
+  - master: actor on pooled symbol embeddings, portfolio/regime features, the directive and the symbols' last actions;
+    centralised critic on the env's global state too (`VecTradingCore.state()`), predicting normalised values.
 
-One rollout: T bars x E envs; the master's batch holds its T / master_interval decisions per env. Master reward of
-one decision, over the bars until the next one (or the episode's end), with r the account's bar returns, b the
-benchmark's, dd the drawdown from the episode peak and w the position weights (x 100 = percent units):
+Master batch: T / master_interval decisions per env. Reward of a decision, over the bars to the next one (or the
+episode's end); r: account bar returns, b: benchmark's, dd: drawdown from the peak, w: position weights (x 100 = %):
 
     risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
     diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)     (0 when flat)
@@ -22,12 +18,8 @@ benchmark's, dd the drawdown from the episode peak and w the position weights (x
     excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
     reward = risk_adjusted + diversification + drawdown + excess           (each logged as master_reward/<name>)
 
-    python mappo_master.py --seed 1
-    python mappo_master.py --symbol-checkpoint runs/<ppo run>/checkpoint.pt --freeze-symbols
-    torchrun --standalone --nproc_per_node 2 mappo_master.py --num-envs 4     # data parallel
-
-The run ends with a backtest on the test split: learned master vs the fixed neutral directive vs a fixed defensive
-directive vs buy-and-hold, and the drawdown reduction against neutral (the seeds' go criterion: > 15%).
+The final test-split backtest: learned master vs fixed neutral / defensive directives vs buy-and-hold, with the
+drawdown cut against neutral (the seeds' go criterion: > 15%) and against neutral scaled to the master's exposure.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Suite-wide settings: one torch thread (the suite runs on 2 shared cores) and the repo root on sys.path."""
+"""Suite-wide settings (one torch thread, the repo root on sys.path) and the subprocess runner of the script tests."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,3 +17,22 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # torch is in requirements.txt; the data tests alone do not need it
     pass
+
+
+def run_script(script: str, cwd: Path, *flags: str, check: bool = True, launcher: list[str] | None = None):
+    """Run one of the repo's scripts as a user would (a subprocess in cwd); raise with its output if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def only_run(folder: Path) -> Path:
+    """The single run folder inside folder."""
+    runs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -9,15 +9,14 @@ whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import only_run, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,23 +56,6 @@ MASTER_TAGS = [f"master_reward/{name}" for name in (*mappo.MASTER_REWARD_COMPONE
     "equity/test_master",
     "equity/test_neutral",
 ]
-
-
-def run_script(script: str, cwd: Path, *flags: str, check: bool = True, launcher: list[str] | None = None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *flags]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
-
-
-def only_run(folder: Path) -> Path:
-    runs = sorted(p for p in folder.iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,16 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import only_run, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_symbol_agent.py"
+PPO = SCRIPT.name
 sys.path.insert(0, str(ROOT))
 import ppo_symbol_agent as ppo  # noqa: E402
 from encoders import MLFLOW_NAMES, compute_gae  # noqa: E402
@@ -59,23 +60,6 @@ DESIGN_TAGS = [
     "equity/test_benchmark",
     "equity/test_equal_weight",
 ] + [f"charts/action_distribution/{name}" for name in ACTION_NAMES]
-
-
-def run_script(cwd: Path, *flags: str, launcher: list[str] | None = None, check: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *flags]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
-
-
-def only_run(folder: Path) -> Path:
-    runs = sorted(p for p in folder.iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +127,9 @@ def test_sl_prior():
 # the script
 # ---------------------------------------------------------------------------------------------------------------
 def test_bad_arguments_fail_before_any_run_folder(tmp_path):
-    proc = run_script(tmp_path, *TINY, "--num-minibatches", "5", "--total-timesteps", str(ITER), check=False)
+    proc = run_script(
+        "ppo_symbol_agent.py", tmp_path, *TINY, "--num-minibatches", "5", "--total-timesteps", str(ITER), check=False
+    )
     assert proc.returncode != 0 and "--num-minibatches" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -152,7 +138,7 @@ def test_track_logs_the_stage5_metrics_to_mlflow(tmp_path):
     """--track writes a local ./mlruns store (mlflow-skinny is a test requirement) under the seeds' metric names."""
     from mlflow.tracking import MlflowClient
 
-    run_script(tmp_path, *TINY, "--track", "--total-timesteps", str(2 * ITER))
+    run_script(PPO, tmp_path, *TINY, "--track", "--total-timesteps", str(2 * ITER))
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "ppo_symbol_agent"]
@@ -167,7 +153,9 @@ def test_track_logs_the_stage5_metrics_to_mlflow(tmp_path):
 @pytest.fixture(scope="module")
 def full_run(workdir):
     """4 iterations, uninterrupted, with checkpoints."""
-    proc = run_script(workdir, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr")
+    proc = run_script(
+        "ppo_symbol_agent.py", workdir, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr"
+    )
     return proc, only_run(workdir / "runs")
 
 
@@ -205,10 +193,10 @@ def test_resume_equals_uninterrupted(full_run, workdir):
     _, run = full_run
     first = workdir / "split"
     first.mkdir()
-    run_script(first, *TINY, "--total-timesteps", str(2 * ITER), "--save-model", "--no-anneal-lr")
+    run_script(PPO, first, *TINY, "--total-timesteps", str(2 * ITER), "--save-model", "--no-anneal-lr")
     half = only_run(first / "runs")
     assert json.loads((half / "summary.json").read_text())["global_step"] == 2 * ITER
-    run_script(first, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr",
+    run_script(PPO, first, *TINY, "--total-timesteps", str(4 * ITER), "--save-model", "--no-anneal-lr",
                "--resume", str(half / "checkpoint.pt"))  # fmt: skip
     a = torch.load(run / "checkpoint.pt", weights_only=True)
     b = torch.load(half / "checkpoint.pt", weights_only=True)
@@ -228,7 +216,7 @@ def test_torchrun_two_processes(workdir):
     cwd = workdir / "ddp"
     cwd.mkdir()
     proc = run_script(
-        cwd, *TINY, "--total-timesteps", str(4 * ITER), "--eval-interval", "0",
+        "ppo_symbol_agent.py", cwd, *TINY, "--total-timesteps", str(4 * ITER), "--eval-interval", "0",
         launcher=["torchrun", "--standalone", "--nproc_per_node", "2"],
     )  # fmt: skip
     summary = json.loads((only_run(cwd / "runs") / "summary.json").read_text())

@@ -46,7 +46,8 @@ def test_trading_environment_episode_and_errors(market):
 
 
 def test_maskable_ppo_trains_on_trading_environment(market):
-    sb3_contrib = pytest.importorskip("sb3_contrib")
+    import sb3_contrib  # a dev requirement: a missing install fails here
+
     env = te.TradingEnvironment(market, symbol=0, config=te.EnvConfig(episode_length=64))
     model = sb3_contrib.MaskablePPO(
         "MultiInputPolicy", env, n_steps=128, batch_size=64, n_epochs=1, seed=0, verbose=0, device="cpu"

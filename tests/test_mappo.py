@@ -9,7 +9,6 @@ whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -163,7 +162,6 @@ def test_resume_equals_uninterrupted(runs):
     assert sa["backtest"]["master"] == sb["backtest"]["master"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_processes(tmp_path):
     flags = [*TINY, "168", "--eval-interval", "0"]
     proc = run_script(

@@ -4,7 +4,6 @@ a subprocess with tiny settings: run folder, summary, tensorboard tags, resume =
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -211,7 +210,6 @@ def test_resume_equals_uninterrupted(full_run, workdir):
     }
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_processes(workdir):
     cwd = workdir / "ddp"
     cwd.mkdir()

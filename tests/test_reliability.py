@@ -149,11 +149,6 @@ def test_bad_input_fails_clearly_before_training(tmp_path, user_data, case):
         assert not (run / "checkpoint.pt").exists()
 
 
-# ppo_symbol_agent.py does not catch SIGINT yet (issue 7 report); once its source handles it, the last check below
-# becomes a plain assertion.
-HANDLES_SIGINT = any(word in SCRIPT.read_text() for word in ("KeyboardInterrupt", "SIGINT"))
-
-
 def test_sigint_leaves_a_resumable_incomplete_run(tmp_path):
     total = 4096  # 16 rollouts of 256 symbol-steps; periodic checkpoints every 2, the interrupt after the 3rd
     flags = [*TINY, *SYNTHETIC, "--seed", "5", "--total-timesteps", str(total), "--save-model"]
@@ -198,10 +193,6 @@ def test_sigint_leaves_a_resumable_incomplete_run(tmp_path):
     assert steps.tolist() == list(range(256, total + 1, 256)), "the resumed run's log has gaps or extra steps"
 
     # The checkpoint must hold the state at the interrupt, not only the last periodic save (work would be lost).
-    if not HANDLES_SIGINT and ckpt_step < interrupted_at:
-        pytest.xfail(
-            f"ppo_symbol_agent.py saves no checkpoint on SIGINT (last save at {ckpt_step}, not {interrupted_at})"
-        )
     assert ckpt_step >= interrupted_at, (
         f"the checkpoint is from step {ckpt_step}, before the interrupt at {interrupted_at}"
     )

@@ -2,24 +2,11 @@
 
 The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the master
 picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in `VecTradingCore`); the
-symbol agents act every bar under it (it enters their observation, sizes and masks). Both levels use PPO-clip:
-
-  - symbol agents: shared encoder and batched heads, optionally from a ``ppo_symbol_agent.py`` checkpoint (directive
-    inputs start at zero weight, so the loaded policy acts as it did) and optionally frozen; per-slot rewards/critics.
-  - master: actor on pooled symbol embeddings, portfolio/regime features, the directive and the symbols' last actions;
-    centralised critic on the env's global state too (`VecTradingCore.state()`), predicting normalised values.
-
-Master batch: T / master_interval decisions per env. Reward of a decision, over the bars to the next one (or the
-episode's end); r: account bar returns, b: benchmark's, dd: drawdown from the peak, w: position weights (x 100 = %):
-
-    risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
-    diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)     (0 when flat)
-    drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
-    excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
-    reward = risk_adjusted + diversification + drawdown + excess           (each logged as master_reward/<name>)
-
-The final test-split backtest: learned master vs fixed neutral / defensive directives vs buy-and-hold, with the
-drawdown cut against neutral (the seeds' go criterion: > 15%) and against neutral scaled to the master's exposure.
+symbol agents act every bar under it (it enters their observation, sizes and masks). Both levels use PPO-clip: the
+symbol agents as in ppo_symbol_agent.py (optionally from its checkpoint, optionally frozen), the master on pooled
+symbol embeddings and portfolio features with a centralised critic that also reads `VecTradingCore.state()`. The
+master's reward is in `master_reward`. The final test-split backtest compares the learned master with fixed
+directives and buy-and-hold, and reports the seeds' go criterion (`trading_env.drawdown_go_criterion`).
 """
 
 from __future__ import annotations
@@ -33,37 +20,31 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import tyro
 
-from encoders import (
-    EncoderConfig,
-    MasterNetwork,
-    SymbolPolicy,
-    ValueNorm,
-    agent_policy,
+from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm
+from experiment import (
     allreduce_grads,
     assert_ranks_agree,
-    clipped_ppo_loss,
-    compute_gae,
+    broadcast_parameters,
+    cat_over_ranks,
+    close_distributed,
+    close_run,
     encoder_preset,
-    gather_on_rank0,
     init_distributed,
-    load_checkpoint,
     load_symbol_agents,
     log_scalars,
-    masked_policy,
+    mean_over_ranks,
     open_run,
-    rng_states,
-    save_checkpoint,
+    prepare_market_on_ranks,
+    resume_run,
+    save_run_checkpoint,
     seed_everything,
-    set_rng_states,
     summary_telemetry,
-    to_torch,
     write_summary,
 )
-from market_data import DataConfig, prepare_market
+from market_data import DataConfig
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
@@ -71,7 +52,7 @@ from trading_env import (
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
-    performance_metrics,
+    drawdown_go_criterion,
     run_backtest,
     save_backtest,
     telemetry_metrics,
@@ -199,12 +180,104 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: master reward and inputs (unit-tested in tests/test_mappo.py)
+# ALGO LOGIC: masked sampling, GAE and the PPO-clip loss (the same lines stand in ppo_symbol_agent.py, as CleanRL does)
+# ---------------------------------------------------------------------------------------------------------------
+def to_torch(obs: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
+
+
+def masked_policy(
+    logits: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From masked logits (..., A) (disallowed actions at -1e8): action (...) long (sampled, argmax if deterministic,
+    or the given one), its log-probability, and the entropy over the allowed actions. Masked actions have
+    probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., A)
+    p = logp.exp()
+    if action is None:
+        if deterministic:
+            action = logits.argmax(dim=-1)
+        else:
+            action = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
+    action = action.long()
+    # where() rather than p * logp: 0 * (-1e8) is 0 anyway, but this keeps the gradient of masked entries at 0.
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def agent_policy(agent: nn.Module, device):
+    """The agent's deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
+
+    def act(obs):
+        with torch.no_grad():
+            return masked_policy(agent.get_logits(to_torch(obs, device)), deterministic=True)[0].cpu().numpy()
+
+    return act
+
+
+def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
+    """GAE over a rollout whose steps may end episodes (same-step autoreset).
+
+    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
+    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
+    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
+    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
+    """
+    trunc_only = truncated.float() * (1.0 - terminated.float())
+    rewards = rewards + gamma * final_values * trunc_only
+    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+    return advantages, advantages + values
+
+
+def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, clip_coef, clip_vloss, norm_adv):
+    """PPO-clip policy loss and (clipped) value loss of one minibatch (Schulman et al. 2017, as CleanRL's ppo.py).
+    Returns pg_loss, v_loss, old_approx_kl, approx_kl and the clipped fraction (a float)."""
+    logratio = newlogprob - oldlogprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+    if norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    # Policy loss
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # Value loss
+    if clip_vloss:
+        v_loss_unclipped = (newvalue - returns) ** 2
+        v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    return pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: master reward and inputs (unit-tested in tests/test_mappo_master.py)
 # ---------------------------------------------------------------------------------------------------------------
 def master_reward(acc: dict, args: Args, num_symbols: int) -> dict:
-    """Components (E,) of the master's reward from one decision's accumulators (E,): ret (sum of account bar
-    returns), ret_sq (sum of their squares), bench (sum of benchmark bar returns), dd_up (sum of drawdown increases),
-    div (sum of 1 - Herfindahl of the position weights, 0 when flat), bars (bars counted)."""
+    """Components (E,) of the master's reward from one decision's accumulators (E,), summed over the bars to the next
+    decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar returns b),
+    dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position weights w, 0
+    when flat), bars (bars counted). Percent units (x 100):
+
+        risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
+        diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
+        drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
+        excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
+    """
     div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
     return {
         "risk_adjusted": 100.0 * (acc["ret"] - args.risk_coef * np.sqrt(acc["ret_sq"])),
@@ -248,7 +321,7 @@ def master_policy(agent, master, device):
     def choose(obs, core, last_actions):
         emb, glob, state = master_inputs(agent, obs, core.directive_index, last_actions, core.state(), device)
         with torch.no_grad():
-            return master.get_action_and_value(emb, glob, state, deterministic=True)[0].cpu().numpy()
+            return masked_policy(master(emb, glob, state)[0], deterministic=True)[0].cpu().numpy()
 
     return choose
 
@@ -274,13 +347,7 @@ if __name__ == "__main__":
         raise SystemExit("--track logs to MLflow, not installed: `pip install mlflow-skinny` (or drop --track)")
     args.world_size, rank, device = init_distributed(args.cuda)
 
-    # market data: rank 0 fills the cache first so that ranks do not write it at once
-    if rank == 0:
-        market = prepare_market(args.data)
-    if args.world_size > 1:
-        dist.barrier()
-    if rank != 0:
-        market = prepare_market(args.data)
+    market = prepare_market_on_ranks(args.data, rank, args.world_size)
     S = args.num_symbols = len(market.data.symbols)
     args.batch_size = T * E * S
     args.master_batch_size = M * E
@@ -310,9 +377,7 @@ if __name__ == "__main__":
     master = MasterNetwork(args.encoder.output_dim, global_dim, state_dim=envs.state_dim).to(device)
     value_norm = ValueNorm().to(device)
     model = nn.ModuleDict({"symbols": agent, "master": master, "value_norm": value_norm})  # one checkpoint
-    if args.world_size > 1:  # identical initial weights on every rank
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+    broadcast_parameters(model, args.world_size)  # identical initial weights on every rank
     groups = [{"params": list(master.parameters()), "lr": args.master_learning_rate}]
     if not args.freeze_symbols:
         groups.append({"params": list(agent.parameters()), "lr": args.learning_rate})
@@ -326,19 +391,11 @@ if __name__ == "__main__":
     last_actions = np.zeros((E, S), np.int64)
 
     if args.resume:
-        ckpt = load_checkpoint(args.resume, model, optimizer, map_location=device)
-        extra = ckpt["extra"]
-        assert len(extra["ranks"]) == args.world_size, (
-            f"{args.resume} was written by {len(extra['ranks'])} process(es); resume it with as many (got "
-            f"{args.world_size})"
-        )
-        global_step, start_iteration = ckpt["global_step"], extra["iteration"] + 1
-        own = extra["ranks"][rank]
+        global_step, extra, own, run_dir = resume_run(args.resume, model, optimizer, device, rank, args.world_size)
+        start_iteration = extra["iteration"] + 1
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
-        set_rng_states(own["rng"])
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
-        run_dir = Path(args.resume).resolve().parent
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -346,11 +403,9 @@ if __name__ == "__main__":
     if rank == 0:
         writer, mlflow = open_run(run_dir, args, global_step)
         print(
-            f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
-            f"{args.batch_size * args.world_size} symbol-steps and {M * E * args.world_size} master decisions per "
-            f"iteration, {args.num_iterations} iterations | encoder preset {preset}: {args.encoder.kind} (d_model "
-            f"{args.encoder.d_model}, output_dim {args.encoder.output_dim}) on {device} | symbol agents "
-            f"{'frozen' if args.freeze_symbols else 'trained'}"
+            f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
+            f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
+            f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
         )
 
     # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py; master level (M, E, ...).
@@ -400,7 +455,8 @@ if __name__ == "__main__":
                     agent, next_obs_np, envs.directive_index, last_actions, envs.state(), device
                 )
                 with torch.no_grad():
-                    directive, logprob, _, raw_value = master.get_action_and_value(emb, glob, state)
+                    m_logits, raw_value = master(emb, glob, state)
+                    directive, logprob, _ = masked_policy(m_logits)
                 m_emb[k], m_glob[k], m_state[k] = emb, glob, state
                 m_actions[k], m_logprobs[k], m_raw_values[k] = directive, logprob, raw_value
                 m_values[k] = value_norm.denormalize(raw_value) if args.value_norm else raw_value
@@ -412,7 +468,8 @@ if __name__ == "__main__":
                 v[step].copy_(torch.as_tensor(next_obs_np[key]))
             step_obs = {key: v[step] for key, v in obs.items()}
             with torch.no_grad():
-                action, logprob, entropy, value = agent.get_action_and_value(step_obs)
+                logits, value = agent(step_obs)
+                action, logprob, entropy = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
             dist_entropy += entropy.mean().item() / T
 
@@ -480,22 +537,14 @@ if __name__ == "__main__":
                 m_rewards, m_values, m_terms, m_truncs, m_final_values, m_next_value, args.master_gamma,
                 args.master_gae_lambda,
             )  # fmt: skip
-            if args.value_norm:  # PopArt-lite: the critic regresses normalised returns
-                all_returns = [m_returns]
-                if args.world_size > 1:  # every rank's normaliser sees every rank's returns, so they stay equal
-                    all_returns = [torch.zeros_like(m_returns) for _ in range(args.world_size)]
-                    dist.all_gather(all_returns, m_returns)
-                value_norm.update(torch.cat(all_returns))
+            if args.value_norm:  # PopArt-lite: the critic regresses normalised returns; every rank's normaliser sees
+                value_norm.update(cat_over_ranks(m_returns, args.world_size))  # every rank's returns (they stay equal)
             m_targets = value_norm.normalize(m_returns) if args.value_norm else m_returns
 
         # ALGO LOGIC: symbol agents, PPO-clip over (T * E) env-steps that keep the symbol axis
         b_obs = {key: v.reshape((T * E,) + v.shape[2:]) for key, v in obs.items()}
         b_logprobs, b_actions = logprobs.reshape(T * E, S), actions.reshape(T * E, S)
-        b_advantages, b_returns, b_values = (
-            advantages.reshape(T * E, S),
-            returns.reshape(T * E, S),
-            values.reshape(T * E, S),
-        )
+        b_advantages, b_returns, b_values = (x.reshape(T * E, S) for x in (advantages, returns, values))
         b_inds = np.arange(T * E)
         mb_rows = (T * E) // args.num_minibatches
         clipfracs, pg_loss, v_loss, entropy_loss, approx_kl, old_approx_kl = [], *(torch.zeros(()),) * 5
@@ -506,7 +555,7 @@ if __name__ == "__main__":
                 mb_obs = {key: v[mb_inds] for key, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
                 _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
-                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = clipped_ppo_loss(
+                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = ppo_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
@@ -522,13 +571,8 @@ if __name__ == "__main__":
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if args.target_kl is not None:
-                kl_now = approx_kl.clone()
-                if args.world_size > 1:
-                    dist.all_reduce(kl_now)
-                    kl_now /= args.world_size
-                if kl_now > args.target_kl:
-                    break
+            if args.target_kl is not None and mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
+                break
 
         # ALGO LOGIC: master, PPO-clip over (M * E) decisions; the centralised critic reads the global state
         mb_inds_all = np.arange(M * E)
@@ -544,7 +588,7 @@ if __name__ == "__main__":
                 j = torch.as_tensor(idx, device=device)
                 logits, newvalue = master(mb_emb[j], mb_glob[j], mb_state[j])
                 _, newlogprob, entropy = masked_policy(logits, mb_act[j])
-                m_pg_loss, m_v_loss, _, m_approx_kl, clipfrac = clipped_ppo_loss(
+                m_pg_loss, m_v_loss, _, m_approx_kl, clipfrac = ppo_loss(
                     newlogprob, mb_logp[j], mb_adv[j], newvalue, mb_old[j], mb_tgt[j], args.clip_coef,
                     args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
@@ -566,15 +610,10 @@ if __name__ == "__main__":
         m_explained_var = np.nan if np.var(m_true) == 0 else 1 - np.var(m_true - m_pred) / np.var(m_true)
         update_seconds = time.time() - t_update
 
-        # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
+        # checkpoint: every rank's envs (next observation included), RNG and trackers, gathered on rank 0
         if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
-            own = {"core": envs.get_state(), "rng": rng_states(), "last_actions": last_actions, "track": track}
-            ranks = gather_on_rank0(own, rank, args.world_size)
-            if rank == 0:
-                extra = {"iteration": iteration, "ranks": ranks}
-                save_checkpoint(
-                    run_dir / "checkpoint.pt", model, optimizer, args=args, global_step=global_step, extra=extra
-                )
+            own = {"core": envs.get_state(), "last_actions": last_actions, "track": track}
+            save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, {"iteration": iteration}, rank)
         if rank != 0:
             continue
         telemetry = telemetry_metrics(tele, policy_actions, executed_actions)
@@ -647,54 +686,24 @@ if __name__ == "__main__":
         }
         reports = {name: report["agent"] for name, report in full.items()}
         reports.update(benchmark_bh=full["master"]["benchmark"], equal_weight_bh=full["master"]["equal_weight"])
-        dd_master, dd_neutral = abs(reports["master"]["max_drawdown"]), abs(reports["neutral"]["max_drawdown"])
-        reduction = 1.0 - dd_master / dd_neutral if dd_neutral > 0 else 0.0
-        go = {
-            "drawdown_reduction_vs_neutral": reduction,
-            "criterion": "> 0.15 (seed 003 go criterion: the master cuts portfolio drawdown by more than 15%)",
-            "passed": bool(reduction > 0.15),
-            "return_change_vs_neutral": reports["master"]["total_return"] - reports["neutral"]["total_return"],
-            "sharpe_change_vs_neutral": reports["master"]["sharpe"] - reports["neutral"]["sharpe"],
-            # a master can cut drawdown by not trading at all: read the reduction together with the exposure, and
-            # against the neutral book's bar returns scaled down to the master's exposure (plain de-leveraging)
-            "exposure_master_vs_neutral": [reports["master"]["exposure"], reports["neutral"]["exposure"]],
-        }
-        lev = reports["master"]["exposure"] / max(reports["neutral"]["exposure"], 1e-12)
-        bar_returns = np.diff(full["neutral"]["curves"]["agent"]) / full["neutral"]["curves"]["agent"][:-1]
-        scaled = performance_metrics(np.r_[1.0, np.cumprod(1.0 + lev * bar_returns)], market.data.bars_per_year)
-        go["neutral_deleveraged_max_drawdown"] = scaled["max_drawdown"]
-        go["drawdown_reduction_vs_deleveraged_neutral"] = 1.0 - dd_master / max(abs(scaled["max_drawdown"]), 1e-12)
+        go = drawdown_go_criterion(reports, full["neutral"]["curves"]["agent"], market.data.bars_per_year)
         curves = {name: report["curves"]["agent"] for name, report in full.items()}
         curves.update(benchmark=full["master"]["curves"]["benchmark"])
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(
-            f"max drawdown: master {dd_master:.2%} vs neutral {dd_neutral:.2%} -> reduction {reduction:.1%} "
+            f"max drawdown: master {reports['master']['max_drawdown']:.2%} vs neutral "
+            f"{reports['neutral']['max_drawdown']:.2%} -> reduction {go['drawdown_reduction_vs_neutral']:.1%} "
             f"({'passes' if go['passed'] else 'misses'} the > 15% go criterion); against neutral de-leveraged to the "
             f"master's exposure: {go['drawdown_reduction_vs_deleveraged_neutral']:.1%}"
         )
-        log_scalars(
-            writer,
-            mlflow,
-            {f"trading/{args.test_split}_{k}": v for k, v in reports["master"].items() if isinstance(v, (int, float))},
-            global_step,
-        )
-        writer.add_scalar("trading/drawdown_reduction_vs_neutral", reduction, global_step)
+        test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["master"].items() if v is not None}
+        log_scalars(writer, mlflow, test_metrics, global_step)
+        writer.add_scalar("trading/drawdown_reduction_vs_neutral", go["drawdown_reduction_vs_neutral"], global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
-        write_summary(
-            run_dir,
-            status="complete",
-            global_step=global_step,
-            encoder=args.encoder.kind,
-            sps=sps,
-            backtest=reports,
-            go_criterion=go,
-            val=last_eval,
-            telemetry=last_telemetry,
-            args=asdict(args),
-        )
-        writer.close()
-        if mlflow is not None:
-            mlflow.end_run()
+        final = {"status": "complete", "global_step": global_step, "encoder": args.encoder.kind, "sps": sps}
+        final.update(backtest=reports, go_criterion=go, val=last_eval, telemetry=last_telemetry, args=asdict(args))
+        write_summary(run_dir, **final)
+        close_run(writer, mlflow)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
-        dist.destroy_process_group()
+    close_distributed(args.world_size)

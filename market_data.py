@@ -3,7 +3,8 @@ calendar alignment, causal features, supervised signals, chronological splits an
 
 Reading order: DataConfig -> containers -> synthetic market -> user-data loaders and validation -> features
 (technical, regime) -> splits -> supervised signals -> cache -> prepare_market / make_synthetic_prepared.
-Every feature at bar t uses bars <= t only; tests/test_features.py checks that by cutting and by replacing the future.
+Every feature at bar t uses bars <= t only; tests/test_market_data.py checks that by cutting and by replacing the
+future.
 """
 
 from __future__ import annotations

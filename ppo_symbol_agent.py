@@ -29,35 +29,31 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import tyro
 
-from encoders import (
-    EncoderConfig,
-    SymbolPolicy,
-    agent_policy,
+from encoders import EncoderConfig, SymbolPolicy
+from experiment import (
+    all_ranks_stop,
     allreduce_grads,
     assert_ranks_agree,
-    clipped_ppo_loss,
-    compute_gae,
+    broadcast_parameters,
+    close_distributed,
+    close_run,
     encoder_preset,
-    gather_on_rank0,
     init_distributed,
-    load_checkpoint,
     log_scalars,
-    masked_policy,
+    mean_over_ranks,
     open_run,
-    rng_states,
-    save_checkpoint,
+    prepare_market_on_ranks,
+    resume_run,
+    save_run_checkpoint,
     seed_everything,
-    set_rng_states,
     stop_on_sigint,
     summary_telemetry,
-    to_torch,
     write_summary,
 )
-from market_data import DataConfig, prepare_market
+from market_data import DataConfig
 from trading_env import (
     EnvConfig,
     VecTradingCore,
@@ -204,7 +200,92 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: schedules, priors and advantages (pure functions, unit-tested in tests/test_ppo.py)
+# ALGO LOGIC: masked sampling, GAE and the PPO-clip loss (the same lines stand in mappo_master.py, as CleanRL does)
+# ---------------------------------------------------------------------------------------------------------------
+def to_torch(obs: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}
+
+
+def masked_policy(
+    logits: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From masked logits (..., A) (disallowed actions at -1e8): action (...) long (sampled, argmax if deterministic,
+    or the given one), its log-probability, and the entropy over the allowed actions. Masked actions have
+    probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., A)
+    p = logp.exp()
+    if action is None:
+        if deterministic:
+            action = logits.argmax(dim=-1)
+        else:
+            action = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
+    action = action.long()
+    # where() rather than p * logp: 0 * (-1e8) is 0 anyway, but this keeps the gradient of masked entries at 0.
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def agent_policy(agent: nn.Module, device):
+    """The agent's deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
+
+    def act(obs):
+        with torch.no_grad():
+            return masked_policy(agent.get_logits(to_torch(obs, device)), deterministic=True)[0].cpu().numpy()
+
+    return act
+
+
+def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):
+    """GAE over a rollout whose steps may end episodes (same-step autoreset).
+
+    rewards, values, terminated, truncated, final_values: (T, ...); step t's outcome. final_values[t] = V(final obs)
+    of the episode that ended by truncation at t. next_value: (...) value of the observation after the last step.
+    At truncation the ended episode's value is bootstrapped into the reward, r + gamma * V(final_obs), and the
+    recursion is cut as at a termination (where nothing is bootstrapped). Returns (advantages, returns).
+    """
+    trunc_only = truncated.float() * (1.0 - terminated.float())
+    rewards = rewards + gamma * final_values * trunc_only
+    nonterminal = 1.0 - torch.maximum(terminated.float(), truncated.float())
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nonterminal[t] - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nonterminal[t] * lastgaelam
+    return advantages, advantages + values
+
+
+def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, clip_coef, clip_vloss, norm_adv):
+    """PPO-clip policy loss and (clipped) value loss of one minibatch (Schulman et al. 2017, as CleanRL's ppo.py).
+    Returns pg_loss, v_loss, old_approx_kl, approx_kl and the clipped fraction (a float)."""
+    logratio = newlogprob - oldlogprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+    if norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    # Policy loss
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # Value loss
+    if clip_vloss:
+        v_loss_unclipped = (newvalue - returns) ** 2
+        v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    return pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: schedules, priors and advantages (pure functions, unit-tested in tests/test_ppo_symbol_agent.py)
 # ---------------------------------------------------------------------------------------------------------------
 def scheduled_ent_coef(args: Args, step: int) -> float:
     """hold_then_linear: initial for hold_steps, linear to final over decay_steps, never below ent_min."""
@@ -263,13 +344,7 @@ if __name__ == "__main__":
         raise SystemExit("--track logs to MLflow, not installed: `pip install mlflow-skinny` (or drop --track)")
     args.world_size, rank, device = init_distributed(args.cuda)
 
-    # market data: rank 0 fills the cache first so that ranks do not write it at once
-    if rank == 0:
-        market = prepare_market(args.data)
-    if args.world_size > 1:
-        dist.barrier()
-    if rank != 0:
-        market = prepare_market(args.data)
+    market = prepare_market_on_ranks(args.data, rank, args.world_size)
     S = args.num_symbols = len(market.data.symbols)
     args.batch_size = T * E * S
     args.minibatch_size = args.batch_size // args.num_minibatches
@@ -290,25 +365,16 @@ if __name__ == "__main__":
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
     agent = SymbolPolicy(S, args.encoder).to(device)
-    if args.world_size > 1:  # identical initial weights on every rank
-        for p in agent.parameters():
-            dist.broadcast(p.data, src=0)
+    broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     global_step, start_iteration = 0, 1
     next_obs_np = envs.reset(seed=args.seed + rank)
 
     if args.resume:
-        ckpt = load_checkpoint(args.resume, agent, optimizer, map_location=device)
-        extra = ckpt["extra"]
-        assert len(extra["ranks"]) == args.world_size, (
-            f"{args.resume} was written by {len(extra['ranks'])} process(es); resume it with as many (got "
-            f"{args.world_size})"
-        )
-        ctl, global_step, start_iteration = extra["entropy_control"], ckpt["global_step"], extra["iteration"] + 1
-        envs.set_state(extra["ranks"][rank]["core"])  # in place: next_obs_np is envs.obs
-        set_rng_states(extra["ranks"][rank]["rng"])
-        run_dir = Path(args.resume).resolve().parent
+        global_step, extra, own, run_dir = resume_run(args.resume, agent, optimizer, device, rank, args.world_size)
+        ctl, start_iteration = extra["entropy_control"], extra["iteration"] + 1
+        envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -350,7 +416,8 @@ if __name__ == "__main__":
                 v[step].copy_(torch.as_tensor(next_obs_np[k]))
             step_obs = {k: v[step] for k, v in obs.items()}
             with torch.no_grad():
-                action, logprob, entropy, value = agent.get_action_and_value(step_obs)
+                logits, value = agent(step_obs)
+                action, logprob, entropy = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
             dist_entropy += entropy.mean().item() / T
 
@@ -398,7 +465,7 @@ if __name__ == "__main__":
                 mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
                 _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
-                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = clipped_ppo_loss(
+                pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = ppo_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
@@ -420,13 +487,8 @@ if __name__ == "__main__":
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if args.target_kl is not None:
-                kl_now = approx_kl.clone()
-                if args.world_size > 1:
-                    dist.all_reduce(kl_now)
-                    kl_now /= args.world_size
-                if kl_now > args.target_kl:
-                    break
+            if args.target_kl is not None and mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
+                break
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
@@ -438,20 +500,13 @@ if __name__ == "__main__":
         policy_entropy = telemetry["charts/policy_action_entropy_mean"]
         intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
 
-        stopping = torch.tensor(float(stop["requested"]))
-        if args.world_size > 1:  # all ranks stop at the same iteration
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-        stopping = bool(stopping.item())
+        stopping = all_ranks_stop(stop, args.world_size)
 
-        # checkpoint: every rank's envs, next observation and RNG, gathered on rank 0
+        # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
-            ranks = gather_on_rank0({"core": envs.get_state(), "rng": rng_states()}, rank, args.world_size)
-            if rank == 0:
-                extra = {"iteration": iteration, "entropy_control": ctl, "ranks": ranks}
-                save_checkpoint(
-                    run_dir / "checkpoint.pt", agent, optimizer, args=args, global_step=global_step, extra=extra
-                )
+            extra = {"iteration": iteration, "entropy_control": ctl}
+            save_run_checkpoint(run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank)
         if rank != 0:
             if stopping:
                 break
@@ -515,8 +570,7 @@ if __name__ == "__main__":
             writer.close()
             saved = f"; continue with --resume {run_dir / 'checkpoint.pt'}" if args.save_model else ""
             print(f"stopped at global_step={global_step}, run folder {run_dir} left incomplete{saved}")
-        if args.world_size > 1:
-            dist.destroy_process_group()
+        close_distributed(args.world_size)
         raise SystemExit(130)
 
     # final backtest on the test split: agent vs a random policy vs buy-and-hold (benchmark, equal-weight basket)
@@ -535,9 +589,7 @@ if __name__ == "__main__":
         final = {"status": "complete", "global_step": global_step, "seed": args.seed, "encoder": args.encoder.kind}
         final.update(backtest=reports, val=last_eval, telemetry=last_telemetry, entropy_control=ctl, args=asdict(args))
         write_summary(run_dir, **final)
-        writer.close()
-        if mlflow is not None:
-            mlflow.end_run()
+        close_run(writer, mlflow)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree(agent.parameters(), rank)
-        dist.destroy_process_group()
+    close_distributed(args.world_size)

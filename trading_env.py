@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -729,17 +730,25 @@ class VecTradingCore:
 
     def step(self, actions):
         """Decide `actions` (E, S) on the current bar; returns obs, reward (E, S) float32, terminated, truncated
-        (E, S) bool, info (see the class docstring for the autoreset contract)."""
+        (E, S) bool, info (see the class docstring for the autoreset contract). The phases, in order: sanitise the
+        policy's actions (repetition limiter, mask), execute the orders at bar t+1 (fills and costs), update the
+        accounts and their risk state, compute the reward, record the telemetry, end episodes and observe."""
         pol = self._check_actions(actions)
-        cfg = self.config
-        E, S, K = self.num_envs, self.num_symbols, self.K
-        t = self.t
-        t1 = t + 1
-        cm = self.commission
-        mask = self.obs["action_mask"]
+        act = self._sanitise(pol)
+        fills = self._execute(act)
+        acc = self._update_accounts(fills)
+        reward = self._reward(act, fills, acc)
+        info = self._telemetry(act, fills, acc, reward)
+        terminated, truncated = self._end_episodes(acc, info)
+        return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
 
-        # ALGO LOGIC: sanitize. Repetition limiter on the policy's actions (seed 003: the history keeps the
-        # limiter's output, so a forced HOLD restarts the run), then the mask. Both turn the action into HOLD.
+    # ------------------------------------------------------------------ step phases
+    def _sanitise(self, pol: np.ndarray) -> SimpleNamespace:
+        """Phase 1: the executed action (E, S) from the policy's. Repetition limiter on the policy's actions (seed
+        003: the history keeps the limiter's output, so a forced HOLD restarts the run), then the mask; both turn the
+        action into HOLD. Also advances the anti-collapse window of executed actions (a ring with counts)."""
+        cfg = self.config
+        E, S = self.num_envs, self.num_symbols
         nonhold = pol != HOLD
         if cfg.anti_collapse:
             run = np.where(nonhold & (pol == self._last_action), self._run + 1, nonhold.astype(np.int64))
@@ -750,18 +759,34 @@ class VecTradingCore:
         else:
             run = np.zeros((E, S), dtype=np.int64)
             violation = np.zeros((E, S), dtype=bool)
+        mask = self.obs["action_mask"]
         masked = mask.reshape(-1, NUM_ACTIONS)[self._rows, pol.reshape(-1)].reshape(E, S) == 0
         ex = np.where(violation | masked, HOLD, pol)  # executed action
-        forced = nonhold & (ex == HOLD)
 
-        # ALGO LOGIC: orders sized at the decision bar t, filled at bar t+1
+        flat_ex = ex.reshape(-1)
+        old = self._div_ring[:, :, self._div_pos].reshape(-1)
+        self._div_count[self._rows, old] -= 1
+        self._div_count[self._rows, flat_ex] += 1
+        self._div_ring[:, :, self._div_pos] = ex
+        self._div_pos = (self._div_pos + 1) % cfg.diversity_window
+        unique = (self._div_count[:, :NUM_ACTIONS] > 0).sum(1).reshape(E, S)
+        filled = (cfg.diversity_window - self._div_count[:, NUM_ACTIONS]).reshape(E, S)
+        return SimpleNamespace(
+            policy=pol, executed=ex, nonhold=nonhold, run=run, violation=violation, masked=masked,
+            forced=nonhold & (ex == HOLD), unique=unique, bonus=self.shaper.diversity_bonus(unique, filled),
+        )  # fmt: skip
+
+    def _execute(self, act: SimpleNamespace) -> SimpleNamespace:
+        """Phase 2: orders sized at the decision bar t, filled at bar t+1: cancellations, the open-position limit, the
+        cap, the cash and exposure shrink, slippage and commission. Reads the state, changes nothing."""
+        cfg, ex = self.config, act.executed
+        t, t1, cm = self.t, self.t + 1, self.commission
         vc0 = self._vc[t]
         px = self._fill_px[t1]
         fill_ok = self._fill_ok[t1]
-        eq0 = self.equity  # self.equity is rebound below, never written in place during the step
+        eq0 = self.equity
         eq_slot = self._acc_to_slot(eq0)
-        risk = self._risk[:, None]
-        frac = _BUY_FRACTION.take(ex) * risk  # (E, S) buy notional / equity
+        frac = _BUY_FRACTION.take(ex) * self._risk[:, None]  # (E, S) buy notional / equity
         want = frac * eq_slot
         is_add = ex == ADD
         cap_room = np.maximum(self._cap[:, None] * eq_slot - self.pos_value, 0.0)
@@ -800,135 +825,138 @@ class VecTradingCore:
         need = want * (1.0 + cm)
         buy_px = px * (1.0 + slip)
         bought = want / buy_px
-        self.cash = cash_avail - self._acc_sum(need)
         commission = cm * (want + sell_sh * sell_px)
-        cost = commission + bought * (buy_px - px) + sell_sh * (px - sell_px)
-        realized = sell_sh * (sell_px * (1.0 - cm) - self.basis)
-        old_shares = self.shares
-        new_shares = old_shares - sell_sh + bought
-        new_pos = new_shares > 0
-        basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
-        new_basis = np.divide(
-            basis_cost - sell_sh * self.basis + need, new_shares, out=np.zeros(new_shares.shape), where=new_pos
-        )
         buying, selling = bought > 0, sell_sh > 0
         traded = buying | selling
         timing_ref = self._mean_close[t]
-        fill_price = np.where(buying, buy_px, np.where(selling, sell_px, 0.0))
         timing = np.where(buying, timing_ref - buy_px, np.where(selling, sell_px - timing_ref, 0.0))
         timing /= timing_ref * cfg.reward.timing_scale
+        return SimpleNamespace(
+            order=order, cancelled=cancelled, shrunk=shrunk, want=want, need=need, bought=bought, sell_sh=sell_sh,
+            px=px, proceeds=proceeds, cash_after=cash_avail - self._acc_sum(need), timing=timing,
+            cost=commission + bought * (buy_px - px) + sell_sh * (px - sell_px),
+            realized=sell_sh * (sell_px * (1.0 - cm) - self.basis),
+            fill_price=np.where(buying, buy_px, np.where(selling, sell_px, 0.0)), traded=traded,
+            voluntary=order & (ex == act.policy) & traded,
+        )  # fmt: skip
 
-        # ALGO LOGIC: advance the clock and mark to market at valuation_close[t+1]
-        self.t = t1
+    def _update_accounts(self, f: SimpleNamespace) -> SimpleNamespace:
+        """Phase 3: book the fills, advance the clock to t+1, mark to market at valuation_close[t+1] and update the
+        risk state (peak, drawdown, rolling returns)."""
+        eq0 = self.equity  # self.equity is rebound below, never written in place during the step
+        vc0 = self._vc[self.t]
+        self.cash = f.cash_after
+        old_shares = self.shares
+        new_shares = old_shares - f.sell_sh + f.bought
+        new_pos = new_shares > 0
+        basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
+        new_basis = np.divide(
+            basis_cost - f.sell_sh * self.basis + f.need, new_shares, out=np.zeros(new_shares.shape), where=new_pos
+        )
+        self.t = t1 = self.t + 1
         vc1 = self._vc[t1]
         old_value = old_shares * vc0
         self.shares = new_shares
         self.basis = new_basis
         self.hold = np.where(new_pos, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
         self.pos_value = new_shares * vc1
-        slot_pnl = self.pos_value - old_value + proceeds - need
+        slot_pnl = self.pos_value - old_value + f.proceeds - f.need
         self.equity = self.cash + self._acc_sum(self.pos_value)
-        self.realized_total += self._acc_sum(realized)
+        self.realized_total += self._acc_sum(f.realized)
         r = self.equity / eq0 - 1.0  # (E, A) account bar return
         np.maximum(self.peak, self.equity, out=self.peak)
         drawdown = 1.0 - self.equity / self.peak
         r_neg_sq = np.minimum(r, 0.0) ** 2
         self._push_return(r, r_neg_sq)
+        return SimpleNamespace(
+            t1=t1, r=r, r_neg_sq=r_neg_sq, drawdown=drawdown, slot_pnl=slot_pnl, exposure=1.0 - self.cash / self.equity,
+            basis_roi=np.maximum(basis_cost, new_shares * new_basis),
+        )  # fmt: skip
 
-        # ALGO LOGIC: anti-collapse window of executed actions (ring with counts)
-        flat_ex = ex.reshape(-1)
-        old = self._div_ring[:, :, self._div_pos].reshape(-1)
-        self._div_count[self._rows, old] -= 1
-        self._div_count[self._rows, flat_ex] += 1
-        self._div_ring[:, :, self._div_pos] = ex
-        self._div_pos = (self._div_pos + 1) % cfg.diversity_window
-        unique = (self._div_count[:, :NUM_ACTIONS] > 0).sum(1).reshape(E, S)
-        filled = (cfg.diversity_window - self._div_count[:, NUM_ACTIONS]).reshape(E, S)
-        bonus = self.shaper.diversity_bonus(unique, filled)
-        voluntary = order & (ex == pol) & traded
-
-        # ALGO LOGIC: reward
-        weights = self.pos_value if K > 1 else None
-        if weights is not None:
-            tot = weights.sum(1, keepdims=True)
-            hhi = np.divide((weights * weights).sum(1, keepdims=True), tot * tot, out=np.ones_like(tot), where=tot > 0)
+    def _reward(self, act: SimpleNamespace, f: SimpleNamespace, acc: SimpleNamespace) -> np.ndarray:
+        """Phase 4: every reward component into self._comp (10, E, S) and the weighted sum (E, S)."""
+        E, S = self.num_envs, self.num_symbols
+        if self.K > 1:
+            w = self.pos_value
+            tot = w.sum(1, keepdims=True)
+            hhi = np.divide((w * w).sum(1, keepdims=True), tot * tot, out=np.ones_like(tot), where=tot > 0)
             divers = np.broadcast_to(1.0 - hhi, (E, S))
         else:
             divers = 0.0
-        exposure_acc = 1.0 - self.cash / self.equity
-        basis_roi = np.maximum(basis_cost, new_shares * new_basis)
-        reward = self.shaper.compute(
+        return self.shaper.compute(
             self._comp,
-            pnl=slot_pnl,
-            realized=realized,
-            basis=basis_roi,
-            cost=cost,
-            timing=timing,
+            pnl=acc.slot_pnl,
+            realized=f.realized,
+            basis=acc.basis_roi,
+            cost=f.cost,
+            timing=f.timing,
             sharpe=self._acc_to_slot(self.sharpe),
-            drawdown=self._acc_to_slot(drawdown),
-            exposure=self._acc_to_slot(exposure_acc),
+            drawdown=self._acc_to_slot(acc.drawdown),
+            exposure=self._acc_to_slot(acc.exposure),
             diversification=divers,
-            bonus=bonus,
-            run=run,
-            voluntary=voluntary,
+            bonus=act.bonus,
+            run=act.run,
+            voluntary=f.voluntary,
             capital=self.capital,
-            max_consecutive=cfg.max_consecutive,
+            max_consecutive=self.config.max_consecutive,
         )
 
-        # ALGO LOGIC: episode accumulators
+    def _telemetry(self, act: SimpleNamespace, f: SimpleNamespace, acc: SimpleNamespace, reward) -> dict:
+        """Phase 5: the episode accumulators and the step's info dict (per slot; see the class docstring)."""
         ep = self._ep
         ep["length"] += 1
         ep["reward"] += reward
-        ep["cost"] += cost
-        ep["turnover"] += want + sell_sh * px
-        ep["trades"] += traded
-        ep["violations"] += violation
-        ep["masked_attempts"] += masked
-        ep["forced_holds"] += forced
-        ep["voluntary_trades"] += voluntary
-        ep["policy_trades"] += nonhold
-        ep["diversity_bonus"] += bonus
-        ep["order_cancelled"] += cancelled
-        ep["order_shrunk"] += shrunk
-        self._ep_policy_counts[self._rows, pol.reshape(-1)] += 1
-        self._ep_exec_counts[self._rows, flat_ex] += 1
-        acc = self._ep_acc
-        acc["n"] += 1
-        acc["sum"] += r
-        acc["sq"] += r * r
-        acc["neg"] += r_neg_sq
-        np.maximum(acc["max_drawdown"], drawdown, out=acc["max_drawdown"])
+        ep["cost"] += f.cost
+        ep["turnover"] += f.want + f.sell_sh * f.px
+        ep["trades"] += f.traded
+        ep["violations"] += act.violation
+        ep["masked_attempts"] += act.masked
+        ep["forced_holds"] += act.forced
+        ep["voluntary_trades"] += f.voluntary
+        ep["policy_trades"] += act.nonhold
+        ep["diversity_bonus"] += act.bonus
+        ep["order_cancelled"] += f.cancelled
+        ep["order_shrunk"] += f.shrunk
+        self._ep_policy_counts[self._rows, act.policy.reshape(-1)] += 1
+        self._ep_exec_counts[self._rows, act.executed.reshape(-1)] += 1
+        e = self._ep_acc
+        e["n"] += 1
+        e["sum"] += acc.r
+        e["sq"] += acc.r * acc.r
+        e["neg"] += acc.r_neg_sq
+        np.maximum(e["max_drawdown"], acc.drawdown, out=e["max_drawdown"])
+        return {
+            "policy_action": act.policy,
+            "executed_action": act.executed,
+            "masked_attempt": act.masked,
+            "forced_hold": act.forced,
+            "voluntary_trade": f.voluntary,
+            "violations": act.violation,
+            "order_cancelled": f.cancelled,
+            "order_shrunk": f.shrunk,
+            "traded_shares": f.bought - f.sell_sh,
+            "fill_price": f.fill_price,
+            "cost": f.cost,
+            "equity": self._acc_to_slot(self.equity).copy(),
+            "exposure": self._acc_to_slot(acc.exposure),
+            "cash": self._acc_to_slot(self.cash).copy(),
+            "diversity_bonus": act.bonus,
+            "unique_actions": act.unique,
+            "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
+            "bar": acc.t1.copy(),
+        }
 
-        # ALGO LOGIC: episode ends (truncation per env, termination per account) and same-step autoreset
-        trunc_env = t1 >= self.end
-        term_acc = (self.equity < cfg.ruin_fraction * self.capital) | (drawdown >= cfg.max_drawdown)
+    def _end_episodes(self, acc: SimpleNamespace, info: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Phase 6: truncation per env, termination per account, the observation of bar t+1 and the same-step
+        autoreset (final_obs, the ended episodes' statistics, fresh starts). Returns terminated, truncated (E, S)."""
+        cfg = self.config
+        trunc_env = acc.t1 >= self.end
+        term_acc = (self.equity < cfg.ruin_fraction * self.capital) | (acc.drawdown >= cfg.max_drawdown)
         terminated = self._acc_to_slot(term_acc).copy()
         truncated = trunc_env[:, None] & ~terminated  # (E, 1) & (E, S)
         done = terminated | truncated
         self._write_obs()
-        info = {
-            "policy_action": pol,
-            "executed_action": ex,
-            "masked_attempt": masked,
-            "forced_hold": forced,
-            "voluntary_trade": voluntary,
-            "violations": violation,
-            "order_cancelled": cancelled,
-            "order_shrunk": shrunk,
-            "traded_shares": bought - sell_sh,
-            "fill_price": fill_price,
-            "cost": cost,
-            "equity": self._acc_to_slot(self.equity).copy(),
-            "exposure": self._acc_to_slot(exposure_acc),
-            "cash": self._acc_to_slot(self.cash).copy(),
-            "diversity_bonus": bonus,
-            "unique_actions": unique,
-            "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
-            "bar": t1.copy(),
-            "done_mask": done,
-            "final_obs": self.final_obs,
-            "episode": self._no_episode,
-        }
+        info.update(done_mask=done, final_obs=self.final_obs, episode=self._no_episode)
         if done.any():
             for k, v in self.obs.items():
                 np.copyto(self.final_obs[k], v)
@@ -939,7 +967,7 @@ class VecTradingCore:
                 self._new_starts(ended_envs)
             self._reset_accounts(restart_acc)
             self._write_obs()
-        return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
+        return terminated, truncated
 
     def _push_return(self, r: np.ndarray, r_neg_sq: np.ndarray) -> None:
         """Add the account returns r (E, A) (r_neg_sq = min(r, 0) ** 2) to the rolling window and refresh the rolling
@@ -1459,6 +1487,29 @@ def run_backtest(
         )
     report["curves"] = curves
     return report
+
+
+def drawdown_go_criterion(reports: dict[str, dict], neutral_curve: np.ndarray, periods_per_year: float) -> dict:
+    """The seeds' go criterion for the master (seed 003: it cuts portfolio drawdown by more than 15% against the
+    neutral directive), from the backtest reports of "master" and "neutral" and the neutral book's equity curve.
+    A master can cut drawdown by not trading at all, so the reduction is also computed against the neutral book's
+    bar returns scaled down to the master's exposure (plain de-leveraging), with both exposures reported."""
+    master, neutral = reports["master"], reports["neutral"]
+    dd_master, dd_neutral = abs(master["max_drawdown"]), abs(neutral["max_drawdown"])
+    reduction = 1.0 - dd_master / dd_neutral if dd_neutral > 0 else 0.0
+    lev = master["exposure"] / max(neutral["exposure"], 1e-12)
+    bar_returns = np.diff(neutral_curve) / neutral_curve[:-1]
+    scaled = performance_metrics(np.r_[1.0, np.cumprod(1.0 + lev * bar_returns)], periods_per_year)
+    return {
+        "drawdown_reduction_vs_neutral": reduction,
+        "criterion": "> 0.15 (seed 003 go criterion: the master cuts portfolio drawdown by more than 15%)",
+        "passed": bool(reduction > 0.15),
+        "return_change_vs_neutral": master["total_return"] - neutral["total_return"],
+        "sharpe_change_vs_neutral": master["sharpe"] - neutral["sharpe"],
+        "exposure_master_vs_neutral": [master["exposure"], neutral["exposure"]],
+        "neutral_deleveraged_max_drawdown": scaled["max_drawdown"],
+        "drawdown_reduction_vs_deleveraged_neutral": 1.0 - dd_master / max(abs(scaled["max_drawdown"]), 1e-12),
+    }
 
 
 def format_report(reports: dict[str, dict], split: str) -> str:

@@ -81,8 +81,10 @@ def fwd_bwd(policy, batch, device, budget_s, max_repeats) -> dict:
     action = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
     def step():
-        _, logprob, entropy, value = policy.get_action_and_value(obs, action)
-        (-logprob.mean() - 0.01 * entropy.mean() + value.pow(2).mean()).backward()
+        logits, value = policy(obs)
+        logp = torch.log_softmax(logits, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        (-logp.gather(-1, action.unsqueeze(-1)).mean() - 0.01 * entropy.mean() + value.pow(2).mean()).backward()
         policy.zero_grad(set_to_none=True)
 
     return with_rate(timed(step, device, budget_s, max_repeats), batch)

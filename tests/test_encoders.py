@@ -1,17 +1,16 @@
-"""Tests of encoders.py: encoder shapes for every kind, the masked policy, batched heads, parameter budgets, the
-master network and checkpoints. Small batches and one thread keep the file within seconds on 2 cores."""
+"""Tests of encoders.py: encoder shapes for every kind, masking in SymbolPolicy, batched heads, parameter budgets,
+the master network, and that the module holds networks only. Small batches and one thread keep the file within
+seconds on 2 cores. Masked sampling is the scripts' and is tested in test_ppo_symbol_agent.py; checkpoints are
+experiment.py's (test_experiment.py)."""
 
-import dataclasses
 import math
-import random
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from encoders import (
-    MASKED_LOGIT,
     NUM_ACTIONS,
     NUM_DIRECTIVES,
     EncoderConfig,
@@ -19,13 +18,12 @@ from encoders import (
     MasterNetwork,
     SymbolPolicy,
     count_parameters,
-    load_checkpoint,
     make_encoder,
-    save_checkpoint,
     unravel_directive,
     weight_sharing_report,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["transformer", "lstm", "cnn", "mlp"]
 torch.set_num_threads(1)
 
@@ -92,8 +90,8 @@ def test_encoder_batch_independence(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_reaches_every_parameter(kind):
     policy = SymbolPolicy(2, cfg(kind), directive_dim=4)
-    _, logprob, entropy, value = policy.get_action_and_value(make_obs(3, 2, directives=4))
-    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    logits, value = policy(make_obs(3, 2, directives=4))
+    (torch.log_softmax(logits, -1)[..., 0].sum() + value.sum()).backward()
     for name, p in policy.named_parameters():
         assert p.grad is not None, f"no gradient for {name}"
         assert torch.isfinite(p.grad).all(), f"non-finite gradient for {name}"
@@ -143,75 +141,6 @@ def test_bad_inputs_raise_clear_errors():
     policy = SymbolPolicy(3, cfg("mlp"))
     with pytest.raises(ValueError, match="symbols"):
         policy.get_value(make_obs(2, 4))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masked policy
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_masked_actions_never_sampled():
-    torch.manual_seed(0)
-    policy = SymbolPolicy(8, cfg("mlp"), actor_gain=1.0)  # large gain: a peaked policy would find a mask leak
-    obs = make_obs(1250, 8, seed=3)  # 10,000 draws
-    with torch.no_grad():
-        logits = policy.get_logits(obs)
-        action, logprob, _, _ = policy.get_action_and_value(obs)
-    allowed = obs["action_mask"].bool()
-    probs = torch.softmax(logits, dim=-1)
-    assert (probs[~allowed] == 0).all()
-    assert (logits[~allowed] == MASKED_LOGIT).all()
-    assert allowed.gather(-1, action.unsqueeze(-1)).all(), "a masked action was sampled"
-    assert torch.isfinite(logprob).all()
-    # Every allowed action of a symbol is reachable: the mask does not collapse the policy.
-    assert len(torch.unique(action)) == NUM_ACTIONS
-
-
-@pytest.mark.parametrize("kind", ["transformer", "mlp"])
-def test_entropy_and_logprob_over_allowed_actions_only(kind):
-    policy = SymbolPolicy(3, cfg(kind), actor_gain=1.0).eval()
-    obs = make_obs(4, 3, seed=5)
-    with torch.no_grad():
-        raw = policy.get_logits({**obs, "action_mask": torch.ones_like(obs["action_mask"])})  # unmasked logits
-        action, logprob, entropy, _ = policy.get_action_and_value(obs)
-    mask = obs["action_mask"].bool()
-    for b in range(4):
-        for s in range(3):
-            z = raw[b, s][mask[b, s]].double()
-            p = torch.softmax(z, dim=0)
-            h = -(p * p.log()).sum()
-            assert entropy[b, s].item() == pytest.approx(h.item(), abs=1e-5)
-            idx = int(mask[b, s, : action[b, s]].sum())  # position of the action among the allowed ones
-            assert logprob[b, s].item() == pytest.approx(p[idx].log().item(), abs=1e-5)
-
-
-def test_only_hold_allowed_gives_no_nan():
-    policy = SymbolPolicy(2, cfg("mlp"))
-    obs = make_obs(6, 2)
-    obs["action_mask"] = torch.zeros_like(obs["action_mask"])
-    obs["action_mask"][..., 0] = 1
-    action, logprob, entropy, value = policy.get_action_and_value(obs)
-    assert (action == 0).all()
-    assert torch.isfinite(logprob).all() and torch.isfinite(entropy).all()
-    assert torch.allclose(logprob, torch.zeros_like(logprob)) and torch.allclose(entropy, torch.zeros_like(entropy))
-    (logprob.sum() + entropy.sum() + value.sum()).backward()
-    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
-
-
-def test_given_action_and_deterministic():
-    policy = SymbolPolicy(3, cfg("cnn")).eval()
-    obs = make_obs(5, 3, seed=7)
-    with torch.no_grad():
-        a, lp, ent, v = policy.get_action_and_value(obs)
-        a2, lp2, ent2, v2 = policy.get_action_and_value(obs, action=a)
-        det, *_ = policy.get_action_and_value(obs, deterministic=True)
-        logits = policy.get_logits(obs)
-    assert torch.equal(a, a2)
-    torch.testing.assert_close(lp, lp2)
-    torch.testing.assert_close(v, v2)
-    assert torch.equal(det, logits.argmax(-1))
-    assert a.dtype == torch.long and v.shape == (5, 3)
-    torch.testing.assert_close(policy.get_value(obs), v)
 
 
 def test_directives_change_the_heads_not_the_encoder():
@@ -318,11 +247,9 @@ def test_master_shapes_pooling_and_gradients():
     master = MasterNetwork(embed_dim=256, global_dim=12, state_dim=9)
     emb = policy.embed(make_obs(3, 5))  # (3, 5, 256)
     g, state = torch.randn(3, 12), torch.randn(3, 9)
-    action, logprob, entropy, value = master.get_action_and_value(emb, g, state)
-    assert action.shape == logprob.shape == entropy.shape == value.shape == (3,)
-    assert ((action >= 0) & (action < NUM_DIRECTIVES)).all()
-    assert (entropy <= math.log(NUM_DIRECTIVES) + 1e-5).all()
-    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    logits, value = master(emb, g, state)
+    assert logits.shape == (3, NUM_DIRECTIVES) and value.shape == (3,)
+    (torch.log_softmax(logits, -1)[:, 0].sum() + value.sum()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in master.parameters())
     assert policy.encoder.net[0].weight.grad is not None  # embeddings not detached here: the encoder learns too
     with torch.no_grad():
@@ -350,70 +277,19 @@ def test_unravel_directive():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Layout: networks only
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Args:
-    seed: int = 1
-    learning_rate: float = 3e-4
-    exp_name: str = "test"
+def test_encoders_imports_networks_only():
+    """encoders.py imports no tensorboard, MLflow, signal-handling or distributed code (DESIGN.md section 1)."""
+    import ast
 
-
-def _train_step(policy, opt, obs):
-    _, logprob, entropy, value = policy.get_action_and_value(obs, action=torch.zeros(2, 3, dtype=torch.long))
-    opt.zero_grad()
-    (-(logprob.mean()) - 0.01 * entropy.mean() + value.pow(2).mean()).backward()
-    opt.step()
-
-
-def test_checkpoint_round_trip_is_bit_identical(tmp_path):
-    torch.manual_seed(0)
-    obs = make_obs(2, 3)
-    policy = SymbolPolicy(3, cfg("transformer", num_layers=1))
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    _train_step(policy, opt, obs)
-    norm = {"mean": np.arange(4, dtype=np.float64), "var": np.ones(4), "count": 7.0}
-    path = tmp_path / "ckpt" / "agent.pt"
-    save_checkpoint(path, policy, opt, obs_norm=norm, args=_Args(), global_step=1234, extra={"note": "x"})
-    draws = (random.random(), np.random.rand(3), torch.rand(3))
-
-    torch.manual_seed(99)  # a different init and a fresh optimizer
-    other = SymbolPolicy(3, cfg("transformer", num_layers=1))
-    other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
-    payload = load_checkpoint(path, other, other_opt, restore_rng=True)
-    redraw = (random.random(), np.random.rand(3), torch.rand(3))
-    # restore_rng put every generator back to its state at save time, so the draws repeat.
-    assert draws[0] == redraw[0] and np.array_equal(draws[1], redraw[1]) and torch.equal(draws[2], redraw[2])
-
-    for (k, a), (_, b) in zip(policy.state_dict().items(), other.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
-    assert payload["global_step"] == 1234
-    assert payload["args"] == {"seed": 1, "learning_rate": 3e-4, "exp_name": "test"}
-    assert torch.equal(payload["obs_norm"]["mean"], torch.arange(4, dtype=torch.float64))
-    assert payload["extra"] == {"note": "x"}
-    # The optimizer state came back too: one more identical step keeps the two models bit-identical.
-    _train_step(policy, opt, obs)
-    _train_step(other, other_opt, obs)
-    for a, b in zip(policy.parameters(), other.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert not list(path.parent.glob("*.tmp")), "the temporary file was left behind"
-
-
-def test_checkpoint_mismatch_and_bad_files(tmp_path):
-    path = tmp_path / "a.pt"
-    save_checkpoint(path, SymbolPolicy(3, cfg("mlp")))
-    with pytest.raises(ValueError, match=r"actor\.weights\.0.*saved \(3, 256, 256\) vs model \(4, 256, 256\)"):
-        load_checkpoint(path, SymbolPolicy(4, cfg("mlp")))
-    with pytest.raises(ValueError, match="Missing keys: .*encoder.layers"):
-        load_checkpoint(path, SymbolPolicy(3, cfg("transformer", num_layers=1)))
-    with pytest.raises(ValueError, match="no optimizer state"):
-        m = SymbolPolicy(3, cfg("mlp"))
-        load_checkpoint(path, m, torch.optim.Adam(m.parameters()))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt", SymbolPolicy(3, cfg("mlp")))
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="corrupt"):
-        load_checkpoint(bad, SymbolPolicy(3, cfg("mlp")))
+    tree = ast.parse((ROOT / "encoders.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    assert names <= {"__future__", "math", "dataclasses", "typing", "torch", "torch.nn"}, names

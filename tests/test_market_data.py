@@ -1,4 +1,7 @@
-"""Market data: the synthetic generator, the user-data loaders and their validation, splits and the cache."""
+"""Tests of market_data.py: the synthetic generator, the user-data loaders and their validation, splits, the cache,
+the technical and regime features (shapes, finiteness, causality by cutting the data at t and by replacing the
+future) and the supervised signals (AUC/F1 helpers, chance-level AUC on noise, a clear edge on a planted signal,
+fitting on the train split only)."""
 
 import shutil
 from dataclasses import replace
@@ -347,3 +350,164 @@ def test_changed_user_file_changes_the_key(tmp_path):
     assert md.cache_key(cfg) != key, "edited data must not reuse the old cache"
     second = md.prepare_market(cfg)
     assert second.data.close[200, 0] == pytest.approx(first.data.close[200, 0] * 1.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------------------------
+def _cut(data: md.MarketData, stop: int) -> md.MarketData:
+    arrays = {k: getattr(data, k)[:stop] for k in ("timestamps", "open", "high", "low", "close", "volume")}
+    return replace(data, **arrays, tradable=data.tradable[:stop], benchmark=data.benchmark[:stop], regime_labels=None)
+
+
+def _splice(data: md.MarketData, other: md.MarketData, t: int) -> md.MarketData:
+    """data up to and including bar t, other's bars afterwards (rescaled so the prices stay plausible)."""
+    out = {}
+    for k in ("open", "high", "low", "close", "volume"):
+        a, b = getattr(data, k).copy(), getattr(other, k)
+        a[t + 1 :] = b[t + 1 :] * 1.7
+        out[k] = a
+    tradable = data.tradable.copy()
+    tradable[t + 1 :] = other.tradable[t + 1 :]
+    bench = data.benchmark.copy()
+    bench[t + 1 :] = other.benchmark[t + 1 :] * 0.6
+    return replace(data, **out, tradable=tradable, benchmark=bench)
+
+
+@pytest.fixture(scope="module")
+def market():
+    return md.generate_synthetic_market(num_symbols=3, years=0.6, seed=7, gap_rate=0.02)
+
+
+@pytest.mark.parametrize("mode", md.NORMALIZATIONS)
+def test_technical_features_are_causal(market, mode):
+    full = md.compute_technical(market, mode)
+    T = len(market.timestamps)
+    rng = np.random.default_rng(0)
+    for t in sorted(rng.choice(np.arange(md.feature_warmup(), T - 1), size=5, replace=False)) + [T - 2]:
+        cut = md.compute_technical(_cut(market, t + 1), mode)
+        np.testing.assert_allclose(cut, full[: t + 1], rtol=0, atol=1e-6, err_msg=f"{mode} cut at {t}")
+    other = md.generate_synthetic_market(num_symbols=3, years=0.6, seed=99, gap_rate=0.05)
+    t = T // 2
+    spliced = md.compute_technical(_splice(market, other, t), mode)
+    np.testing.assert_array_equal(spliced[: t + 1], full[: t + 1])
+    assert not np.array_equal(spliced[t + 1 :], full[t + 1 :]), "the splice should change the future"
+
+
+def test_regime_features_are_causal(market):
+    full = md.compute_regime(market)
+    T = len(market.timestamps)
+    for t in (md.feature_warmup(), T // 3, T // 2, T - 2):
+        np.testing.assert_allclose(md.compute_regime(_cut(market, t + 1)), full[: t + 1], rtol=0, atol=1e-6)
+    other = md.generate_synthetic_market(num_symbols=3, years=0.6, seed=99, gap_rate=0.05)
+    t = T // 2
+    spliced = md.compute_regime(_splice(market, other, t))
+    np.testing.assert_array_equal(spliced[: t + 1], full[: t + 1])
+    assert not np.array_equal(spliced[t + 1 :], full[t + 1 :])
+
+
+@pytest.mark.parametrize("mode", md.NORMALIZATIONS)
+def test_features_finite_float32_zero_on_warmup_and_missing_bars(market, mode):
+    x = md.compute_technical(market, mode)
+    g = md.compute_regime(market)
+    assert x.shape == (len(market.timestamps), 3, len(md.FEATURE_NAMES)) == (x.shape[0], 3, 23)
+    assert g.shape == (x.shape[0], len(md.REGIME_NAMES)) == (x.shape[0], 10)
+    assert x.dtype == np.float32 and g.dtype == np.float32
+    assert np.isfinite(x).all() and np.isfinite(g).all()
+    w = md.feature_warmup()
+    assert np.all(x[:w] == 0) and np.all(g[:w] == 0)
+    assert (~market.tradable).any() and np.all(x[~market.tradable] == 0)
+    # after the warm-up every feature varies on tradable bars (none is stuck at 0)
+    live = x[w:][market.tradable[w:]]
+    assert np.all(live.std(axis=0) > 0), [n for n, s in zip(md.FEATURE_NAMES, live.std(axis=0), strict=True) if s == 0]
+    assert np.all(g[w:].std(axis=0) > 0)
+    if mode == "minmax":
+        assert x.min() >= -1 and x.max() <= 1
+
+
+def test_known_feature_values_on_a_hand_built_series():
+    """ret_1 and the raw range are what their formulas say, checked against a plain loop."""
+    data = md.generate_synthetic_market(num_symbols=2, years=0.2, seed=3)
+    raw = md.raw_technical(data)
+    c, h, l = data.close, data.high, data.low
+    for t in range(1, 20):
+        for s in range(2):
+            assert raw[t, s, 0] == pytest.approx(np.log(c[t, s] / c[t - 1, s]))
+            assert raw[t, s, 4] == pytest.approx((h[t, s] - l[t, s]) / c[t, s])
+    assert raw[40, 0, 3] == pytest.approx(np.log(c[40, 0] / c[5, 0]))
+
+
+def test_unknown_normalization_is_a_clear_error(market):
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        md.compute_technical(market, "softmax")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised signals
+# ---------------------------------------------------------------------------------------------------------------
+SMALL = dict(num_symbols=4, years=1.0, sl_epochs=3, sl_max_samples=4000)
+
+
+def test_roc_auc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    s = np.round(rng.random(300) + 0.3 * y, 1)  # rounding creates many ties
+    pos, neg = s[y], s[~y]
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert md.roc_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
+    assert md.roc_auc(y, y.astype(float)) == 1.0 and md.roc_auc(y, -y.astype(float)) == 0.0
+    assert np.isnan(md.roc_auc(np.ones(5), np.arange(5.0)))
+
+
+def test_f1_score_by_hand():
+    y = np.array([1, 1, 0, 0, 1])
+    p = np.array([0.9, 0.2, 0.7, 0.1, 0.6])  # tp 2, fp 1, fn 1
+    assert md.f1_score(y, p) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+
+
+def test_forward_labels_use_the_horizon_and_mark_the_end_invalid():
+    close = np.array([[1.0], [2.0], [1.5], [np.nan], [3.0]])
+    y, valid = md.forward_labels(close, horizon=2, threshold=0.0)
+    assert y[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert valid[:, 0].tolist() == [True, False, True, False, False]
+
+
+def _prepared(signal_strength: float) -> md.PreparedMarket:
+    return md.make_synthetic_prepared(seed=3, signal_strength=signal_strength, sl_signals=True, **SMALL)
+
+
+def test_pure_noise_gives_chance_auc():
+    p = _prepared(0.0)
+    for name in md.SL_MODELS:
+        assert 0.45 <= p.sl_metrics[name]["val_auc"] <= 0.55, p.sl_metrics
+        assert p.sl_metrics[name]["val_samples"] > 500
+
+
+def test_planted_signal_gives_clear_edge():
+    p = _prepared(0.5)
+    for name in md.SL_MODELS:
+        assert p.sl_metrics[name]["val_auc"] > 0.6, p.sl_metrics
+        assert 0.0 < p.sl_metrics[name]["val_f1"] <= 1.0
+    assert p.sl_probs.shape == (*p.data.close.shape, 3) and p.sl_probs.dtype == np.float32
+    assert p.sl_probs.min() >= 0 and p.sl_probs.max() <= 1
+    assert np.all(p.sl_probs[: p.warmup] == 0.5)
+    assert p.sl_probs[p.splits["test"][0] :].std() > 0.01
+
+
+def test_classifiers_see_only_the_train_split():
+    cfg = md.DataConfig(seed=3, signal_strength=0.3, sl_signals=True, cache=False, **SMALL)
+    data = md.load_market(cfg)
+    base = md.build_prepared(data, cfg)
+    stop = base.splits["train"][1]
+    other = md.generate_synthetic_market(4, 1.0, seed=11, signal_strength=0.0)
+    swapped = {
+        k: np.vstack([getattr(data, k)[:stop], getattr(other, k)[stop:] * 2.0])
+        for k in ("open", "high", "low", "close")
+    }
+    changed = md.build_prepared(replace(data, **swapped), cfg)
+    np.testing.assert_array_equal(changed.sl_probs[:stop], base.sl_probs[:stop])
+    assert not np.array_equal(changed.sl_probs[stop:], base.sl_probs[stop:])
+    for name in md.SL_MODELS:
+        assert changed.sl_metrics[name]["train_auc"] == base.sl_metrics[name]["train_auc"]

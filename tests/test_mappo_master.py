@@ -5,7 +5,7 @@ The directive semantics (risk multiplier scales sizes, position cap and open-pos
 regime mode sets the exposure ceiling and masks) are tested on the core in tests/test_trading_env.py
 (test_risk_multiplier_scales_buy_size, test_position_cap_masks_buys_and_adds, ...); here the MAPPO-level question is
 whether the symbol agents can read the directive at all. The PettingZoo face of portfolio mode (PortfolioParallelEnv,
-whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in tests/test_env_faces.py."""
+whose agents are MAPPO's symbol agents) passes pettingzoo's parallel_api_test in tests/test_trading_env.py."""
 
 import json
 import math
@@ -21,15 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import mappo_master as mappo  # noqa: E402
 import trading_env as te  # noqa: E402
-from encoders import (  # noqa: E402
-    EncoderConfig,
-    MasterNetwork,
-    SymbolPolicy,
-    ValueNorm,
-    load_checkpoint,
-    load_symbol_agents,
-    to_torch,
-)
+from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm  # noqa: E402
+from experiment import load_checkpoint, load_symbol_agents  # noqa: E402
 from market_data import make_synthetic_prepared  # noqa: E402
 
 # 3 symbols x 2 envs x 14 bars = 84 symbol-steps and 2 x 2 master decisions per iteration
@@ -120,8 +113,8 @@ def test_ppo_checkpoint_loads_into_symbol_agents(runs):
     obs = core.reset(seed=0)
     core.set_directives(np.array([0, 47]))  # two very different directives
     with torch.no_grad():
-        got = agent.get_logits(to_torch(obs, "cpu"))
-        want = ppo_agent.get_logits(to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
+        got = agent.get_logits(mappo.to_torch(obs, "cpu"))
+        want = ppo_agent.get_logits(mappo.to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
     torch.testing.assert_close(got, want)
     # the MAPPO checkpoint holds both levels and the value normaliser
     saved = torch.load(next(ckpt.parent.parent.parent.glob("runs/*/checkpoint.pt")), weights_only=True)["model"]
@@ -138,9 +131,9 @@ def test_symbol_agents_read_the_directive():
     agent = SymbolPolicy(3, EncoderConfig(kind="mlp", d_model=32, output_dim=32, dropout=0.0), directive_dim=4)
     core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, te.NEUTRAL_DIRECTIVE]))
     with torch.no_grad():
-        same = agent.get_logits(to_torch(obs, "cpu"))
+        same = agent.get_logits(mappo.to_torch(obs, "cpu"))
         core.set_directives(np.array([te.NEUTRAL_DIRECTIVE, 0]))
-        changed = agent.get_logits(to_torch(obs, "cpu"))
+        changed = agent.get_logits(mappo.to_torch(obs, "cpu"))
     torch.testing.assert_close(changed[0], same[0])
     assert not torch.allclose(changed[1], same[1])
 

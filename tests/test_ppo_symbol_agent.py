@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_symbol_agent.py"
 PPO = SCRIPT.name
 sys.path.insert(0, str(ROOT))
+from test_encoders import cfg, make_obs  # noqa: E402
+
 import ppo_symbol_agent as ppo  # noqa: E402
-from encoders import MLFLOW_NAMES, compute_gae  # noqa: E402
+from encoders import MASKED_LOGIT, NUM_ACTIONS, SymbolPolicy  # noqa: E402
+from experiment import MLFLOW_NAMES  # noqa: E402
 from trading_env import ACTION_NAMES  # noqa: E402
 
 # 3 symbols x 2 envs x 16 steps = 96 symbol-steps per iteration
@@ -78,18 +81,18 @@ def test_gae_bootstraps_at_truncation_only():
     terminated = torch.tensor([[False], [False], [True]])
     truncated = torch.tensor([[True], [False], [False]])
     final_values = torch.tensor([[0.9], [0.0], [0.0]])
-    adv, ret = compute_gae(rewards, values, terminated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, ret = ppo.compute_gae(rewards, values, terminated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
     a2 = 3.0 - 0.7  # terminal: no next value
     a1 = 2.0 + gamma * 0.7 - 0.6 + gamma * lam * a2
     a0 = 1.0 + gamma * 0.9 - 0.5  # truncated: bootstrap the ended episode, do not look into the next one
     torch.testing.assert_close(adv[:, 0], torch.tensor([a0, a1, a2]))
     torch.testing.assert_close(ret[:, 0], torch.tensor([a0 + 0.5, a1 + 0.6, a2 + 0.7]))
     # a step both terminated and truncated is a termination: no bootstrap
-    adv, _ = compute_gae(rewards, values, truncated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, _ = ppo.compute_gae(rewards, values, truncated, truncated, final_values, torch.tensor([0.4]), gamma, lam)
     assert adv[0, 0].item() == pytest.approx(1.0 - 0.5)
     # no episode end: the last step bootstraps next_value
     never = torch.zeros_like(terminated)
-    adv, _ = compute_gae(rewards, values, never, never, final_values, torch.tensor([0.4]), gamma, lam)
+    adv, _ = ppo.compute_gae(rewards, values, never, never, final_values, torch.tensor([0.4]), gamma, lam)
     assert adv[2, 0].item() == pytest.approx(3.0 + gamma * 0.4 - 0.7)
 
 
@@ -221,3 +224,78 @@ def test_torchrun_two_processes(workdir):
     assert summary["status"] == "complete" and summary["args"]["world_size"] == 2
     assert summary["global_step"] == 4 * ITER  # two ranks, two iterations each
     assert proc.stdout.count("backtest on the test split") == 1  # rank 0 alone reports
+
+
+def sample(policy, obs, action=None, deterministic=False):
+    """action, logprob, entropy, value of the script's masked_policy on the policy's masked logits."""
+    logits, value = policy(obs)
+    return (*ppo.masked_policy(logits, action, deterministic), value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked sampling (the script's masked_policy on SymbolPolicy's masked logits)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_masked_actions_never_sampled():
+    torch.manual_seed(0)
+    policy = SymbolPolicy(8, cfg("mlp"), actor_gain=1.0)  # large gain: a peaked policy would find a mask leak
+    obs = make_obs(1250, 8, seed=3)  # 10,000 draws
+    with torch.no_grad():
+        logits = policy.get_logits(obs)
+        action, logprob, _, _ = sample(policy, obs)
+    allowed = obs["action_mask"].bool()
+    probs = torch.softmax(logits, dim=-1)
+    assert (probs[~allowed] == 0).all()
+    assert (logits[~allowed] == MASKED_LOGIT).all()
+    assert allowed.gather(-1, action.unsqueeze(-1)).all(), "a masked action was sampled"
+    assert torch.isfinite(logprob).all()
+    # Every allowed action of a symbol is reachable: the mask does not collapse the policy.
+    assert len(torch.unique(action)) == NUM_ACTIONS
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_entropy_and_logprob_over_allowed_actions_only(kind):
+    policy = SymbolPolicy(3, cfg(kind), actor_gain=1.0).eval()
+    obs = make_obs(4, 3, seed=5)
+    with torch.no_grad():
+        raw = policy.get_logits({**obs, "action_mask": torch.ones_like(obs["action_mask"])})  # unmasked logits
+        action, logprob, entropy, _ = sample(policy, obs)
+    mask = obs["action_mask"].bool()
+    for b in range(4):
+        for s in range(3):
+            z = raw[b, s][mask[b, s]].double()
+            p = torch.softmax(z, dim=0)
+            h = -(p * p.log()).sum()
+            assert entropy[b, s].item() == pytest.approx(h.item(), abs=1e-5)
+            idx = int(mask[b, s, : action[b, s]].sum())  # position of the action among the allowed ones
+            assert logprob[b, s].item() == pytest.approx(p[idx].log().item(), abs=1e-5)
+
+
+def test_only_hold_allowed_gives_no_nan():
+    policy = SymbolPolicy(2, cfg("mlp"))
+    obs = make_obs(6, 2)
+    obs["action_mask"] = torch.zeros_like(obs["action_mask"])
+    obs["action_mask"][..., 0] = 1
+    action, logprob, entropy, value = sample(policy, obs)
+    assert (action == 0).all()
+    assert torch.isfinite(logprob).all() and torch.isfinite(entropy).all()
+    assert torch.allclose(logprob, torch.zeros_like(logprob)) and torch.allclose(entropy, torch.zeros_like(entropy))
+    (logprob.sum() + entropy.sum() + value.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_given_action_and_deterministic():
+    policy = SymbolPolicy(3, cfg("cnn")).eval()
+    obs = make_obs(5, 3, seed=7)
+    with torch.no_grad():
+        a, lp, ent, v = sample(policy, obs)
+        a2, lp2, ent2, v2 = sample(policy, obs, action=a)
+        det, *_ = sample(policy, obs, deterministic=True)
+        logits = policy.get_logits(obs)
+    assert torch.equal(a, a2)
+    torch.testing.assert_close(lp, lp2)
+    torch.testing.assert_close(v, v2)
+    assert torch.equal(det, logits.argmax(-1))
+    assert a.dtype == torch.long and v.shape == (5, 3)
+    torch.testing.assert_close(policy.get_value(obs), v)

@@ -1,0 +1,446 @@
+"""Run bookkeeping that no one reads to understand the algorithm: the run folder and its summary.json, checkpoints
+and resume, RNG states, tensorboard / MLflow logging, the torchrun helpers and the SIGINT stop.
+
+The training scripts (ppo_symbol_agent.py, mappo_master.py) import it; it imports nothing from them. The algorithm
+itself (rollout, GAE, the PPO loss, masked sampling, entropy control, the update loop) lives in the scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from encoders import EncoderConfig, SymbolPolicy
+from market_data import DataConfig, PreparedMarket, prepare_market
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup: seeding, torchrun's process group, the encoder preset, the market prepared once per machine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, torch_threads: int, torch_deterministic: bool) -> None:
+    """Seed python, numpy and torch; torch's intra-op threads (0: its default) and deterministic algorithms."""
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    if torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
+    """torchrun's world size and rank (1 and 0 without torchrun), the process group (nccl on CUDA, gloo on CPU)
+    and this process's device."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    use_cuda = cuda and torch.cuda.is_available()
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return world_size, rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+# CPU default encoder: the seed's transformer trains at ~94 samples/s on one of these cores; this MLP is ~100x faster.
+CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+
+
+def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple[EncoderConfig, str]:
+    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu fills the encoder fields left at their
+    (transformer) defaults from CPU_ENCODER. Returns the encoder and the preset applied."""
+    preset = preset if preset != "auto" else ("as_given" if use_cuda else "cpu")
+    if preset == "cpu":
+        default = EncoderConfig()
+        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(encoder, k) == getattr(default, k)}
+        encoder = dataclasses.replace(encoder, **fill)
+    return encoder, preset
+
+
+def prepare_market_on_ranks(cfg: DataConfig, rank: int, world_size: int) -> PreparedMarket:
+    """prepare_market on every rank, rank 0 first: it fills the cache that the other ranks then read, so that no two
+    processes write it at once."""
+    market = prepare_market(cfg) if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()
+    return market if rank == 0 else prepare_market(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder and logging: summary.json, tensorboard scalars, MLflow with --track
+# ---------------------------------------------------------------------------------------------------------------
+
+# tensorboard tag -> MLflow metric name fixed by the seeds (Stage 5 telemetry); other tags keep their own name.
+MLFLOW_NAMES = {
+    "charts/policy_action_entropy_mean": "policy_action_entropy_mean",
+    "charts/executed_action_entropy_mean": "executed_action_entropy_mean",
+    "charts/voluntary_trade_rate": "voluntary_trade_rate_mean",
+    "charts/sanitizer_trade_delta": "sanitizer_trade_delta_mean",
+    "charts/ep_unique_actions": "ep_unique_actions_mean",
+    "charts/diversity_bonus": "ep_diversity_bonus_mean",
+}
+
+
+def summary_telemetry(metrics: dict) -> dict:
+    """The charts/* scalars under their MLflow names, without the prefix: summary.json's "telemetry"."""
+    return {MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")}
+
+
+def open_run(run_dir: Path, args, global_step: int):
+    """Create the run folder marked incomplete, a tensorboard writer with the hyperparameter table and, with
+    --track, an MLflow run. Returns (writer, mlflow or None)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_summary(run_dir, status="incomplete", run_name=run_dir.name, global_step=global_step)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+    )
+    return writer, start_mlflow(args, run_dir.name) if args.track else None
+
+
+def start_mlflow(args, run_name: str):
+    # MLflow 3 keeps the ./mlruns file store only behind this opt-in (it steers users to a database server); a local
+    # folder beside runs/ is what a CleanRL-style `--track` without a server needs.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+    mlflow.set_experiment(args.exp_name)
+    mlflow.start_run(run_name=run_name)
+    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
+    return mlflow
+
+
+def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    if mlflow is not None:
+        mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    """Merge fields into run_dir/summary.json (status, global step, backtest, telemetry, args)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(fields)
+    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+
+def close_run(writer, mlflow) -> None:
+    """Flush and close the tensorboard writer and end the MLflow run (with --track)."""
+    writer.close()
+    if mlflow is not None:
+        mlflow.end_run()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume: one file per save, loadable with torch.load(weights_only=True) (no pickled code runs)
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "trading-rl-checkpoint/1"
+
+
+def _plain(obj):
+    """Args and statistics as tensors and Python builtins that weights_only loading accepts: dataclasses and
+    namespaces become dicts, numpy arrays tensors, numpy scalars Python numbers, paths strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, argparse.Namespace):
+        return _plain(vars(obj))
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return _plain(obj.state_dict())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+        return obj
+    raise TypeError(
+        f"save_checkpoint cannot store a {type(obj).__name__}; pass tensors, numpy arrays, numbers, strings, "
+        "lists, dicts or dataclasses (or an object with state_dict())."
+    )
+
+
+def rng_states() -> dict:
+    """The python, numpy, torch (and CUDA) generators' states as tensors and builtins (weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": (int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], *states["numpy_gauss"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    obs_norm=None,
+    args=None,
+    global_step: int = 0,
+    extra: dict | None = None,
+) -> None:
+    """Write model and optimiser state, observation-normalisation statistics (an object with state_dict() or a
+    dict; numpy arrays are stored as tensors), args (dataclass, namespace or dict, stored as a dict), the global
+    step and the RNG states of python, numpy, torch (and CUDA) to one file. The file is written to a temporary
+    name in the same folder and renamed, so a crash never leaves a half-written checkpoint under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "obs_norm": _plain(obs_norm),
+        "args": _plain(args),
+        "global_step": int(global_step),
+        "rng": rng_states(),
+        "extra": _plain(extra),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Read a checkpoint written by save_checkpoint, load it into model (and optimizer) and return the whole payload
+    ("args", "global_step", "obs_norm", "extra", ...). The model's parameter names and shapes must match the saved
+    ones exactly; otherwise a ValueError lists the missing, unexpected and mis-shaped keys. restore_rng=True puts
+    the python, numpy, torch (and CUDA) generators back where they were at save time."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path (runs/<run_name>/...).")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"Checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is corrupt, "
+            "truncated or not written by save_checkpoint."
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint (format {CHECKPOINT_FORMAT}).")
+    if model is not None:
+        saved, own = payload["model"], model.state_dict()
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        shapes = [
+            f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in saved and saved[k].shape != own[k].shape
+        ]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"Checkpoint {path} does not fit the model (was it built with the same EncoderConfig, number of "
+                f"symbols and head options?). Missing keys: {missing or 'none'}. Unexpected keys: "
+                f"{unexpected or 'none'}. Shape mismatches: {shapes or 'none'}."
+            )
+        model.load_state_dict(saved)
+    if optimizer is not None:
+        if payload["optimizer"] is None:
+            raise ValueError(f"Checkpoint {path} holds no optimizer state; load it without an optimizer.")
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"The optimizer state in {path} does not fit this optimizer: {e}") from e
+    if restore_rng:
+        set_rng_states(payload["rng"])
+    return payload
+
+
+def save_run_checkpoint(run_dir: Path, model, optimizer, args, global_step: int, own: dict, extra: dict, rank: int):
+    """Gather every rank's `own` state (its envs, RNG, ...) on rank 0 with this rank's RNG states added, and write
+    run_dir/checkpoint.pt there: the model, optimiser, args, global step and extra, with extra["ranks"] the list."""
+    ranks = gather_on_rank0(own | {"rng": rng_states()}, rank, args.world_size)
+    if rank == 0:
+        save_checkpoint(
+            run_dir / "checkpoint.pt",
+            model,
+            optimizer,
+            args=args,
+            global_step=global_step,
+            extra={**extra, "ranks": ranks},
+        )
+
+
+def resume_run(path: str, model, optimizer, device, rank: int, world_size: int) -> tuple[int, dict, dict, Path]:
+    """Load a checkpoint of save_run_checkpoint into model and optimizer and restore this rank's RNG states.
+    Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in."""
+    ckpt = load_checkpoint(path, model, optimizer, map_location=device)
+    extra = ckpt["extra"]
+    assert len(extra["ranks"]) == world_size, (
+        f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many (got {world_size})"
+    )
+    own = extra["ranks"][rank]
+    set_rng_states(own["rng"])
+    return ckpt["global_step"], extra, own, Path(path).resolve().parent
+
+
+def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
+    """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
+
+    The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first
+    layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
+    updates teach them to read the master's orders."""
+    payload = load_checkpoint(path)
+    saved, saved_args = payload["model"], payload["args"] or {}
+    if "encoder" not in saved_args or "actor.weights.0" not in saved:
+        raise ValueError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
+    encoder = EncoderConfig(**saved_args["encoder"])
+    heads = saved["actor.weights.0"].shape[0]
+    if heads not in (1, num_symbols):
+        raise ValueError(
+            f"{path} holds per-symbol heads for {heads} symbols but the data has {num_symbols}; train the symbol "
+            "agents on the same universe (--data.* flags) or start without --symbol-checkpoint."
+        )
+    agent = SymbolPolicy(num_symbols, encoder, shared_heads=heads == 1 and num_symbols > 1, directive_dim=directive_dim)
+    own = agent.state_dict()
+    for key in ("actor.weights.0", "critic.weights.0"):  # (H, D, hidden) -> (H, D + directive_dim, hidden)
+        w = saved[key]
+        if w.shape[1] + directive_dim == own[key].shape[1]:
+            saved[key] = torch.cat([w, torch.zeros(w.shape[0], directive_dim, w.shape[2], dtype=w.dtype)], dim=1)
+    bad = sorted(set(own) ^ set(saved)) + [k for k in own if k in saved and own[k].shape != saved[k].shape]
+    if bad:
+        raise ValueError(f"{path} does not fit SymbolPolicy({num_symbols}, {encoder.kind}): mismatched keys {bad}.")
+    agent.load_state_dict(saved)
+    return agent, encoder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchrun: identical initial weights, gradient all-reduce, gathering, the end-of-run weight check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def broadcast_parameters(model: nn.Module, world_size: int) -> None:
+    """Rank 0's initial weights on every rank (each rank seeds differently, so their own initialisations differ)."""
+    if world_size > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def allreduce_grads(module: nn.Module, world_size: int) -> None:
+    """Average the gradients of module's trainable parameters over the torchrun processes, one flattened
+    all-reduce (missing gradients count as zeros)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    torch.nn.utils.vector_to_parameters(flat, grads)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+def mean_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of a tensor over the torchrun processes (x itself with one process)."""
+    if world_size == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size
+
+
+def cat_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's tensor x (same shape everywhere) concatenated along dim 0, in rank order, on every rank."""
+    if world_size == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def gather_on_rank0(obj, rank: int, world_size: int) -> list | None:
+    """Every rank's obj as a list on rank 0 (None elsewhere); no communication with one process."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
+
+
+def close_distributed(world_size: int) -> None:
+    """Leave the process group together: a barrier first, so that no rank tears gloo down while another still talks
+    to it (without it, a rank that finished early sometimes aborted at exit with "terminate called without an active
+    exception")."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def assert_ranks_agree(tensors, rank: int) -> None:
+    """Every rank must end with rank 0's weights (same init, same all-reduced gradients)."""
+    weights = nn.utils.parameters_to_vector(list(tensors)).detach()
+    reference = weights.clone()
+    dist.broadcast(reference, src=0)
+    assert torch.equal(weights, reference), f"rank {rank}: weights differ from rank 0's after training"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C: stop after the current iteration, on every rank at once
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stop_on_sigint() -> dict:
+    """Ctrl-C asks the run to stop after the current iteration (checkpoint with --save-model, folder left
+    incomplete, exit status 130); a second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("SIGINT: stopping after this iteration (press Ctrl-C again to stop now)", flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def all_ranks_stop(stop: dict, world_size: int) -> bool:
+    """True when Ctrl-C reached any rank (stop_on_sigint's flag), so that all ranks stop at the same iteration."""
+    stopping = torch.tensor(float(stop["requested"]))
+    if world_size > 1:
+        dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+    return bool(stopping.item())

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm
+from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm
 from experiment import (
     allreduce_grads,
     assert_ranks_agree,
@@ -48,11 +48,14 @@ from market_data import DataConfig
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
+    INCREASE_ACTIONS,
     NEUTRAL_DIRECTIVE,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
+    buy_and_hold,
     drawdown_go_criterion,
+    performance_metrics,
     run_backtest,
     save_backtest,
     telemetry_metrics,
@@ -188,10 +191,11 @@ def to_torch(obs: dict, device) -> dict:
 
 def masked_policy(
     logits: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From masked logits (..., A) (disallowed actions at -1e8): action (...) long (sampled, argmax if deterministic,
-    or the given one), its log-probability, and the entropy over the allowed actions. Masked actions have
-    probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From masked logits (..., A) (disallowed actions at MASKED_LOGIT): action (...) long (sampled, argmax if
+    deterministic, or the given one), its log-probability, the entropy normalised by log(number of allowed actions)
+    (1 = uniform over what is allowed, 0 where a single action is allowed), and where there is a choice (bool).
+    Masked actions have probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (..., A)
     p = logp.exp()
     if action is None:
@@ -201,16 +205,36 @@ def masked_policy(
             action = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
     action = action.long()
     # where() rather than p * logp: 0 * (-1e8) is 0 anyway, but this keeps the gradient of masked entries at 0.
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
-    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+    nats = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    allowed = (logits > MASKED_LOGIT / 2).sum(-1)  # at most 4 of the 7 trading actions: nats are not comparable
+    choice = allowed > 1
+    entropy = torch.where(choice, nats / torch.log(allowed.clamp(min=2).float()), torch.zeros_like(nats))
+    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy, choice
 
 
-def agent_policy(agent: nn.Module, device):
-    """The agent's deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
+def choice_mean(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the states with a choice (more than one allowed action)."""
+    return (x * choice).sum() / choice.sum().clamp(min=1)
+
+
+def agent_policy(agent: nn.Module, device, sample_seed: int | None = None, record: list | None = None):
+    """The agent's policy as a function of a numpy observation dict, for run_backtest: argmax, or sampled with a
+    generator of its own (sample_seed). With `record` (a list), each call appends (ret_1, P(increase exposure),
+    increase allowed), each (S,), for the decile diagnostic."""
+    gen = None if sample_seed is None else torch.Generator(device=device).manual_seed(sample_seed)
 
     def act(obs):
         with torch.no_grad():
-            return masked_policy(agent.get_logits(to_torch(obs, device)), deterministic=True)[0].cpu().numpy()
+            logits = agent.get_logits(to_torch(obs, device))  # (1, S, 7) masked
+            p = torch.softmax(logits.float(), -1)
+            if record is not None:
+                can = obs["action_mask"][0][:, INCREASE_ACTIONS].any(-1)
+                record.append(
+                    (obs["technical"][0, :, -1, 0].copy(), p[0, :, INCREASE_ACTIONS].sum(-1).cpu().numpy(), can)
+                )
+            if gen is None:
+                return logits.argmax(-1).cpu().numpy()
+            return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).reshape(p.shape[:-1]).cpu().numpy()
 
     return act
 
@@ -456,7 +480,7 @@ if __name__ == "__main__":
                 )
                 with torch.no_grad():
                     m_logits, raw_value = master(emb, glob, state)
-                    directive, logprob, _ = masked_policy(m_logits)
+                    directive, logprob, _, _ = masked_policy(m_logits)
                 m_emb[k], m_glob[k], m_state[k] = emb, glob, state
                 m_actions[k], m_logprobs[k], m_raw_values[k] = directive, logprob, raw_value
                 m_values[k] = value_norm.denormalize(raw_value) if args.value_norm else raw_value
@@ -469,9 +493,9 @@ if __name__ == "__main__":
             step_obs = {key: v[step] for key, v in obs.items()}
             with torch.no_grad():
                 logits, value = agent(step_obs)
-                action, logprob, entropy = masked_policy(logits)
+                action, logprob, entropy, choice = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
-            dist_entropy += entropy.mean().item() / T
+            dist_entropy += choice_mean(entropy, choice).item() / T
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
@@ -554,14 +578,14 @@ if __name__ == "__main__":
                 mb_inds = torch.as_tensor(b_inds[start : start + mb_rows], device=device)
                 mb_obs = {key: v[mb_inds] for key, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
-                _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
+                _, newlogprob, entropy, choice = masked_policy(logits, b_actions[mb_inds])
                 pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = ppo_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
                 clipfracs.append(clipfrac)
 
-                entropy_loss = entropy.mean()
+                entropy_loss = choice_mean(entropy, choice)  # normalised entropy (1 = uniform over allowed actions)
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
                 optimizer.zero_grad()
@@ -587,7 +611,7 @@ if __name__ == "__main__":
             for idx in np.array_split(mb_inds_all, min(args.num_minibatches, M * E)):
                 j = torch.as_tensor(idx, device=device)
                 logits, newvalue = master(mb_emb[j], mb_glob[j], mb_state[j])
-                _, newlogprob, entropy = masked_policy(logits, mb_act[j])
+                _, newlogprob, entropy, _ = masked_policy(logits, mb_act[j])
                 m_pg_loss, m_v_loss, _, m_approx_kl, clipfrac = ppo_loss(
                     newlogprob, mb_logp[j], mb_adv[j], newvalue, mb_old[j], mb_tgt[j], args.clip_coef,
                     args.clip_vloss, args.norm_adv,
@@ -616,7 +640,7 @@ if __name__ == "__main__":
             save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, {"iteration": iteration}, rank)
         if rank != 0:
             continue
-        telemetry = telemetry_metrics(tele, policy_actions, executed_actions)
+        telemetry = telemetry_metrics(tele, policy_actions, executed_actions, obs["action_mask"].cpu().numpy())
         coords = np.stack(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE), -1).reshape(-1, 3)
         metrics = telemetry | {
             "charts/learning_rate": optimizer.param_groups[-1]["lr"],
@@ -685,10 +709,12 @@ if __name__ == "__main__":
             for n, c in choosers.items()
         }
         reports = {name: report["agent"] for name, report in full.items()}
-        reports.update(benchmark_bh=full["master"]["benchmark"], equal_weight_bh=full["master"]["equal_weight"])
-        go = drawdown_go_criterion(reports, full["neutral"]["curves"]["agent"], market.data.bars_per_year)
-        curves = {name: report["curves"]["agent"] for name, report in full.items()}
-        curves.update(benchmark=full["master"]["curves"]["benchmark"])
+        curves = {name: report["curve"] for name, report in full.items()}
+        bh = buy_and_hold(market, full["master"]["series"]["start"], reports["master"]["bars"], capital, env_cfg)
+        for name, (curve, expo) in bh.items():
+            reports[f"{name}_bh"] = performance_metrics(curve, market.data.bars_per_year) | {"exposure": expo.mean()}
+            curves[f"{name}_bh"] = curve
+        go = drawdown_go_criterion(reports, full["neutral"]["curve"], market.data.bars_per_year)
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(
             f"max drawdown: master {reports['master']['max_drawdown']:.2%} vs neutral "

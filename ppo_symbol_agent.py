@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import EncoderConfig, SymbolPolicy
+from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy
 from experiment import (
     all_ranks_stop,
     allreduce_grads,
@@ -55,10 +55,15 @@ from experiment import (
 )
 from market_data import DataConfig
 from trading_env import (
+    INCREASE_ACTIONS,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
-    random_policy,
+    baseline_backtests,
+    decile_table,
+    fit_rule,
+    format_deciles,
+    mean_metrics,
     run_backtest,
     save_backtest,
     telemetry_metrics,
@@ -102,6 +107,8 @@ class Args:
     """trading environment: capital, costs, slippage, limits, reward weights"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
+    shared_heads: bool = True
+    """one actor-critic head pair for every symbol (each learns from all symbols' data) instead of one per symbol"""
     split: str = "train"
     """split the agents train on (random episode starts inside it)"""
     eval_split: str = "val"
@@ -111,6 +118,8 @@ class Args:
     periodic evaluation, a checkpoint every iteration"""
     test_split: str = "test"
     """split of the final backtest"""
+    eval_samples: int = 3
+    """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
 
     # --- algorithm ---
     total_timesteps: int = 4_000_000
@@ -125,9 +134,9 @@ class Args:
     """the number of steps per environment per rollout"""
     anneal_lr: bool = True
     """Toggle learning rate annealing for policy and value networks"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    gae_lambda: float = 0.95
+    gamma: float = 0.9
+    """the discount factor gamma (0.9: a horizon of ~10 bars; the planted edge lives one bar ahead)"""
+    gae_lambda: float = 0.8
     """the lambda for the general advantage estimation"""
     num_minibatches: int = 8
     """the number of mini-batches (split over env-steps; each keeps all S symbols)"""
@@ -148,31 +157,32 @@ class Args:
     target_kl: float | None = None
     """the target KL divergence threshold (stops the epochs of an update early)"""
 
-    # --- entropy control (Stage 5) ---
+    # --- entropy control (Stage 5). Entropies are normalised: nats / log(number of allowed actions), 1 = uniform
+    # over what is allowed. Step counts are the seed's x 50 (symbol-steps), so that they fall inside the main run. ---
     ent_schedule: Literal["hold_then_linear", "constant"] = "hold_then_linear"
     """entropy coefficient schedule"""
     ent_final: float = 0.03
     """coefficient at the end of the linear decay"""
-    ent_hold_steps: int = 10_000
-    """symbol-steps at the initial coefficient before the decay starts"""
-    ent_decay_steps: int = 40_000
-    """symbol-steps of the linear decay"""
+    ent_hold_steps: int = 500_000
+    """symbol-steps at the initial coefficient before the decay starts (the seed's 10k x 50)"""
+    ent_decay_steps: int = 2_000_000
+    """symbol-steps of the linear decay (the seed's 40k x 50)"""
     ent_min: float = 0.03
     """floor of the scheduled coefficient"""
     ent_bonus: bool = True
     """adaptive entropy bonus: raise the coefficient when the policy entropy is under the target"""
-    ent_bonus_target: float = 0.55
-    """target mean entropy (nats) of the masked policy distribution"""
+    ent_bonus_target: float = 0.40
+    """target mean normalised entropy of the policy over states with a choice (the seed's 0.55 nats / log 4)"""
     ent_bonus_scale: float = 0.35
     """bonus multiplier slope: 1 + scale * relative shortfall"""
-    ent_bonus_warmup: int = 4_000
-    """symbol-steps before the bonus acts"""
+    ent_bonus_warmup: int = 200_000
+    """symbol-steps before the bonus acts (the seed's 4k x 50)"""
     ent_guard: bool = True
     """action-entropy guard: boost the coefficient when the chosen actions' entropy collapses"""
-    ent_guard_threshold: float = 0.22
-    """guard threshold on charts/policy_action_entropy_mean (nats)"""
-    ent_guard_warmup: int = 4_000
-    """symbol-steps before the guard acts"""
+    ent_guard_threshold: float = 0.11
+    """guard threshold on charts/policy_action_entropy_mean (normalised; the seed's 0.22 nats / log 7)"""
+    ent_guard_warmup: int = 200_000
+    """symbol-steps before the guard acts (the seed's 4k x 50)"""
     ent_guard_boost: float = 1.5
     """factor applied to the guard multiplier at each intervention"""
     ent_guard_max_mult: float = 5.0
@@ -180,7 +190,7 @@ class Args:
     ent_guard_relax: float = 0.9
     """factor pulling the guard multiplier back toward 1 on a healthy rollout"""
     kl_prior_coef: float = 0.02
-    """initial weight of KL(policy || supervised prior); 0 disables the prior"""
+    """initial weight of the supervised prior, E_pi[-log q] (KL(pi || q) without pi's entropy); 0 disables it"""
     kl_prior_anneal_steps: int = 200_000
     """symbol-steps over which the prior's weight falls linearly to 0"""
     kl_prior_temperature: float = 4.0
@@ -208,10 +218,11 @@ def to_torch(obs: dict, device) -> dict:
 
 def masked_policy(
     logits: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From masked logits (..., A) (disallowed actions at -1e8): action (...) long (sampled, argmax if deterministic,
-    or the given one), its log-probability, and the entropy over the allowed actions. Masked actions have
-    probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From masked logits (..., A) (disallowed actions at MASKED_LOGIT): action (...) long (sampled, argmax if
+    deterministic, or the given one), its log-probability, the entropy normalised by log(number of allowed actions)
+    (1 = uniform over what is allowed, 0 where a single action is allowed), and where there is a choice (bool).
+    Masked actions have probability exactly 0, so they contribute 0 to the entropy and are never sampled."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (..., A)
     p = logp.exp()
     if action is None:
@@ -221,16 +232,36 @@ def masked_policy(
             action = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
     action = action.long()
     # where() rather than p * logp: 0 * (-1e8) is 0 anyway, but this keeps the gradient of masked entries at 0.
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
-    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+    nats = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    allowed = (logits > MASKED_LOGIT / 2).sum(-1)  # at most 4 of the 7 trading actions: nats are not comparable
+    choice = allowed > 1
+    entropy = torch.where(choice, nats / torch.log(allowed.clamp(min=2).float()), torch.zeros_like(nats))
+    return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy, choice
 
 
-def agent_policy(agent: nn.Module, device):
-    """The agent's deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
+def choice_mean(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the states with a choice (more than one allowed action)."""
+    return (x * choice).sum() / choice.sum().clamp(min=1)
+
+
+def agent_policy(agent: nn.Module, device, sample_seed: int | None = None, record: list | None = None):
+    """The agent's policy as a function of a numpy observation dict, for run_backtest: argmax, or sampled with a
+    generator of its own (sample_seed). With `record` (a list), each call appends (ret_1, P(increase exposure),
+    increase allowed), each (S,), for the decile diagnostic."""
+    gen = None if sample_seed is None else torch.Generator(device=device).manual_seed(sample_seed)
 
     def act(obs):
         with torch.no_grad():
-            return masked_policy(agent.get_logits(to_torch(obs, device)), deterministic=True)[0].cpu().numpy()
+            logits = agent.get_logits(to_torch(obs, device))  # (1, S, 7) masked
+            p = torch.softmax(logits.float(), -1)
+            if record is not None:
+                can = obs["action_mask"][0][:, INCREASE_ACTIONS].any(-1)
+                record.append(
+                    (obs["technical"][0, :, -1, 0].copy(), p[0, :, INCREASE_ACTIONS].sum(-1).cpu().numpy(), can)
+                )
+            if gen is None:
+                return logits.argmax(-1).cpu().numpy()
+            return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).reshape(p.shape[:-1]).cpu().numpy()
 
     return act
 
@@ -364,7 +395,7 @@ if __name__ == "__main__":
     seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
-    agent = SymbolPolicy(S, args.encoder).to(device)
+    agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
@@ -417,9 +448,9 @@ if __name__ == "__main__":
             step_obs = {k: v[step] for k, v in obs.items()}
             with torch.no_grad():
                 logits, value = agent(step_obs)
-                action, logprob, entropy = masked_policy(logits)
+                action, logprob, entropy, choice = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
-            dist_entropy += entropy.mean().item() / T
+            dist_entropy += choice_mean(entropy, choice).item() / T
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
@@ -464,21 +495,22 @@ if __name__ == "__main__":
                 mb_inds = torch.as_tensor(b_inds[start : start + mb_rows], device=device)
                 mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
                 logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
-                _, newlogprob, entropy = masked_policy(logits, b_actions[mb_inds])
+                _, newlogprob, entropy, choice = masked_policy(logits, b_actions[mb_inds])
                 pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = ppo_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], args.clip_coef, args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
                 clipfracs.append(clipfrac)
 
-                # KL(policy || supervised prior) over the allowed actions
-                kl_prior = torch.zeros((), device=device)
+                # supervised prior: E_pi[-log q], the cross-entropy of the policy against the prior. It is
+                # KL(pi || q) without pi's own entropy, so a flat prior (no signal) exerts no pull: the KL against a
+                # uniform prior would be a hidden entropy bonus on top of ent_coef.
+                prior_ce = torch.zeros((), device=device)
                 if b_prior is not None:
-                    logp = torch.log_softmax(logits, -1)
-                    kl_prior = (logp.exp() * (logp - b_prior[mb_inds])).sum(-1).mean()
+                    prior_ce = -(torch.softmax(logits, -1) * b_prior[mb_inds]).sum(-1).mean()
 
-                entropy_loss = entropy.mean()
-                loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef + kl_coef * kl_prior
+                entropy_loss = choice_mean(entropy, choice)  # normalised entropy (1 = uniform over allowed actions)
+                loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef + kl_coef * prior_ce
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -496,7 +528,7 @@ if __name__ == "__main__":
         update_seconds = time.time() - t_update
 
         # entropy control from this rollout, then logging (rank 0)
-        telemetry = telemetry_metrics(tele, policy_actions, executed_actions)
+        telemetry = telemetry_metrics(tele, policy_actions, executed_actions, obs["action_mask"].cpu().numpy())
         policy_entropy = telemetry["charts/policy_action_entropy_mean"]
         intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
 
@@ -535,7 +567,7 @@ if __name__ == "__main__":
             "losses/approx_kl": approx_kl.item(),
             "losses/clipfrac": float(np.mean(clipfracs)),
             "losses/explained_variance": float(explained_var),
-            "losses/kl_prior": kl_prior.item(),
+            "losses/prior_cross_entropy": prior_ce.item(),
             "reward/total": rewards.mean().item(),
             "perf/rollout_seconds": rollout_seconds,
             "perf/update_seconds": update_seconds,
@@ -573,21 +605,30 @@ if __name__ == "__main__":
         close_distributed(args.world_size)
         raise SystemExit(130)
 
-    # final backtest on the test split: agent vs a random policy vs buy-and-hold (benchmark, equal-weight basket)
+    # final backtest on the test split: the agent (argmax and sampled) beside every baseline and the rule ceiling
     if rank == 0:
         t_eval = time.time()
         agent.eval()
-        full = run_backtest(agent_policy(agent, device), market, args.test_split, env_cfg, seed=args.seed)
-        rand = run_backtest(random_policy(args.seed), market, args.test_split, env_cfg, seed=args.seed)
-        reports = {"agent": full["agent"], "random": rand["agent"]}
-        reports.update(benchmark_bh=full["benchmark"], equal_weight_bh=full["equal_weight"])
-        curves = full["curves"]
+        test = lambda policy: run_backtest(policy, market, args.test_split, env_cfg, seed=args.seed)  # noqa: E731
+        record = []  # (ret_1, P(increase), increase allowed) at every test bar, for the decile diagnostic
+        full = test(agent_policy(agent, device, record=record))
+        sampled = [
+            test(agent_policy(agent, device, sample_seed=args.seed + k))["agent"] for k in range(args.eval_samples)
+        ]
+        rule = fit_rule(market, env_cfg, args.split)  # the best one-feature rule on the train split: the ceiling
+        base = baseline_backtests(market, args.test_split, env_cfg, args.seed, full, rule)
+        reports = {"agent": full["agent"], "agent_sampled": mean_metrics(sampled)}
+        reports |= {name: b["agent"] for name, b in base.items()}
+        curves = {"agent": full["curve"]} | {name: b["curve"] for name, b in base.items()}
+        deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
+        print(format_deciles(deciles, "ret_1"))
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
         log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
         final = {"status": "complete", "global_step": global_step, "seed": args.seed, "encoder": args.encoder.kind}
-        final.update(backtest=reports, val=last_eval, telemetry=last_telemetry, entropy_control=ctl, args=asdict(args))
+        final.update(backtest=reports, rule=rule, deciles=deciles, val=last_eval, telemetry=last_telemetry)
+        final.update(entropy_control=ctl, args=asdict(args))
         write_summary(run_dir, **final)
         close_run(writer, mlflow)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +25,7 @@ from market_data import PreparedMarket
 NUM_ACTIONS = 7
 HOLD, BUY_SMALL, BUY_MEDIUM, BUY_LARGE, SELL_PARTIAL, SELL_ALL, ADD = range(NUM_ACTIONS)
 ACTION_NAMES = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
+INCREASE_ACTIONS = [1, 2, 3, 6]  # BUY_SMALL, BUY_MEDIUM, BUY_LARGE, ADD: the actions that add exposure
 BUY_SIZES = np.array([0.025, 0.06, 0.09])  # BUY_SMALL/MEDIUM/LARGE notional as a fraction of equity
 ADD_SIZE = 0.03  # ADD notional as a fraction of equity
 SELL_PARTIAL_FRACTION = 0.5  # SELL_PARTIAL sells this fraction of the shares held
@@ -66,6 +68,16 @@ PORTFOLIO_FEATURES = (
 )
 DIRECTIVE_FEATURES = ("risk_multiplier", "position_cap", "open_limit_fraction", "regime_mode")
 HOLD_TIME_SCALE = 100.0  # position obs: hold time in bars / 100
+OBS_CLIP = (
+    10.0  # position, portfolio and regime observations are clipped to +-OBS_CLIP (technical: --data.feature-clip)
+)
+RISK_STD_FLOOR = 1e-8  # per-bar return spread below which the rolling Sharpe / Sortino divide by this floor instead
+RISK_RATIO_CLIP = 5.0  # rolling per-bar Sharpe / Sortino clip (a per-bar Sharpe of 5 is already absurd)
+EPISODE_COUNTERS = (
+    "length", "reward", "cost", "turnover", "trades", "violations", "masked_attempts", "forced_holds",
+    "voluntary_trades", "policy_trades", "diversity_bonus", "order_cancelled", "order_shrunk", "round_trips",
+    "winning_trips", "liquidations",
+)  # fmt: skip
 
 
 def directive_values(index) -> np.ndarray:
@@ -93,9 +105,15 @@ def action_entropy(counts: np.ndarray) -> np.ndarray:
     return -(p * logp).sum(-1)
 
 
-def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
-    """(T, E, S) actions -> (E, S) entropy (nats) of each slot's empirical action distribution over T."""
-    return action_entropy((actions[..., None] == np.arange(NUM_ACTIONS)).sum(0))
+def slot_action_entropy(actions: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+    """(T, E, S) actions -> (E, S) entropy of each slot's empirical action distribution over T: in nats, or, given the
+    (T, E, S, 7) masks, normalised by log(number of actions allowed to that slot at some step of the T), the units of
+    the entropy control (NaN for a slot that never had a choice)."""
+    h = action_entropy((actions[..., None] == np.arange(NUM_ACTIONS)).sum(0))
+    if masks is None:
+        return h
+    n = (masks != 0).any(0).sum(-1)  # (E, S)
+    return np.divide(h, np.log(np.maximum(n, 2)), out=np.full(h.shape, np.nan), where=n > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,47 +121,53 @@ def slot_action_entropy(actions: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class RewardConfig:
-    """Weights and units of the reward components (defaults: the Stage-5 template)."""
+    """Weights and units of the reward components. The weights are the seed's Stage-5 preset; every component is in
+    one currency, pnl units of `pnl_scale` x the account's initial capital, and bounded (docs/reward.md)."""
 
     pnl_weight: float = 0.75
-    """Weight of the PnL component."""
+    """weight of the PnL component (the equity change, with the ROI scaling of realised trades)"""
     cost_weight: float = 0.10
-    """Weight of the transaction-cost penalty (costs are also inside the mark-to-market PnL: this is extra friction)."""
+    """weight of the transaction-cost penalty (costs are also inside the PnL: this is extra friction against churn)"""
     timing_weight: float = 0.0
-    """Weight of the entry/exit timing component (fill price against the 24-bar mean close seen at decision)."""
+    """weight of the entry/exit timing component (fill price against the 24-bar mean close seen at the decision)"""
     sharpe_weight: float = 0.03
-    """Weight of the rolling per-bar Sharpe ratio of the account."""
+    """weight of the rolling Sharpe component (paid on the holdings, so a flat account earns nothing)"""
     drawdown_weight: float = 0.02
-    """Weight of the drawdown penalty."""
+    """weight of the drawdown penalty (charged on the holdings while the account is below its peak)"""
     utilisation_weight: float = 0.0
-    """Weight of the capital-utilisation component."""
+    """weight of the capital-utilisation penalty"""
     diversification_weight: float = 0.0
-    """Weight of the diversification component (1 - Herfindahl index of the account's positions)."""
+    """weight of the diversification component (1 - Herfindahl of the account's positions, paid on the holdings)"""
     diversity_bonus_weight: float = 0.07
-    """Weight of the action-diversity bonus (anti-collapse)."""
+    """weight of the action-diversity bonus (anti-collapse; classes hold / increase / decrease, paid on the holdings)"""
     repeat_penalty_weight: float = 0.05
-    """Weight of the action-repeat penalty (anti-collapse)."""
+    """weight of the action-repeat penalty (anti-collapse)"""
     intrinsic_weight: float = 0.01
-    """Weight of the intrinsic reward for a voluntary, filled trade."""
-    pnl_mode: str = "mark_to_market"
-    """"mark_to_market" (equity change each bar) or "realized" (PnL booked only when shares are sold)."""
+    """weight of the intrinsic reward for a voluntary fill of at least the minimum notional"""
+    pnl_mode: Literal["mark_to_market", "realized"] = "mark_to_market"
+    """mark_to_market: the equity change every bar; realized: PnL booked only when shares are sold"""
     pnl_scale: float = 0.001
-    """PnL and cost are measured in units of this fraction of the account's initial capital (0.001 = 0.1%), so a
-    typical hourly move of a held position is ~0.1-1 units and dominates the diversity bonus (at most 0.3)."""
+    """one reward unit is this fraction of the account's initial capital (0.001 = 0.1%, $100 on $100k)"""
+    shaping_bps: float = 1.0
+    """a shaping score of 1 is worth this many basis points of its base per bar: the holdings for the bonuses
+    (sharpe, drawdown, diversification, diversity, intrinsic: a flat account earns none of them), the capital for
+    the pure penalties (utilisation, repeat)"""
     roi_scaling: bool = True
-    """Multiply the PnL component by clip(1 + roi * roi_scale_factor, *roi_clip), roi = PnL / position cost basis."""
+    """scale a trade's realised PnL, when the position is reduced, by clip(1 + roi_scale_factor * |roi|, *roi_clip)"""
     roi_scale_factor: float = 2.0
-    """ROI scaling factor (10% ROI -> 1.2x)."""
+    """ROI scaling factor (a trade with 10% ROI counts 1.2x, in either direction)"""
     roi_clip: tuple[float, float] = (0.5, 3.0)
-    """Bounds of the ROI multiplier."""
+    """bounds of the ROI multiplier"""
     drawdown_scale: float = 0.10
-    """The drawdown component is -drawdown / drawdown_scale (a 10% drawdown costs 1 unit per bar)."""
+    """drawdown score = drawdown / drawdown_scale, at most 3 (a 10% drawdown scores 1)"""
     utilisation_target: float = 0.5
-    """Utilisation component: -|exposure - target| / target."""
-    timing_scale: float = 0.01
-    """Timing component in units of this relative price difference (1%)."""
+    """utilisation score = -|exposure - target| / target"""
+    timing_clip: float = 0.01
+    """the timing component's price improvement is clipped to +-this fraction of the fill's notional"""
+    sharpe_clip: float = 1.0
+    """the rolling per-bar Sharpe score is clipped to +-this"""
     diversity_min_samples: int = 10
-    """The diversity bonus is 0 until the window holds this many actions."""
+    """the diversity bonus is 0 until the window holds this many steps"""
 
     def weights(self) -> np.ndarray:
         """The weights in the order of REWARD_COMPONENTS."""
@@ -155,40 +179,50 @@ class EnvConfig:
     """Trading environment settings (nested into the scripts' tyro Args as `env`)."""
 
     initial_capital: float = 100_000.0
-    """Starting cash of every account (a slot in independent mode, an env in portfolio mode)."""
+    """starting cash of every account (a slot in independent mode, an env in portfolio mode)"""
     commission_bps: float = 7.5
-    """Commission per side in basis points of the traded notional (15 bps round trip)."""
+    """commission per side in basis points of the traded notional (15 bps round trip)"""
     spread_bps: float = 1.0
-    """Fixed part of the slippage per side in basis points (half the quoted spread)."""
+    """fixed part of the slippage per side in basis points (half the quoted spread)"""
     impact_coef: float = 1.0
-    """Square-root impact: slippage += impact_coef * vol * sqrt(order notional / dollar volume of the decision bar)."""
-    fill: str = "open"
-    """"open": an order decided on bar t fills at open[t+1]; "close": it fills at close[t+1] (the order waits one
-    full bar; filling at close[t] would need the close before it is printed)."""
-    lookback: int = 24
-    """Bars in the technical observation window."""
+    """square-root impact: slippage += impact_coef * vol * sqrt(order notional / dollar volume of the decision bar)"""
+    max_slippage_bps: float = 500.0
+    """slippage is capped at this many basis points per side, so a fill price stays positive"""
+    max_participation: float = 0.1
+    """an order is at most this fraction of the decision bar's dollar volume; larger orders shrink (counted)"""
+    volume_free_cost_bps: float | None = None
+    """symbols whose data has no volume (FX, indices) trade only with this flat slippage per side, in basis points,
+    and no participation cap; without it such symbols are an error"""
+    min_notional: float = 0.01
+    """smallest order as a fraction of the initial capital: smaller buys are cancelled, and a sell that would leave
+    a smaller position sells all of it"""
+    fill: Literal["open", "close"] = "open"
+    """open: an order decided on bar t fills at open[t+1]; close: at close[t+1] (the order waits one full bar;
+    filling at close[t] would need the close before it is printed)"""
     episode_length: int = 441
-    """Decision steps per training episode (441 hourly bars = one quarter); sequential mode runs to the split end."""
+    """decision steps per training episode (441 hourly bars = one quarter); sequential mode runs to the split end"""
     position_cap: float = 0.20
-    """Largest position as a fraction of equity in independent mode (ADD is masked at the cap; orders shrink to it)."""
+    """largest position as a fraction of equity in independent mode (ADD is masked at the cap; orders shrink to it)"""
     max_exposure: float = 0.9
-    """BUY and ADD are masked when holdings / equity reach this (independent mode; portfolio mode: the regime)."""
+    """BUY and ADD are masked when holdings / equity reach this (independent mode; portfolio mode: the regime)"""
     cash_buffer: float = 0.01
-    """A BUY/ADD is masked unless cash covers notional * (1 + commission + cash_buffer)."""
+    """a BUY/ADD is masked unless cash covers notional * (1 + commission + cash_buffer)"""
     max_consecutive: int = 3
-    """More identical consecutive non-HOLD policy actions than this: the executed action becomes HOLD."""
+    """more identical consecutive non-HOLD policy actions than this: the executed action becomes HOLD"""
     diversity_window: int = 50
-    """Window (steps) of executed actions for the diversity bonus."""
+    """window (steps) of executed action classes for the diversity bonus"""
     risk_window: int = 50
-    """Window (bars) of account returns for the rolling Sharpe / Sortino in the observation and reward."""
+    """window (bars) of account returns for the rolling Sharpe / Sortino in the observation and reward"""
+    risk_min_count: int = 10
+    """the rolling Sharpe / Sortino are 0 until the window holds this many returns"""
     anti_collapse: bool = True
-    """Enable the repetition limiter, the diversity bonus and the repeat penalty."""
+    """enable the repetition limiter, the diversity bonus and the repeat penalty"""
     ruin_fraction: float = 0.5
-    """Terminate an account whose equity falls below this fraction of its initial capital."""
+    """an account whose equity falls below this fraction of its initial capital is stopped out"""
     max_drawdown: float = 0.3
-    """Terminate an account whose drawdown from its episode peak reaches this (a breached risk limit)."""
+    """an account whose drawdown from its episode peak reaches this is stopped out (a breached risk limit)"""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """Reward shaping."""
+    """reward weights and units"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,69 +231,78 @@ class EnvConfig:
 class RewardShaper:
     """All reward components for all slots at once; reward = sum_i weight_i * component_i.
 
-    | component | value per slot and step |
-    |---|---|
-    | pnl | mark_to_market: slot PnL (its holdings' value change + its cash flows, costs included) / (pnl_scale * C); realized: PnL booked on shares sold (net of all costs of those shares) / (pnl_scale * C); times the ROI multiplier clip(1 + 2 * PnL / cost basis, 0.5, 3) while a position is open |
-    | cost | -(commission + slippage paid) / (pnl_scale * C) |
-    | timing | on a fill: buy (m - p) / m / 0.01, sell (p - m) / m / 0.01; p the fill price, m the mean close of the 24 bars up to the decision bar |
-    | sharpe | rolling mean / std of the account's bar returns over risk_window (per bar, not annualised) |
-    | drawdown | -(1 - equity / episode peak) / drawdown_scale |
-    | utilisation | -abs(exposure - utilisation_target) / utilisation_target |
-    | diversification | 1 - sum w_i^2 over the account's position weights (0 when flat or with one symbol) |
-    | diversity_bonus | by unique executed actions in the last 50 steps: >=5 0.3, 4 0.2, 3 0.1, else 0 (0 before 10 steps) |
-    | repeat_penalty | -min(n - 1, k) / k for the n-th identical consecutive non-HOLD policy action, k = max_consecutive |
-    | intrinsic | 1 for a voluntary trade (the policy's own non-HOLD action, executed and filled) |
+    One currency: every component is money in units of u = pnl_scale * C (C the account's initial capital), and
+    bounded. Shaping scores are turned into money at `shaping_bps` basis points per bar of a base: the slot's
+    holdings H for the bonuses, so that a flat account earns nothing from them, and the capital for the penalties.
 
-    C is the account's initial capital. Costs enter twice on purpose in mark-to-market mode: once inside the PnL
-    (money really lost) and once as the weighted cost penalty (friction against churn).
+    | component | per slot and step (money / u) |
+    |---|---|
+    | pnl | mark_to_market: the slot's equity change (holdings' value change + cash flows, costs included); realized: the PnL booked on shares sold, net of all their costs. Plus, when shares are sold, (m - 1) x R with R that sale's realised PnL and m = clip(1 + 2 \\|R / B\\|, 0.5, 3), B their cost basis (ROI scaling: symmetric in R, so a trade without edge gains nothing from it on average) |
+    | cost | -(commission + slippage paid) |
+    | timing | fill notional x clip(price improvement against the 24-bar mean close at the decision, +-1%) |
+    | sharpe | clip(rolling per-bar Sharpe of the account, +-1) x bp x H (0 until risk_min_count returns) |
+    | drawdown | -min(drawdown / 10%, 3) x bp x H |
+    | utilisation | -\\|exposure - 0.5\\| / 0.5 x bp x C / K |
+    | diversification | (1 - Herfindahl of the account's positions) x bp x H (0 when flat or with one symbol) |
+    | diversity_bonus | tier x bp x H; tier by the action classes (hold, increase, decrease) filled in the last 50 steps: 3 -> 0.3, 2 -> 0.2, 1 -> 0 (0 before 10 steps) |
+    | repeat_penalty | -min(n - 1, k) / k x bp x C / K for the n-th identical consecutive non-HOLD policy action, k = max_consecutive |
+    | intrinsic | bp x the notional of a voluntary fill (the policy's own order, executed, at least min_notional) |
+
+    bp = shaping_bps / 1e4 per bar, K = slots per account (1 in independent mode, S in portfolio mode). Costs enter
+    twice on purpose in mark-to-market mode: once inside the PnL (money really lost), once as the cost penalty.
     """  # noqa: E501
 
-    TIERS = np.array([0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.3, 0.3], dtype=np.float32)  # bonus by unique-action count
+    TIERS = np.array([0.0, 0.0, 0.2, 0.3], dtype=np.float32)  # bonus by the number of classes in the window (0-3)
 
     def __init__(self, config: RewardConfig, anti_collapse: bool = True):
         if config.pnl_mode not in ("mark_to_market", "realized"):
             raise ValueError(f"RewardConfig.pnl_mode={config.pnl_mode!r}: use 'mark_to_market' or 'realized'.")
-        if config.pnl_scale <= 0:
-            raise ValueError(f"RewardConfig.pnl_scale={config.pnl_scale} must be positive (e.g. 0.001).")
+        if config.pnl_scale <= 0 or config.shaping_bps < 0:
+            raise ValueError("RewardConfig: pnl_scale must be positive and shaping_bps non-negative.")
         self.config = config
         self.anti_collapse = anti_collapse
         self.weights = config.weights()  # (10,)
         self._weights_row = self.weights[None, :]  # (1, 10)
         self.realized = config.pnl_mode == "realized"
 
-    def diversity_bonus(self, unique: np.ndarray, filled: np.ndarray) -> np.ndarray:
-        """Tiered bonus from unique-action counts (E, S) and window fill counts (E, S)."""
-        bonus = self.TIERS[unique]
-        bonus[filled < self.config.diversity_min_samples] = 0.0
-        return bonus
+    def diversity_tier(self, classes: np.ndarray, filled: np.ndarray) -> np.ndarray:
+        """Tier score (E, S) from the number of action classes in the window and the window's fill count."""
+        tier = self.TIERS[classes]
+        tier[filled < self.config.diversity_min_samples] = 0.0
+        return tier
 
-    def compute(self, out: np.ndarray, *, pnl, realized, basis, cost, timing, sharpe, drawdown, exposure,
-                diversification, bonus, run, voluntary, capital, max_consecutive) -> np.ndarray:  # fmt: skip
+    def compute(self, out: np.ndarray, *, pnl, realized, sold_basis, cost, timing, sharpe, drawdown, exposure,
+                diversification, tier, run, intrinsic_notional, holdings, capital, slots, max_consecutive):  # fmt: skip
         """Fill out (10, E, S) float32 with the components and return the weighted reward (E, S) float32.
 
-        Inputs are (E, S) arrays (account-level values already broadcast to slots)."""
+        Inputs are (E, S) arrays in money (account-level scores already broadcast to slots): pnl (the slot's equity
+        change), realized (PnL booked on this step's sales), sold_basis (their cost basis), cost, timing (price
+        improvement x notional), holdings (the slot's position value), intrinsic_notional; scores: sharpe (rolling,
+        per bar), drawdown, exposure, diversification (1 - HHI), tier (diversity), run (repeat count)."""
         c = self.config
         unit = c.pnl_scale * capital
-        base = (realized if self.realized else pnl) / unit
-        if c.roi_scaling:
-            roi = np.divide(pnl, basis, out=np.zeros(np.shape(pnl)), where=basis > 0)
-            mult = 1.0 + roi * c.roi_scale_factor
-            np.minimum(np.maximum(mult, c.roi_clip[0], out=mult), c.roi_clip[1], out=mult)  # np.clip, in place
-            base = base * mult
-        out[0] = base
+        bp_h = holdings * (c.shaping_bps / 1e4 / unit)  # (E, S) a score of 1 on the holdings, in units
+        bp_c = c.shaping_bps / 1e4 * capital / slots / unit  # scalar: a score of 1 on the capital, in units
+        base = realized if self.realized else pnl
+        if c.roi_scaling:  # (m - 1) R on sales: m = clip(1 + f |roi|, lo, hi), odd in R (no reward for variance)
+            roi = np.divide(realized, sold_basis, out=np.zeros(np.shape(realized)), where=sold_basis > 0)
+            mult = np.minimum(np.maximum(1.0 + c.roi_scale_factor * np.abs(roi), c.roi_clip[0]), c.roi_clip[1])
+            base = base + (mult - 1.0) * realized
+        np.multiply(base, 1.0 / unit, out=out[0], casting="unsafe")
         np.multiply(cost, -1.0 / unit, out=out[1], casting="unsafe")
-        out[2] = timing
-        out[3] = sharpe
-        np.multiply(drawdown, -1.0 / c.drawdown_scale, out=out[4], casting="unsafe")
-        np.multiply(np.abs(exposure - c.utilisation_target), -1.0 / c.utilisation_target, out=out[5], casting="unsafe")
-        out[6] = diversification
+        np.multiply(timing, 1.0 / unit, out=out[2], casting="unsafe")
+        np.multiply(np.clip(sharpe, -c.sharpe_clip, c.sharpe_clip), bp_h, out=out[3], casting="unsafe")
+        np.multiply(np.minimum(drawdown / c.drawdown_scale, 3.0), -bp_h, out=out[4], casting="unsafe")
+        util = np.abs(exposure - c.utilisation_target) / c.utilisation_target
+        np.multiply(util, -bp_c, out=out[5], casting="unsafe")
+        np.multiply(diversification, bp_h, out=out[6], casting="unsafe")
         if self.anti_collapse:
-            out[7] = bonus
-            np.minimum(np.maximum(run - 1, 0), max_consecutive, out=out[8], casting="unsafe")
-            out[8] *= -1.0 / max_consecutive
+            np.multiply(tier, bp_h, out=out[7], casting="unsafe")
+            np.multiply(np.minimum(np.maximum(run - 1, 0), max_consecutive), -bp_c / max_consecutive, out=out[8],
+                        casting="unsafe")  # fmt: skip
         else:
             out[7:9] = 0.0
-        out[9] = voluntary
+        np.multiply(intrinsic_notional, c.shaping_bps / 1e4 / unit, out=out[9], casting="unsafe")
         # np.tensordot(self.weights, out, axes=1) without its Python overhead: the same (1, 10) @ (10, E * S) dot
         return np.dot(self._weights_row, out.reshape(out.shape[0], -1)).reshape(out.shape[1:])
 
@@ -331,20 +374,25 @@ class VecTradingCore:
     Independent mode behaves as risk 1.0, cap `position_cap`, no open-position limit, ceiling `max_exposure`.
 
     ### Execution and costs
-    Fill price p = open[t+1] (or close[t+1]). Slippage fraction s = spread_bps / 1e4 + impact_coef * vol_t *
-    sqrt(N / DV_t), N the order notional, DV_t = volume_t * close_t the decision bar's dollar volume, vol_t the
-    std of the last 24 log returns of valuation_close (square-root impact law). Buys fill at p (1 + s), sells at
-    p (1 - s); commission = commission_bps / 1e4 of the filled notional, both sides. Shares are fractional.
-    An order whose fill bar is not tradable is cancelled (`order_cancelled`). Buys are shrunk, never silently, to
-    the cash available after the same step's sells, to the exposure ceiling and to the position cap
-    (`order_shrunk`). Cash never goes negative; equity = cash + sum(shares * valuation_close) at every step.
+    Fill price p = open[t+1] (or close[t+1]). Slippage fraction s = min(spread_bps / 1e4 + impact_coef * vol_t *
+    sqrt(N / DV_t), max_slippage_bps / 1e4), N the order notional, DV_t = volume_t * close_t the decision bar's dollar
+    volume, vol_t the std of the last 24 log returns of valuation_close (square-root impact law); a symbol without
+    volume data pays the flat `volume_free_cost_bps` instead. Buys fill at p (1 + s), sells at p (1 - s);
+    commission = commission_bps / 1e4 of the filled notional, both sides. Shares are fractional. Orders shrink,
+    never silently (`order_shrunk`), to max_participation x DV_t, to the cash available after the same step's
+    sells, to the exposure ceiling and to the position cap. An order is cancelled (`order_cancelled`) when its fill
+    bar is not tradable (halt, missing bar, zero volume) or when a buy would fill below `min_notional` x C; a sell
+    that would leave less than `min_notional` x C sells everything. After a symbol's last bar (delisting) its
+    position is sold at that bar's close with the same costs. Cash never goes negative; equity = cash +
+    sum(shares * valuation_close) at every step.
 
     ### Reward
-    reward = sum of weighted components (see RewardShaper): with the defaults
-    0.75 pnl + 0.10 cost + 0.03 sharpe + 0.02 drawdown + 0.07 diversity_bonus + 0.05 repeat_penalty + 0.01 intrinsic,
-    PnL and cost in units of 0.1% of initial capital. In portfolio mode a slot's PnL is its own symbol's
-    contribution (the slots of an account sum to the account's equity change); the account-level terms (sharpe,
-    drawdown, utilisation, diversification) are the same for every slot of the account.
+    reward = sum of weighted components (RewardShaper): with the defaults 0.75 pnl + 0.10 cost + 0.03 sharpe +
+    0.02 drawdown + 0.07 diversity_bonus + 0.05 repeat_penalty + 0.01 intrinsic, every component in units of 0.1% of
+    initial capital; shaping scores are paid at 1 bp a bar of the holdings (bonuses) or of the capital (penalties).
+    In portfolio mode a slot's PnL is its own symbol's contribution (the slots of an account sum to the account's
+    equity change); the account-level scores (sharpe, drawdown, utilisation, diversification) are the same for every
+    slot of the account.
 
     ### Starting State
     Cash C, no positions, clean anti-collapse windows. Training (`sequential=False`): each env starts at a bar drawn
@@ -355,10 +403,14 @@ class VecTradingCore:
     ### Episode End
     Truncation (all slots of an env together): the clock reaches the episode's last bar (start + episode_length,
     or the split's last bar). Nothing is decided on the last bar: its observation is the final one, so no order
-    ever needs a bar beyond the split. Termination (one account): equity < ruin_fraction * C (ruin) or drawdown >=
-    max_drawdown (risk limit). A terminated account restarts with fresh capital at the same clock (in independent
-    mode alone, in portfolio mode with all slots of its env). terminated and truncated are never both True: a
-    terminated slot reports truncated=False.
+    ever needs a bar beyond the split. Stop-out (one account): when equity < ruin_fraction * C (ruin) or the
+    drawdown from the episode peak >= max_drawdown (risk limit), the account is stopped: its mask allows HOLD only
+    and every position is sold at the next fill, with costs, like any order (`liquidation`). The step at which it
+    is flat again is its termination. Training: a terminated account then restarts with fresh capital at the same
+    clock (in independent mode alone, in portfolio mode with all slots of its env). Evaluation (`sequential=True`):
+    it stays flat with the cash it has, HOLD only, until the episode's end: no fresh capital, and every bar of the
+    split is stepped exactly once. terminated and truncated are never both True: a terminated slot reports
+    truncated=False.
 
     ### Arguments
     market (PreparedMarket), num_envs, split ("train" | "val" | "test"), mode ("independent" | "portfolio"),
@@ -395,6 +447,9 @@ class VecTradingCore:
             raise ValueError(f"EnvConfig.fill={config.fill!r}: use 'open' (next open) or 'close' (next close).")
         if config.max_consecutive < 1 or config.diversity_window < 1 or config.risk_window < 2:
             raise ValueError("EnvConfig: max_consecutive and diversity_window must be >= 1 and risk_window >= 2.")
+        if not 0 < config.max_participation <= 1 or config.max_slippage_bps <= 0 or config.min_notional < 0:
+            raise ValueError("EnvConfig: max_participation must lie in (0, 1], max_slippage_bps be positive and "
+                             "min_notional non-negative.")  # fmt: skip
         data = market.data
         sym_idx = self._symbol_indices(data.symbols, symbols)
         self.symbols = [data.symbols[i] for i in sym_idx]
@@ -407,7 +462,8 @@ class VecTradingCore:
         self.bars_per_year = float(data.bars_per_year)
         self.capital = float(config.initial_capital)
         self.commission = config.commission_bps / 1e4
-        L = self.lookback = int(config.lookback)
+        self.min_notional = config.min_notional * self.capital
+        L = self.lookback = int(market.lookback)
         self.shaper = RewardShaper(config.reward, config.anti_collapse)
 
         # ---- market arrays for the chosen symbols, (T, S) float64 unless stated ----
@@ -423,13 +479,33 @@ class VecTradingCore:
         px = np.asarray(price_src[:, sym_idx], dtype=np.float64)
         close = np.asarray(data.close[:, sym_idx], dtype=np.float64)
         vol = np.asarray(data.volume[:, sym_idx], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            has_volume = np.isfinite(vol) & (vol > 0)  # (T, S); a bar without volume is not tradable
+        # symbols whose data carries no volume at all (FX, indices) trade only under an explicit flat cost model
+        self._volume_free = ~has_volume.any(0)  # (S,)
+        if self._volume_free.any():
+            if config.volume_free_cost_bps is None:
+                names = [self.symbols[s] for s in np.flatnonzero(self._volume_free)]
+                raise ValueError(
+                    f"Symbols {names[:10]} have no volume in the data, so the slippage model (square-root impact on "
+                    "the bar's dollar volume) cannot price their orders. Pass --env.volume-free-cost-bps N (a flat "
+                    "slippage per side, e.g. 1 for major FX pairs) to trade them, or leave them out with "
+                    "--data.symbols."
+                )
+            has_volume |= self._volume_free[None, :]
+        tradable = tradable & has_volume
         fill_ok = tradable & np.isfinite(px) & (px > 0)
         # all (T, S) arrays C-contiguous: a row gather on a column-major array is ~200x slower
         self._fill_ok = np.ascontiguousarray(fill_ok)
         self._fill_px = np.ascontiguousarray(np.where(fill_ok, px, 1.0))  # dummy 1.0 where the fill is cancelled
-        dollar_vol = vol * close
-        self._decide_ok = np.ascontiguousarray(tradable & np.isfinite(dollar_vol) & (dollar_vol > 0))
+        with np.errstate(invalid="ignore"):
+            dollar_vol = np.where(self._volume_free[None, :], np.inf, vol * close)
+        self._decide_ok = np.ascontiguousarray(tradable & np.isfinite(close) & (dollar_vol > 0))
         self._dollar_vol = np.ascontiguousarray(np.where(self._decide_ok, dollar_vol, 1.0))
+        self._flat_slip = np.where(self._volume_free, (config.volume_free_cost_bps or 0.0) / 1e4, 0.0)  # (S,)
+        # delisting: a symbol whose data ends before the sample's last bar is sold at its last close (-1: never)
+        last = T - 1 - np.argmax(np.isfinite(close)[::-1], axis=0)  # (S,) last bar with a close
+        self._delist_bar = np.where(last < T - 1, last, -1)
         logret = np.zeros_like(vc)
         logret[1:] = np.log(vc[1:] / vc[:-1])
         _, self._vol = _rolling_mean_std(logret, 24)
@@ -442,7 +518,7 @@ class VecTradingCore:
         self._tech_rows = tech_st.reshape(S * T, F)
         self._tech_base = (np.arange(S) * T)[:, None] + np.arange(L)[None, :] - (L - 1)  # (S, L)
         self._sl = np.ascontiguousarray(market.sl_probs[:, sym_idx], dtype=np.float32)
-        self._regime = np.ascontiguousarray(market.regime, dtype=np.float32)
+        self._regime = np.ascontiguousarray(np.clip(market.regime, -OBS_CLIP, OBS_CLIP), dtype=np.float32)
         R = self._regime.shape[1]
 
         lo, hi = market.splits[split]
@@ -520,6 +596,11 @@ class VecTradingCore:
         self.peak = np.zeros((E, A))
         self.realized_total = np.zeros((E, A))
         self.pos_value = np.zeros((E, S))
+        self._trip_pnl = np.zeros((E, S))  # realised PnL of the open round trip, net of its costs
+        # stop-outs: halted accounts trade no more (HOLD only) and sell what they hold; stopped ones (evaluation
+        # only) are flat and stay so until the episode ends
+        self.halted = np.zeros((E, A), dtype=bool)
+        self.stopped = np.zeros((E, A), dtype=bool)
         # rolling account returns: ring (E, A, W) with running sums, one write position for all (the clock is shared)
         self._ret_ring = np.zeros((E, A, W))
         self._ret_n = np.zeros((E, A))
@@ -529,32 +610,21 @@ class VecTradingCore:
         self._ret_pos = 0
         self.sharpe = np.zeros((E, A))
         self.sortino = np.zeros((E, A))
-        # anti-collapse: last limiter output and run length per slot; executed-action window as a ring (E, S, Wd)
-        # with per-slot counts (E, S, 8), column 7 counting the empty cells
+        # anti-collapse: last limiter output and run length per slot; window of executed action classes (0 hold,
+        # 1 increase, 2 decrease) as a ring (E, S, Wd) with per-slot counts (E * S, 4), column 3 counting empty cells
         self._last_action = np.zeros((E, S), dtype=np.int64)
         self._run = np.zeros((E, S), dtype=np.int64)
-        self._div_ring = np.full((E, S, Wd), NUM_ACTIONS, dtype=np.int64)
-        self._div_count = np.zeros((E * S, NUM_ACTIONS + 1), dtype=np.int64)
-        self._div_count[:, NUM_ACTIONS] = Wd
+        self._div_ring = np.full((E, S, Wd), 3, dtype=np.int64)
+        self._div_count = np.zeros((E * S, 4), dtype=np.int64)
+        self._div_count[:, 3] = Wd
         self._div_pos = 0
         # episode accumulators, per slot (E, S) unless stated
-        self._ep = {
-            k: np.zeros((E, S))
-            for k in (
-                "length", "reward", "cost", "turnover", "trades", "violations", "masked_attempts", "forced_holds",
-                "voluntary_trades", "policy_trades", "diversity_bonus", "order_cancelled", "order_shrunk",
-            )
-        }  # fmt: skip
+        self._ep = {k: np.zeros((E, S)) for k in EPISODE_COUNTERS}
         self._ep_acc = {k: np.zeros((E, A)) for k in ("n", "sum", "sq", "neg", "max_drawdown")}
         self._ep_policy_counts = np.zeros((E * S, NUM_ACTIONS))
         self._ep_exec_counts = np.zeros((E * S, NUM_ACTIONS))
-        self._ep_seen = np.zeros((E * S, NUM_ACTIONS), dtype=bool)
 
     # ------------------------------------------------------------------ accounts and episodes
-    def _env_to_slot(self, x: np.ndarray) -> np.ndarray:
-        """(E,) -> (E, S) broadcast view."""
-        return np.broadcast_to(x[:, None], (self.num_envs, self.num_symbols))
-
     def _acc_to_slot(self, x: np.ndarray) -> np.ndarray:
         """(E, A) account values -> (E, S) slot values (a view in portfolio mode)."""
         if self.K == 1:
@@ -586,17 +656,19 @@ class VecTradingCore:
         self.equity[acc] = C
         self.peak[acc] = C
         self.realized_total[acc] = 0.0
+        self.halted[acc] = False
+        self.stopped[acc] = False
         for x in (self._ret_n, self._ret_sum, self._ret_sq, self._ret_neg, self.sharpe, self.sortino):
             x[acc] = 0.0
         self._ret_ring[acc] = 0.0
         for x in self._ep_acc.values():
             x[acc] = 0.0
-        for x in (self.shares, self.basis, self.hold, self.pos_value, self._last_action, self._run):
+        for x in (self.shares, self.basis, self.hold, self.pos_value, self._trip_pnl, self._last_action, self._run):
             x[slot] = 0
-        self._div_ring[slot] = NUM_ACTIONS
+        self._div_ring[slot] = 3
         flat = slot.reshape(-1)
         self._div_count[flat] = 0
-        self._div_count[flat, NUM_ACTIONS] = self.config.diversity_window
+        self._div_count[flat, 3] = self.config.diversity_window
         for x in self._ep.values():
             x[slot] = 0.0
         self._ep_policy_counts[flat] = 0
@@ -666,7 +738,7 @@ class VecTradingCore:
     def _write_mask(self, holding, cash_frac_acc, exposure_acc, pos_frac) -> None:
         """action_mask (E, S, 7) for the current bar from the current state (arguments: see _derived)."""
         m = self.obs["action_mask"].view(bool)  # int8 0/1 written as bool: the same bytes
-        ok = self._decide_ok[self.t]  # (E, S)
+        ok = self._decide_ok[self.t] & ~self._acc_to_slot(self.halted)  # (E, S); a halted account only holds
         cash_frac = self._acc_to_slot(cash_frac_acc)  # (E, S)
         room = self._acc_to_slot(exposure_acc) < self._m_ceiling
         if self.K == 1:  # independent mode: the limit is 1 open position per account, the slot's own
@@ -687,7 +759,8 @@ class VecTradingCore:
         m[..., 0] = True
 
     def _write_obs(self) -> None:
-        """Write every observation key for the current bar into the preallocated buffers."""
+        """Write every observation key for the current bar into the preallocated buffers (position and portfolio
+        features clipped to +-OBS_CLIP, so every observation is finite and bounded)."""
         t = self.t
         o = self.obs
         rows = np.add(t[:, None, None], self._tech_base, out=self._tech_idx)  # (E, S, L)
@@ -712,6 +785,8 @@ class VecTradingCore:
         f[..., 5] = cash_frac[..., None]
         f[..., 6] = (1.0 - self.equity / self.peak)[..., None]
         f[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
+        np.clip(p, -OBS_CLIP, OBS_CLIP, out=p)
+        np.clip(o["portfolio"], -OBS_CLIP, OBS_CLIP, out=o["portfolio"])
         self._write_mask(holding, cash_frac, exposure, pos_frac)
 
     # ------------------------------------------------------------------ step
@@ -731,14 +806,15 @@ class VecTradingCore:
     def step(self, actions):
         """Decide `actions` (E, S) on the current bar; returns obs, reward (E, S) float32, terminated, truncated
         (E, S) bool, info (see the class docstring for the autoreset contract). The phases, in order: sanitise the
-        policy's actions (repetition limiter, mask), execute the orders at bar t+1 (fills and costs), update the
-        accounts and their risk state, compute the reward, record the telemetry, end episodes and observe."""
+        policy's actions (repetition limiter, mask, stop-out liquidation), execute the orders at bar t+1 (fills and
+        costs), update the accounts and their risk state, compute the reward, record the telemetry, end episodes and
+        observe."""
         pol = self._check_actions(actions)
         act = self._sanitise(pol)
         fills = self._execute(act)
         acc = self._update_accounts(fills)
-        reward = self._reward(act, fills, acc)
-        info = self._telemetry(act, fills, acc, reward)
+        reward = self._reward(act, acc)
+        info = self._telemetry(act, acc, reward)
         terminated, truncated = self._end_episodes(acc, info)
         return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
 
@@ -746,7 +822,7 @@ class VecTradingCore:
     def _sanitise(self, pol: np.ndarray) -> SimpleNamespace:
         """Phase 1: the executed action (E, S) from the policy's. Repetition limiter on the policy's actions (seed
         003: the history keeps the limiter's output, so a forced HOLD restarts the run), then the mask; both turn the
-        action into HOLD. Also advances the anti-collapse window of executed actions (a ring with counts)."""
+        action into HOLD. A halted account's positions are sold (SELL_ALL, `liquidation`) whatever the policy says."""
         cfg = self.config
         E, S = self.num_envs, self.num_symbols
         nonhold = pol != HOLD
@@ -762,107 +838,133 @@ class VecTradingCore:
         mask = self.obs["action_mask"]
         masked = mask.reshape(-1, NUM_ACTIONS)[self._rows, pol.reshape(-1)].reshape(E, S) == 0
         ex = np.where(violation | masked, HOLD, pol)  # executed action
-
-        flat_ex = ex.reshape(-1)
-        old = self._div_ring[:, :, self._div_pos].reshape(-1)
-        self._div_count[self._rows, old] -= 1
-        self._div_count[self._rows, flat_ex] += 1
-        self._div_ring[:, :, self._div_pos] = ex
-        self._div_pos = (self._div_pos + 1) % cfg.diversity_window
-        unique = (self._div_count[:, :NUM_ACTIONS] > 0).sum(1).reshape(E, S)
-        filled = (cfg.diversity_window - self._div_count[:, NUM_ACTIONS]).reshape(E, S)
+        forced = nonhold & (ex == HOLD)
+        liquidation = self._acc_to_slot(self.halted) & (self.shares > 0)
+        if liquidation.any():
+            ex = np.where(liquidation, SELL_ALL, ex)
         return SimpleNamespace(
-            policy=pol, executed=ex, nonhold=nonhold, run=run, violation=violation, masked=masked,
-            forced=nonhold & (ex == HOLD), unique=unique, bonus=self.shaper.diversity_bonus(unique, filled),
+            policy=pol, executed=ex, nonhold=nonhold, run=run, violation=violation, masked=masked, forced=forced,
+            liquidation=liquidation,
         )  # fmt: skip
 
     def _execute(self, act: SimpleNamespace) -> SimpleNamespace:
         """Phase 2: orders sized at the decision bar t, filled at bar t+1: cancellations, the open-position limit, the
-        cap, the cash and exposure shrink, slippage and commission. Reads the state, changes nothing."""
-        cfg, ex = self.config, act.executed
-        t, t1, cm = self.t, self.t + 1, self.commission
+        cap, the participation, cash and exposure shrink, the minimum notional, slippage and commission. Reads the
+        state, changes nothing."""
+        cfg, ex, cm = self.config, act.executed, self.commission
+        t, t1 = self.t, self.t + 1
         vc0 = self._vc[t]
         px = self._fill_px[t1]
         fill_ok = self._fill_ok[t1]
         eq0 = self.equity
         eq_slot = self._acc_to_slot(eq0)
-        frac = _BUY_FRACTION.take(ex) * self._risk[:, None]  # (E, S) buy notional / equity
-        want = frac * eq_slot
-        is_add = ex == ADD
+        dv_cap = cfg.max_participation * self._dollar_vol[t]  # (E, S) largest order notional at the decision bar
+        want = _BUY_FRACTION.take(ex) * self._risk[:, None] * eq_slot  # (E, S) buy notional
         cap_room = np.maximum(self._cap[:, None] * eq_slot - self.pos_value, 0.0)
-        shrunk = want > cap_room * (1 + 1e-12)
-        want = np.minimum(want, cap_room)
+        shrunk = want > np.minimum(cap_room, dv_cap) * (1 + 1e-12)
+        want = np.minimum(np.minimum(want, cap_room), dv_cap)
         sell_sh = self.shares * _SELL_FRACTION.take(ex)
+        left = (self.shares - sell_sh) * vc0  # a sell that would leave less than the minimum notional sells all
+        sell_sh = np.where((sell_sh > 0) & (left < self.min_notional), self.shares, sell_sh)
+        sell_max = dv_cap / vc0
+        shrunk |= sell_sh > sell_max * (1 + 1e-12)
+        sell_sh = np.minimum(sell_sh, sell_max)
         order = ex != HOLD
         cancelled = order & ~fill_ok
         if self.mode == "portfolio":  # new positions beyond the open-position limit: cancelled in symbol order
-            new = (want > 0) & ~is_add & ~cancelled
+            new = (want > 0) & (ex != ADD) & ~cancelled
             open_n = (self.shares > 0).sum(1, keepdims=True)
-            over = new & (open_n + np.cumsum(new, axis=1) > self._limit[:, None])
-            cancelled |= over
+            cancelled |= new & (open_n + np.cumsum(new, axis=1) > self._limit[:, None])
         want[cancelled] = 0.0
         sell_sh[cancelled] = 0.0
         sell_notional = sell_sh * px
-        dv = self._dollar_vol[t]
-        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t] * np.sqrt((want + sell_notional) / dv)
-        sell_px = px * (1.0 - slip)
-        proceeds = sell_sh * sell_px * (1.0 - cm)
         # buys share the account's cash after its sells and the room under the exposure ceiling
         need = want * (1.0 + cm)
         need_acc = self._acc_sum(need)
-        cash_avail = self.cash + self._acc_sum(proceeds)
+        cash_avail = self.cash + self._acc_sum(sell_notional * (1.0 - cm))  # (slippage below; this is an upper bound)
         held_after_sells = self._acc_sum((self.shares - sell_sh) * vc0)
         exp_room = np.maximum(self._ceiling[:, None] * eq0 - held_after_sells, 0.0)
         want_acc = self._acc_sum(want)
         scale = np.minimum(
-            np.divide(cash_avail * (1 - 1e-12), need_acc, out=np.ones(need_acc.shape), where=need_acc > 0),
             np.divide(exp_room, want_acc, out=np.ones(want_acc.shape), where=want_acc > 0),
+            np.divide(cash_avail, need_acc, out=np.ones(need_acc.shape), where=need_acc > 0),
         )
         np.minimum(scale, 1.0, out=scale)
         scale_slot = self._acc_to_slot(scale)
         shrunk |= (scale_slot < 1.0) & (want > 0)
         want = want * scale_slot
-        need = want * (1.0 + cm)
+        small = (want > 0) & (want < self.min_notional)  # buys below the minimum notional are cancelled
+        if small.any():
+            cancelled |= small
+            want = np.where(small, 0.0, want)
+        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t] * np.sqrt(
+            (want + sell_notional) / self._dollar_vol[t]
+        )
+        slip = np.minimum(slip + self._flat_slip, cfg.max_slippage_bps / 1e4)
+        sell_px = px * (1.0 - slip)
         buy_px = px * (1.0 + slip)
+        proceeds = sell_sh * sell_px * (1.0 - cm)
+        # the cash check above used sells without slippage: shrink the buys once more so that cash never goes negative
+        need = want * (1.0 + cm)
+        cash_after = self.cash + self._acc_sum(proceeds) - self._acc_sum(need)
+        short = cash_after < 0
+        if short.any():
+            fix = np.divide(self.cash + self._acc_sum(proceeds), self._acc_sum(need), out=np.ones(short.shape),
+                            where=short) * (1 - 1e-12)  # fmt: skip
+            fix_slot = self._acc_to_slot(np.where(short, fix, 1.0))
+            shrunk |= (fix_slot < 1.0) & (want > 0)
+            want = want * fix_slot
+            need = want * (1.0 + cm)
+            cash_after = self.cash + self._acc_sum(proceeds) - self._acc_sum(need)
         bought = want / buy_px
         commission = cm * (want + sell_sh * sell_px)
         buying, selling = bought > 0, sell_sh > 0
         traded = buying | selling
-        timing_ref = self._mean_close[t]
-        timing = np.where(buying, timing_ref - buy_px, np.where(selling, sell_px - timing_ref, 0.0))
-        timing /= timing_ref * cfg.reward.timing_scale
+        ref = self._mean_close[t]
+        improvement = np.where(buying, (ref - buy_px) / ref, np.where(selling, (sell_px - ref) / ref, 0.0))
+        clip = cfg.reward.timing_clip
         return SimpleNamespace(
-            order=order, cancelled=cancelled, shrunk=shrunk, want=want, need=need, bought=bought, sell_sh=sell_sh,
-            px=px, proceeds=proceeds, cash_after=cash_avail - self._acc_sum(need), timing=timing,
+            order=order, cancelled=cancelled, shrunk=shrunk & ~cancelled, want=want, need=need, bought=bought,
+            sell_sh=sell_sh, px=px, proceeds=proceeds, cash_after=cash_after, buying=buying, selling=selling,
             cost=commission + bought * (buy_px - px) + sell_sh * (px - sell_px),
-            realized=sell_sh * (sell_px * (1.0 - cm) - self.basis),
+            realized=sell_sh * (sell_px * (1.0 - cm) - self.basis), sold_basis=sell_sh * self.basis,
+            timing=np.clip(improvement, -clip, clip) * (want + sell_sh * sell_px),
             fill_price=np.where(buying, buy_px, np.where(selling, sell_px, 0.0)), traded=traded,
-            voluntary=order & (ex == act.policy) & traded,
+            voluntary=order & (ex == act.policy) & traded & ~act.liquidation,
         )  # fmt: skip
 
     def _update_accounts(self, f: SimpleNamespace) -> SimpleNamespace:
-        """Phase 3: book the fills, advance the clock to t+1, mark to market at valuation_close[t+1] and update the
-        risk state (peak, drawdown, rolling returns)."""
+        """Phase 3: book the fills, advance the clock to t+1, mark to market at valuation_close[t+1], sell delisted
+        symbols at their last close, close round trips and update the risk state (peak, drawdown, rolling
+        returns)."""
         eq0 = self.equity  # self.equity is rebound below, never written in place during the step
         vc0 = self._vc[self.t]
         self.cash = f.cash_after
         old_shares = self.shares
         new_shares = old_shares - f.sell_sh + f.bought
-        new_pos = new_shares > 0
         basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
         new_basis = np.divide(
-            basis_cost - f.sell_sh * self.basis + f.need, new_shares, out=np.zeros(new_shares.shape), where=new_pos
-        )
+            basis_cost - f.sell_sh * self.basis + f.need, new_shares, out=np.zeros(new_shares.shape),
+            where=new_shares > 0,
+        )  # fmt: skip
         self.t = t1 = self.t + 1
         vc1 = self._vc[t1]
-        old_value = old_shares * vc0
+        delisted = (t1[:, None] == self._delist_bar) & (new_shares > 0)  # (E, S) the symbol's last bar
+        if delisted.any():  # sold at its last close with commission and slippage, like any order
+            f = self._delist(f, delisted, new_shares, new_basis, vc1)
+            new_shares = np.where(delisted, 0.0, new_shares)
+        new_pos = new_shares > 0
         self.shares = new_shares
-        self.basis = new_basis
+        self.basis = np.where(new_pos, new_basis, 0.0)
         self.hold = np.where(new_pos, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
         self.pos_value = new_shares * vc1
-        slot_pnl = self.pos_value - old_value + f.proceeds - f.need
+        slot_pnl = self.pos_value - old_shares * vc0 + f.proceeds - f.need
         self.equity = self.cash + self._acc_sum(self.pos_value)
         self.realized_total += self._acc_sum(f.realized)
+        self._trip_pnl += f.realized
+        closed = (old_shares + f.bought > 0) & ~new_pos  # a round trip ends when the slot is flat again
+        won = closed & (self._trip_pnl > 0)
+        self._trip_pnl[closed] = 0.0
         r = self.equity / eq0 - 1.0  # (E, A) account bar return
         np.maximum(self.peak, self.equity, out=self.peak)
         drawdown = 1.0 - self.equity / self.peak
@@ -870,12 +972,43 @@ class VecTradingCore:
         self._push_return(r, r_neg_sq)
         return SimpleNamespace(
             t1=t1, r=r, r_neg_sq=r_neg_sq, drawdown=drawdown, slot_pnl=slot_pnl, exposure=1.0 - self.cash / self.equity,
-            basis_roi=np.maximum(basis_cost, new_shares * new_basis),
+            closed=closed, won=won, delisted=delisted, fills=f,
         )  # fmt: skip
 
-    def _reward(self, act: SimpleNamespace, f: SimpleNamespace, acc: SimpleNamespace) -> np.ndarray:
-        """Phase 4: every reward component into self._comp (10, E, S) and the weighted sum (E, S)."""
-        E, S = self.num_envs, self.num_symbols
+    def _delist(self, f: SimpleNamespace, delisted, shares, basis, price) -> SimpleNamespace:
+        """The fills f with a sale of every share in the delisted slots (E, S) at `price` (the last close), with
+        commission and slippage as for an order decided on that bar."""
+        cfg, cm, t1 = self.config, self.commission, self.t
+        sh = np.where(delisted, shares, 0.0)
+        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t1] * np.sqrt(sh * price / self._dollar_vol[t1])
+        slip = np.minimum(slip + self._flat_slip, cfg.max_slippage_bps / 1e4)
+        sell_px = price * (1.0 - slip)
+        proceeds = sh * sell_px * (1.0 - cm)
+        out = SimpleNamespace(**vars(f))
+        out.cash_after = f.cash_after + self._acc_sum(proceeds)
+        out.proceeds = f.proceeds + proceeds
+        out.sell_sh = f.sell_sh + sh
+        out.cost = f.cost + cm * sh * sell_px + sh * (price - sell_px)
+        out.realized = f.realized + sh * (sell_px * (1.0 - cm) - basis)
+        out.sold_basis = f.sold_basis + sh * basis
+        out.selling = f.selling | delisted
+        out.traded = f.traded | delisted
+        out.fill_price = np.where(delisted, sell_px, f.fill_price)
+        return out
+
+    def _reward(self, act: SimpleNamespace, acc: SimpleNamespace) -> np.ndarray:
+        """Phase 4: the anti-collapse window of executed action classes (hold, increase, decrease: what was filled),
+        then every reward component into self._comp (10, E, S) and the weighted sum (E, S)."""
+        E, S, Wd = self.num_envs, self.num_symbols, self.config.diversity_window
+        f = acc.fills
+        classes = np.where(f.buying, 1, np.where(f.selling, 2, 0)).reshape(-1)
+        old = self._div_ring[:, :, self._div_pos].reshape(-1)
+        self._div_count[self._rows, old] -= 1
+        self._div_count[self._rows, classes] += 1
+        self._div_ring[:, :, self._div_pos] = classes.reshape(E, S)
+        self._div_pos = (self._div_pos + 1) % Wd
+        act.classes = (self._div_count[:, :3] > 0).sum(1).reshape(E, S)
+        act.tier = self.shaper.diversity_tier(act.classes, (Wd - self._div_count[:, 3]).reshape(E, S))
         if self.K > 1:
             w = self.pos_value
             tot = w.sum(1, keepdims=True)
@@ -883,26 +1016,30 @@ class VecTradingCore:
             divers = np.broadcast_to(1.0 - hhi, (E, S))
         else:
             divers = 0.0
+        sharpe = np.where(self._ret_n >= self.config.risk_min_count, self.sharpe, 0.0)
         return self.shaper.compute(
             self._comp,
             pnl=acc.slot_pnl,
             realized=f.realized,
-            basis=acc.basis_roi,
+            sold_basis=f.sold_basis,
             cost=f.cost,
             timing=f.timing,
-            sharpe=self._acc_to_slot(self.sharpe),
+            sharpe=self._acc_to_slot(sharpe),
             drawdown=self._acc_to_slot(acc.drawdown),
             exposure=self._acc_to_slot(acc.exposure),
             diversification=divers,
-            bonus=act.bonus,
+            tier=act.tier,
             run=act.run,
-            voluntary=f.voluntary,
+            intrinsic_notional=np.where(f.voluntary, f.want + f.sell_sh * f.px, 0.0),
+            holdings=self.pos_value,
             capital=self.capital,
+            slots=self.K,
             max_consecutive=self.config.max_consecutive,
         )
 
-    def _telemetry(self, act: SimpleNamespace, f: SimpleNamespace, acc: SimpleNamespace, reward) -> dict:
+    def _telemetry(self, act: SimpleNamespace, acc: SimpleNamespace, reward) -> dict:
         """Phase 5: the episode accumulators and the step's info dict (per slot; see the class docstring)."""
+        f = acc.fills
         ep = self._ep
         ep["length"] += 1
         ep["reward"] += reward
@@ -914,9 +1051,12 @@ class VecTradingCore:
         ep["forced_holds"] += act.forced
         ep["voluntary_trades"] += f.voluntary
         ep["policy_trades"] += act.nonhold
-        ep["diversity_bonus"] += act.bonus
+        ep["diversity_bonus"] += act.tier
         ep["order_cancelled"] += f.cancelled
         ep["order_shrunk"] += f.shrunk
+        ep["round_trips"] += acc.closed
+        ep["winning_trips"] += acc.won
+        ep["liquidations"] += act.liquidation | acc.delisted
         self._ep_policy_counts[self._rows, act.policy.reshape(-1)] += 1
         self._ep_exec_counts[self._rows, act.executed.reshape(-1)] += 1
         e = self._ep_acc
@@ -932,6 +1072,7 @@ class VecTradingCore:
             "forced_hold": act.forced,
             "voluntary_trade": f.voluntary,
             "violations": act.violation,
+            "liquidation": act.liquidation | acc.delisted,
             "order_cancelled": f.cancelled,
             "order_shrunk": f.shrunk,
             "traded_shares": f.bought - f.sell_sh,
@@ -940,28 +1081,42 @@ class VecTradingCore:
             "equity": self._acc_to_slot(self.equity).copy(),
             "exposure": self._acc_to_slot(acc.exposure),
             "cash": self._acc_to_slot(self.cash).copy(),
-            "diversity_bonus": act.bonus,
-            "unique_actions": act.unique,
+            "holdings": self.pos_value,
+            "pnl": acc.slot_pnl,
+            "round_trip_closed": acc.closed,
+            "round_trip_won": acc.won,
+            "diversity_bonus": act.tier,
+            "unique_classes": act.classes,
             "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
             "bar": acc.t1.copy(),
         }
 
     def _end_episodes(self, acc: SimpleNamespace, info: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Phase 6: truncation per env, termination per account, the observation of bar t+1 and the same-step
-        autoreset (final_obs, the ended episodes' statistics, fresh starts). Returns terminated, truncated (E, S)."""
+        """Phase 6: stop-outs, truncation per env, termination per account, the observation of bar t+1 and the
+        same-step autoreset (final_obs, the ended episodes' statistics, fresh starts or, in evaluation, a stopped
+        account that stays flat). Returns terminated, truncated (E, S)."""
         cfg = self.config
         trunc_env = acc.t1 >= self.end
-        term_acc = (self.equity < cfg.ruin_fraction * self.capital) | (acc.drawdown >= cfg.max_drawdown)
+        breach = (self.equity < cfg.ruin_fraction * self.capital) | (acc.drawdown >= cfg.max_drawdown)
+        flat = ~self._acc_sum(self.shares > 0) if self.K == 1 else ~(self.shares > 0).any(1, keepdims=True)
+        # halted accounts end their episode once flat (a breach while flat ends it at once); stopped ones are done
+        term_acc = (self.halted | breach) & flat & ~self.stopped
+        self.halted |= breach
         terminated = self._acc_to_slot(term_acc).copy()
         truncated = trunc_env[:, None] & ~terminated  # (E, 1) & (E, S)
         done = terminated | truncated
+        if self.sequential:  # evaluation: a terminated account stays as it is, flat and halted, until the end
+            self.stopped |= term_acc
+            restart_acc = np.broadcast_to(trunc_env[:, None], term_acc.shape)
+        else:
+            restart_acc = term_acc | trunc_env[:, None]
         self._write_obs()
         info.update(done_mask=done, final_obs=self.final_obs, episode=self._no_episode)
         if done.any():
             for k, v in self.obs.items():
                 np.copyto(self.final_obs[k], v)
             info["episode"] = self._episode_stats(done)
-            restart_acc = term_acc | trunc_env[:, None]
+        if restart_acc.any():
             ended_envs = np.flatnonzero(trunc_env)
             if len(ended_envs):
                 self._new_starts(ended_envs)
@@ -971,7 +1126,8 @@ class VecTradingCore:
 
     def _push_return(self, r: np.ndarray, r_neg_sq: np.ndarray) -> None:
         """Add the account returns r (E, A) (r_neg_sq = min(r, 0) ** 2) to the rolling window and refresh the rolling
-        Sharpe / Sortino."""
+        Sharpe / Sortino (per bar, 0 until risk_min_count returns, clipped to +-RISK_RATIO_CLIP). The running sums are
+        recomputed from the ring once per window, so float residue cannot build up."""
         W = self.config.risk_window
         p = self._ret_pos
         old = self._ret_ring[:, :, p]
@@ -981,16 +1137,21 @@ class VecTradingCore:
         self._ret_ring[:, :, p] = r
         n = np.minimum(self._ret_n + 1, W, out=self._ret_n)  # counts are whole numbers <= W
         self._ret_pos = (p + 1) % W
+        if self._ret_pos == 0:  # once per window: exact sums from the ring (no drift)
+            ring = self._ret_ring
+            np.sum(ring, axis=-1, out=self._ret_sum)
+            np.sum(ring * ring, axis=-1, out=self._ret_sq)
+            np.sum(np.minimum(ring, 0.0) ** 2, axis=-1, out=self._ret_neg)
         mean = self._ret_sum / n
         std = np.sqrt(np.maximum(self._ret_sq / n - mean * mean, 0.0))
-        down = np.sqrt(np.maximum(self._ret_neg / n, 0.0))  # the running sum can drift a hair below 0
-        enough = n >= 2
-        ok = enough & (std > 1e-12)
+        down = np.sqrt(np.maximum(self._ret_neg / n, 0.0))
+        enough = n >= self.config.risk_min_count
         self.sharpe.fill(0.0)
-        np.divide(mean, std, out=self.sharpe, where=ok)
-        ok = np.logical_and(enough, down > 1e-12, out=ok)
+        np.divide(mean, np.maximum(std, RISK_STD_FLOOR), out=self.sharpe, where=enough)
+        np.clip(self.sharpe, -RISK_RATIO_CLIP, RISK_RATIO_CLIP, out=self.sharpe)
         self.sortino.fill(0.0)
-        np.divide(mean, down, out=self.sortino, where=ok)
+        np.divide(mean, np.maximum(down, RISK_STD_FLOOR), out=self.sortino, where=enough)
+        np.clip(self.sortino, -RISK_RATIO_CLIP, RISK_RATIO_CLIP, out=self.sortino)
 
     def _episode_stats(self, done: np.ndarray) -> dict[str, np.ndarray]:
         """Per-slot statistics of the episodes that end now (valid where done)."""
@@ -1010,12 +1171,17 @@ class VecTradingCore:
             "return": equity / self.capital - 1.0,
             "length": ep["length"].copy(),
             "reward": ep["reward"].copy(),
-            "sharpe": np.divide(mean, std, out=np.zeros_like(mean), where=std > 1e-12) * ann,
-            "sortino": np.divide(mean, down, out=np.zeros_like(mean), where=down > 1e-12) * ann,
+            "sharpe": np.divide(mean, std, out=np.zeros_like(mean), where=std > RISK_STD_FLOOR) * ann,
+            "sortino": np.divide(mean, down, out=np.zeros_like(mean), where=down > RISK_STD_FLOOR) * ann,
             "max_drawdown": acc["max_drawdown"].copy(),
             "turnover": ep["turnover"] / self.capital,
             "costs": ep["cost"] / self.capital,
             "trades": ep["trades"].copy(),
+            "round_trips": ep["round_trips"].copy(),
+            "win_rate": np.divide(
+                ep["winning_trips"], ep["round_trips"], out=np.zeros_like(mean), where=ep["round_trips"] > 0
+            ),  # fmt: skip
+            "liquidations": ep["liquidations"].copy(),
             "unique_actions": (xc > 0).sum(-1).astype(np.float64),
             "policy_action_entropy": action_entropy(pc),
             "executed_action_entropy": action_entropy(xc),
@@ -1036,10 +1202,12 @@ class VecTradingCore:
     # scratch buffers rewritten before they are read, and the views below. Everything else in vars(core) is state.
     _FIXED = (
         "config", "symbols", "mode", "split", "sequential", "num_envs", "num_symbols", "A", "K", "bars_per_year",
-        "capital", "commission", "lookback", "shaper", "T", "_vc", "_fill_ok", "_fill_px", "_decide_ok",
-        "_dollar_vol", "_vol", "_mean_close", "_tech_rows", "_tech_base", "_sl", "_regime", "split_start",
-        "split_last", "observation_shapes", "_rows", "_no_episode", "final_obs", "_tech_idx", "_comp",
+        "capital", "commission", "min_notional", "lookback", "shaper", "T", "_vc", "_fill_ok", "_fill_px",
+        "_decide_ok", "_dollar_vol", "_flat_slip", "_volume_free", "_delist_bar", "_vol", "_mean_close",
+        "_tech_rows", "_tech_base", "_sl", "_regime", "split_start", "split_last", "observation_shapes", "_rows",
+        "_no_episode", "final_obs", "_tech_idx", "_comp",
     )  # fmt: skip
+
     # Views of the state's arrays and values derived from it, rebuilt by _rebuild_views (pickle would store a view
     # as an unrelated copy): the (E, A, K, 8) view of obs["portfolio"] and the directive-derived mask thresholds.
     _VIEWS = (
@@ -1151,8 +1319,8 @@ def slot_observation_space(core: VecTradingCore) -> spaces.Dict:
 
 _SCALAR_INFO = (
     "policy_action", "executed_action", "masked_attempt", "forced_hold", "voluntary_trade", "violations",
-    "order_cancelled", "order_shrunk", "traded_shares", "fill_price", "cost", "equity", "exposure", "cash",
-    "diversity_bonus", "unique_actions",
+    "liquidation", "order_cancelled", "order_shrunk", "traded_shares", "fill_price", "cost", "equity", "exposure",
+    "cash", "holdings", "round_trip_closed", "round_trip_won", "diversity_bonus", "unique_classes",
 )  # fmt: skip
 
 
@@ -1340,14 +1508,16 @@ def add_step_telemetry(tele: dict, episodes: dict, info: dict, steps: int) -> No
                 episodes.setdefault(k, []).extend(np.asarray(v)[done_mask].tolist())
 
 
-def telemetry_metrics(tele: dict, policy_actions: np.ndarray, executed_actions: np.ndarray) -> dict:
-    """Tensorboard scalars of one rollout from add_step_telemetry's `tele` and the (T, E, S) policy and executed
-    actions. Trade rates are fractions of slot-steps; the sanitizer trade delta (policy minus executed trade rate)
-    is in percentage points, as DESIGN.md and validate_stage5.py read it."""
+def telemetry_metrics(tele: dict, policy_actions: np.ndarray, executed_actions: np.ndarray, masks: np.ndarray) -> dict:
+    """Tensorboard scalars of one rollout from add_step_telemetry's `tele`, the (T, E, S) policy and executed actions
+    and the (T, E, S, 7) action masks. The action entropies are normalised (slot_action_entropy with masks: 1 =
+    uniform over the allowed actions). Trade rates are fractions of slot-steps; the sanitizer trade delta (policy
+    minus executed trade rate) is in percentage points, as DESIGN.md and validate_stage5.py read it."""
     policy_trades, executed_trades = (policy_actions != HOLD).mean(), (executed_actions != HOLD).mean()
+    h_policy, h_exec = slot_action_entropy(policy_actions, masks), slot_action_entropy(executed_actions, masks)
     metrics = {
-        "charts/policy_action_entropy_mean": float(slot_action_entropy(policy_actions).mean()),
-        "charts/executed_action_entropy_mean": float(slot_action_entropy(executed_actions).mean()),
+        "charts/policy_action_entropy_mean": float(np.nanmean(h_policy)) if np.isfinite(h_policy).any() else 0.0,
+        "charts/executed_action_entropy_mean": float(np.nanmean(h_exec)) if np.isfinite(h_exec).any() else 0.0,
         "charts/executed_vs_policy_trades": executed_trades / policy_trades if policy_trades > 0 else 1.0,
         "charts/sanitizer_trade_delta": 100.0 * (policy_trades - executed_trades),
         "charts/voluntary_trade_rate": tele["voluntary_trade"],
@@ -1369,124 +1539,244 @@ def telemetry_metrics(tele: dict, policy_actions: np.ndarray, executed_actions: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Backtest: a deterministic sweep of one split, its metrics and the buy-and-hold baselines (shared by the scripts)
+# Backtest: one sequential sweep of a split, its metrics, the baselines on the same capital and costs, the rule ceiling
 # ---------------------------------------------------------------------------------------------------------------------
 def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
     """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
 
-    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0); CAGR uses
-    N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
+    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0). The Sharpe's
+    standard error is Lo's (2002) for independent returns, sqrt((1 + SR^2 / 2) / N) per bar, annualised the same way.
+    CAGR uses N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
     """
     equity = np.asarray(equity, dtype=np.float64)
     r = equity[1:] / equity[:-1] - 1.0
     growth = equity[-1] / equity[0]
-    years = max(len(r) / periods_per_year, 1e-12)
-    std = r.std(ddof=1) if len(r) > 1 else 0.0
-    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if len(r) else 0.0
+    n = len(r)
+    years = max(n / periods_per_year, 1e-12)
+    std = r.std(ddof=1) if n > 1 else 0.0
+    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if n else 0.0
     drawdown = equity / np.maximum.accumulate(equity) - 1.0
     edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
     cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
     max_dd = float(drawdown.min())
+    sr_bar = r.mean() / std if std > 1e-15 else 0.0
+    ann = np.sqrt(periods_per_year)
     return {
         "total_return": float(growth - 1.0),
         "cagr": float(cagr),
-        "sharpe": float(r.mean() / std * np.sqrt(periods_per_year)) if std > 0 else 0.0,
-        "sortino": float(r.mean() / downside * np.sqrt(periods_per_year)) if downside > 0 else 0.0,
+        "sharpe": float(sr_bar * ann),
+        "sharpe_se": float(np.sqrt((1.0 + 0.5 * sr_bar**2) / max(n, 1)) * ann),
+        "sortino": float(r.mean() / downside * ann) if downside > 1e-15 else 0.0,
         "max_drawdown": max_dd,
         "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
         "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
-        "bars": len(r),
+        "bars": n,
         "periods_per_year": float(periods_per_year),
     }
 
 
-def buy_and_hold(market: PreparedMarket, start: int, bars: int, capital: float, commission_bps: float) -> dict:
-    """Equity curves (bars + 1,) of `capital` put at bar `start` into the benchmark and into an equal-weight basket
-    of every symbol (valued at valuation_close), the entry commission charged, never rebalanced."""
-    keep = 1.0 - commission_bps / 1e4
-    bench = market.data.benchmark[start : start + bars + 1]
-    closes = market.valuation_close[start : start + bars + 1]
-    return {
-        "benchmark": capital * keep * bench / bench[0],
-        "equal_weight": capital * keep * (closes / closes[0]).mean(1),
-    }
-
-
-def random_policy(seed: int):
-    """Uniform over the allowed actions (Gumbel-max), with its own generator so the training RNG is untouched."""
-    rng = np.random.default_rng(seed)
-
-    def act(obs):
-        noise = rng.gumbel(size=obs["action_mask"].shape)
-        return np.where(obs["action_mask"] > 0, noise, -np.inf).argmax(-1)
-
-    return act
-
-
 def run_backtest(
     policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, mode: str = "independent",
-    directive=None, interval: int = 1,
+    directive=None, interval: int = 1, symbols=None,
 ) -> dict:  # fmt: skip
-    """Sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
+    """One sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
+    Every bar of the split after the lookback is stepped exactly once (a stopped-out account stays flat with its cash
+    until the end), so the sweep always ends.
 
-    independent mode: the S accounts form one equal-capital book (S x initial capital). portfolio mode: one account;
+    independent mode: the S accounts form one equal-capital book (S x initial capital); portfolio mode: one account.
     directive(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
-    neutral directive throughout). Returns performance_metrics of the book's equity ("agent") plus trades, win rate
-    (share of exits decided while the position showed a profit), exposure, annualised turnover (traded notional over
-    the initial book in independent mode, over the mean equity in portfolio mode), costs and, with `directive`, the
-    directives' usage; the same metrics for buy-and-hold of the benchmark and of the equal-weight basket; and the
-    equity curves ("curves").
-    """
+    neutral directive throughout). Returns {"agent": metrics, "curve": book equity (N+1,), "series": per-bar arrays
+    (timestamps (N+1,), exposure, holdings, per-symbol PnL (N, S), executed actions (N, S), directives)}. The metrics
+    are performance_metrics plus exposure (mean holdings / equity), trades (filled orders), orders cancelled and
+    shrunk, round trips and win rate (share of round trips with a positive realised PnL net of all their costs),
+    stop-out and delisting liquidations, annualised turnover (traded notional over the mean book equity), costs and,
+    with `directive`, the directives' usage."""
     if directive is not None and mode != "portfolio":
         raise ValueError("run_backtest: a directive function needs mode='portfolio' (independent slots take none).")
-    start, _ = market.splits[split]
-    core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True)
+    core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True, symbols=symbols)
     obs = core.reset(seed=seed)
-    init, A, K = float(config.initial_capital), core.A, core.K
-    prev, last_actions, used = np.full(A, init), np.zeros((1, core.num_symbols), np.int64), np.zeros(NUM_DIRECTIVES)
-    pnl, exposure, cost, trades, exits, wins, traded = [], [], 0.0, 0, 0, 0, 0.0
-    while True:
-        if directive is not None and len(pnl) % interval == 0:
+    start, n, A, K, S = int(core.t[0]), int(core.end[0] - core.t[0]), core.A, core.K, core.num_symbols
+    book = float(config.initial_capital) * A
+    equity, exposure = np.empty(n + 1), np.empty(n)
+    equity[0] = book
+    pnl, executed, used = np.zeros((n, S)), np.zeros((n, S), np.int8), np.zeros(NUM_DIRECTIVES)
+    directives = np.full(n, -1, dtype=np.int64)
+    last_actions = np.zeros((1, S), np.int64)
+    counts = dict.fromkeys(("trades", "cancelled", "shrunk", "round_trips", "wins", "liquidations"), 0)
+    cost = traded = 0.0
+    for i in range(n):
+        if directive is not None and i % interval == 0:
             index = np.asarray(directive(obs, core, last_actions), dtype=np.int64)
             core.set_directives(index)
             used[index[0]] += 1
-        action = policy(obs)  # (1, S)
-        in_profit = obs["position"][0, :, 2] > 0  # close / entry - 1 at the decision
-        obs, _, terminated, truncated, info = core.step(action)
-        executed, last_actions = info["executed_action"][0], info["policy_action"].copy()
-        is_exit = (executed == SELL_PARTIAL) | (executed == SELL_ALL)
-        trades += int((executed != HOLD).sum())
-        exits, wins = exits + int(is_exit.sum()), wins + int((is_exit & in_profit).sum())
-        traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
-        equity = info["equity"][0, ::K]  # (A,) account equity before any restart
-        pnl.append((equity - prev).sum())  # a ruined account restarts with fresh capital: its loss stays in the book
-        prev = np.where(terminated[0, ::K], init, equity)
-        exposure.append(float(info["exposure"][0, ::K].mean()))
+        if directive is not None:
+            directives[i] = core.directive_index[0]
+        obs, _, _, truncated, info = core.step(policy(obs))
+        last_actions = info["policy_action"].copy()
+        equity[i + 1] = info["equity"][0, ::K].sum()  # the book, before any reset at the sweep's end
+        exposure[i] = info["holdings"][0].sum() / equity[i + 1]
+        pnl[i], executed[i] = info["pnl"][0], info["executed_action"][0]
+        counts["trades"] += int((info["traded_shares"][0] != 0).sum())  # filled orders
+        for key, flag in (("cancelled", "order_cancelled"), ("shrunk", "order_shrunk"), ("wins", "round_trip_won"),
+                          ("round_trips", "round_trip_closed"), ("liquidations", "liquidation")):  # fmt: skip
+            counts[key] += int(info[flag][0].sum())
         cost += float(info["cost"][0].sum())
-        if truncated.any():
-            break
-    n, ppy, book = len(pnl), market.data.bars_per_year, init * A
-    curves = {"agent": book + np.r_[0.0, np.cumsum(pnl)]}
-    curves.update(buy_and_hold(market, start, n, book, config.commission_bps))
-    report = {name: performance_metrics(curve, ppy) for name, curve in curves.items()}
-    report["agent"].update(
-        trades=trades,
-        win_rate=wins / exits if exits else None,
-        exposure=float(np.mean(exposure)),
-        turnover=traded / (book if mode == "independent" else float(np.mean(curves["agent"]))) * ppy / n,
+        traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
+        if truncated.any() != (i == n - 1):
+            raise RuntimeError(f"run_backtest: the sweep of {split!r} ended at step {i + 1} of {n}; this is a bug.")
+    ppy = market.data.bars_per_year
+    metrics = performance_metrics(equity, ppy)
+    metrics.update(
+        exposure=float(exposure.mean()),
+        trades=counts["trades"],
+        trade_rate=counts["trades"] / (n * S),
+        orders_cancelled=counts["cancelled"],
+        orders_shrunk=counts["shrunk"],
+        round_trips=counts["round_trips"],
+        win_rate=counts["wins"] / counts["round_trips"] if counts["round_trips"] else None,
+        liquidations=counts["liquidations"],
+        turnover=traded / float(equity.mean()) * ppy / n,
         costs=cost,
         costs_frac=cost / book,
     )
     if directive is not None:
         coords, share = np.unravel_index(np.arange(NUM_DIRECTIVES), DIRECTIVE_SHAPE), used / used.sum()
-        report["agent"].update(
+        metrics.update(
             directive_risk_level=float((share * coords[0]).sum()),
             directive_concentration_level=float((share * coords[1]).sum()),
             directive_regime_level=float((share * coords[2]).sum()),
             directive_most_used=int(used.argmax()),
         )
-    report["curves"] = curves
-    return report
+    series = {"timestamps": market.data.timestamps[start : start + n + 1], "exposure": exposure, "pnl": pnl,
+              "executed": executed, "directives": directives, "start": start}  # fmt: skip
+    return {"agent": metrics, "curve": equity, "series": series}
+
+
+def hold_policy(obs) -> np.ndarray:
+    """Always HOLD: the cash baseline."""
+    return np.zeros(obs["action_mask"].shape[:-1], dtype=np.int64)
+
+
+def random_policy(seed: int, trade_rate: float = 1.0):
+    """With probability trade_rate a uniformly random allowed non-HOLD action (Gumbel-max), else HOLD; its own
+    generator, so the training RNG is untouched. trade_rate = 1 is uniform over the allowed trades; the baseline
+    uses the agent's own trade rate, so that it pays the agent's costs without its information."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        mask = obs["action_mask"].astype(bool)
+        noise = rng.gumbel(size=mask.shape)
+        noise[..., HOLD] = -np.inf
+        pick = np.where(mask, noise, -np.inf).argmax(-1)
+        trade = (rng.random(pick.shape) < trade_rate) & mask[..., 1:].any(-1)
+        return np.where(trade, pick, HOLD)
+
+    return act
+
+
+def buy_and_hold(market: PreparedMarket, start: int, bars: int, book: float, config: EnvConfig,
+                 fraction: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Buy-and-hold on the same capital and costs as a backtest from bar `start` over `bars` bars: (equity (bars + 1,),
+    exposure (bars,)) of `fraction` x book put in the benchmark and in an investable equal-weight basket (equal
+    amounts of every symbol tradable at the first fill, bought at open[start + 1]), the rest held as cash, never
+    rebalanced. The entry pays commission + spread; a basket symbol delisted inside the window is sold at its last
+    close, paying them again. The benchmark series is treated as an investable index fund."""
+    c = (config.commission_bps + config.spread_bps) / 1e4
+    stop = start + bars + 1
+    bench = market.data.benchmark[start:stop]
+    invest = fraction * book
+    b_hold = invest * (1.0 - c) * bench / bench[0]
+    out = {"benchmark": (book - invest + b_hold, b_hold[1:] / (book - invest + b_hold[1:]))}
+    first = start + 1
+    px = market.data.open if config.fill == "open" else market.data.close
+    ok = market.data.tradable[first] & np.isfinite(px[first]) & (px[first] > 0)
+    value = np.zeros(bars + 1)
+    cash = np.full(bars + 1, book)
+    if ok.any():
+        shares = np.where(ok, invest / ok.sum() * (1.0 - c) / np.where(ok, px[first], 1.0), 0.0)  # (S,)
+        vc = market.valuation_close[start:stop]  # (bars + 1, S)
+        full = market.data.close
+        last = len(full) - 1 - np.argmax(np.isfinite(full[::-1]), axis=0)  # (S,) each symbol's last bar (delisting)
+        alive = np.arange(start, stop)[:, None] <= last[None, :]
+        held = shares[None, :] * alive
+        held[0] = 0.0  # bought at the first fill, after bar `start`
+        sold = (shares[None, :] * ~alive) * vc * (1.0 - c)  # a delisted holding turns into cash at its last close
+        value = (held * vc).sum(1)
+        cash = book - invest + sold.sum(1)
+        cash[0] = book
+    eq = cash + value
+    out["equal_weight"] = (eq, value[1:] / eq[1:])
+    return out
+
+
+def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") -> dict:
+    """The best one-feature rule on `split`: hold a long position while direction x technical feature f at the
+    decision bar exceeds a threshold (a quantile, 50-95%, of that feature on the split), flat otherwise. Fitted on a
+    vectorised proxy of the backtest (the position taken at bar t earns open[t+1] -> open[t+2], and every change pays
+    commission + spread), choosing the (feature, direction, threshold) with the best annualised Sharpe of the
+    equal-weight book. Its honest figures come from run_backtest(rule_policy(rule), ...) on other splits."""
+    lo, hi = market.splits[split]
+    t = np.arange(max(lo, market.lookback - 1), hi - 2)
+    px = market.data.open if config.fill == "open" else market.data.close
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ret = px[t + 2] / px[t + 1] - 1.0  # (n, S)
+    ok = np.isfinite(ret) & market.data.tradable[t] & market.data.tradable[t + 1]
+    ret = np.where(ok, ret, 0.0)
+    c = (config.commission_bps + config.spread_bps) / 1e4
+    ann = np.sqrt(market.data.bars_per_year)
+    quantiles = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    best = {"sharpe": -np.inf}
+    for f, name in enumerate(market.feature_names):
+        x = market.technical[t, :, f].astype(np.float64)  # (n, S)
+        for direction in (1.0, -1.0):
+            v = direction * x
+            for q, theta in zip(quantiles, np.quantile(v[ok], quantiles), strict=True):
+                pos = (v > theta) & ok
+                change = np.abs(np.diff(pos.astype(np.float64), axis=0, prepend=0.0))
+                book = (pos * ret - c * change).mean(1)  # (n,) equal-weight book return
+                sd = book.std()
+                sharpe = book.mean() / sd * ann if sd > 0 else 0.0
+                if sharpe > best["sharpe"]:
+                    best = {"sharpe": float(sharpe), "feature": f, "name": name, "direction": direction,
+                            "threshold": float(theta), "quantile": float(q), "split": split}  # fmt: skip
+    best["train_proxy_sharpe"] = best.pop("sharpe")
+    return best
+
+
+def rule_policy(rule: dict):
+    """fit_rule's rule as a policy of the env's actions: BUY_LARGE when the rule turns on while flat, SELL_ALL when
+    it turns off while holding, HOLD otherwise (masks respected)."""
+
+    def act(obs):
+        x = rule["direction"] * obs["technical"][..., -1, rule["feature"]]
+        on, mask = x > rule["threshold"], obs["action_mask"].astype(bool)
+        holding = obs["position"][..., 4] > 0
+        buy = on & ~holding & mask[..., BUY_LARGE]
+        sell = ~on & holding & mask[..., SELL_ALL]
+        return np.where(buy, BUY_LARGE, np.where(sell, SELL_ALL, HOLD))
+
+    return act
+
+
+def baseline_backtests(market: PreparedMarket, split: str, config: EnvConfig, seed: int, agent: dict,
+                       rule: dict | None = None) -> dict[str, dict]:  # fmt: skip
+    """The baselines of an independent-mode agent backtest `agent` (run_backtest's result), each on the same split,
+    capital and costs: always-HOLD; random at the agent's trade rate; the rule ceiling (when a fit_rule rule is
+    given); buy-and-hold of the benchmark and of the equal-weight basket, at full exposure and scaled to the agent's
+    average exposure. Returns name -> {"agent": metrics with exposure, "curve": equity}."""
+    out = {
+        "always_hold": run_backtest(hold_policy, market, split, config, seed),
+        "random": run_backtest(random_policy(seed + 1, agent["agent"]["trade_rate"]), market, split, config, seed),
+    }
+    if rule is not None:
+        out["rule_ceiling"] = run_backtest(rule_policy(rule), market, split, config, seed)
+    start, n = agent["series"]["start"], agent["agent"]["bars"]
+    book, ppy = float(agent["curve"][0]), market.data.bars_per_year
+    for suffix, fraction in (("", 1.0), ("_matched", agent["agent"]["exposure"])):
+        for name, (curve, expo) in buy_and_hold(market, start, n, book, config, fraction).items():
+            metrics = performance_metrics(curve, ppy) | {"exposure": float(expo.mean()), "trades": None}
+            out[f"{name}_bh{suffix}"] = {"agent": metrics, "curve": curve}
+    return out
 
 
 def drawdown_go_criterion(reports: dict[str, dict], neutral_curve: np.ndarray, periods_per_year: float) -> dict:
@@ -1512,15 +1802,22 @@ def drawdown_go_criterion(reports: dict[str, dict], neutral_curve: np.ndarray, p
     }
 
 
+REPORT_KEYS = (
+    "total_return", "cagr", "sharpe", "sharpe_se", "sortino", "max_drawdown", "max_drawdown_bars", "calmar",
+    "exposure", "trades", "trade_rate", "orders_cancelled", "orders_shrunk", "round_trips", "win_rate",
+    "liquidations", "turnover", "costs",
+)  # fmt: skip
+
+
 def format_report(reports: dict[str, dict], split: str) -> str:
-    """Markdown table: one row per metric, one column per strategy."""
+    """Markdown table: one row per metric, one column per strategy ("-" where a metric does not apply)."""
     names = list(reports)
-    keys = ["total_return", "cagr", "sharpe", "sortino", "max_drawdown", "max_drawdown_bars", "calmar"]
-    keys += ["trades", "win_rate", "exposure", "turnover", "costs"]
     lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in keys:
-        cells = [reports[n].get(k, "") for n in names]
-        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c in ("", None) else str(c)) for c in cells]
+    for k in REPORT_KEYS:
+        cells = [reports[n].get(k) for n in names]
+        if all(c is None for c in cells):
+            continue
+        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1536,3 +1833,45 @@ def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split
     (run_dir / "backtest.md").write_text(table + "\n")
     head = f"backtest on the {split} split ({market.data.benchmark_name} benchmark, {market.data.bars_per_year:g} bars"
     return f"\n{head} a year):\n{table}"
+
+
+def mean_metrics(reports: list[dict]) -> dict:
+    """The mean of each numeric metric over several backtests of one policy (e.g. sampling seeds), with the
+    spread of their Sharpe ratios as sharpe_sd."""
+    out = {}
+    for k in reports[0]:
+        values = [r[k] for r in reports if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        out[k] = float(np.mean(values)) if len(values) == len(reports) else None
+    out["sharpe_sd"] = float(np.std([r["sharpe"] for r in reports])) if len(reports) > 1 else 0.0
+    out["samples"] = len(reports)
+    return out
+
+
+def decile_table(feature: np.ndarray, p_increase: np.ndarray, allowed: np.ndarray) -> list[dict]:
+    """P(increase exposure | decile of a feature): over the decisions where an increase (BUY_* or ADD) was allowed,
+    the policy's mean probability of choosing one, by decile of the feature's value at the decision."""
+    x, p = feature[allowed], p_increase[allowed]
+    if len(x) < 10:
+        return []
+    edges = np.quantile(x, np.linspace(0, 1, 11))
+    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, 9)
+    return [
+        {
+            "decile": d + 1,
+            "low": float(edges[d]),
+            "high": float(edges[d + 1]),
+            "p_increase": float(p[idx == d].mean()),
+            "decisions": int((idx == d).sum()),
+        }  # fmt: skip
+        for d in range(10)
+        if (idx == d).any()
+    ]
+
+
+def format_deciles(rows: list[dict], name: str) -> str:
+    """The decile table as Markdown."""
+    lines = [f"P(increase exposure | decile of {name}), decisions where an increase was allowed:", "",
+             f"| decile | {name} range | P(increase) | decisions |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['decile']} | {r['low']:.2f} .. {r['high']:.2f} | {r['p_increase']:.3f} | {r['decisions']} |"
+              for r in rows]  # fmt: skip
+    return "\n".join(lines)

@@ -221,16 +221,18 @@ def test_repetition_limiter_and_penalty():
     # policy: BUY, ADD, ADD, ADD, ADD(4th identical -> HOLD), ADD, ...
     assert executed[:5] == [te.BUY_SMALL, te.ADD, te.ADD, te.ADD, te.HOLD]
     assert violations[:5] == [False, False, False, False, True]
-    np.testing.assert_allclose(repeat[:5], [0, 0, -1 / 3, -2 / 3, -1], atol=1e-7)
+    unit = 1e-4 / 0.001  # a penalty score of 1 is 1 bp of the capital, in reward units of 0.1% of the capital
+    np.testing.assert_allclose(repeat[:5], np.array([0, 0, -1 / 3, -2 / 3, -1]) * unit, atol=1e-7)
 
 
 def test_diversity_bonus_tiers():
+    """Tiers by the number of action classes (hold, increase, decrease) in the window: 3 -> 0.3, 2 -> 0.2, else 0."""
     shaper = te.RewardShaper(te.RewardConfig())
-    unique = np.array([[0, 1, 2, 3, 4, 5, 7]])
-    assert shaper.diversity_bonus(unique, np.full_like(unique, 50)).tolist() == [
-        [0.0, 0.0, 0.0, pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3), pytest.approx(0.3)]
+    classes = np.array([[0, 1, 2, 3]])
+    assert shaper.diversity_tier(classes, np.full_like(classes, 50)).tolist() == [
+        [0.0, 0.0, pytest.approx(0.2), pytest.approx(0.3)]
     ]
-    assert (shaper.diversity_bonus(unique, np.full_like(unique, 9)) == 0).all()
+    assert (shaper.diversity_tier(classes, np.full_like(classes, 9)) == 0).all()
 
 
 def test_default_weights_are_stage5():
@@ -313,7 +315,7 @@ class RefSlot:
         C = self.cfg.initial_capital
         self.cash, self.shares, self.basis, self.equity, self.peak = C, 0.0, 0.0, C, C
         self.rets, self.window = deque(maxlen=self.cfg.risk_window), deque(maxlen=self.cfg.diversity_window)
-        self.last, self.run = te.HOLD, 0
+        self.last, self.run, self.trip, self.trips, self.wins = te.HOLD, 0, 0.0, 0, 0
 
     def vc(self, t):
         return self.m.valuation_close[t, self.s]
@@ -341,72 +343,80 @@ class RefSlot:
         return float(np.std(lr[-24:]))
 
     def step(self, a, t):
-        cfg, c, d, s, C = self.cfg, self.c, self.m.data, self.s, self.cfg.initial_capital
+        cfg, rc, c, d, s, C = self.cfg, self.cfg.reward, self.c, self.m.data, self.s, self.cfg.initial_capital
+        u, bp, min_n = rc.pnl_scale * C, rc.shaping_bps / 1e4, cfg.min_notional * C
         mask = self.mask(t)
         run = self.run + 1 if (a != te.HOLD and a == self.last) else int(a != te.HOLD)
         violation = run > cfg.max_consecutive
         self.last, self.run = (te.HOLD, 0) if violation else (a, run)
         ex = te.HOLD if violation or not mask[a] else a
         eq0, vc0, px = self.equity, self.vc(t), d.open[t + 1, s]
+        dv = d.volume[t, s] * d.close[t, s]
         want = sell = 0.0
         if ex in (1, 2, 3, 6):
             want = (te.BUY_SIZES[ex - 1] if ex != 6 else 0.03) * eq0
-            want = min(want, max(cfg.position_cap * eq0 - self.shares * vc0, 0.0))
-        elif ex == 4:
-            sell = 0.5 * self.shares
-        elif ex == 5:
-            sell = self.shares
+            want = min(want, max(cfg.position_cap * eq0 - self.shares * vc0, 0.0), cfg.max_participation * dv)
+        elif ex in (4, 5):
+            sell = 0.5 * self.shares if ex == 4 else self.shares
+            if (self.shares - sell) * vc0 < min_n:
+                sell = self.shares  # a sell leaving less than the minimum notional sells everything
+            sell = min(sell, cfg.max_participation * dv / vc0)
         if ex != te.HOLD and not d.tradable[t + 1, s]:
             want = sell = 0.0
-        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self.vol(t) * math.sqrt(
-            (want + sell * px) / (d.volume[t, s] * d.close[t, s])
-        )
-        proceeds = sell * px * (1 - slip) * (1 - c)
-        realized = sell * (px * (1 - slip) * (1 - c) - self.basis)
-        cash_avail = self.cash + proceeds
         if want > 0:
             room = max(cfg.max_exposure * eq0 - (self.shares - sell) * vc0, 0.0)
-            want *= min(1.0, cash_avail * (1 - 1e-12) / (want * (1 + c)), room / want)
+            want *= min(1.0, room / want, (self.cash + sell * px * (1 - c)) / (want * (1 + c)))
+            if want < min_n:
+                want = 0.0  # a buy below the minimum notional is cancelled
+        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self.vol(t) * math.sqrt((want + sell * px) / dv)
+        slip = min(slip, cfg.max_slippage_bps / 1e4)
+        proceeds = sell * px * (1 - slip) * (1 - c)
+        realized = sell * (px * (1 - slip) * (1 - c) - self.basis)
+        sold_basis = sell * self.basis
         bought = want / (px * (1 + slip))
         cost = c * (want + sell * px * (1 - slip)) + bought * px * slip + sell * px * slip
-        timing_ref = np.mean([self.vc(i) for i in range(max(0, t - 23), t + 1)])
+        ref = np.mean([self.vc(i) for i in range(max(0, t - 23), t + 1)])
         timing = 0.0
         if bought > 0:
-            timing = (timing_ref - px * (1 + slip)) / timing_ref / 0.01
+            timing = float(np.clip((ref - px * (1 + slip)) / ref, -0.01, 0.01)) * want
         elif sell > 0:
-            timing = (px * (1 - slip) - timing_ref) / timing_ref / 0.01
-        old_value, old_basis_cost = self.shares * vc0, self.shares * self.basis
+            timing = float(np.clip((px * (1 - slip) - ref) / ref, -0.01, 0.01)) * sell * px * (1 - slip)
+        old_value, old_shares = self.shares * vc0, self.shares
         new_shares = self.shares - sell + bought
-        new_basis = (old_basis_cost - sell * self.basis + want * (1 + c)) / new_shares if new_shares > 0 else 0.0
-        self.cash = cash_avail - want * (1 + c)
+        new_basis = (old_shares * self.basis - sell * self.basis + want * (1 + c)) / new_shares if new_shares > 0 else 0
+        self.cash = self.cash + proceeds - want * (1 + c)
         self.shares, self.basis = new_shares, new_basis
         value = new_shares * self.vc(t + 1)
         pnl = value - old_value + proceeds - want * (1 + c)
         self.equity = self.cash + value
         self.peak = max(self.peak, self.equity)
+        self.trip += realized
+        if old_shares > 0 and new_shares == 0:  # a round trip ends
+            self.trips, self.wins, self.trip = self.trips + 1, self.wins + (self.trip > 0), 0.0
         self.rets.append(self.equity / eq0 - 1)
         r = np.array(self.rets)
-        sharpe = r.mean() / r.std() if len(r) >= 2 and r.std() > 1e-12 else 0.0
-        self.window.append(ex)
-        unique = len(set(self.window))
-        bonus = 0.0 if len(self.window) < 10 else {5: 0.3, 4: 0.2, 3: 0.1}.get(min(unique, 5), 0.0)
-        basis_roi = max(old_basis_cost, new_shares * new_basis)
-        roi_mult = min(max(1 + 2 * pnl / basis_roi, 0.5), 3.0) if basis_roi > 0 else 1.0
+        sharpe = r.mean() / max(r.std(), 1e-8) if len(r) >= cfg.risk_min_count else 0.0
+        self.window.append(1 if bought > 0 else 2 if sell > 0 else 0)
+        tier = 0.0 if len(self.window) < 10 else {3: 0.3, 2: 0.2}.get(len(set(self.window)), 0.0)
+        m = min(max(1 + 2 * abs(realized / sold_basis), 0.5), 3.0) if sold_basis > 0 else 1.0
+        base = realized if rc.pnl_mode == "realized" else pnl
+        dd = 1 - self.equity / self.peak
+        voluntary = ex != te.HOLD and ex == a and (bought > 0 or sell > 0)
         comp = {
-            "pnl": (realized if cfg.reward.pnl_mode == "realized" else pnl) / (0.001 * C) * roi_mult,
-            "cost": -cost / (0.001 * C),
-            "timing": timing,
-            "sharpe": sharpe,
-            "drawdown": -(1 - self.equity / self.peak) / 0.1,
-            "diversity_bonus": bonus,
-            "repeat_penalty": -min(max(run - 1, 0), 3) / 3,
-            "intrinsic": float(ex != te.HOLD and ex == a and (bought > 0 or sell > 0)),
+            "pnl": (base + (m - 1) * realized) / u,
+            "cost": -cost / u,
+            "timing": timing / u,
+            "sharpe": float(np.clip(sharpe, -1, 1)) * bp * value / u,
+            "drawdown": -min(dd / 0.1, 3.0) * bp * value / u,
+            "utilisation": -abs((1 - self.cash / self.equity) - 0.5) / 0.5 * bp * C / u,
+            "diversity_bonus": tier * bp * value / u,
+            "repeat_penalty": -min(max(run - 1, 0), 3) / 3 * bp * C / u,
+            "intrinsic": bp * (want + sell * px) / u if voluntary else 0.0,
         }
         w = {"pnl": 0.75, "cost": 0.1, "sharpe": 0.03, "drawdown": 0.02, "diversity_bonus": 0.07,
              "repeat_penalty": 0.05, "intrinsic": 0.01}  # fmt: skip
-        util = -abs((1 - self.cash / self.equity) - 0.5) / 0.5
         reward = sum(w[k] * comp[k] for k in w)
-        return ex, reward, comp, util, mask
+        return ex, reward, comp, mask
 
 
 @pytest.mark.parametrize("pnl_mode", ["mark_to_market", "realized"])
@@ -419,6 +429,7 @@ def test_vectorised_core_matches_plain_loop(pnl_mode):
     core = te.VecTradingCore(market, E, config=cfg, seed=0, sequential=True)
     obs = core.reset()
     refs = [[RefSlot(market, s, cfg) for s in range(S)] for _ in range(E)]
+    trips = [[0] * S for _ in range(E)]
     rng = np.random.default_rng(2)
     for step in range(250):
         t = int(core.t[0])
@@ -429,16 +440,18 @@ def test_vectorised_core_matches_plain_loop(pnl_mode):
         obs, reward, term, trunc, info = core.step(a)
         for e in range(E):
             for s in range(S):
-                ex, r, comp, util, mask = refs[e][s].step(int(a[e, s]), t)
+                ex, r, comp, mask = refs[e][s].step(int(a[e, s]), t)
                 assert masks[e, s].tolist() == mask, (step, e, s)
                 assert info["executed_action"][e, s] == ex, (step, e, s)
                 np.testing.assert_allclose(reward[e, s], r, rtol=1e-5, atol=1e-6)
                 for k, v in comp.items():
                     np.testing.assert_allclose(info["reward_components"][k][e, s], v, rtol=1e-5, atol=1e-6, err_msg=k)
-                np.testing.assert_allclose(info["reward_components"]["utilisation"][e, s], util, rtol=1e-5)
                 np.testing.assert_allclose(info["equity"][e, s], refs[e][s].equity, rtol=1e-12)
+                assert info["round_trip_closed"][e, s] == (refs[e][s].trips > trips[e][s]), (step, e, s)
+                trips[e][s] = refs[e][s].trips
                 if trunc[e, s]:
                     refs[e][s].reset()
+                    trips[e][s] = 0
         assert not term.any()
 
 
@@ -715,12 +728,29 @@ def test_performance_metrics():
     assert m["calmar"] == pytest.approx(0.2 / (1 - 99 / 110))
 
 
-def test_buy_and_hold_charges_the_entry_commission():
+def test_buy_and_hold_charges_the_entry_costs_and_scales_to_an_exposure():
     market = make_market(T=300, S=3, seed=2)
-    curves = te.buy_and_hold(market, 230, 10, 1000.0, commission_bps=10.0)
-    bench, closes = market.data.benchmark[230:241], market.valuation_close[230:241]
-    np.testing.assert_allclose(curves["benchmark"], 999.0 * bench / bench[0])
-    np.testing.assert_allclose(curves["equal_weight"], 999.0 * (closes / closes[0]).mean(1))
+    cfg = te.EnvConfig(commission_bps=10.0, spread_bps=1.0)
+    c = 11e-4
+    full = te.buy_and_hold(market, 230, 10, 1000.0, cfg)
+    bench, vc, first = market.data.benchmark[230:241], market.valuation_close[230:241], market.data.open[231]
+    np.testing.assert_allclose(full["benchmark"][0], 1000.0 * (1 - c) * bench / bench[0])
+    basket = np.r_[1000.0, (1000.0 / 3 * (1 - c) / first * vc[1:]).sum(1)]  # bought at the first fill, open[231]
+    np.testing.assert_allclose(full["equal_weight"][0], basket)
+    half = te.buy_and_hold(market, 230, 10, 1000.0, cfg, fraction=0.25)
+    np.testing.assert_allclose(half["benchmark"][0], 750.0 + 250.0 * (1 - c) * bench / bench[0])
+    assert 0.2 < half["equal_weight"][1].mean() < 0.3 and half["benchmark"][1].shape == (10,)
+
+
+def test_equal_weight_basket_sells_a_delisted_symbol_at_its_last_close():
+    market = make_market(T=300, S=2, seed=3)
+    market.data.close[235:, 1] = np.nan  # symbol 1 ends at bar 234
+    market.valuation_close[235:, 1] = market.valuation_close[234, 1]
+    cfg = te.EnvConfig(commission_bps=10.0, spread_bps=0.0)
+    eq, _ = te.buy_and_hold(market, 230, 10, 1000.0, cfg)["equal_weight"]
+    sh = 500.0 * 0.999 / market.data.open[231]
+    cash_after = sh[1] * market.valuation_close[234, 1] * 0.999  # sold at the last close, paying commission again
+    np.testing.assert_allclose(eq[6:], cash_after + sh[0] * market.valuation_close[236:241, 0])
 
 
 @pytest.mark.parametrize("mode", ["independent", "portfolio"])
@@ -738,19 +768,19 @@ def test_run_backtest_books_the_sweep(mode):
         directive=directive if mode == "portfolio" else None, interval=7,
     )  # fmt: skip
     book = config.initial_capital * (3 if mode == "independent" else 1)
-    agent = report["curves"]["agent"]
-    n = report["agent"]["bars"]
-    assert n == 260 - 230 - 1 and agent[0] == book and len(agent) == n + 1  # the last bar is never decided on
+    curve, n = report["curve"], report["agent"]["bars"]
+    assert n == 260 - 230 - 1 and curve[0] == book and len(curve) == n + 1  # the last bar is never decided on
     assert report["agent"]["trades"] > 0 and 0 <= report["agent"]["exposure"] <= 1
     assert report["agent"]["costs_frac"] == pytest.approx(report["agent"]["costs"] / book)
-    assert set(report) == {"agent", "benchmark", "equal_weight", "curves"}
+    assert report["series"]["pnl"].shape == (n, 3) and len(report["series"]["timestamps"]) == n + 1
+    np.testing.assert_allclose(report["series"]["pnl"].sum(), curve[-1] - curve[0], rtol=1e-9)
     if mode == "portfolio":
         assert len(calls) == math.ceil(n / 7) and report["agent"]["directive_most_used"] == te.NEUTRAL_DIRECTIVE
     else:
         with pytest.raises(ValueError, match="portfolio"):
             te.run_backtest(te.random_policy(0), market, "val", config, seed=0, directive=directive)
-    table = te.format_report({"agent": report["agent"], "bh": report["benchmark"]}, "val")
-    assert table.startswith("| val | agent | bh |") and "| win_rate |" in table
+    table = te.format_report({"agent": report["agent"]}, "val")
+    assert table.startswith("| val | agent |") and "| win_rate |" in table and "| sharpe_se |" in table
 
 
 def test_telemetry_metrics_sanitizer_delta_in_percentage_points():

@@ -8,8 +8,9 @@ Sampling, entropy and the losses belong to the algorithm and live in the trainin
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -94,17 +95,19 @@ class EncoderConfig:
     """size of the embedding handed to the heads"""
     alt_layers: int = 2
     """recurrent layers (lstm) or convolution layers (cnn) of the alternatives"""
-    seq_len: int = 24
+    # Input shapes: set from the environment's observation (set_input_shapes), never flags, so that they cannot
+    # disagree with the data (--data.lookback is the one lookback).
+    seq_len: int = field(default=24, init=False)
     """bars in the technical window"""
-    technical_dim: int = 23
+    technical_dim: int = field(default=23, init=False)
     """technical features per bar"""
-    sl_dim: int = 3
+    sl_dim: int = field(default=3, init=False)
     """supervised signal probabilities (MLP, LSTM, GRU)"""
-    position_dim: int = 5
+    position_dim: int = field(default=5, init=False)
     """position state features"""
-    portfolio_dim: int = 8
+    portfolio_dim: int = field(default=8, init=False)
     """portfolio state features"""
-    regime_dim: int = 10
+    regime_dim: int = field(default=10, init=False)
     """market regime features"""
 
     @property
@@ -115,6 +118,24 @@ class EncoderConfig:
             "portfolio": self.portfolio_dim,
             "regime": self.regime_dim,
         }
+
+
+def set_input_shapes(cfg: EncoderConfig, shapes: dict[str, tuple[int, ...]]) -> EncoderConfig:
+    """A copy of cfg with the input shapes of an environment's observation (VecTradingCore.observation_shapes)."""
+    out = copy.copy(cfg)
+    out.seq_len, out.technical_dim = shapes["technical"]
+    for key in ("sl_probs", "position", "portfolio", "regime"):
+        setattr(out, {"sl_probs": "sl_dim"}.get(key, f"{key}_dim"), shapes[key][0])
+    return out
+
+
+def encoder_config_from_dict(d: dict) -> EncoderConfig:
+    """The EncoderConfig stored as a dict (dataclasses.asdict, e.g. in a checkpoint's args), input shapes included."""
+    cfg = EncoderConfig(**{f.name: d[f.name] for f in fields(EncoderConfig) if f.init and f.name in d})
+    for f in fields(EncoderConfig):
+        if not f.init and f.name in d:
+            setattr(cfg, f.name, d[f.name])
+    return cfg
 
 
 def _flatten_obs(obs: dict[str, torch.Tensor], cfg: EncoderConfig, dtype: torch.dtype):

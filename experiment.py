@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,12 +24,34 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from encoders import EncoderConfig, SymbolPolicy
-from market_data import DataConfig, PreparedMarket, prepare_market
+from encoders import EncoderConfig, SymbolPolicy, encoder_config_from_dict
+from market_data import DataConfig, PreparedMarket, UserInputError, prepare_market
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup: seeding, torchrun's process group, the encoder preset, the market prepared once per machine
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def report_user_errors() -> None:
+    """From now on an uncaught UserInputError (a bad file, a bad flag, flags that contradict each other) ends the
+    process with its one-line message on stderr and exit status 2, without a traceback: bad input is the user's to
+    fix, not a crash. Any other exception keeps Python's traceback."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, UserInputError):
+            sys.stdout.flush()
+            print(f"error: {value}", file=sys.stderr, flush=True)
+            os._exit(2)
+        default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def require(condition: bool, message: str) -> None:
+    """A check of the user's flags: raise UserInputError(message) unless condition (message: the flags and the fix)."""
+    if not condition:
+        raise UserInputError(message)
 
 
 def seed_everything(seed: int, torch_threads: int, torch_deterministic: bool) -> None:
@@ -96,31 +121,127 @@ def summary_telemetry(metrics: dict) -> dict:
     return {MLFLOW_NAMES.get(k, k.split("/", 1)[1]): v for k, v in metrics.items() if k.startswith("charts/")}
 
 
-def open_run(run_dir: Path, args, global_step: int):
-    """Create the run folder marked incomplete, a tensorboard writer with the hyperparameter table and, with
-    --track, an MLflow run. Returns (writer, mlflow or None)."""
+def data_tag(cfg: DataConfig) -> str:
+    """What the run trains on, for its folder name: synthetic-s0.3-10y-10sym or the data file's / folder's name."""
+    if cfg.source == "synthetic":
+        return f"synthetic-s{cfg.signal_strength:g}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
+    return Path(cfg.source).stem.replace("__", "_") or "data"
+
+
+def market_fingerprint(market: PreparedMarket) -> dict:
+    """What a model trained on this market depends on, stored in checkpoints and run folders: the universe, the
+    lookback, the feature sets, the calendar, the splits and a hash of the bars and observation arrays."""
+    digest = hashlib.sha256()
+    for a in (market.data.timestamps, market.data.close, market.technical, market.regime, market.sl_probs):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return {
+        "source": market.data.source,
+        "symbols": list(market.data.symbols),
+        "lookback": int(market.lookback),
+        "feature_names": list(market.feature_names),
+        "regime_names": list(market.regime_names),
+        "benchmark": market.data.benchmark_name,
+        "bars": int(len(market.data.timestamps)),
+        "first_bar": str(market.data.timestamps[0]),
+        "last_bar": str(market.data.timestamps[-1]),
+        "bars_per_year": float(market.data.bars_per_year),
+        "splits": {k: list(v) for k, v in market.splits.items()},
+        "sha256": digest.hexdigest()[:24],
+    }
+
+
+def check_market_matches(saved: dict, market: PreparedMarket, what: str) -> None:
+    """A clear error when a checkpoint's market fingerprint does not fit this market: another universe, lookback or
+    feature set (the network's inputs and heads would not mean the same)."""
+    now = market_fingerprint(market)
+    for key, label in (("symbols", "universe"), ("lookback", "lookback"), ("feature_names", "technical features"),
+                       ("regime_names", "regime features")):  # fmt: skip
+        if saved.get(key) != now[key]:
+            raise UserInputError(
+                f"{what} was trained on another {label} ({saved.get(key)!r}) than this data's ({now[key]!r}); pass "
+                "the --data.* flags of its training run (its summary.json has them) or data with the same "
+                f"{label}."
+            )
+
+
+def run_metadata(args, device) -> dict:
+    """What reproduces a run: the command line, the git commit and whether the tree was dirty, the versions of the
+    packages that shape the numbers, torch's threads and the device."""
+    import importlib.metadata
+
+    root = Path(__file__).resolve().parent
+    git = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        if commit.returncode == 0:
+            git = {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for pkg in ("torch", "numpy", "pandas", "pyarrow", "gymnasium", "tyro", "tensorboard", "matplotlib"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command": [sys.executable, *sys.argv],
+        "git": git or None,
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "world_size": getattr(args, "world_size", 1),
+    }
+
+
+def open_run(run_dir: Path, args, global_step: int, market: PreparedMarket, device):
+    """Create the run folder marked incomplete with what reproduces the run (summary.json: command, commit, package
+    versions, threads, device, the data's fingerprint), a tensorboard writer with the hyperparameter table and,
+    with --track, an MLflow run. Returns (writer, mlflow or None)."""
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_summary(run_dir, status="incomplete", run_name=run_dir.name, global_step=global_step)
+    write_summary(run_dir, status="incomplete", run_name=run_dir.name, global_step=global_step,
+                  reproduce=run_metadata(args, device), data=market_fingerprint(market))  # fmt: skip
     writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
-    return writer, start_mlflow(args, run_dir.name) if args.track else None
+    params = flat_params(args)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in params.items()))
+    return writer, start_mlflow(args, run_dir.name, params) if args.track else None
 
 
-def start_mlflow(args, run_name: str):
-    # MLflow 3 keeps the ./mlruns file store only behind this opt-in (it steers users to a database server); a local
-    # folder beside runs/ is what a CleanRL-style `--track` without a server needs.
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+def flat_params(args) -> dict[str, str]:
+    """Every setting as its own flat entry, nested groups dotted (env.reward.pnl_weight), values as strings."""
+    out = {}
+
+    def walk(prefix: str, obj) -> None:
+        items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
+        for k, v in items:
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[f"{prefix}{k}"] = str(v)
+
+    walk("", args)
+    return out
+
+
+def start_mlflow(args, run_name: str, params: dict[str, str]):
+    """An MLflow run on the server of MLFLOW_TRACKING_URI, or without it a local ./mlruns file store (MLflow 3 keeps
+    that store behind an opt-in, which a CleanRL-style --track without a server needs), every setting a param."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
     mlflow.set_experiment(args.exp_name)
     mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: str(v)[:250] for k, v in vars(args).items()})
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        mlflow.log_params(dict(items[i : i + 100]))
     return mlflow
 
 
@@ -139,10 +260,30 @@ def write_summary(run_dir: Path, **fields) -> None:
     path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
 
-def close_run(writer, mlflow) -> None:
-    """Flush and close the tensorboard writer and end the MLflow run (with --track)."""
+def save_figures(run_dir: Path, writer, figures: dict, prefix: str, step: int) -> list[Path]:
+    """Each matplotlib figure as run_dir/<prefix>_<name>.png and as a tensorboard image (backtest/<prefix>_<name>);
+    the figures are closed. Returns the PNG paths."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in figures.items():
+        path = run_dir / f"{prefix}_{name}.png"
+        fig.savefig(path, dpi=100)
+        writer.add_figure(f"backtest/{prefix}_{name}", fig, step, close=True)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def close_run(writer, mlflow, run_dir: Path | None = None) -> None:
+    """Flush and close the tensorboard writer; with --track, send the run folder's report, pictures and checkpoints
+    to MLflow as artifacts and end the MLflow run."""
     writer.close()
     if mlflow is not None:
+        if run_dir is not None:
+            for path in sorted(run_dir.iterdir()):
+                if path.suffix in (".json", ".md", ".png", ".pt"):
+                    mlflow.log_artifact(str(path))
         mlflow.end_run()
 
 
@@ -306,17 +447,46 @@ def save_run_checkpoint(run_dir: Path, model, optimizer, args, global_step: int,
         )
 
 
-def resume_run(path: str, model, optimizer, device, rank: int, world_size: int) -> tuple[int, dict, dict, Path]:
+def resume_run(
+    path: str, model, optimizer, device, rank: int, world_size: int, market: PreparedMarket
+) -> tuple[int, dict, dict, Path]:
     """Load a checkpoint of save_run_checkpoint into model and optimizer and restore this rank's RNG states.
-    Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in."""
-    ckpt = load_checkpoint(path, model, optimizer, map_location=device)
+    Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in.
+    A finished run, another market or another number of processes is a clear error."""
+    run_dir = Path(path).resolve().parent
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
+        raise UserInputError(
+            f"{run_dir} already finished (summary.json says complete): there is nothing to resume. Evaluate it with "
+            f"--eval-checkpoint {path}, or start a new run."
+        )
+    try:
+        ckpt = load_checkpoint(path, model, optimizer, map_location=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserInputError(f"--resume {path}: {err}") from err
     extra = ckpt["extra"]
-    assert len(extra["ranks"]) == world_size, (
-        f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many (got {world_size})"
-    )
+    check_market_matches(extra.get("market", {}), market, path)
+    if len(extra["ranks"]) != world_size:
+        raise UserInputError(f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many "
+                             f"(got {world_size})")  # fmt: skip
     own = extra["ranks"][rank]
     set_rng_states(own["rng"])
     return ckpt["global_step"], extra, own, Path(path).resolve().parent
+
+
+def load_for_evaluation(path: str, market: PreparedMarket) -> dict:
+    """A training script's checkpoint (checkpoint.pt or best.pt) to evaluate on `market`: its payload (args, model
+    weights, global step), after checking that the market has the universe, lookback and features it was trained
+    on. A missing, corrupt or foreign file is a clear error."""
+    try:
+        payload = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserInputError(f"--eval-checkpoint {path}: {err}") from err
+    if not isinstance(payload.get("args"), dict) or "encoder" not in payload["args"]:
+        raise UserInputError(f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
+                             "script of this repository.")  # fmt: skip
+    check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
+    return payload
 
 
 def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
@@ -329,7 +499,7 @@ def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> t
     saved, saved_args = payload["model"], payload["args"] or {}
     if "encoder" not in saved_args or "actor.weights.0" not in saved:
         raise ValueError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
-    encoder = EncoderConfig(**saved_args["encoder"])
+    encoder = encoder_config_from_dict(saved_args["encoder"])
     heads = saved["actor.weights.0"].shape[0]
     if heads not in (1, num_symbols):
         raise ValueError(

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm
+from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from experiment import (
     allreduce_grads,
     assert_ranks_agree,
@@ -38,13 +38,15 @@ from experiment import (
     mean_over_ranks,
     open_run,
     prepare_market_on_ranks,
+    report_user_errors,
+    require,
     resume_run,
     save_run_checkpoint,
     seed_everything,
     summary_telemetry,
     write_summary,
 )
-from market_data import DataConfig
+from market_data import DataConfig, check_data_config
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
@@ -104,13 +106,13 @@ class Args:
     a whole number of master decisions)"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
-    split: str = "train"
+    split: Literal["train", "val", "test"] = "train"
     """split the agents train on (random episode starts inside it)"""
-    eval_split: str = "val"
+    eval_split: Literal["train", "val", "test"] = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
     """evaluate (and checkpoint with --save-model) every this many iterations; 0 disables periodic evaluation"""
-    test_split: str = "test"
+    test_split: Literal["train", "val", "test"] = "test"
     """split of the final backtest"""
     master_interval: int = 7
     """bars between two master decisions (7 hourly bars = one trading day)"""
@@ -169,16 +171,16 @@ class Args:
     excess_coef: float = 0.5
     """master reward: weight of the return in excess of the benchmark"""
 
-    # --- filled in at runtime ---
-    num_symbols: int = 0
+    # --- filled in at runtime (not flags) ---
+    num_symbols: int = field(default=0, init=False)
     """symbols per environment (from the data)"""
-    batch_size: int = 0
+    batch_size: int = field(default=0, init=False)
     """symbol-steps per rollout per rank (num_steps * num_envs * num_symbols)"""
-    master_batch_size: int = 0
+    master_batch_size: int = field(default=0, init=False)
     """master decisions per rollout per rank (num_steps / master_interval * num_envs)"""
-    num_iterations: int = 0
+    num_iterations: int = field(default=0, init=False)
     """the number of iterations (computed in runtime)"""
-    world_size: int = 1
+    world_size: int = field(default=1, init=False)
     """torchrun processes"""
 
 
@@ -356,19 +358,22 @@ def fixed_directive(index: int):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E, I = args.num_steps, args.num_envs, args.master_interval
-    assert T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive"
-    assert 1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0, (
+    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
+    require(
+        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
         f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
-        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs"
+        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
     )
-    assert I >= 1 and T % I == 0, (
-        f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every rollout holds whole master "
-        "decisions; e.g. --num-steps 70 with --master-interval 7"
-    )
+    require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
+            "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     M = T // I
-    if args.track and importlib.util.find_spec("mlflow") is None:
-        raise SystemExit("--track logs to MLflow, not installed: `pip install mlflow-skinny` (or drop --track)")
+    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
+            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
+    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
+            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
+    check_data_config(args.data)
     args.world_size, rank, device = init_distributed(args.cuda)
 
     market = prepare_market_on_ranks(args.data, rank, args.world_size)
@@ -376,12 +381,9 @@ if __name__ == "__main__":
     args.batch_size = T * E * S
     args.master_batch_size = M * E
     args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    assert args.num_iterations >= 1, (
-        f"--total-timesteps ({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * "
-        f"world_size = {args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout"
-    )
-    for name in (args.split, args.eval_split, args.test_split):
-        assert name in market.splits, f"split {name!r} is not one of the data's splits {sorted(market.splits)}"
+    require(args.num_iterations >= 1, f"--total-timesteps ({args.total_timesteps}) is below one rollout of num_steps "
+            f"* num_envs * num_symbols * world_size = {args.batch_size * args.world_size} symbol-steps; raise it or "
+            "shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
@@ -395,6 +397,7 @@ if __name__ == "__main__":
         agent, args.encoder = load_symbol_agents(args.symbol_checkpoint, S)
         preset = f"from {args.symbol_checkpoint}"
     else:
+        args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
         agent = SymbolPolicy(S, args.encoder, directive_dim=4)
     agent = agent.to(device).requires_grad_(not args.freeze_symbols)
     global_dim = global_features(envs.obs, envs.directive_index, np.zeros((E, S), np.int64)).shape[1]

@@ -18,12 +18,18 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 # Bumped by hand when the meaning of a cached array changes; the cache key also hashes this file's source.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
+
+
+class UserInputError(ValueError):
+    """Bad input that the user can fix (a file, a flag, a combination of flags): the message names the input and
+    the fix. The scripts print it as one line and exit with status 2, without a traceback."""
 
 
 @dataclass
@@ -52,9 +58,9 @@ class DataConfig:
     """User data: use the Adj Close column (OHL scaled by the same factor) instead of Close."""
     timezone: str = "UTC"
     """User data: time zone of naive timestamps; aware timestamps are converted to UTC either way."""
-    bad_bars: str = "raise"
+    bad_bars: Literal["raise", "drop", "repair"] = "raise"
     """User data: what to do with invalid bars: "raise" (default), "drop" them, or "repair" what can be repaired."""
-    normalization: str = "zscore"
+    normalization: Literal["zscore", "robust", "minmax"] = "zscore"
     """Technical feature normalisation: "zscore", "robust" (median/IQR) or "minmax", all rolling and causal."""
     norm_window: int = 140
     """Bars in the rolling normalisation window (140 = 20 trading days of hourly bars)."""
@@ -79,7 +85,9 @@ class DataConfig:
     sl_epochs: int = 4
     """Training epochs of each signal classifier."""
     sl_max_samples: int = 20000
-    """Training windows subsampled (seeded) from the train split, to bound fitting time for large universes."""
+    """Training windows subsampled (seeded) for each fit, to bound fitting time for large universes."""
+    sl_folds: int = 4
+    """Folds of the purged k-fold that gives the train split out-of-fold probabilities (k + 1 fits per classifier)."""
     sl_threads: int = 1
     """torch threads while fitting and predicting the classifiers (1: more threads stall on a busy shared CPU)."""
     cache: bool = True
@@ -147,7 +155,8 @@ class PreparedMarket:
 # Per bar t and symbol s (all arrays vectorised over symbols; the only Python loops run over time):
 #   u[t, s]  = beta_s * m[t] + gamma_s * f[t, sector(s)] + e[t, s]       market, sector and idiosyncratic shocks
 #   each shock = scale * regime_mult[regime(t)] * intraday_mult[hour(t)] * sqrt(h[t]) * z[t],
-#   z ~ Student-t(4) scaled to unit variance, h[t] = GARCH(1,1) variance with unit mean (alpha 0.08, beta 0.90),
+#   z ~ Student-t(4) scaled to unit variance and clipped at +-8, h[t] = GARCH(1,1) variance with unit mean (alpha
+#   0.08, beta 0.90) capped at 9,
 #   sd[t, s] = the conditional standard deviation of u[t, s] given h, regime and hour; w = u / sd has variance 1.
 #   x[t, s]  = rho * x[t-1, s] + sqrt(1 - rho^2) * w[t, s]                 planted predictable component
 #   r[t, s]  = drift(regime) * beta_s + sd[t, s] * x[t, s]                 log return of bar t
@@ -167,6 +176,11 @@ _REGIME_OTHER_VOL = np.array([1.0, 1.2, 1.8])
 _INTRADAY_VOL = np.array([1.6, 1.1, 0.9, 0.85, 0.9, 1.0, 1.3])  # U-shaped, 7 hourly bars from 09:30 New York
 _INTRADAY_VOLUME = np.array([1.8, 1.1, 0.9, 0.8, 0.85, 1.0, 1.5])
 _SYNTH_BARS_PER_DAY = 7
+# Student-t(4) shocks have no fourth moment, so the GARCH variance they drive has none either: unbounded, a 10-year
+# sample once produced a +240% hourly bar. Shocks are clipped at 8 standard deviations and the conditional variance
+# at 9x its mean (volatility at most 3x), which keeps fat tails and clustering without absurd bars.
+SHOCK_CLIP = 8.0
+GARCH_H_MAX = 9.0
 _SYNTH_DAYS_PER_YEAR = 252
 
 
@@ -190,16 +204,16 @@ def _synthetic_calendar(years: float, holidays: bool, start: str = "2022-01-03")
     return ts.reshape(-1).astype("datetime64[ns]")
 
 
-def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90) -> np.ndarray:
+def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90, h_max: float = GARCH_H_MAX) -> np.ndarray:
     """GARCH(1,1) with unit unconditional variance driven by shocks z (T, C); returns sqrt(h) (T, C), h[t] known
-    before z[t] is drawn. One loop over time, vectorised over the C series."""
+    before z[t] is drawn, h capped at h_max. One loop over time, vectorised over the C series."""
     omega = 1.0 - alpha - beta
     out = np.empty_like(z)
     h = np.ones(z.shape[1])
     for t in range(z.shape[0]):
         s = np.sqrt(h)
         out[t] = s
-        h = omega + alpha * (s * z[t]) ** 2 + beta * h
+        h = np.minimum(omega + alpha * (s * z[t]) ** 2 + beta * h, h_max)
     return out
 
 
@@ -214,11 +228,11 @@ def generate_synthetic_market(
 ) -> MarketData:
     """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays."""
     if num_symbols < 1:
-        raise ValueError(f"num_symbols must be >= 1, got {num_symbols}.")
+        raise UserInputError(f"--data.num-symbols {num_symbols}: the synthetic market needs at least 1 symbol.")
     if not 0.0 <= signal_strength < 1.0:
-        raise ValueError(f"signal_strength must lie in [0, 1), got {signal_strength}; 0 is pure noise.")
+        raise UserInputError(f"--data.signal-strength {signal_strength} must lie in [0, 1); 0 is pure noise.")
     if not 0.0 <= gap_rate < 0.5:
-        raise ValueError(f"gap_rate must lie in [0, 0.5), got {gap_rate}.")
+        raise UserInputError(f"--data.gap-rate {gap_rate} must lie in [0, 0.5).")
     rng = np.random.default_rng(seed)
     ts = _synthetic_calendar(years, holidays)
     T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
@@ -243,7 +257,7 @@ def generate_synthetic_market(
 
     # shocks: Student-t(4) scaled to unit variance, GARCH(1,1) per series (market, K sectors, S idiosyncratic)
     df = 4.0
-    z = rng.standard_t(df, size=(T, 1 + K + S)) / np.sqrt(df / (df - 2.0))
+    z = np.clip(rng.standard_t(df, size=(T, 1 + K + S)) / np.sqrt(df / (df - 2.0)), -SHOCK_CLIP, SHOCK_CLIP)
     g = _garch_unit(z)  # (T, C) conditional sd
     reg_m = _REGIME_MARKET_VOL[regime] * _INTRADAY_VOL[hour]  # (T,)
     reg_o = _REGIME_OTHER_VOL[regime] * _INTRADAY_VOL[hour]
@@ -331,14 +345,14 @@ _ALIASES = {
     "close": ("close", "c", "last"),
     "volume": ("volume", "vol", "v"),
     "adj_close": ("adj close", "adj_close", "adjclose", "adjusted close", "adjusted_close"),
-    "symbol": ("symbol", "ticker", "asset", "instrument"),
+    "symbol": ("symbol", "ticker", "tic", "asset", "instrument"),
 }
 BAD_BAR_POLICIES = ("raise", "drop", "repair")
 _NON_MONOTONIC = "timestamp earlier than a previous row (timestamps must increase)"
 _FIX = "Correct the file, or opt in to --data.bad-bars drop (remove such bars) or repair (fix what can be fixed)."
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserInputError):
     """Bad user data: the message names the file, the row and the problem, and says how to fix it."""
 
 
@@ -378,6 +392,7 @@ def _standardize(df: pd.DataFrame, where: str, cfg: DataConfig, need_symbol: boo
             )
         raw_ts = df[ts_col]
     out["timestamp"] = _to_utc(raw_ts, where, cfg.timezone)
+    out["_row"] = np.arange(1, len(df) + 1)  # the bar's row in the file (1-based, header excluded), for errors
     for name in ("open", "high", "low", "close", "volume"):
         col = _find_column(columns, name)
         if col is None:
@@ -399,7 +414,7 @@ def _standardize(df: pd.DataFrame, where: str, cfg: DataConfig, need_symbol: boo
         col = _find_column(columns, "symbol")
         if col is None:
             raise DataValidationError(
-                f"{where}: a long-format parquet needs a symbol column (aliases {list(_ALIASES['symbol'])}); found "
+                f"{where}: a long-format file needs a symbol column (aliases {list(_ALIASES['symbol'])}); found "
                 f"{list(df.columns)}. Add it, or split the data into one file per symbol in a folder."
             )
         out["symbol"] = df[col].astype(str)
@@ -407,10 +422,16 @@ def _standardize(df: pd.DataFrame, where: str, cfg: DataConfig, need_symbol: boo
 
 
 def _to_utc(values: pd.Series, where: str, timezone: str) -> pd.Series:
+    """Timestamps as naive UTC datetime64[ns]. Aware values (an offset or a zone) are converted to UTC, also when the
+    offset changes within the file (a daylight-saving switch, as most intraday vendors export New York time); naive
+    values are read in `timezone`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # format inference chatter
-        ts = pd.to_datetime(values, errors="coerce")
-        if ts.dtype == object:  # mixed offsets: let pandas convert each to UTC
+        try:
+            ts = pd.to_datetime(values, errors="coerce")
+        except (ValueError, TypeError):  # pandas 3: "Mixed timezones detected" for offsets that change
+            ts = None
+        if ts is None or ts.dtype == object:  # mixed offsets: let pandas convert each to UTC
             ts = pd.to_datetime(values, errors="coerce", utc=True)
     if ts.dt.tz is None:
         ts = ts.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
@@ -447,7 +468,7 @@ def _bad_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
 def validate_bars(df: pd.DataFrame, where: str, policy: str) -> pd.DataFrame:
     """Check one symbol's standardised bars; raise on the first bad row, or drop / repair them (counts warned)."""
     if policy not in BAD_BAR_POLICIES:
-        raise ValueError(f"bad_bars must be one of {BAD_BAR_POLICIES}, got {policy!r}.")
+        raise UserInputError(f"--data.bad-bars {policy!r}: use one of {BAD_BAR_POLICIES}.")
     problems = _bad_rows(df)
     if policy == "raise":
         for problem, mask in problems.items():
@@ -455,8 +476,9 @@ def validate_bars(df: pd.DataFrame, where: str, policy: str) -> pd.DataFrame:
                 i = int(np.argmax(mask))
                 row = df.iloc[i]
                 values = ", ".join(f"{k}={row[k]}" for k in ("open", "high", "low", "close", "volume"))
+                line = int(row["_row"]) if "_row" in df else i + 1
                 raise DataValidationError(
-                    f"{where}: row {i + 1} (timestamp {row['timestamp']}): {problem} ({values}). {_FIX}"
+                    f"{where}: row {line} (timestamp {row['timestamp']}): {problem} ({values}). {_FIX}"
                 )
         return df
     counts = {}
@@ -505,24 +527,23 @@ def _user_frames(cfg: DataConfig) -> dict[str, tuple[str, pd.DataFrame]]:
                 raise DataValidationError(f"{path}: symbol {p.stem} has both a parquet and a CSV file; keep one.")
             frames[p.stem] = (str(p), validate_bars(_standardize(_read_table(p), str(p), cfg), str(p), cfg.bad_bars))
     elif path.is_file():
-        if path.suffix.lower() != ".parquet":
-            raise DataValidationError(
-                f"{path} is a single {path.suffix} file; a single file must be a long-format parquet with a symbol "
-                f"column. Put per-symbol files in a folder instead, or convert it to parquet."
-            )
-        long = _standardize(_read_table(path), str(path), cfg, need_symbol=True)
-        for sym, part in long.groupby("symbol", sort=True):
-            if cfg.symbols is not None and sym not in cfg.symbols and sym != cfg.benchmark:
-                continue
-            where = f"{path} (symbol {sym})"
-            frames[str(sym)] = (
-                where,
-                validate_bars(part.drop(columns="symbol").reset_index(drop=True), where, cfg.bad_bars),
-            )
+        table = _read_table(path)
+        if _find_column({str(c).strip().lower(): c for c in table.columns}, "symbol") is None:  # one symbol
+            frames[path.stem] = (str(path), validate_bars(_standardize(table, str(path), cfg), str(path), cfg.bad_bars))
+        else:  # long format: one row per (timestamp, symbol)
+            long = _standardize(table, str(path), cfg, need_symbol=True)
+            for sym, part in long.groupby("symbol", sort=True):
+                if cfg.symbols is not None and sym not in cfg.symbols and sym != cfg.benchmark:
+                    continue
+                where = f"{path} (symbol {sym})"
+                frames[str(sym)] = (
+                    where,
+                    validate_bars(part.drop(columns="symbol").reset_index(drop=True), where, cfg.bad_bars),
+                )
     else:
         raise DataValidationError(
-            f"Data source {path} does not exist. Pass --data.source synthetic, a folder of per-symbol parquet/CSV "
-            f"files, or a long-format parquet file."
+            f"Data source {path} does not exist. Pass --data.source synthetic, one bar file (CSV or parquet; the "
+            "file name is the symbol), a folder of per-symbol files, or a long-format file with a symbol column."
         )
     if cfg.symbols is not None:
         missing = [s for s in cfg.symbols if s not in frames]
@@ -538,9 +559,25 @@ def infer_calendar(timestamps: np.ndarray) -> tuple[float, float]:
     if len(ts) < 2:
         raise DataValidationError("Need at least two bars to infer the calendar.")
     bars_per_day = float(pd.Series(ts.normalize()).value_counts().median())
-    step = np.median(np.diff(ts.asi8))
-    span_days = (ts.asi8[-1] - ts.asi8[0] + step) / 86_400e9
+    seconds = (ts - ts[0]).total_seconds().to_numpy()  # whatever the resolution (ns, us, ms, s) of the timestamps
+    step = np.median(np.diff(seconds))
+    span_days = (seconds[-1] + step) / 86_400.0
     return bars_per_day, float(len(ts) / span_days * 365.25)
+
+
+_DELIST_GRACE = 7  # a symbol whose data stops more than this many bars before the sample's end is flagged delisted
+
+
+def equal_weight_index(close: np.ndarray) -> np.ndarray:
+    """(T,) an investable equal-weight index of the (T, S) closes: a portfolio rebalanced to equal weights every bar
+    (before costs) over the symbols that trade on both bars, so index_t = index_{t-1} x (1 + mean simple return).
+    Compounding the mean log return instead would trail it by about half the cross-sectional variance every bar."""
+    c = pd.DataFrame(close).ffill().to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bars where nothing trades give an all-NaN row
+        simple = close[1:] / c[:-1] - 1.0  # NaN where the symbol has no bar now (or none yet)
+        step = np.nanmean(simple, axis=1)
+    return 100.0 * np.cumprod(np.r_[1.0, 1.0 + np.nan_to_num(step)])
 
 
 def load_user_market(cfg: DataConfig) -> MarketData:
@@ -566,19 +603,23 @@ def load_user_market(cfg: DataConfig) -> MarketData:
         idx = np.searchsorted(ts, f["timestamp"].to_numpy("datetime64[ns]"))
         for k in panels:
             panels[k][idx, j] = f[k].to_numpy()
-    tradable = np.isfinite(panels["close"])
+    tradable = np.isfinite(panels["close"])  # bars without volume are also not tradable: the env decides that
+    has_bar = np.isfinite(panels["close"])
+    last = len(ts) - 1 - np.argmax(has_bar[::-1], axis=0)  # (S,) each symbol's last bar
+    ended = [sym for j, sym in enumerate(symbols) if last[j] < len(ts) - 1 - _DELIST_GRACE]
+    if ended:
+        warnings.warn(
+            f"Symbols {ended[:10]} end before the sample does ({ts[-1]}): each is treated as delisted after its last "
+            "bar, where its position is closed at the last close, with costs, and its slot stops trading.",
+            stacklevel=2,
+        )
     if cfg.benchmark is not None:
         _, bf = frames[cfg.benchmark]
         bench = pd.Series(bf["close"].to_numpy(), index=bf["timestamp"].to_numpy("datetime64[ns]"))
         benchmark = bench.reindex(ts).ffill().bfill().to_numpy()
         name = cfg.benchmark
-    else:  # equal-weight index: mean log return of the symbols trading on each bar
-        logc = np.log(pd.DataFrame(panels["close"]).ffill().to_numpy())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            step = np.nan_to_num(np.nanmean(np.diff(logc, axis=0), axis=1))
-        benchmark = 100.0 * np.exp(np.r_[0.0, np.cumsum(step)])
-        name = "EQUAL_WEIGHT"
+    else:
+        benchmark, name = equal_weight_index(panels["close"]), "EQUAL_WEIGHT"
     bars_per_day, bars_per_year = infer_calendar(ts)
     return MarketData(
         timestamps=ts,
@@ -681,7 +722,7 @@ def raw_technical(data: MarketData) -> np.ndarray:
     o = np.where(miss, c, data.open)
     h = np.where(miss, c, data.high)
     l = np.where(miss, c, data.low)
-    v = np.where(miss, np.nan, data.volume)
+    v = np.where(miss | ~(data.volume > 0), np.nan, data.volume)  # zero volume is no volume information
     logc = np.log(c)
     c_prev = np.vstack([np.full((1, c.shape[1]), np.nan), c[:-1]])
 
@@ -745,7 +786,7 @@ def raw_technical(data: MarketData) -> np.ndarray:
 def normalize_features(raw: np.ndarray, mode: str, window: int, clip: float) -> np.ndarray:
     """Rolling, per-symbol normalisation of (T, S, F) raw features; NaN stays NaN."""
     if mode not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}.")
+        raise UserInputError(f"--data.normalization {mode!r}: use one of {NORMALIZATIONS}.")
     T, S, F = raw.shape
     roll = pd.DataFrame(raw.reshape(T, S * F)).rolling(window, min_periods=NORM_MIN_PERIODS)
     x = raw.reshape(T, S * F)
@@ -788,7 +829,7 @@ def compute_regime(data: MarketData) -> np.ndarray:
     c = pd.DataFrame(data.close).ffill()
     r = np.log(c).diff().to_numpy().copy()
     r[miss] = np.nan
-    v = pd.DataFrame(np.where(miss, np.nan, data.volume))
+    v = pd.DataFrame(np.where(miss | ~(data.volume > 0), np.nan, data.volume))
     vol_reg = np.log(v.rolling(7, min_periods=4).mean() / v.rolling(70, min_periods=35).mean()).to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (e.g. the first bar) give NaN, handled below
@@ -841,12 +882,14 @@ def valuation_close(data: MarketData) -> np.ndarray:
 def make_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo: int) -> dict[str, tuple[int, int]]:
     """Chronological [start, stop) train / val / test ranges after the warm-up, `embargo` bars apart."""
     if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
-        raise ValueError(f"train_frac {train_frac} and val_frac {val_frac} must be in (0, 1) and sum to below 1.")
+        raise UserInputError(
+            f"--data.train-frac {train_frac} and --data.val-frac {val_frac} must lie in (0, 1) and sum to below 1."
+        )
     usable = T - warmup - 2 * embargo
     n_train, n_val = int(usable * train_frac), int(usable * val_frac)
     n_test = usable - n_train - n_val
     if min(n_train, n_val, n_test) < 1:
-        raise ValueError(
+        raise UserInputError(
             f"{T} bars leave no room for train/val/test after a warm-up of {warmup} and two embargoes of {embargo} "
             f"bars; use more data (e.g. a longer `years` or more history in the files) or a shorter lookback."
         )
@@ -905,13 +948,61 @@ def _windows(technical: np.ndarray, t: np.ndarray, s: np.ndarray, lookback: int)
     return np.ascontiguousarray(view[t - lookback + 1, s].transpose(0, 2, 1))
 
 
+def _fit_classifier(cls, technical, labels, t_idx, s_idx, cfg: DataConfig, seed: int, L: int, F: int):
+    """One classifier fitted on the windows ending at bars t_idx of symbols s_idx (at most sl_max_samples of them,
+    drawn with `seed`), for sl_epochs epochs of Adam on the binary cross-entropy."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    if len(t_idx) > cfg.sl_max_samples:
+        keep = np.sort(rng.choice(len(t_idx), cfg.sl_max_samples, replace=False))
+        t_idx, s_idx = t_idx[keep], s_idx[keep]
+    x = torch.from_numpy(_windows(technical, t_idx, s_idx, L))
+    y = torch.from_numpy(labels[t_idx, s_idx])
+    torch.manual_seed(seed)
+    model = cls(L, F)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    gen = torch.Generator().manual_seed(seed + 100)
+    model.train()
+    for _ in range(cfg.sl_epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(256):
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _predict(model, technical, bars: np.ndarray, L: int) -> np.ndarray:
+    """Probabilities (len(bars), S) of a fitted classifier for every symbol at the given bars."""
+    import torch
+
+    S = technical.shape[1]
+    out = np.empty((len(bars), S), dtype=np.float32)
+    chunk = max(1, 16384 // S)
+    with torch.no_grad():
+        for a in range(0, len(bars), chunk):
+            t_idx = np.repeat(bars[a : a + chunk], S)
+            s_idx = np.tile(np.arange(S), len(t_idx) // S)
+            logits = model(torch.from_numpy(_windows(technical, t_idx, s_idx, L)))
+            out[a : a + chunk] = torch.sigmoid(logits).numpy().reshape(-1, S)
+    return out
+
+
 def fit_signals(
     technical: np.ndarray, data: MarketData, splits: dict[str, tuple[int, int]], cfg: DataConfig
 ) -> tuple[np.ndarray, dict]:
-    """Fit the MLP, LSTM and GRU classifiers on the train split; (T, S, 3) probabilities for every bar (0.5 before
-    the warm-up and on missing bars) and {"mlp": {"val_auc", "val_f1", ...}, "lstm": ..., "gru": ...}."""
-    import torch
+    """The MLP, LSTM and GRU classifiers' (T, S, 3) probabilities for every bar (0.5 before the warm-up and on missing
+    bars) and their metrics {"mlp": {"train_auc", "val_auc", "val_f1", ...}, "lstm": ..., "gru": ...}.
 
+    Validation and test bars (and every bar after the train split) get a model fitted on the whole train split. The
+    train split's own bars get out-of-fold probabilities (purged k-fold, k = sl_folds): the split is cut into k
+    contiguous folds, and fold j is predicted by a model fitted on the other folds, leaving out the samples within
+    max(lookback, sl_horizon) bars of fold j (an embargo on both sides: no window or label of a training sample
+    overlaps the fold). So train observations look like test observations, and train_auc (out of fold) is comparable
+    with val_auc: with in-sample train probabilities a policy learns to trust a feature that vanishes out of sample.
+    """
     from encoders import SignalGRU, SignalLSTM, SignalMLP
 
     T, S, F = technical.shape
@@ -920,25 +1011,26 @@ def fit_signals(
     valid &= data.tradable
     first = max(L - 1, feature_warmup())
     valid[:first] = False
+    embargo = max(L, h)
 
-    def samples(split: str) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = splits[split]
+    def samples(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Samples whose window ends in [lo, hi) and whose label bar t + h is before hi."""
         mask = np.zeros_like(valid)
-        mask[start : stop - h] = valid[start : stop - h]  # the label of t reads bar t + h, still inside the split
+        mask[lo : max(lo, hi - h)] = valid[lo : max(lo, hi - h)]
         return np.nonzero(mask)
 
-    rng = np.random.default_rng(cfg.seed + 7919)
-    tr_t, tr_s = samples("train")
+    tr_lo, tr_hi = splits["train"]
+    tr_t, tr_s = samples(tr_lo, tr_hi)
     if len(tr_t) < 64:
-        raise ValueError(
-            f"Only {len(tr_t)} training windows for the signal classifiers; use more data or sl_signals=False."
+        raise UserInputError(
+            f"Only {len(tr_t)} training windows for the signal classifiers; use more data or --data.no-sl-signals."
         )
-    if len(tr_t) > cfg.sl_max_samples:
-        keep = np.sort(rng.choice(len(tr_t), cfg.sl_max_samples, replace=False))
-        tr_t, tr_s = tr_t[keep], tr_s[keep]
-    x_train = torch.from_numpy(_windows(technical, tr_t, tr_s, L))
-    y_train = torch.from_numpy(labels[tr_t, tr_s])
-    va_t, va_s = samples("val")
+    if cfg.sl_folds < 2:
+        raise UserInputError(f"--data.sl-folds {cfg.sl_folds}: the out-of-fold train probabilities need 2 or more.")
+    va_t, va_s = samples(*splits["val"])
+    edges = np.linspace(max(tr_lo, first), tr_hi, cfg.sl_folds + 1).astype(int)
+
+    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.sl_threads))
@@ -946,35 +1038,24 @@ def fit_signals(
     metrics = {}
     try:
         for k, (name, cls) in enumerate(zip(SL_MODELS, (SignalMLP, SignalLSTM, SignalGRU), strict=True)):
-            torch.manual_seed(cfg.seed + k)
-            model = cls(L, F)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            loss_fn = torch.nn.BCEWithLogitsLoss()
-            gen = torch.Generator().manual_seed(cfg.seed + 100 + k)
-            model.train()
-            for _ in range(cfg.sl_epochs):
-                for idx in torch.randperm(len(x_train), generator=gen).split(256):
-                    loss = loss_fn(model(x_train[idx]), y_train[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            model.eval()
-            with torch.no_grad():
-                chunk = max(1, 16384 // S)
-                for a in range(first, T, chunk):
-                    t_idx = np.repeat(np.arange(a, min(a + chunk, T)), S)
-                    s_idx = np.tile(np.arange(S), len(t_idx) // S)
-                    out = torch.sigmoid(model(torch.from_numpy(_windows(technical, t_idx, s_idx, L)))).numpy()
-                    probs[t_idx, s_idx, k] = out
+            seed = cfg.seed + 97 * k
+            for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):  # out-of-fold train bars
+                keep = (tr_t < lo - embargo) | (tr_t >= hi + embargo)
+                model = _fit_classifier(cls, technical, labels, tr_t[keep], tr_s[keep], cfg, seed + j + 1, L, F)
+                probs[lo:hi, :, k] = _predict(model, technical, np.arange(lo, hi), L)
+            model = _fit_classifier(cls, technical, labels, tr_t, tr_s, cfg, seed, L, F)  # the whole train split
+            probs[tr_hi:, :, k] = _predict(model, technical, np.arange(tr_hi, T), L)
             probs[~data.tradable, k] = 0.5
+            probs[:first, :, k] = 0.5
             p_val, y_val = probs[va_t, va_s, k], labels[va_t, va_s]
             metrics[name] = {
+                "train_auc": roc_auc(labels[tr_t, tr_s], probs[tr_t, tr_s, k]),
                 "val_auc": roc_auc(y_val, p_val),
                 "val_f1": f1_score(y_val, p_val),
+                "train_samples": int(len(tr_t)),
                 "val_samples": int(len(y_val)),
                 "val_positive_rate": float(y_val.mean()) if len(y_val) else float("nan"),
-                "train_auc": roc_auc(labels[tr_t, tr_s], probs[tr_t, tr_s, k]),
-                "train_samples": int(len(tr_t)),
+                "folds": cfg.sl_folds,
                 "horizon": h,
                 "threshold": cfg.sl_threshold,
             }
@@ -1136,8 +1217,42 @@ def read_cache(folder: Path, key: str) -> PreparedMarket:
 def _embargo(cfg: DataConfig) -> int:
     floor = max(cfg.lookback, cfg.sl_horizon)
     if cfg.embargo is not None and cfg.embargo < floor:
-        raise ValueError(f"embargo {cfg.embargo} is shorter than max(lookback, sl_horizon) = {floor}; raise it.")
+        raise UserInputError(
+            f"--data.embargo {cfg.embargo} is shorter than max(lookback, sl_horizon) = {floor}; raise it or leave it "
+            "unset."
+        )
     return floor if cfg.embargo is None else cfg.embargo
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Check the data flags before any work; a UserInputError names the flag and the fix."""
+    if cfg.source == "synthetic":
+        if cfg.num_symbols < 1 or cfg.years <= 0:
+            raise UserInputError(f"--data.num-symbols {cfg.num_symbols} and --data.years {cfg.years} must be positive.")
+        if not 0.0 <= cfg.signal_strength < 1.0:
+            raise UserInputError(f"--data.signal-strength {cfg.signal_strength} must lie in [0, 1); 0 is pure noise.")
+        if not 0.0 <= cfg.gap_rate < 0.5:
+            raise UserInputError(f"--data.gap-rate {cfg.gap_rate} must lie in [0, 0.5).")
+    elif not Path(cfg.source).exists():
+        raise UserInputError(
+            f"--data.source {cfg.source}: no such file or folder. Pass synthetic, one bar file (CSV or parquet; the "
+            "file name is the symbol), a folder of per-symbol files, or one long-format file with a symbol column."
+        )
+    if not (0 < cfg.train_frac < 1 and 0 < cfg.val_frac < 1 and cfg.train_frac + cfg.val_frac < 1):
+        raise UserInputError(
+            f"--data.train-frac {cfg.train_frac} and --data.val-frac {cfg.val_frac} must lie in (0, 1) and sum to "
+            "below 1."
+        )
+    if cfg.lookback < 1 or cfg.sl_horizon < 1 or cfg.min_episode_bars < 1:
+        raise UserInputError("--data.lookback, --data.sl-horizon and --data.min-episode-bars must be at least 1.")
+    if cfg.norm_window < NORM_MIN_PERIODS or cfg.feature_clip <= 0:
+        raise UserInputError(
+            f"--data.norm-window {cfg.norm_window} must be at least {NORM_MIN_PERIODS} and --data.feature-clip "
+            "positive."
+        )
+    if cfg.sl_signals and cfg.sl_folds < 2:
+        raise UserInputError(f"--data.sl-folds {cfg.sl_folds}: the out-of-fold train probabilities need 2 or more.")
+    _embargo(cfg)
 
 
 def load_market(cfg: DataConfig) -> MarketData:
@@ -1152,7 +1267,7 @@ def load_market(cfg: DataConfig) -> MarketData:
 def build_prepared(data: MarketData, cfg: DataConfig) -> PreparedMarket:
     """Features, splits and signals for already loaded bars (no cache)."""
     if cfg.lookback < 1:
-        raise ValueError(f"lookback must be >= 1, got {cfg.lookback}.")
+        raise UserInputError(f"--data.lookback {cfg.lookback} must be at least 1.")
     warmup = feature_warmup()
     embargo = _embargo(cfg)
     splits = make_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo)
@@ -1181,6 +1296,7 @@ def build_prepared(data: MarketData, cfg: DataConfig) -> PreparedMarket:
 
 def prepare_market(cfg: DataConfig) -> PreparedMarket:
     """The one entry point: load or generate bars, validate, compute features, splits and signals; cached."""
+    check_data_config(cfg)
     if not cfg.cache:
         return build_prepared(load_market(cfg), cfg)
     key = cache_key(cfg)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy
+from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, encoder_config_from_dict, set_input_shapes
 from experiment import (
     all_ranks_stop,
     allreduce_grads,
@@ -40,26 +40,35 @@ from experiment import (
     broadcast_parameters,
     close_distributed,
     close_run,
+    data_tag,
     encoder_preset,
     init_distributed,
+    load_for_evaluation,
     log_scalars,
+    market_fingerprint,
     mean_over_ranks,
     open_run,
     prepare_market_on_ranks,
+    report_user_errors,
+    require,
     resume_run,
+    save_checkpoint,
+    save_figures,
     save_run_checkpoint,
     seed_everything,
     stop_on_sigint,
     summary_telemetry,
     write_summary,
 )
-from market_data import DataConfig
+from market_data import DataConfig, check_data_config
 from trading_env import (
     INCREASE_ACTIONS,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
+    backtest_figures,
     baseline_backtests,
+    decile_figure,
     decile_table,
     fit_rule,
     format_deciles,
@@ -93,6 +102,10 @@ class Args:
     """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
     resume: str | None = None
     """path of a checkpoint.pt to continue from (model, optimiser, entropy control, RNG, envs, global step)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint.pt or best.pt to evaluate: no training, the final backtest and report of that agent on
+    --test-split of the data given by the --data.* flags (which must have the universe and features it was trained
+    on), in a new run folder"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
@@ -107,16 +120,18 @@ class Args:
     """trading environment: capital, costs, slippage, limits, reward weights"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
+    hold_bias: float = 0.0
+    """initial logit of HOLD over the other actions (0: uniform over the allowed actions at the start)"""
     shared_heads: bool = True
     """one actor-critic head pair for every symbol (each learns from all symbols' data) instead of one per symbol"""
-    split: str = "train"
+    split: Literal["train", "val", "test"] = "train"
     """split the agents train on (random episode starts inside it)"""
-    eval_split: str = "val"
+    eval_split: Literal["train", "val", "test"] = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
     """evaluate on eval_split and checkpoint (with --save-model) every this many iterations and at the end; 0: no
     periodic evaluation, a checkpoint every iteration"""
-    test_split: str = "test"
+    test_split: Literal["train", "val", "test"] = "test"
     """split of the final backtest"""
     eval_samples: int = 3
     """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
@@ -196,16 +211,16 @@ class Args:
     kl_prior_temperature: float = 4.0
     """sharpness of the prior: logit of an action = temperature * direction * (mean sl_prob - 0.5)"""
 
-    # --- filled in at runtime ---
-    num_symbols: int = 0
+    # --- filled in at runtime (not flags) ---
+    num_symbols: int = field(default=0, init=False)
     """symbols per environment (from the data)"""
-    batch_size: int = 0
+    batch_size: int = field(default=0, init=False)
     """symbol-steps per rollout per rank (num_steps * num_envs * num_symbols)"""
-    minibatch_size: int = 0
+    minibatch_size: int = field(default=0, init=False)
     """symbol-steps per minibatch"""
-    num_iterations: int = 0
+    num_iterations: int = field(default=0, init=False)
     """the number of iterations (computed in runtime)"""
-    world_size: int = 1
+    world_size: int = field(default=1, init=False)
     """torchrun processes"""
 
 
@@ -362,17 +377,23 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E = args.num_steps, args.num_envs
-    assert T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive"
-    assert 1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0, (
+    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
+    require(
+        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
         f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
-        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs"
+        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
     )
-    assert args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, (
-        "need --ent-guard-boost >= 1 and 0 < --ent-guard-relax <= 1"
-    )
-    if args.track and importlib.util.find_spec("mlflow") is None:
-        raise SystemExit("--track logs to MLflow, not installed: `pip install mlflow-skinny` (or drop --track)")
+    require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
+            "0 < --ent-guard-relax <= 1")  # fmt: skip
+    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
+            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
+    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
+            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
+    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
+            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
+    check_data_config(args.data)
     args.world_size, rank, device = init_distributed(args.cuda)
 
     market = prepare_market_on_ranks(args.data, rank, args.world_size)
@@ -380,12 +401,9 @@ if __name__ == "__main__":
     args.batch_size = T * E * S
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    assert args.num_iterations >= 1, (
-        f"--total-timesteps ({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * "
-        f"world_size = {args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout"
-    )
-    for name in (args.split, args.eval_split, args.test_split):
-        assert name in market.splits, f"split {name!r} is not one of the data's splits {sorted(market.splits)}"
+    require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps "
+            f"({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * world_size = "
+            f"{args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
@@ -395,23 +413,37 @@ if __name__ == "__main__":
     seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
+    fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
+    saved = load_for_evaluation(args.eval_checkpoint, market) if args.eval_checkpoint else None
+    if saved:  # a saved agent keeps its own network
+        args.encoder, args.shared_heads = (
+            encoder_config_from_dict(saved["args"]["encoder"]),
+            saved["args"]["shared_heads"],
+        )
+    args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
+    with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn
+        agent.actor.biases[-1][:, 0] = args.hold_bias
     broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
-    global_step, start_iteration = 0, 1
+    global_step, start_iteration, best_val = 0, 1, -np.inf
     next_obs_np = envs.reset(seed=args.seed + rank)
+    run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
     if args.resume:
-        global_step, extra, own, run_dir = resume_run(args.resume, agent, optimizer, device, rank, args.world_size)
-        ctl, start_iteration = extra["entropy_control"], extra["iteration"] + 1
+        resumed = resume_run(args.resume, agent, optimizer, device, rank, args.world_size, market)
+        global_step, extra, own, run_dir = resumed
+        ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
-    else:
-        run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    elif saved:  # --eval-checkpoint: no training, straight to the final backtest
+        agent.load_state_dict(saved["model"])
+        global_step, start_iteration = saved["global_step"], args.num_iterations + 1
+        run_dir = run_dir.with_name(run_dir.name + "__eval")
 
     writer, mlflow = None, None
     if rank == 0:
-        writer, mlflow = open_run(run_dir, args, global_step)
+        writer, mlflow = open_run(run_dir, args, global_step, market, device)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
@@ -430,7 +462,7 @@ if __name__ == "__main__":
     terminateds, truncateds = (torch.zeros((T, E, S), dtype=torch.bool, device=device) for _ in range(2))
     policy_actions, executed_actions = np.zeros((T, E, S), np.int8), np.zeros((T, E, S), np.int8)
     start_time, start_step = time.time(), global_step
-    last_eval, stop, stopping = {}, stop_on_sigint(), False
+    last_eval, last_telemetry, stop, stopping = {}, {}, stop_on_sigint(), False
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:
@@ -537,7 +569,7 @@ if __name__ == "__main__":
         # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
-            extra = {"iteration": iteration, "entropy_control": ctl}
+            extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val}
             save_run_checkpoint(run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank)
         if rank != 0:
             if stopping:
@@ -584,6 +616,10 @@ if __name__ == "__main__":
             last_eval = {k: v for k, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()})
             metrics["perf/eval_seconds"] = time.time() - t_eval
+            if args.save_model and last_eval["sharpe"] > best_val:  # the best-on-validation weights, beside the last
+                best_val = last_eval["sharpe"]
+                extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
+                save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
         sps = int((global_step - start_step) / (time.time() - start_time))
         metrics["charts/SPS"] = sps
         log_scalars(writer, mlflow, metrics, global_step)
@@ -623,6 +659,9 @@ if __name__ == "__main__":
         deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(format_deciles(deciles, "ret_1"))
+        figures = backtest_figures(curves, full["series"], envs.symbols, f"{run_dir.name}, {args.test_split} split")
+        figures["deciles"] = decile_figure(deciles, "ret_1", f"{run_dir.name}, {args.test_split} split")
+        save_figures(run_dir, writer, figures, args.test_split, global_step)
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
         log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
@@ -630,7 +669,7 @@ if __name__ == "__main__":
         final.update(backtest=reports, rule=rule, deciles=deciles, val=last_eval, telemetry=last_telemetry)
         final.update(entropy_control=ctl, args=asdict(args))
         write_summary(run_dir, **final)
-        close_run(writer, mlflow)
+        close_run(writer, mlflow, run_dir)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree(agent.parameters(), rank)
     close_distributed(args.world_size)

@@ -9,6 +9,7 @@ PortfolioParallelEnv (PettingZoo ParallelEnv, portfolio mode). Market data and f
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal
@@ -17,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from market_data import PreparedMarket
+from market_data import PreparedMarket, UserInputError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Actions and directives
@@ -448,7 +449,7 @@ class VecTradingCore:
         if config.max_consecutive < 1 or config.diversity_window < 1 or config.risk_window < 2:
             raise ValueError("EnvConfig: max_consecutive and diversity_window must be >= 1 and risk_window >= 2.")
         if not 0 < config.max_participation <= 1 or config.max_slippage_bps <= 0 or config.min_notional < 0:
-            raise ValueError("EnvConfig: max_participation must lie in (0, 1], max_slippage_bps be positive and "
+            raise UserInputError("EnvConfig: max_participation must lie in (0, 1], max_slippage_bps be positive and "
                              "min_notional non-negative.")  # fmt: skip
         data = market.data
         sym_idx = self._symbol_indices(data.symbols, symbols)
@@ -486,7 +487,7 @@ class VecTradingCore:
         if self._volume_free.any():
             if config.volume_free_cost_bps is None:
                 names = [self.symbols[s] for s in np.flatnonzero(self._volume_free)]
-                raise ValueError(
+                raise UserInputError(
                     f"Symbols {names[:10]} have no volume in the data, so the slippage model (square-root impact on "
                     "the bar's dollar volume) cannot price their orders. Pass --env.volume-free-cost-bps N (a flat "
                     "slippage per side, e.g. 1 for major FX pairs) to trade them, or leave them out with "
@@ -939,7 +940,6 @@ class VecTradingCore:
         returns)."""
         eq0 = self.equity  # self.equity is rebound below, never written in place during the step
         vc0 = self._vc[self.t]
-        self.cash = f.cash_after
         old_shares = self.shares
         new_shares = old_shares - f.sell_sh + f.bought
         basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
@@ -954,6 +954,7 @@ class VecTradingCore:
             f = self._delist(f, delisted, new_shares, new_basis, vc1)
             new_shares = np.where(delisted, 0.0, new_shares)
         new_pos = new_shares > 0
+        self.cash = f.cash_after
         self.shares = new_shares
         self.basis = np.where(new_pos, new_basis, 0.0)
         self.hold = np.where(new_pos, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
@@ -1305,15 +1306,14 @@ _SELL_FRACTION = np.array([0.0, 0.0, 0.0, 0.0, SELL_PARTIAL_FRACTION, 1.0, 0.0])
 # Faces
 # ---------------------------------------------------------------------------------------------------------------------
 def slot_observation_space(core: VecTradingCore) -> spaces.Dict:
-    """The observation space of one slot of `core`."""
+    """The observation space of one slot of `core`: every key bounded (technical by the largest normalised feature
+    value of the market, at least OBS_CLIP; position, portfolio and regime by OBS_CLIP; directives by their grid)."""
+    tech = np.float32(max(OBS_CLIP, float(np.abs(core._tech_rows).max())))
+    bounds = {"action_mask": (0, 1), "sl_probs": (0.0, 1.0), "technical": (-tech, tech), "directives": (-1.0, 1.25)}
     boxes = {}
     for k, shape in core.observation_shapes.items():
-        if k == "action_mask":
-            boxes[k] = spaces.Box(0, 1, shape, dtype=np.int8)
-        elif k == "sl_probs":
-            boxes[k] = spaces.Box(0.0, 1.0, shape, dtype=np.float32)
-        else:
-            boxes[k] = spaces.Box(-np.inf, np.inf, shape, dtype=np.float32)
+        lo, hi = bounds.get(k, (-OBS_CLIP, OBS_CLIP))
+        boxes[k] = spaces.Box(lo, hi, shape, dtype=np.int8 if k == "action_mask" else np.float32)
     return spaces.Dict(boxes)
 
 
@@ -1380,10 +1380,13 @@ class TradingEnvironment(gym.Env):
 
 
 class TradingVectorEnv(gym.vector.VectorEnv):
-    """gymnasium VectorEnv over all E * S slots of one core (sub-env i = env i // S, symbol i % S), same-step
-    autoreset: where terminated | truncated the returned observation starts the next episode, info["final_obs"]
-    (batched dict) holds the ended one's last observation and info["_final_obs"] marks which rows are valid.
-    Returned arrays are views of the core's buffers (copy to keep). `action_masks()` gives (E * S, 7) bool."""
+    """gymnasium VectorEnv over all E * S slots of one core (sub-env i = env i // S, symbol i % S), following
+    gymnasium 1.x: same-step autoreset (declared in metadata), so where terminated | truncated the returned
+    observation starts the next episode; then info["final_obs"] (batched dict) holds the ended episode's last
+    observation and info["final_info"] its statistics (the core's episode stats), valid where info["_final_obs"] /
+    info["_final_info"]. Every per-slot info array comes with its "_key" mask. Returned arrays are the caller's to
+    keep (copies). `action_masks()` gives (E * S, 7) bool. gymnasium.wrappers.vector.RecordEpisodeStatistics works
+    on it (info["episode"] is left to it)."""
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
@@ -1397,7 +1400,7 @@ class TradingVectorEnv(gym.vector.VectorEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
 
     def _flat(self, obs: dict) -> dict:
-        return {k: v.reshape(self.num_envs, *v.shape[2:]) for k, v in obs.items()}
+        return {k: v.reshape(self.num_envs, *v.shape[2:]).copy() for k, v in obs.items()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         return self._flat(self.core.reset(seed=seed)), {}
@@ -1408,15 +1411,118 @@ class TradingVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"actions must have shape ({self.num_envs},) (one per sub-env), got {a.shape}.")
         obs, reward, terminated, truncated, info = self.core.step(a.reshape(self.core.num_envs, -1))
         n = self.num_envs
-        out = {k: v.reshape(n, *v.shape[2:]) for k, v in info.items() if isinstance(v, np.ndarray) and v.ndim >= 2}
-        out["reward_components"] = {k: v.reshape(n) for k, v in info["reward_components"].items()}
-        out["episode"] = {k: v.reshape(n, *v.shape[2:]) for k, v in info["episode"].items()}
-        out["final_obs"] = self._flat(info["final_obs"])
-        out["_final_obs"] = info["done_mask"].reshape(n)
-        return self._flat(obs), reward.reshape(n), terminated.reshape(n), truncated.reshape(n), out
+        every = np.ones(n, dtype=bool)
+        out = {}
+        for k, v in info.items():
+            if isinstance(v, np.ndarray) and v.ndim >= 2 and k != "done_mask":
+                out[k], out[f"_{k}"] = v.reshape(n, *v.shape[2:]).copy(), every
+        out["reward_components"] = {k: v.reshape(n).copy() for k, v in info["reward_components"].items()}
+        out["_reward_components"] = every
+        done = info["done_mask"].reshape(n).copy()
+        if done.any():
+            out["final_obs"], out["_final_obs"] = self._flat(info["final_obs"]), done
+            stats = {k: v.reshape(n, *v.shape[2:]).copy() for k, v in info["episode"].items() if k != "done_mask"}
+            out["final_info"], out["_final_info"] = stats, done
+        return self._flat(obs), reward.reshape(n).copy(), terminated.reshape(n).copy(), truncated.reshape(n).copy(), out
 
     def action_masks(self) -> np.ndarray:
         return self.core.obs["action_mask"].reshape(self.num_envs, NUM_ACTIONS).astype(bool)
+
+
+try:  # Stable-Baselines3 is optional (a test requirement): without it the SB3 face is not defined
+    from stable_baselines3.common.vec_env import VecEnv as _SB3VecEnv
+except ImportError:  # pragma: no cover
+    _SB3VecEnv = None
+
+if _SB3VecEnv is not None:
+
+    class SB3VecEnv(_SB3VecEnv):
+        """Stable-Baselines3 VecEnv over all E * S slots of one core (sub-env i = env i // S, symbol i % S): SB3's
+        algorithms step the whole core at once instead of one gymnasium env per slot. SB3 conventions: dones =
+        terminated | truncated, info["terminal_observation"] and info["TimeLimit.truncated"] at an episode's end,
+        info["episode"] = {"r", "l", "t"} for SB3's episode logging, info["episode_stats"] the core's statistics.
+        `env_method("action_masks")` returns every slot's mask, so sb3-contrib's MaskablePPO trains on it."""
+
+        def __init__(self, market: PreparedMarket, num_envs: int = 1, split: str = "train",
+                     config: EnvConfig | None = None, seed: int = 0, symbols=None):  # fmt: skip
+            self.core = VecTradingCore(market, num_envs, split, "independent", config, seed, symbols=symbols)
+            super().__init__(self.core.num_envs * self.core.num_symbols, slot_observation_space(self.core),
+                             spaces.Discrete(NUM_ACTIONS))  # fmt: skip
+            self._actions = np.zeros(self.num_envs, dtype=np.int64)
+            self._returns = np.zeros(self.num_envs)
+            self._started = time.perf_counter()
+
+        def _flat(self, obs: dict) -> dict:
+            return {k: v.reshape(self.num_envs, *v.shape[2:]).copy() for k, v in obs.items()}
+
+        def reset(self):
+            seed = self._seeds[0] if any(s is not None for s in self._seeds) else None
+            self._reset_seeds()
+            self._returns[:] = 0.0
+            return self._flat(self.core.reset(seed=seed))
+
+        def step_async(self, actions) -> None:
+            self._actions = np.asarray(actions, dtype=np.int64).reshape(self.core.num_envs, -1)
+
+        def step_wait(self):
+            obs, reward, terminated, truncated, info = self.core.step(self._actions)
+            n = self.num_envs
+            reward, terminated, truncated = reward.reshape(n), terminated.reshape(n), truncated.reshape(n)
+            dones = terminated | truncated
+            self._returns += reward
+            infos = [{} for _ in range(n)]
+            if dones.any():
+                final = self._flat(info["final_obs"])
+                stats = {k: v.reshape(n) for k, v in info["episode"].items() if v.ndim == 2}
+                length = stats["length"]
+                for i in np.flatnonzero(dones):
+                    infos[i] = {
+                        "terminal_observation": {k: v[i] for k, v in final.items()},
+                        "TimeLimit.truncated": bool(truncated[i]),
+                        "episode": {
+                            "r": float(self._returns[i]),
+                            "l": int(length[i]),
+                            "t": round(time.perf_counter() - self._started, 6),
+                        },  # fmt: skip
+                        "episode_stats": {k: float(v[i]) for k, v in stats.items()},
+                    }
+                self._returns[dones] = 0.0
+            return self._flat(obs), reward.astype(np.float32), dones, infos
+
+        def action_masks(self) -> np.ndarray:
+            return self.core.obs["action_mask"].reshape(self.num_envs, NUM_ACTIONS).astype(bool)
+
+        def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list:
+            if method_name != "action_masks":
+                raise AttributeError(f"SB3VecEnv has no per-slot method {method_name!r}; only action_masks.")
+            masks = self.action_masks()
+            return [masks[i] for i in self._get_indices(indices)]
+
+        def get_attr(self, attr_name: str, indices=None) -> list:
+            return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+        def set_attr(self, attr_name: str, value, indices=None) -> None:
+            setattr(self, attr_name, value)
+
+        def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+            return [False for _ in self._get_indices(indices)]
+
+        def close(self) -> None:
+            pass
+
+
+def _make_trading_env(market: PreparedMarket | None = None, data=None, **kwargs) -> TradingEnvironment:
+    """gymnasium.make("TradingEnv-v0", ...): TradingEnvironment on `market`, or on the market of a DataConfig
+    `data` (default: the embedded synthetic market), prepared and cached by market_data.prepare_market."""
+    if market is None:
+        from market_data import DataConfig, prepare_market
+
+        market = prepare_market(data if data is not None else DataConfig())
+    return TradingEnvironment(market, **kwargs)
+
+
+if "TradingEnv-v0" not in gym.registry:
+    gym.register(id="TradingEnv-v0", entry_point=_make_trading_env)
 
 
 try:
@@ -1680,16 +1786,21 @@ def buy_and_hold(market: PreparedMarket, start: int, bars: int, book: float, con
     exposure (bars,)) of `fraction` x book put in the benchmark and in an investable equal-weight basket (equal
     amounts of every symbol tradable at the first fill, bought at open[start + 1]), the rest held as cash, never
     rebalanced. The entry pays commission + spread; a basket symbol delisted inside the window is sold at its last
-    close, paying them again. The benchmark series is treated as an investable index fund."""
+    close, paying them again. The benchmark series is treated as an investable index fund bought at its close of
+    bar start + 1 (it has no open)."""
     c = (config.commission_bps + config.spread_bps) / 1e4
     stop = start + bars + 1
     bench = market.data.benchmark[start:stop]
     invest = fraction * book
-    b_hold = invest * (1.0 - c) * bench / bench[0]
-    out = {"benchmark": (book - invest + b_hold, b_hold[1:] / (book - invest + b_hold[1:]))}
+    b_hold = np.r_[0.0, invest * (1.0 - c) * bench[1:] / bench[1]]  # bought at the first fill's close, bench[1]
+    b_eq = np.r_[book, book - invest + b_hold[1:]]
+    out = {"benchmark": (b_eq, b_hold[1:] / b_eq[1:])}
     first = start + 1
     px = market.data.open if config.fill == "open" else market.data.close
-    ok = market.data.tradable[first] & np.isfinite(px[first]) & (px[first] > 0)
+    vol = market.data.volume
+    volume_free = ~(np.nan_to_num(vol) > 0).any(0)  # as the core: such symbols trade only under a flat cost model
+    has_volume = (vol[first] > 0) | (volume_free & (config.volume_free_cost_bps is not None))
+    ok = market.data.tradable[first] & np.isfinite(px[first]) & (px[first] > 0) & has_volume
     value = np.zeros(bars + 1)
     cash = np.full(bars + 1, book)
     if ok.any():
@@ -1875,3 +1986,84 @@ def format_deciles(rows: list[dict], name: str) -> str:
     lines += [f"| {r['decile']} | {r['low']:.2f} .. {r['high']:.2f} | {r['p_increase']:.3f} | {r['decisions']} |"
               for r in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pictures of a backtest (matplotlib, imported on first use): equity, drawdown, action mix, per-symbol contribution
+# ---------------------------------------------------------------------------------------------------------------------
+def backtest_figures(curves: dict[str, np.ndarray], series: dict, symbols: list[str], title: str) -> dict:
+    """Figures of a backtest, x-axis in the data's timestamps: "equity" (every curve normalised to 1), "drawdown"
+    (the agent's beside the buy-and-holds'), "actions" (share of HOLD / increase / decrease among the executed
+    actions, one trading day rolling), "contribution" (each symbol's cumulative PnL as a fraction of the book).
+    curves: name -> equity (N+1,) with "agent" among them; series: run_backtest's series of the agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = np.asarray(series["timestamps"]).astype("datetime64[ns]")
+    figs = {}
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, curve in curves.items():
+        agent = name == "agent"
+        ax.plot(ts, curve / curve[0], lw=2.0 if agent else 1.0, label=name, zorder=3 if agent else 2)
+    ax.set_ylabel("equity / initial")
+    ax.set_title(f"{title}: equity")
+    ax.legend(fontsize=7, ncol=2)
+    figs["equity"] = fig
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for name in ("agent", "benchmark_bh", "equal_weight_bh", "benchmark_bh_matched"):
+        if name in curves:
+            curve = curves[name]
+            ax.plot(ts, curve / np.maximum.accumulate(curve) - 1.0, lw=1.5 if name == "agent" else 1.0, label=name)
+    ax.set_ylabel("drawdown")
+    ax.set_title(f"{title}: drawdown")
+    ax.legend(fontsize=7)
+    figs["drawdown"] = fig
+    ex = np.asarray(series["executed"])  # (N, S)
+    classes = {"HOLD": ex == HOLD, "increase": np.isin(ex, INCREASE_ACTIONS)}
+    classes["decrease"] = np.isin(ex, (SELL_PARTIAL, SELL_ALL))
+    window = min(7, max(len(ex), 1))  # one trading day of hourly bars
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    shares = [np.convolve(c.mean(1), np.ones(window) / window, mode="same") for c in classes.values()]
+    ax.stackplot(ts[1:], *shares, labels=list(classes), alpha=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"share of executed actions ({window}-bar mean)")
+    ax.set_title(f"{title}: action mix")
+    ax.legend(fontsize=7, loc="upper right")
+    figs["actions"] = fig
+    book = float(curves["agent"][0])
+    cum = np.cumsum(np.asarray(series["pnl"]), axis=0) / book  # (N, S)
+    order = np.argsort(cum[-1]) if len(cum) else np.arange(len(symbols))
+    show = order if len(symbols) <= 12 else np.r_[order[:5], order[-5:]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for s in show:
+        ax.plot(ts[1:], cum[:, s], lw=1.0, label=symbols[s])
+    if len(symbols) > 12:
+        rest = np.setdiff1d(np.arange(len(symbols)), show)
+        ax.plot(ts[1:], cum[:, rest].sum(1), lw=1.0, ls="--", color="grey", label=f"{len(rest)} others")
+    ax.set_ylabel("cumulative PnL / book")
+    ax.set_title(f"{title}: contribution per symbol")
+    ax.legend(fontsize=7, ncol=2)
+    figs["contribution"] = fig
+    for fig in figs.values():
+        fig.autofmt_xdate()
+        fig.tight_layout()
+    return figs
+
+
+def decile_figure(rows: list[dict], name: str, title: str):
+    """decile_table's rows as a bar chart: P(increase exposure) by decile of the feature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r["decile"] for r in rows], [r["p_increase"] for r in rows], color="tab:blue")
+    ax.set_xticks([r["decile"] for r in rows])
+    ax.set_xlabel(f"decile of {name} at the decision (1 = lowest)")
+    ax.set_ylabel("P(increase exposure)")
+    ax.set_title(f"{title}: P(increase exposure | decile of {name})")
+    fig.tight_layout()
+    return fig

@@ -292,4 +292,4 @@ def test_encoders_imports_networks_only():
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             names.add(node.module)
-    assert names <= {"__future__", "math", "dataclasses", "typing", "torch", "torch.nn"}, names
+    assert names <= {"__future__", "copy", "math", "dataclasses", "typing", "torch", "torch.nn"}, names

@@ -297,6 +297,77 @@ def test_real_bars_from_backtesting_package(tmp_path, name, per_day, per_year):
     assert p.splits["test"][1] == len(p.data.timestamps)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_one_bar_file_is_one_symbol_named_by_the_file(tmp_path, suffix):
+    path = _write(tmp_path, f"BTCUSD{suffix}", _bars())
+    m = md.load_user_market(_cfg(path))
+    assert m.symbols == ["BTCUSD"] and m.close.shape == (N_BARS, 1)
+    assert m.benchmark_name == "EQUAL_WEIGHT"
+
+
+def test_long_format_csv_with_finrls_tic_column(tmp_path):
+    a, b = _bars(seed=1), _bars(seed=2)
+    a["tic"], b["tic"] = "AAA", "BBB"
+    path = _write(tmp_path, "long.csv", pd.concat([a, b]).rename(columns={"Timestamp": "date"}))
+    m = md.load_user_market(_cfg(path))
+    assert m.symbols == ["AAA", "BBB"]
+    np.testing.assert_allclose(m.close[:, 1], b["Close"])
+
+
+def test_a_long_files_error_names_the_row_in_the_file(tmp_path):
+    a, b = _bars(seed=1), _bars(seed=2)
+    a["symbol"], b["symbol"] = "AAA", "BBB"
+    long = pd.concat([a, b]).reset_index(drop=True)
+    long.loc[N_BARS + 10, "Close"] = np.nan  # BBB's 11th bar is the file's row N_BARS + 11
+    path = _write(tmp_path, "long.csv", long)
+    with pytest.raises(md.DataValidationError, match=rf"symbol BBB\): row {N_BARS + 11} "):
+        md.load_user_market(_cfg(path))
+
+
+def test_offsets_that_change_at_a_daylight_saving_switch_load(tmp_path):
+    """New York intraday bars as vendors export them: ISO strings whose offset is -05:00 before the March switch and
+    -04:00 after it. pandas 3 refuses to parse such a column without utc=True ("Mixed timezones detected")."""
+    df = _bars(start="2024-03-04 14:30")
+    local = pd.DatetimeIndex(df["Timestamp"]).tz_localize("UTC").tz_convert("America/New_York")
+    df["Timestamp"] = [ts.isoformat() for ts in local]
+    assert {s[-6:] for s in df["Timestamp"]} == {"-05:00", "-04:00"}
+    m = md.load_user_market(_cfg(_write(tmp_path, "NYC.csv", df)))
+    np.testing.assert_array_equal(m.timestamps, pd.DatetimeIndex(_bars(start="2024-03-04 14:30")["Timestamp"]).values)
+
+
+def test_calendar_inference_does_not_assume_nanoseconds():
+    ts = pd.date_range("2024-01-01", periods=24 * 60, freq="h")
+    for unit in ("ns", "us", "ms", "s"):
+        per_day, per_year = md.infer_calendar(ts.as_unit(unit).values)
+        assert per_day == 24 and per_year == pytest.approx(24 * 365.25, rel=1e-3), unit
+
+
+def test_zero_volume_bars_load_without_warnings(tmp_path):
+    import warnings
+
+    df = _bars()
+    df.loc[50:60, "Volume"] = 0.0
+    _write(tmp_path / "d", "ZERO.csv", df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = md.prepare_market(_cfg(tmp_path / "d"))
+    assert np.isfinite(p.technical).all() and np.isfinite(p.regime).all()
+
+
+def test_a_symbol_that_ends_early_is_named_in_a_warning(tmp_path):
+    _write(tmp_path / "d", "LONG.csv", _bars(seed=1))
+    _write(tmp_path / "d", "GONE.csv", _bars(seed=2).iloc[: N_BARS - 40])
+    with pytest.warns(UserWarning, match=r"\['GONE'\] end before the sample does"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_equal_weight_benchmark_is_an_investable_rebalanced_index():
+    close = np.array([[100.0, 100.0], [110.0, 90.0], [121.0, 99.0], [np.nan, 108.9]])
+    index = md.equal_weight_index(close)
+    # equal weights every bar: +0% (10% and -10%), then +10% (10% and 10%), then +10% (only B trades)
+    np.testing.assert_allclose(index, [100.0, 100.0, 110.0, 121.0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,7 +509,7 @@ def test_known_feature_values_on_a_hand_built_series():
 
 
 def test_unknown_normalization_is_a_clear_error(market):
-    with pytest.raises(ValueError, match="normalization must be one of"):
+    with pytest.raises(md.UserInputError, match="--data.normalization 'softmax': use one of"):
         md.compute_technical(market, "softmax")
 
 

@@ -48,7 +48,7 @@ DESIGN_TAGS = [
     "losses/policy_loss",
     "losses/entropy",
     "losses/approx_kl",
-    "losses/kl_prior",
+    "losses/prior_cross_entropy",
     "losses/explained_variance",
     "reward/total",
     "reward/pnl",
@@ -59,8 +59,11 @@ DESIGN_TAGS = [
     "perf/update_seconds",
     "perf/eval_seconds",
     "equity/test_agent",
-    "equity/test_benchmark",
-    "equity/test_equal_weight",
+    "equity/test_benchmark_bh",
+    "equity/test_equal_weight_bh",
+    "equity/test_always_hold",
+    "equity/test_random",
+    "equity/test_rule_ceiling",
 ] + [f"charts/action_distribution/{name}" for name in ACTION_NAMES]
 
 
@@ -97,11 +100,11 @@ def test_gae_bootstraps_at_truncation_only():
 
 
 def test_hold_then_linear_schedule():
-    args = ppo.Args()
-    coefs = [ppo.scheduled_ent_coef(args, s) for s in (0, 10_000, 30_000, 50_000, 10**6)]
+    args = ppo.Args(ent_final=0.03, ent_min=0.03)  # the seed's schedule, its step counts x 50 (symbol-steps)
+    coefs = [ppo.scheduled_ent_coef(args, s) for s in (0, 500_000, 1_500_000, 2_500_000, 10**7)]
     assert coefs == pytest.approx([0.08, 0.08, 0.055, 0.03, 0.03])
     args.ent_min = 0.05
-    assert ppo.scheduled_ent_coef(args, 10**6) == pytest.approx(0.05)
+    assert ppo.scheduled_ent_coef(args, 10**7) == pytest.approx(0.05)
 
 
 def test_entropy_guard_and_bonus():
@@ -109,10 +112,11 @@ def test_entropy_guard_and_bonus():
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     assert not ppo.update_entropy_control(args, ctl, 1_000, dist_entropy=0.1, action_entropy=0.05)  # warm-up
     assert ctl == {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
-    assert ppo.update_entropy_control(args, ctl, 5_000, dist_entropy=0.275, action_entropy=0.1)
+    # normalised units: the guard threshold is 0.11, the bonus target 0.40
+    assert ppo.update_entropy_control(args, ctl, 250_000, dist_entropy=0.20, action_entropy=0.10)
     assert ctl["guard_mult"] == pytest.approx(1.5) and ctl["interventions"] == 1
     assert ctl["bonus_mult"] == pytest.approx(1.0 + 0.35 * 0.5)  # half the target entropy
-    assert not ppo.update_entropy_control(args, ctl, 6_000, dist_entropy=1.0, action_entropy=1.0)
+    assert not ppo.update_entropy_control(args, ctl, 300_000, dist_entropy=1.0, action_entropy=1.0)
     assert ctl["guard_mult"] == pytest.approx(1.35) and ctl["bonus_mult"] == 1.0
 
 
@@ -227,9 +231,38 @@ def test_torchrun_two_processes(workdir):
 
 
 def sample(policy, obs, action=None, deterministic=False):
-    """action, logprob, entropy, value of the script's masked_policy on the policy's masked logits."""
+    """action, logprob, entropy in nats, value of the script's masked_policy on the policy's masked logits."""
     logits, value = policy(obs)
-    return (*ppo.masked_policy(logits, action, deterministic), value)
+    action, logprob, entropy, choice = ppo.masked_policy(logits, action, deterministic)
+    allowed = (logits > MASKED_LOGIT / 2).sum(-1).float()
+    nats = torch.where(choice, entropy * torch.log(allowed.clamp(min=2)), torch.zeros_like(entropy))
+    return action, logprob, nats, value
+
+
+def test_entropy_is_normalised_by_the_number_of_allowed_actions():
+    """1 = uniform over the allowed actions whatever their number; 0 where only one action is allowed."""
+    logits = torch.zeros(3, 7)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0]])
+    logits = torch.where(mask.bool(), logits, torch.full_like(logits, MASKED_LOGIT))
+    _, _, entropy, choice = ppo.masked_policy(logits)
+    torch.testing.assert_close(entropy, torch.tensor([1.0, 1.0, 0.0]))
+    assert choice.tolist() == [True, True, False]
+    peaked = logits.clone()
+    peaked[0, 0] = 5.0  # mostly HOLD among 4 allowed
+    h = ppo.masked_policy(peaked)[2][0].item()
+    p = torch.softmax(peaked[0, :4], -1)
+    assert h == pytest.approx((-(p * p.log()).sum() / math.log(4)).item(), rel=1e-5)
+    assert ppo.choice_mean(entropy, choice).item() == pytest.approx(1.0)
+
+
+def test_prior_exerts_no_pull_without_a_signal():
+    """The supervised prior enters as E_pi[-log q]: with a flat prior (sl_probs 0.5) its gradient is zero, so it is
+    no hidden entropy bonus (KL(pi || uniform) = log n - H(pi) would be)."""
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]], dtype=torch.int8)
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5, MASKED_LOGIT, MASKED_LOGIT, MASKED_LOGIT]], requires_grad=True)
+    flat = ppo.sl_prior_logprobs(torch.full((1, 3), 0.5), mask, 4.0)
+    (-(torch.softmax(logits, -1) * flat).sum()).backward()
+    assert logits.grad.abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ from torch.utils.tensorboard import SummaryWriter
 import validate_stage5 as gate
 
 ACTIONS = ("HOLD", "BUY_SMALL", "BUY_MEDIUM", "BUY_LARGE", "SELL_PARTIAL", "SELL_ALL", "ADD")
-STEPS = list(range(512, 10_241, 512))  # 20 rollouts of 512 steps
+STEPS = list(range(25_600, 512_001, 25_600))  # 20 rollouts of 25,600 symbol-steps
 
 
 def healthy_metrics(step: int) -> dict[str, float]:
     share = {"HOLD": 0.40, "BUY_SMALL": 0.12, "BUY_MEDIUM": 0.10, "BUY_LARGE": 0.08}
     share |= {"SELL_PARTIAL": 0.10, "SELL_ALL": 0.12, "ADD": 0.08}
     return {
-        "charts/policy_action_entropy_mean": 1.2 - 0.5 * step / 10_240,
+        "charts/policy_action_entropy_mean": 0.6 - 0.25 * step / 512_000,  # normalised
         "charts/voluntary_trade_rate": 0.35,
         "charts/sanitizer_trade_delta": 4.0,  # percentage points, as the scripts log it
         "charts/diversity_bonus": 0.12,
@@ -28,10 +28,10 @@ def healthy_metrics(step: int) -> dict[str, float]:
 
 
 def collapsed_metrics(step: int) -> dict[str, float]:
-    hold = min(0.99, 0.4 + step / 5000)
+    hold = min(0.99, 0.4 + step / 250_000)
     rest = (1.0 - hold) / 6
     return {
-        "charts/policy_action_entropy_mean": max(0.01, 1.2 - step / 4000),
+        "charts/policy_action_entropy_mean": max(0.005, 0.6 - step / 200_000),
         "charts/voluntary_trade_rate": 1.0 - hold,
         "charts/sanitizer_trade_delta": 0.0,
         "charts/diversity_bonus": 0.01,
@@ -68,9 +68,10 @@ def test_healthy_run_passes_every_criterion(tmp_path):
     assert result["passed"], result["checks"]
     assert result["seed"] == 7
     values = {c["criterion"]: c["value"] for c in result["checks"]}
-    assert values["entropy_by_step"] == pytest.approx(1.2 - 0.5 * 5632 / 10_240)  # last point at or before 6,000
+    # the last point at or before 300,000
+    assert values["entropy_by_step"] == pytest.approx(0.6 - 0.25 * 281_600 / 512_000)
     assert values["sanitizer_delta"] == pytest.approx(4.0)  # percentage points
-    assert values["action_share"] == pytest.approx(0.40)
+    assert values["action_share"] == pytest.approx(0.12)  # the largest non-HOLD share (HOLD 0.40 may dominate)
 
 
 def test_collapsed_run_fails_naming_the_criteria(tmp_path):
@@ -78,10 +79,9 @@ def test_collapsed_run_fails_naming_the_criteria(tmp_path):
     result = gate.check_run(run, args())
     failed = {c["criterion"] for c in result["checks"] if not c["passed"]}
     assert not result["passed"]
-    assert {"entropy_by_step", "entropy_floor", "action_share", "diversity_bonus"} <= failed
+    assert {"entropy_by_step", "entropy_floor", "voluntary_trade_rate", "diversity_bonus"} <= failed
     assert "sanitizer_delta" not in failed  # nothing to sanitize when the policy only holds
-    share = next(c for c in result["checks"] if c["criterion"] == "action_share")
-    assert "HOLD" in share["detail"]
+    assert "action_share" not in failed  # HOLD may dominate; the cap is on one trading action
 
 
 def test_main_writes_reports_and_exit_status(tmp_path, capsys):
@@ -91,7 +91,7 @@ def test_main_writes_reports_and_exit_status(tmp_path, capsys):
     assert gate.main(["--runs", str(good), "--out-dir", str(out)]) == 0
     assert gate.main(["--runs", str(good), str(bad), "--out-dir", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "seed 1337" in err and "action_share failed" in err and "diversity_bonus failed" in err
+    assert "seed 1337" in err and "entropy_by_step failed" in err and "diversity_bonus failed" in err
     assert "seed 7" not in err
     report = json.loads((out / "stage5_report.json").read_text())
     assert not report["passed"]
@@ -107,25 +107,26 @@ def test_thresholds_are_flags(tmp_path):
     run = write_run(tmp_path, "good", healthy_metrics)
     out = tmp_path / "out"
     assert gate.main(["--runs", str(run), "--out-dir", str(out), "--min-diversity-bonus", "0.2"]) == 1
-    assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-action-share", "0.3"]) == 1
+    assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-action-share", "0.1"]) == 1
     assert gate.main(["--runs", str(run), "--out-dir", str(out), "--max-sanitizer-delta-pp", "3"]) == 1
 
 
 def test_action_share_looks_at_the_late_run_where_a_collapse_shows():
     def late_collapse(step):
         metrics = healthy_metrics(step)
-        if step > 5120:  # the second half of the run: HOLD 90%
-            metrics |= {f"charts/action_distribution/{a}": 0.9 if a == "HOLD" else 0.1 / 6 for a in ACTIONS}
+        if step > 256_000:  # the second half of the run: BUY_SMALL 90% (a trading action repeated)
+            metrics |= {f"charts/action_distribution/{a}": 0.9 if a == "BUY_SMALL" else 0.1 / 6 for a in ACTIONS}
         return metrics
 
     scalars = {tag: series(STEPS, [late_collapse(s)[tag] for s in STEPS]) for tag in late_collapse(512)}
     actions = {t.rsplit("/", 1)[1]: s for t, s in scalars.items() if t.startswith("charts/action_distribution/")}
     late = gate.check_action_share(actions, 0.60, from_fraction=0.5)
-    assert not late.passed and late.value == pytest.approx(0.9) and "HOLD" in late.detail
-    whole = gate.check_action_share(actions, 0.60, from_fraction=0.0)  # averaged with the healthy start: 0.65
-    assert not whole.passed and whole.value == pytest.approx(0.65)
-    assert gate.check_action_share(actions, 0.70, from_fraction=0.0).passed
-    assert not gate.check_action_share(actions, 0.70, from_fraction=0.5).passed
+    assert not late.passed and late.value == pytest.approx(0.9) and "BUY_SMALL" in late.detail
+    whole = gate.check_action_share(actions, 0.60, from_fraction=0.0)  # averaged with the healthy start: 0.51
+    assert whole.passed and whole.value == pytest.approx(0.51)
+    assert not gate.check_action_share(actions, 0.50, from_fraction=0.0).passed
+    holds = {a: series(STEPS, [0.94 if a == "HOLD" else 0.01] * len(STEPS)) for a in ACTIONS}
+    assert gate.check_action_share(holds, 0.60).passed  # a trader that mostly holds is not a collapse
 
 
 def test_entropy_floor_dip_with_guard_passes_and_without_fails():

@@ -95,7 +95,7 @@ def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple
 def prepare_market_on_ranks(cfg: DataConfig, rank: int, world_size: int) -> PreparedMarket:
     """prepare_market on every rank, rank 0 first: it fills the cache that the other ranks then read, so that no two
     processes write it at once."""
-    market = prepare_market(cfg) if rank == 0 else None
+    market = prepare_market(cfg, progress=lambda message: print(message, flush=True)) if rank == 0 else None
     if world_size > 1:
         dist.barrier()
     return market if rank == 0 else prepare_market(cfg)
@@ -448,23 +448,22 @@ def save_run_checkpoint(run_dir: Path, model, optimizer, args, global_step: int,
 
 
 def resume_run(
-    path: str, model, optimizer, device, rank: int, world_size: int, market: PreparedMarket
+    path: str, model, optimizer, device, rank: int, world_size: int, market: PreparedMarket, num_iterations: int
 ) -> tuple[int, dict, dict, Path]:
     """Load a checkpoint of save_run_checkpoint into model and optimizer and restore this rank's RNG states.
     Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in.
-    A finished run, another market or another number of processes is a clear error."""
-    run_dir = Path(path).resolve().parent
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
-        raise UserInputError(
-            f"{run_dir} already finished (summary.json says complete): there is nothing to resume. Evaluate it with "
-            f"--eval-checkpoint {path}, or start a new run."
-        )
+    A run that already reached num_iterations, another market or another number of processes is a clear error."""
     try:
         ckpt = load_checkpoint(path, model, optimizer, map_location=device)
     except (FileNotFoundError, ValueError) as err:
         raise UserInputError(f"--resume {path}: {err}") from err
     extra = ckpt["extra"]
+    if extra["iteration"] >= num_iterations:
+        raise UserInputError(
+            f"{path} already finished: it holds iteration {extra['iteration']} of the {num_iterations} that "
+            "--total-timesteps asks for, so there is nothing to resume. Pass a larger --total-timesteps to train "
+            f"further, or evaluate it with --eval-checkpoint {path}."
+        )
     check_market_matches(extra.get("market", {}), market, path)
     if len(extra["ranks"]) != world_size:
         raise UserInputError(f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many "
@@ -606,6 +605,16 @@ def stop_on_sigint() -> dict:
 
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def exit_interrupted(writer, run_dir: Path, global_step: int, saved: bool, rank: int, world_size: int) -> None:
+    """After a Ctrl-C: no final backtest, the run folder stays marked incomplete, exit status 130."""
+    if rank == 0:
+        writer.close()
+        hint = f"; continue with --resume {run_dir / 'checkpoint.pt'}" if saved else ""
+        print(f"stopped at global_step={global_step}, run folder {run_dir} left incomplete{hint}", flush=True)
+    close_distributed(world_size)
+    raise SystemExit(130)
 
 
 def all_ranks_stop(stop: dict, world_size: int) -> bool:

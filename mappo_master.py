@@ -5,8 +5,10 @@ picks one of the 48 directives (risk multiplier x concentration level x regime m
 symbol agents act every bar under it (it enters their observation, sizes and masks). Both levels use PPO-clip: the
 symbol agents as in ppo_symbol_agent.py (optionally from its checkpoint, optionally frozen), the master on pooled
 symbol embeddings and portfolio features with a centralised critic that also reads `VecTradingCore.state()`. The
-master's reward is in `master_reward`. The final test-split backtest compares the learned master with fixed
-directives and buy-and-hold, and reports the seeds' go criterion (`trading_env.drawdown_go_criterion`).
+master's reward is in `master_reward`. The final test-split backtest compares the learned master with the neutral
+and defensive directives, the neutral book scaled to the master's exposure, a volatility-targeting rule and
+buy-and-hold (`trading_env.master_backtests`), and reports a go criterion that de-leveraging alone cannot meet
+(`trading_env.master_go_criterion`).
 """
 
 from __future__ import annotations
@@ -25,24 +27,30 @@ import tyro
 
 from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from experiment import (
+    all_ranks_stop,
     allreduce_grads,
     assert_ranks_agree,
     broadcast_parameters,
     cat_over_ranks,
     close_distributed,
     close_run,
+    data_tag,
     encoder_preset,
+    exit_interrupted,
     init_distributed,
     load_symbol_agents,
     log_scalars,
+    market_fingerprint,
     mean_over_ranks,
     open_run,
     prepare_market_on_ranks,
     report_user_errors,
     require,
     resume_run,
+    save_figures,
     save_run_checkpoint,
     seed_everything,
+    stop_on_sigint,
     summary_telemetry,
     write_summary,
 )
@@ -50,21 +58,19 @@ from market_data import DataConfig, check_data_config
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
-    INCREASE_ACTIONS,
-    NEUTRAL_DIRECTIVE,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
-    buy_and_hold,
-    drawdown_go_criterion,
-    performance_metrics,
+    backtest_figures,
+    directive_figure,
+    master_backtests,
+    master_go_criterion,
     run_backtest,
     save_backtest,
     telemetry_metrics,
 )
 
 MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
-DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))  # risk 0.5, tightest level, defensive
 
 
 @dataclass
@@ -80,7 +86,7 @@ class Args:
     """if toggled, cuda is used when available"""
     torch_threads: int = 1
     """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-    busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
     save_model: bool = False
@@ -91,8 +97,8 @@ class Args:
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-    encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-    transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -103,9 +109,9 @@ class Args:
     """market data: synthetic market or the user's files, features, splits"""
     env: EnvConfig = field(default_factory=lambda: EnvConfig(episode_length=280))
     """trading environment: capital, costs, slippage, limits, reward weights (episodes of 280 bars = 40 trading days,
-    a whole number of master decisions)"""
+a whole number of master decisions)"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
-    """encoder sizes (used as given with --encoder-preset custom; dropout 0 keeps PPO's ratio exact)"""
+    """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
     split: Literal["train", "val", "test"] = "train"
     """split the agents train on (random episode starts inside it)"""
     eval_split: Literal["train", "val", "test"] = "val"
@@ -219,24 +225,12 @@ def choice_mean(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return (x * choice).sum() / choice.sum().clamp(min=1)
 
 
-def agent_policy(agent: nn.Module, device, sample_seed: int | None = None, record: list | None = None):
-    """The agent's policy as a function of a numpy observation dict, for run_backtest: argmax, or sampled with a
-    generator of its own (sample_seed). With `record` (a list), each call appends (ret_1, P(increase exposure),
-    increase allowed), each (S,), for the decile diagnostic."""
-    gen = None if sample_seed is None else torch.Generator(device=device).manual_seed(sample_seed)
+def agent_policy(agent: nn.Module, device):
+    """The symbol agents' deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
 
     def act(obs):
         with torch.no_grad():
-            logits = agent.get_logits(to_torch(obs, device))  # (1, S, 7) masked
-            p = torch.softmax(logits.float(), -1)
-            if record is not None:
-                can = obs["action_mask"][0][:, INCREASE_ACTIONS].any(-1)
-                record.append(
-                    (obs["technical"][0, :, -1, 0].copy(), p[0, :, INCREASE_ACTIONS].sum(-1).cpu().numpy(), can)
-                )
-            if gen is None:
-                return logits.argmax(-1).cpu().numpy()
-            return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).reshape(p.shape[:-1]).cpu().numpy()
+            return agent.get_logits(to_torch(obs, device)).argmax(-1).cpu().numpy()
 
     return act
 
@@ -314,7 +308,7 @@ def master_reward(acc: dict, args: Args, num_symbols: int) -> dict:
 
 
 def herfindahl_complement(size_fraction: np.ndarray) -> np.ndarray:
-    """Position weights (E, S) as fractions of equity -> 1 - sum of squared normalised weights (E,), 0 when flat."""
+    """Position values or weights (E, S) -> 1 - sum of squared normalised weights (E,), 0 when flat."""
     total = size_fraction.sum(1)
     share = np.divide(size_fraction, total[:, None], out=np.zeros_like(size_fraction), where=total[:, None] > 0)
     return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
@@ -350,10 +344,6 @@ def master_policy(agent, master, device):
             return masked_policy(master(emb, glob, state)[0], deterministic=True)[0].cpu().numpy()
 
     return choose
-
-
-def fixed_directive(index: int):
-    return lambda obs, core, last_actions: np.full(core.num_envs, index)
 
 
 if __name__ == "__main__":
@@ -412,23 +402,23 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(groups, eps=1e-5)
     global_step, start_iteration = 0, 1
     next_obs_np = envs.reset(seed=args.seed + rank)
-    capital = float(env_cfg.initial_capital)
-    # master reward trackers per env: last equity, episode peak, last drawdown; the symbols' last policy actions
-    track = {"equity": np.full(E, capital), "peak": np.full(E, capital), "dd": np.zeros(E)}
+    track = {"dd": np.zeros(E)}  # master reward tracker per env: the last drawdown; and the symbols' last actions
     last_actions = np.zeros((E, S), np.int64)
 
+    fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     if args.resume:
-        global_step, extra, own, run_dir = resume_run(args.resume, model, optimizer, device, rank, args.world_size)
+        resumed = resume_run(args.resume, model, optimizer, device, rank, args.world_size, market, args.num_iterations)
+        global_step, extra, own, run_dir = resumed
         start_iteration = extra["iteration"] + 1
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
     else:
-        run_dir = Path(args.run_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
     writer, mlflow = None, None
     if rank == 0:
-        writer, mlflow = open_run(run_dir, args, global_step)
+        writer, mlflow = open_run(run_dir, args, global_step, market, device)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
             f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
@@ -455,7 +445,7 @@ if __name__ == "__main__":
     m_terms, m_truncs = (torch.zeros((M, E), dtype=torch.bool, device=device) for _ in range(2))
     bench_close = market.data.benchmark
     start_time, start_step = time.time(), global_step
-    last_eval = {}
+    last_eval, last_telemetry, stop, stopping = {}, {}, stop_on_sigint(), False
 
     def master_value(o, rows):
         """Denormalised centralised value (len(rows),) of the observation dict o at env rows `rows`."""
@@ -515,20 +505,11 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: master reward ingredients of this bar, counted until the episode ends
             done_env = (terminated | truncated).any(1)
-            equity = info["equity"][:, 0].astype(np.float64)
-            r = equity / track["equity"] - 1.0
-            bar = np.asarray(info["bar"])
-            track["peak"] = np.maximum(track["peak"], equity)
-            dd = 1.0 - equity / track["peak"]
-            size = np.where(done_env[:, None], info["final_obs"]["position"][..., 1], next_obs_np["position"][..., 1])
-            for key, x in (
-                ("ret", r),
-                ("ret_sq", r * r),
-                ("bench", bench_close[bar] / bench_close[bar - 1] - 1.0),
-                ("dd_up", np.maximum(dd - track["dd"], 0.0)),
-                ("div", herfindahl_complement(size.astype(np.float64))),
-                ("bars", np.ones(E)),
-            ):
+            r, dd, bar = info["account_return"][:, 0], info["drawdown"][:, 0], info["bar"]  # before any restart
+            bench = bench_close[bar] / bench_close[bar - 1] - 1.0
+            ingredients = {"ret": r, "ret_sq": r * r, "bench": bench, "dd_up": np.maximum(dd - track["dd"], 0.0)}
+            ingredients |= {"div": herfindahl_complement(info["holdings"]), "bars": np.ones(E)}
+            for key, x in ingredients.items():
                 acc[key] += np.where(alive, x, 0.0)
             m_terms[k] |= torch.as_tensor(alive & terminated.any(1), device=device)
             ended_by_time = alive & truncated.any(1)
@@ -538,8 +519,6 @@ if __name__ == "__main__":
                 )
                 m_truncs[k] |= torch.as_tensor(ended_by_time, device=device)
             alive &= ~done_env
-            track["equity"] = np.where(done_env, capital, equity)
-            track["peak"] = np.where(done_env, capital, track["peak"])
             track["dd"] = np.where(done_env, 0.0, dd)
             if step % I == I - 1:
                 parts = master_reward(acc, args, S)
@@ -637,11 +616,17 @@ if __name__ == "__main__":
         m_explained_var = np.nan if np.var(m_true) == 0 else 1 - np.var(m_true - m_pred) / np.var(m_true)
         update_seconds = time.time() - t_update
 
+        stopping = all_ranks_stop(stop, args.world_size)
+
         # checkpoint: every rank's envs (next observation included), RNG and trackers, gathered on rank 0
-        if args.save_model and (iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations):
+        periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
+        if args.save_model and (periodic or stopping):
             own = {"core": envs.get_state(), "last_actions": last_actions, "track": track}
-            save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, {"iteration": iteration}, rank)
+            extra = {"iteration": iteration, "market": fingerprint}
+            save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, extra, rank)
         if rank != 0:
+            if stopping:
+                break
             continue
         telemetry = telemetry_metrics(tele, policy_actions, executed_actions, obs["action_mask"].cpu().numpy())
         coords = np.stack(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE), -1).reshape(-1, 3)
@@ -687,10 +672,11 @@ if __name__ == "__main__":
             metrics.update({f"trading/{args.eval_split}_{key}": v for key, v in last_eval.items()})
             metrics["perf/eval_seconds"] = time.time() - t_eval
         sps = int((global_step - start_step) / (time.time() - start_time))
+        eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         metrics["charts/SPS"] = sps
         log_scalars(writer, mlflow, metrics, global_step)
         print(
-            f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+            f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
             f"master_reward={metrics['master_reward/total']:.3f} risk_level={coords[:, 0].mean():.2f} "
             f"regime_level={coords[:, 2].mean():.2f} reward={metrics['reward/total']:.4f}"
             + (
@@ -700,39 +686,40 @@ if __name__ == "__main__":
             )
         )
         last_telemetry = summary_telemetry(metrics)
+        if stopping:
+            break
 
-    # final backtest on the test split: learned master vs fixed directives vs buy-and-hold
+    if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
+        exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
+
+    # final backtest on the test split: the learned master beside fixed, exposure-matched and rule-based masters
     if rank == 0:
         t_eval = time.time()
-        choosers = {"master": master_policy(agent, master, device), "neutral": fixed_directive(NEUTRAL_DIRECTIVE)}
-        choosers["defensive"] = fixed_directive(DEFENSIVE_DIRECTIVE)
-        policy = agent_policy(agent, device)
-        full = {
-            n: run_backtest(policy, market, args.test_split, env_cfg, args.seed, "portfolio", c, I)
-            for n, c in choosers.items()
-        }
-        reports = {name: report["agent"] for name, report in full.items()}
-        curves = {name: report["curve"] for name, report in full.items()}
-        bh = buy_and_hold(market, full["master"]["series"]["start"], reports["master"]["bars"], capital, env_cfg)
-        for name, (curve, expo) in bh.items():
-            reports[f"{name}_bh"] = performance_metrics(curve, market.data.bars_per_year) | {"exposure": expo.mean()}
-            curves[f"{name}_bh"] = curve
-        go = drawdown_go_criterion(reports, full["neutral"]["curve"], market.data.bars_per_year)
+        title = f"{run_dir.name}, {args.test_split} split"
+        reports, results = master_backtests(agent_policy(agent, device), master_policy(agent, master, device), market,
+                                            args.test_split, env_cfg, args.seed, I)  # fmt: skip
+        go = master_go_criterion(reports)
+        curves = {name: r["curve"] for name, r in results.items()}
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(
-            f"max drawdown: master {reports['master']['max_drawdown']:.2%} vs neutral "
-            f"{reports['neutral']['max_drawdown']:.2%} -> reduction {go['drawdown_reduction_vs_neutral']:.1%} "
-            f"({'passes' if go['passed'] else 'misses'} the > 15% go criterion); against neutral de-leveraged to the "
-            f"master's exposure: {go['drawdown_reduction_vs_deleveraged_neutral']:.1%}"
+            f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
+            f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe "
+            f"{go['sharpe_master']:.2f} vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and "
+            f"{go['sharpe_vol_target']:.2f} (vol target)"
         )
+        figures = backtest_figures(
+            curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title
+        )
+        figures["directives"] = directive_figure(results["master"]["series"], market, title)
+        save_figures(run_dir, writer, figures, args.test_split, global_step)
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["master"].items() if v is not None}
         log_scalars(writer, mlflow, test_metrics, global_step)
-        writer.add_scalar("trading/drawdown_reduction_vs_neutral", go["drawdown_reduction_vs_neutral"], global_step)
+        writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
         final = {"status": "complete", "global_step": global_step, "encoder": args.encoder.kind, "sps": sps}
         final.update(backtest=reports, go_criterion=go, val=last_eval, telemetry=last_telemetry, args=asdict(args))
         write_summary(run_dir, **final)
-        close_run(writer, mlflow)
+        close_run(writer, mlflow, run_dir)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
     close_distributed(args.world_size)

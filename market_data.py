@@ -40,12 +40,15 @@ class DataConfig:
     """"synthetic", a folder of per-symbol parquet/CSV files, or one long-format parquet with a symbol column."""
     num_symbols: int = 10
     """Synthetic only: number of symbols in the universe."""
-    years: float = 2.0
-    """Synthetic only: length of the sample in years of 252 trading days."""
+    years: float = 10.0
+    """Synthetic only: length of the sample in years of 252 trading days (10: a test split of ~2,600 bars, where a
+Sharpe ratio's standard error is ~1.2)"""
     seed: int = 0
     """Synthetic only: seed of the market generator (independent of the training seed)."""
-    signal_strength: float = 0.1
-    """Synthetic only: lag-1 autocorrelation rho of standardised returns; explains rho^2 of next-bar variance."""
+    signal_strength: float = 0.3
+    """Synthetic only: lag-1 autocorrelation rho of standardised returns, which explains rho^2 of the next bar's
+variance. 0.3 leaves an edge that a one-line rule on ret_1 captures net of costs; 0.1 does not (its gross edge
+per bar held is below the round-trip cost); 0 is pure noise (the placebo)"""
     gap_rate: float = 0.0
     """Synthetic only: fraction of bars lost to halts (NaN bars, not tradable)."""
     holidays: bool = False
@@ -219,9 +222,9 @@ def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90, h_max: f
 
 def generate_synthetic_market(
     num_symbols: int = 10,
-    years: float = 2.0,
+    years: float = 10.0,
     seed: int = 0,
-    signal_strength: float = 0.1,
+    signal_strength: float = 0.3,
     gap_rate: float = 0.0,
     holidays: bool = False,
     num_sectors: int = 11,
@@ -1264,18 +1267,25 @@ def load_market(cfg: DataConfig) -> MarketData:
     return load_user_market(cfg)
 
 
-def build_prepared(data: MarketData, cfg: DataConfig) -> PreparedMarket:
-    """Features, splits and signals for already loaded bars (no cache)."""
+def build_prepared(data: MarketData, cfg: DataConfig, progress=None) -> PreparedMarket:
+    """Features, splits and signals for already loaded bars (no cache). progress(message), when given, hears each
+    stage and its time."""
     if cfg.lookback < 1:
         raise UserInputError(f"--data.lookback {cfg.lookback} must be at least 1.")
+    say = progress or (lambda message: None)
     warmup = feature_warmup()
     embargo = _embargo(cfg)
     splits = make_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo)
+    t0 = time.time()
     technical = compute_technical(data, cfg.normalization, cfg.norm_window, cfg.feature_clip)
     regime = compute_regime(data)
     T, S = data.close.shape
+    say(f"data: features of {T} bars x {S} symbols in {time.time() - t0:.1f} s")
     if cfg.sl_signals:
+        t0 = time.time()
         sl_probs, sl_metrics = fit_signals(technical, data, splits, cfg)
+        auc = ", ".join(f"{k} {m['train_auc']:.3f} / {m['val_auc']:.3f}" for k, m in sl_metrics.items())
+        say(f"data: signal classifiers (train out-of-fold / validation AUC: {auc}) in {time.time() - t0:.1f} s")
     else:
         sl_probs, sl_metrics = np.full((T, S, 3), 0.5, dtype=np.float32), {}
     return PreparedMarket(
@@ -1294,21 +1304,30 @@ def build_prepared(data: MarketData, cfg: DataConfig) -> PreparedMarket:
     )
 
 
-def prepare_market(cfg: DataConfig) -> PreparedMarket:
-    """The one entry point: load or generate bars, validate, compute features, splits and signals; cached."""
+def prepare_market(cfg: DataConfig, progress=None) -> PreparedMarket:
+    """The one entry point: load or generate bars, validate, compute features, splits and signals; cached.
+    progress(message), when given (the scripts pass print), hears each stage and its time."""
     check_data_config(cfg)
-    if not cfg.cache:
-        return build_prepared(load_market(cfg), cfg)
-    key = cache_key(cfg)
-    folder = Path(cfg.cache_dir) / key
-    if folder.exists():
+    say = progress or (lambda message: None)
+    key = cache_key(cfg) if cfg.cache else None
+    folder = Path(cfg.cache_dir) / key if cfg.cache else None
+    if cfg.cache and folder.exists():
         try:
-            return read_cache(folder, key)
+            t0 = time.time()
+            prepared = read_cache(folder, key)
+            say(f"data: read from the cache {folder} in {time.time() - t0:.1f} s")
+            return prepared
         except CacheError as err:
             warnings.warn(f"Rebuilding the market cache {folder}: {err}", stacklevel=2)
             shutil.rmtree(folder, ignore_errors=True)
-    prepared = build_prepared(load_market(cfg), cfg)
-    write_cache(prepared, folder, key)
+    t0 = time.time()
+    data = load_market(cfg)
+    say(f"data: {'generated' if cfg.source == 'synthetic' else 'loaded and validated'} {len(data.timestamps)} bars x "
+        f"{len(data.symbols)} symbols in {time.time() - t0:.1f} s")  # fmt: skip
+    prepared = build_prepared(data, cfg, progress)
+    if cfg.cache:
+        write_cache(prepared, folder, key)
+        say(f"data: cached in {folder}")
     return prepared
 
 

@@ -7,19 +7,13 @@ Every (env, symbol) slot trades its own account (independent mode). One rollout 
     torchrun --standalone --nproc_per_node 2 ppo_symbol_agent.py --num-envs 4     # data parallel
     tensorboard --logdir runs
 
-Exploration stack (Stage 5 of the anti-collapse plan), recomputed once per rollout:
-    ent_coef(step) = hold_then_linear(step) * bonus_mult * guard_mult
-  - hold_then_linear: --ent-coef for --ent-hold-steps, then linear to --ent-final over --ent-decay-steps, >= --ent-min.
-  - adaptive bonus: after --ent-bonus-warmup steps, bonus_mult = 1 + scale * max(0, target - H) / target, where H is
-    the mean entropy (nats) of the masked policy distribution over the last rollout.
-  - guard: after --ent-guard-warmup steps, when the entropy of the actions the policy chose (per slot over the
-    rollout, `charts/policy_action_entropy_mean`) is below --ent-guard-threshold, guard_mult *= --ent-guard-boost
-    (capped) and the intervention is printed and counted; above it, guard_mult relaxes back toward 1.
-KL prior: a 7-action distribution built from sl_probs (see `sl_prior_logprobs`), weight annealed linearly to 0.
+The Stage-5 exploration stack (schedule, adaptive bonus, guard; `scheduled_ent_coef`, `update_entropy_control`)
+acts on entropy normalised by log(number of allowed actions); docs/training.md has the formulas.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import time
@@ -42,7 +36,9 @@ from experiment import (
     close_run,
     data_tag,
     encoder_preset,
+    exit_interrupted,
     init_distributed,
+    load_checkpoint,
     load_for_evaluation,
     log_scalars,
     market_fingerprint,
@@ -66,13 +62,10 @@ from trading_env import (
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
+    agent_backtests,
     backtest_figures,
-    baseline_backtests,
     decile_figure,
-    decile_table,
-    fit_rule,
     format_deciles,
-    mean_metrics,
     run_backtest,
     save_backtest,
     telemetry_metrics,
@@ -95,7 +88,7 @@ class Args:
     """if toggled, cuda is used when available"""
     torch_threads: int = 1
     """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-    busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
     save_model: bool = False
@@ -103,15 +96,15 @@ class Args:
     resume: str | None = None
     """path of a checkpoint.pt to continue from (model, optimiser, entropy control, RNG, envs, global step)"""
     eval_checkpoint: str | None = None
-    """path of a checkpoint.pt or best.pt to evaluate: no training, the final backtest and report of that agent on
-    --test-split of the data given by the --data.* flags (which must have the universe and features it was trained
-    on), in a new run folder"""
+    """path of a checkpoint.pt or best.pt to evaluate: no training, the final backtest and report of that agent on the
+test split of the data given by the --data.* flags (which must have the universe and features it was trained on),
+in a new run folder"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-    encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-    transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,8 +113,9 @@ class Args:
     """trading environment: capital, costs, slippage, limits, reward weights"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
-    hold_bias: float = 0.0
-    """initial logit of HOLD over the other actions (0: uniform over the allowed actions at the start)"""
+    hold_bias: float = 2.0
+    """initial logit of HOLD over the other actions: at 2, a flat agent starts by trading about 30% of the bars, not
+the 75% of a uniform choice among HOLD and the three BUYs; trading is what it has to learn to earn"""
     shared_heads: bool = True
     """one actor-critic head pair for every symbol (each learns from all symbols' data) instead of one per symbol"""
     split: Literal["train", "val", "test"] = "train"
@@ -130,19 +124,21 @@ class Args:
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
     """evaluate on eval_split and checkpoint (with --save-model) every this many iterations and at the end; 0: no
-    periodic evaluation, a checkpoint every iteration"""
+periodic evaluation, a checkpoint every iteration"""
     test_split: Literal["train", "val", "test"] = "test"
     """split of the final backtest"""
+    final_weights: Literal["best_val", "last"] = "best_val"
+    """weights of the final backtest: those of the best periodic evaluation on --eval-split (model selection on
+the validation split; the test split stays unseen), or the last ones"""
     eval_samples: int = 3
     """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
 
     # --- algorithm ---
     total_timesteps: int = 4_000_000
     """total symbol-steps of the experiment (all ranks together); the default takes ~9-10 minutes on an idle 2-core
-    CPU (~7,800 SPS with the MLP encoder; 1.5M steps took 3.5 minutes end to end)"""
-    learning_rate: float = 1e-3
-    """the learning rate of the optimizer (above CleanRL's 2.5e-4: with noisy hourly PnL rewards 3e-4 hardly moved
-    the policy in 400k symbol-steps on the planted-signal market, 1e-3 with 8 minibatches learned it)"""
+CPU (~7,800 SPS with the MLP encoder; 1.5M steps took 3.5 minutes end to end)"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
     num_envs: int = 16
     """the number of parallel environments per rank (each trades all symbols)"""
     num_steps: int = 64
@@ -176,13 +172,14 @@ class Args:
     # over what is allowed. Step counts are the seed's x 50 (symbol-steps), so that they fall inside the main run. ---
     ent_schedule: Literal["hold_then_linear", "constant"] = "hold_then_linear"
     """entropy coefficient schedule"""
-    ent_final: float = 0.03
-    """coefficient at the end of the linear decay"""
+    ent_final: float = 0.003
+    """coefficient at the end of the linear decay (the seed's floor was 0.03 on entropy in nats; in normalised units
+a coefficient that large keeps a no-edge agent trading at a loss, see the README's results)"""
     ent_hold_steps: int = 500_000
     """symbol-steps at the initial coefficient before the decay starts (the seed's 10k x 50)"""
     ent_decay_steps: int = 2_000_000
     """symbol-steps of the linear decay (the seed's 40k x 50)"""
-    ent_min: float = 0.03
+    ent_min: float = 0.003
     """floor of the scheduled coefficient"""
     ent_bonus: bool = True
     """adaptive entropy bonus: raise the coefficient when the policy entropy is under the target"""
@@ -427,14 +424,16 @@ if __name__ == "__main__":
     broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
-    global_step, start_iteration, best_val = 0, 1, -np.inf
+    global_step, start_iteration, best_val, best_state = 0, 1, -np.inf, None
     next_obs_np = envs.reset(seed=args.seed + rank)
     run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
     if args.resume:
-        resumed = resume_run(args.resume, agent, optimizer, device, rank, args.world_size, market)
+        resumed = resume_run(args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations)
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
+        if (run_dir / "best.pt").is_file():
+            best_state = load_checkpoint(run_dir / "best.pt")["model"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
     elif saved:  # --eval-checkpoint: no training, straight to the final backtest
         agent.load_state_dict(saved["model"])
@@ -616,58 +615,49 @@ if __name__ == "__main__":
             last_eval = {k: v for k, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()})
             metrics["perf/eval_seconds"] = time.time() - t_eval
-            if args.save_model and last_eval["sharpe"] > best_val:  # the best-on-validation weights, beside the last
-                best_val = last_eval["sharpe"]
-                extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
-                save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
+            if last_eval["sharpe"] > best_val:  # the best-on-validation weights, kept beside the last ones
+                best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
+                if args.save_model:
+                    extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
+                    save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
         sps = int((global_step - start_step) / (time.time() - start_time))
+        eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         metrics["charts/SPS"] = sps
         log_scalars(writer, mlflow, metrics, global_step)
         val_sharpe = metrics.get(f"trading/{args.eval_split}_sharpe")
         print(
-            f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} ent_coef={ent_coef:.4f} "
-            f"policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
+            f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
+            f"ent_coef={ent_coef:.4f} policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
             + (f" {args.eval_split}_sharpe={val_sharpe:.2f}" if val_sharpe is not None else "")
         )
         last_telemetry = summary_telemetry(metrics)
         if stopping:
             break
 
-    if stopping:  # interrupted: no backtest, the folder stays marked incomplete
-        if rank == 0:
-            writer.close()
-            saved = f"; continue with --resume {run_dir / 'checkpoint.pt'}" if args.save_model else ""
-            print(f"stopped at global_step={global_step}, run folder {run_dir} left incomplete{saved}")
-        close_distributed(args.world_size)
-        raise SystemExit(130)
+    if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
+        exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
 
     # final backtest on the test split: the agent (argmax and sampled) beside every baseline and the rule ceiling
     if rank == 0:
         t_eval = time.time()
-        agent.eval()
-        test = lambda policy: run_backtest(policy, market, args.test_split, env_cfg, seed=args.seed)  # noqa: E731
-        record = []  # (ret_1, P(increase), increase allowed) at every test bar, for the decile diagnostic
-        full = test(agent_policy(agent, device, record=record))
-        sampled = [
-            test(agent_policy(agent, device, sample_seed=args.seed + k))["agent"] for k in range(args.eval_samples)
-        ]
-        rule = fit_rule(market, env_cfg, args.split)  # the best one-feature rule on the train split: the ceiling
-        base = baseline_backtests(market, args.test_split, env_cfg, args.seed, full, rule)
-        reports = {"agent": full["agent"], "agent_sampled": mean_metrics(sampled)}
-        reports |= {name: b["agent"] for name, b in base.items()}
-        curves = {"agent": full["curve"]} | {name: b["curve"] for name, b in base.items()}
-        deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
+        tested = copy.deepcopy(agent).eval()  # the trained weights stay as they are (torchrun checks them below)
+        if args.final_weights == "best_val" and best_state is not None:  # model selection on the validation split
+            tested.load_state_dict(best_state)
+        make_policy = lambda sample_seed, record: agent_policy(tested, device, sample_seed, record)  # noqa: E731
+        final = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
+        reports, curves, rule, deciles = final["reports"], final["curves"], final["rule"], final["deciles"]
+        title = f"{run_dir.name}, {args.test_split} split"
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(format_deciles(deciles, "ret_1"))
-        figures = backtest_figures(curves, full["series"], envs.symbols, f"{run_dir.name}, {args.test_split} split")
-        figures["deciles"] = decile_figure(deciles, "ret_1", f"{run_dir.name}, {args.test_split} split")
+        figures = backtest_figures(curves, final["series"], envs.symbols, title)
+        figures["deciles"] = decile_figure(deciles, "ret_1", title)
         save_figures(run_dir, writer, figures, args.test_split, global_step)
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
         log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
         final = {"status": "complete", "global_step": global_step, "seed": args.seed, "encoder": args.encoder.kind}
         final.update(backtest=reports, rule=rule, deciles=deciles, val=last_eval, telemetry=last_telemetry)
-        final.update(entropy_control=ctl, args=asdict(args))
+        final.update(entropy_control=ctl, args=asdict(args), final_weights=args.final_weights, best_val_sharpe=best_val)
         write_summary(run_dir, **final)
         close_run(writer, mlflow, run_dir)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)

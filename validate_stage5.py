@@ -71,7 +71,7 @@ class Args:
     """symbol-step by which the policy-action entropy must be at least `min_entropy_by_step` (the seed's 6k x 50)"""
     min_entropy_by_step: float = 0.10
     """minimum normalised policy-action entropy at the last point logged at or before `entropy_by_step` (the
-    seed's 0.20 nats / log 7)"""
+seed's 0.20 nats / log 7)"""
     entropy_floor: float = 0.09
     """after `entropy_by_step` the entropy may drop below this only at steps where the entropy guard intervened"""
     min_voluntary_trade_rate: float = 0.10
@@ -82,7 +82,7 @@ class Args:
     """maximum share of any single executed non-HOLD action in the run's action histogram"""
     action_share_from: float = 0.5
     """the histogram covers the rollouts logged after this fraction of the run's last step (0: the whole run;
-    the default, the second half, is where a collapse shows instead of being averaged away by the start)"""
+the default, the second half, is where a collapse shows instead of being averaged away by the start)"""
     min_diversity_bonus: float = 0.08
     """minimum run mean of the diversity bonus"""
 
@@ -449,6 +449,31 @@ def print_tables(report: dict) -> None:
         print(f"{metric:<36} {d['mean']:>10.4f} {d['min']:>10.4f} {d['max']:>10.4f} {d['spread']:>10.4f}")
 
 
+def plot_criteria(report: dict, path: Path) -> None:
+    """One panel per criterion: each seed's value as a bar (green passed, red failed) beside the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["results"] if "checks" in r]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, criterion in zip(axes.ravel(), CRITERIA, strict=True):
+        checks = [next(c for c in r["checks"] if c["criterion"] == criterion) for r in runs]
+        values = [c["value"] if c["value"] is not None else 0.0 for c in checks]
+        colors = ["tab:green" if c["passed"] else "tab:red" for c in checks]
+        ax.bar([str(r["seed"]) for r in runs], values, color=colors)
+        if checks:
+            ax.axhline(checks[0]["threshold"], color="black", ls="--", lw=1, label="threshold")
+        ax.set_title(criterion, fontsize=10)
+        ax.set_xlabel("seed")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Stage 5 gate: {'PASS' if report['passed'] else 'FAIL'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Own arguments, and the training script's (everything after the first bare `--`)."""
     if "--" in argv:
@@ -509,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out_dir / "stage5_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "stage5_report.md").write_text(markdown(report))
+    plot_criteria(report, out_dir / "stage5_criteria.png")
     print_tables(report)
-    print(f"\nreports: {out_dir / 'stage5_report.json'}, {out_dir / 'stage5_report.md'}")
+    print(f"\nreports in {out_dir}: stage5_report.json, stage5_report.md, stage5_criteria.png")
     if failures:
         print("\nStage 5 gate FAILED:", file=sys.stderr)
         for f in failures:

@@ -1,23 +1,23 @@
-"""Training throughput of ppo_symbol_agent.py against Stable-Baselines3 PPO and sb3-contrib MaskablePPO, all three
-with the same encoder (encoders.make_encoder as SB3 features extractor, the same 256-128 heads) on the same
-environment (TradingEnvironment, one per (env, symbol) slot, in a DummyVecEnv), the same rollout (num_steps x slots),
-minibatches and epochs, measured in one run. Also, with --learning, the learning-vs-placebo experiment.
+"""Training throughput, algorithm against algorithm on the same fast environment: ppo_symbol_agent.py against
+Stable-Baselines3 PPO and sb3-contrib MaskablePPO, all three with the same encoder (encoders.make_encoder as SB3's
+features extractor, the same 256-128 heads), on the same vectorised core (SB3 gets trading_env.SB3VecEnv, every
+(env, symbol) slot of one VecTradingCore as one SB3 env, not one gymnasium env per slot), the same rollout
+(num_steps x slots), minibatches and epochs, measured in one run.
 
     python benchmarks/bench_train.py --json benchmarks/results/train.json
-    python benchmarks/bench_train.py --learning --json benchmarks/results/learning.json
 
 SPS = symbol-steps (environment transitions) per second of training, rollout and update included: for this script
 the last `charts/SPS` of a run with periodic evaluation off (data preparation and the final backtest excluded), for
 SB3 the timesteps of `model.learn()` divided by its wall time. Torch runs one intra-op thread in every case (stated
 in the JSON). The seed's transformer (d_model 256, 4 layers) is far too slow for CPU training (~94 samples/s
-forward+backward on one core), so the transformer rows use a small transformer on CPU and the seed's on CUDA.
+forward+backward on one core), so the transformer rows use a small transformer on CPU and the seed's on CUDA. The
+learning benchmark is benchmarks/bench_learning.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import ROOT, write_json
 
@@ -66,28 +65,27 @@ def run_ours(enc: dict, data_flags: list[str], num_envs: int, num_steps: int, it
 
 
 def run_sb3(algo: str, enc: dict, market, num_envs: int, num_steps: int, iterations: int) -> float:
-    """SPS of SB3 PPO or MaskablePPO with the same encoder and heads on TradingEnvironment slots."""
+    """SPS of SB3 PPO or MaskablePPO with the same encoder and heads on SB3VecEnv (every slot of one core)."""
     from gymnasium import spaces
     from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-    from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from encoders import EncoderConfig, make_encoder
-    from trading_env import EnvConfig, TradingEnvironment
+    from encoders import EncoderConfig, make_encoder, set_input_shapes
+    from trading_env import EnvConfig
 
     class Extractor(BaseFeaturesExtractor):
         def __init__(self, observation_space: spaces.Dict, **cfg):
-            config = EncoderConfig(dropout=0.0, **cfg)
+            shapes = {k: space.shape for k, space in observation_space.spaces.items()}
+            config = set_input_shapes(EncoderConfig(dropout=0.0, **cfg), shapes)
             super().__init__(observation_space, features_dim=config.output_dim)
             self.encoder = make_encoder(config)
 
         def forward(self, obs):
             return self.encoder(obs)  # (B, output_dim); the action mask key is ignored
 
+    from trading_env import SB3VecEnv
+
+    venv = SB3VecEnv(market, num_envs=num_envs, config=EnvConfig(), seed=1)
     S = len(market.data.symbols)
-    fns = [
-        (lambda i=i: TradingEnvironment(market, symbol=i % S, config=EnvConfig(), seed=i)) for i in range(num_envs * S)
-    ]
-    venv = DummyVecEnv(fns)
     kw = dict(
         n_steps=num_steps,
         batch_size=num_envs * S * num_steps // MINIBATCHES,
@@ -120,8 +118,8 @@ def run_sb3(algo: str, enc: dict, market, num_envs: int, num_steps: int, iterati
 def speed(args) -> dict:
     from market_data import DataConfig, prepare_market
 
-    data_flags = ["--data.num-symbols", str(args.num_symbols), "--data.no-sl-signals"]
-    market = prepare_market(DataConfig(num_symbols=args.num_symbols, sl_signals=False))
+    data_flags = ["--data.num-symbols", str(args.num_symbols), "--data.no-sl-signals", "--data.years", "2"]
+    market = prepare_market(DataConfig(num_symbols=args.num_symbols, sl_signals=False, years=2.0))
     cases = {"mlp": (MLP, args.iterations)}
     if torch.cuda.is_available():
         cases["transformer"] = ({"kind": "transformer"}, args.iterations)  # the seed's transformer
@@ -144,43 +142,6 @@ def speed(args) -> dict:
     return record
 
 
-def learning(args) -> dict:
-    """Test-split Sharpe of the trained agent, a random policy and buy-and-hold, with a planted signal and without
-    (placebo). Each seed trains on its own synthetic market (data seed = training seed), so the test periods differ.
-    The two strengths of one seed train side by side (one torch thread each)."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            procs = {}
-            for strength in (args.signal_strength, 0.0):
-                flags = ["--seed", str(seed), "--data.seed", str(seed), "--data.signal-strength", str(strength)]
-                flags += ["--exp-name", f"sig{strength}", "--total-timesteps", str(args.total_timesteps)]
-                flags += ["--data.cache-dir", str(ROOT / ".cache/market")]
-                cmd = [sys.executable, str(SCRIPT), *flags]
-                procs[strength] = subprocess.Popen(
-                    cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-                )
-            for strength, proc in procs.items():
-                out, _ = proc.communicate()
-                if proc.returncode != 0:
-                    raise RuntimeError(f"training failed:\n{out[-3000:]}")
-                run = sorted(glob.glob(str(Path(tmp) / "runs" / f"sig{strength}__{seed}__*")))[-1]
-                bt = json.loads((Path(run) / "backtest.json").read_text())
-                row = {"signal_strength": strength, "seed": seed}
-                for name in ("agent", "random", "benchmark_bh", "equal_weight_bh"):
-                    row[f"{name}_sharpe"] = bt[name]["sharpe"]
-                    row[f"{name}_total_return"] = bt[name]["total_return"]
-                print(row, flush=True)
-                rows.append(row)
-    summary = {}
-    for strength in (args.signal_strength, 0.0):
-        sel = [r for r in rows if r["signal_strength"] == strength]
-        summary[str(strength)] = {
-            k: float(np.mean([r[k] for r in sel])) for k in sel[0] if k.endswith(("sharpe", "return"))
-        }
-    return {"total_timesteps": args.total_timesteps, "seeds": args.seeds, "runs": rows, "mean_by_strength": summary}
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the record here (e.g. benchmarks/results/train.json)")
@@ -188,10 +149,6 @@ if __name__ == "__main__":
     p.add_argument("--num-symbols", type=int, default=10)
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed per framework (MLP)")
-    p.add_argument("--learning", action="store_true", help="run the learning-vs-placebo experiment instead")
-    p.add_argument("--signal-strength", type=float, default=0.5)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--total-timesteps", type=int, default=1_000_000)
     args = p.parse_args()
     torch.set_num_threads(1)
-    write_json(args.json, learning(args) if args.learning else speed(args))
+    write_json(args.json, speed(args))

@@ -96,3 +96,30 @@ def test_shared_modules_import_no_script():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_help_has_no_hard_line_breaks_inside_field_docstrings():
+    """tyro keeps a docstring's line break when the next line starts with a non-letter (e.g. indentation): every
+    field's help of every script must read as one paragraph."""
+    import dataclasses
+
+    import tyro._docstrings as docstrings
+
+    import mappo_master
+    import ppo_symbol_agent
+    import validate_stage5
+
+    def fields_of(cls, seen):
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            yield cls, f.name
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default) and type(default) not in seen:
+                seen.add(type(default))
+                yield from fields_of(type(default), seen)
+
+    for script in (ppo_symbol_agent, mappo_master, validate_stage5):
+        for cls, name in fields_of(script.Args, set()):
+            text = docstrings.get_field_docstring(cls, name, ())
+            assert text and "\n" not in text, f"{script.__name__}: {cls.__name__}.{name}: {text!r}"

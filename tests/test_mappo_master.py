@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import mappo_master as mappo  # noqa: E402
 import trading_env as te  # noqa: E402
-from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm  # noqa: E402
+from encoders import EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, encoder_config_from_dict  # noqa: E402
 from experiment import load_checkpoint, load_symbol_agents  # noqa: E402
 from market_data import make_synthetic_prepared  # noqa: E402
 
@@ -56,6 +56,7 @@ def runs(tmp_path_factory):
     one folder, so the second reads the first's market cache)."""
     cwd = tmp_path_factory.mktemp("mappo")
     ppo_flags = [*COMMON, "--num-steps", "8", "--total-timesteps", "48", "--eval-interval", "0", "--save-model"]
+    ppo_flags += ["--no-shared-heads"]  # per-symbol heads: the universe check below needs them
     run_script("ppo_symbol_agent.py", cwd, *ppo_flags, "--run-dir", "ppo")
     ckpt = only_run(cwd / "ppo") / "checkpoint.pt"
     flags = [*TINY, "168", "--symbol-checkpoint", str(ckpt), "--save-model"]
@@ -106,7 +107,7 @@ def test_ppo_checkpoint_loads_into_symbol_agents(runs):
     _, _, ckpt = runs
     agent, encoder = load_symbol_agents(str(ckpt), 3)
     payload = load_checkpoint(ckpt)
-    ppo_agent = SymbolPolicy(3, EncoderConfig(**payload["args"]["encoder"]))
+    ppo_agent = SymbolPolicy(3, encoder_config_from_dict(payload["args"]["encoder"]))
     load_checkpoint(ckpt, ppo_agent)
     assert agent.directive_dim == 4 and encoder.kind == payload["args"]["encoder"]["kind"]
     core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)

@@ -3,10 +3,10 @@ a subprocess with tiny settings: run folder, summary, tensorboard tags, resume =
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import only_run, run_script
@@ -140,20 +140,32 @@ def test_bad_arguments_fail_before_any_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_track_logs_the_stage5_metrics_to_mlflow(tmp_path):
-    """--track writes a local ./mlruns store (mlflow-skinny is a test requirement) under the seeds' metric names."""
+@pytest.mark.parametrize("where", ["./mlruns", "MLFLOW_TRACKING_URI"])
+def test_track_logs_metrics_params_and_artifacts_to_mlflow(tmp_path, monkeypatch, where):
+    """--track uses the server of MLFLOW_TRACKING_URI when it is set (here a file store elsewhere), a local ./mlruns
+    file store otherwise (mlflow-skinny is a test requirement); the seeds' metric names, every setting as its own
+    flat param, and the report, pictures and checkpoint as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    run_script(PPO, tmp_path, *TINY, "--track", "--total-timesteps", str(2 * ITER))
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    store = tmp_path / ("elsewhere" if where == "MLFLOW_TRACKING_URI" else "mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    if where == "MLFLOW_TRACKING_URI":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_script(PPO, tmp_path, *TINY, "--track", "--save-model", "--total-timesteps", str(2 * ITER))
+    assert store.is_dir() and (where == "./mlruns" or not (tmp_path / "mlruns").exists())
+    client = MlflowClient(tracking_uri=store.as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "ppo_symbol_agent"]
     (run,) = client.search_runs([experiment.experiment_id])
     for name in MLFLOW_NAMES.values():
         history = client.get_metric_history(run.info.run_id, name)
         assert len(history) == 2, name  # one point per iteration
         assert all(math.isfinite(m.value) for m in history), name
-    assert run.data.params["seed"] == "1"
+    params = run.data.params
+    assert params["seed"] == "1" and params["env.reward.pnl_weight"] == "0.75" and params["data.num_symbols"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"backtest.md", "backtest.json", "summary.json", "test_equity.png", "checkpoint.pt"} <= artifacts
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +186,52 @@ def test_run_folder_summary_and_backtest(full_run):
     for key in ("policy_action_entropy_mean", "executed_action_entropy_mean", "voluntary_trade_rate_mean"):
         assert math.isfinite(summary["telemetry"][key])
     backtest = json.loads((run / "backtest.json").read_text())
-    assert set(backtest) == {"agent", "random", "benchmark_bh", "equal_weight_bh"}
-    for key in ("total_return", "cagr", "sharpe", "sortino", "max_drawdown", "turnover", "trades", "costs"):
+    assert set(backtest) == {"agent", "agent_sampled", "always_hold", "random", "rule_ceiling", "benchmark_bh",
+                             "equal_weight_bh", "benchmark_bh_matched", "equal_weight_bh_matched"}  # fmt: skip
+    for key in ("total_return", "cagr", "sharpe", "sharpe_se", "sortino", "max_drawdown", "turnover", "trades", "costs",
+                "exposure", "round_trips", "orders_cancelled", "orders_shrunk"):  # fmt: skip
         assert key in backtest["agent"]
+    assert all("exposure" in b for b in backtest.values())  # every baseline reports its exposure
+    assert backtest["benchmark_bh_matched"]["exposure"] == pytest.approx(backtest["agent"]["exposure"], abs=0.02)
+    assert backtest["agent_sampled"]["samples"] == 3 and summary["rule"]["split"] == "train"
+    assert len(summary["deciles"]) == 10 and "P(increase exposure | decile of ret_1)" in proc.stdout
     assert (run / "backtest.md").read_text().startswith("| test |")
-    assert (run / "checkpoint.pt").is_file()
+    assert (run / "checkpoint.pt").is_file() and (run / "best.pt").is_file()
+    repro = summary["reproduce"]
+    assert repro["command"][1].endswith("ppo_symbol_agent.py") and repro["packages"]["torch"].startswith("2.")
+    assert repro["torch_threads"] == 1 and repro["device"] == "cpu" and "dirty" in repro["git"]
+    assert summary["data"]["symbols"] == ["SYN000", "SYN001", "SYN002"] and len(summary["data"]["sha256"]) == 24
+    assert run.name.startswith("ppo_symbol_agent__synthetic-s0.3-0.5y-3sym-d0__1__")  # the run name says the data
+
+
+def test_every_picture_is_a_real_png(full_run):
+    _, run = full_run
+    from PIL import Image
+
+    for name in ("equity", "drawdown", "actions", "contribution", "deciles"):
+        path = run / f"test_{name}.png"
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 300, name
+            pixels = np.asarray(img.convert("L"), dtype=float)
+        assert pixels.std() > 5, f"{name} is blank"  # a blank image is one flat colour
+
+
+def test_a_saved_agent_is_evaluated_without_training(full_run, workdir):
+    _, run = full_run
+    cwd = workdir / "eval"
+    cwd.mkdir()
+    proc = run_script(PPO, cwd, *TINY, "--eval-checkpoint", str(run / "best.pt"), "--test-split", "val")
+    evaluated = only_run(cwd / "runs")
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert evaluated.name.endswith("__eval") and summary["status"] == "complete"
+    assert "backtest on the val split" in proc.stdout and "iter " not in proc.stdout  # no training
+    assert (evaluated / "val_equity.png").is_file()
+    other = run_script(PPO, cwd, *TINY, "--data.num-symbols", "4", "--eval-checkpoint", str(run / "best.pt"),
+                       check=False)  # fmt: skip
+    assert other.returncode == 2 and "another universe" in other.stderr and "Traceback" not in other.stderr
+    done = run_script(PPO, cwd, *TINY, "--total-timesteps", str(4 * ITER), "--resume", str(run / "checkpoint.pt"),
+                      check=False)  # fmt: skip
+    assert done.returncode == 2 and "already finished" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_tensorboard_tags(full_run):

@@ -101,6 +101,10 @@ def test_main_writes_reports_and_exit_status(tmp_path, capsys):
     assert diff["spread"] == pytest.approx(0.11) and diff["runs"] == 2
     md = (out / "stage5_report.md").read_text()
     assert "FAIL" in md and "| diversity_bonus |" in md
+    from PIL import Image
+
+    with Image.open(out / "stage5_criteria.png") as img:  # each criterion across seeds, with its threshold
+        assert img.format == "PNG" and img.size[0] >= 800 and np.asarray(img.convert("L"), dtype=float).std() > 5
 
 
 def test_thresholds_are_flags(tmp_path):

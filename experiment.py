@@ -476,7 +476,7 @@ def resume_run(
 def load_for_evaluation(path: str, market: PreparedMarket) -> dict:
     """A training script's checkpoint (checkpoint.pt or best.pt) to evaluate on `market`: its payload (args, model
     weights, global step), after checking that the market has the universe, lookback and features it was trained
-    on. A missing, corrupt or foreign file is a clear error."""
+    on, plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file is a clear error."""
     try:
         payload = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
@@ -485,6 +485,7 @@ def load_for_evaluation(path: str, market: PreparedMarket) -> dict:
         raise UserInputError(f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
                              "script of this repository.")  # fmt: skip
     check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
+    payload["encoder"] = encoder_config_from_dict(payload["args"]["encoder"])  # the network it was saved with
     return payload
 
 

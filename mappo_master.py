@@ -38,6 +38,7 @@ from experiment import (
     encoder_preset,
     exit_interrupted,
     init_distributed,
+    load_for_evaluation,
     load_symbol_agents,
     log_scalars,
     market_fingerprint,
@@ -63,6 +64,7 @@ from trading_env import (
     add_step_telemetry,
     backtest_figures,
     directive_figure,
+    format_go_criterion,
     master_backtests,
     master_go_criterion,
     run_backtest,
@@ -93,6 +95,9 @@ busy 2-core machine two spinning threads made rollouts ~10x slower in our measur
     """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
     resume: str | None = None
     """path of a checkpoint.pt of this script to continue from (both networks, optimiser, value norm, RNG, envs)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint.pt of this script to evaluate: no training, the final backtest and report of that master
+and its symbol agents on the test split of the data given by the --data.* flags, in a new run folder"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
@@ -359,6 +364,8 @@ if __name__ == "__main__":
     require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     M = T // I
+    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
+            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
     require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
             "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
     require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
@@ -371,9 +378,9 @@ if __name__ == "__main__":
     args.batch_size = T * E * S
     args.master_batch_size = M * E
     args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    require(args.num_iterations >= 1, f"--total-timesteps ({args.total_timesteps}) is below one rollout of num_steps "
-            f"* num_envs * num_symbols * world_size = {args.batch_size * args.world_size} symbol-steps; raise it or "
-            "shrink the rollout")  # fmt: skip
+    require(args.num_iterations >= 1 or args.eval_checkpoint, f"--total-timesteps ({args.total_timesteps}) is below "
+            f"one rollout of num_steps * num_envs * num_symbols * world_size = {args.batch_size * args.world_size} "
+            "symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
@@ -383,7 +390,12 @@ if __name__ == "__main__":
     seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
-    if args.symbol_checkpoint:
+    saved = load_for_evaluation(args.eval_checkpoint, market) if args.eval_checkpoint else None
+    if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
+        args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
+        shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
+        agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
+    elif args.symbol_checkpoint:
         agent, args.encoder = load_symbol_agents(args.symbol_checkpoint, S)
         preset = f"from {args.symbol_checkpoint}"
     else:
@@ -415,6 +427,10 @@ if __name__ == "__main__":
         last_actions = own["last_actions"].numpy()
     else:
         run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
+    if saved:  # --eval-checkpoint: no training, straight to the final backtest
+        model.load_state_dict(saved["model"])
+        global_step, start_iteration = saved["global_step"], args.num_iterations + 1
+        run_dir = run_dir.with_name(run_dir.name + "__eval")
 
     writer, mlflow = None, None
     if rank == 0:
@@ -445,7 +461,7 @@ if __name__ == "__main__":
     m_terms, m_truncs = (torch.zeros((M, E), dtype=torch.bool, device=device) for _ in range(2))
     bench_close = market.data.benchmark
     start_time, start_step = time.time(), global_step
-    last_eval, last_telemetry, stop, stopping = {}, {}, stop_on_sigint(), False
+    last_eval, last_telemetry, stop, stopping, sps = {}, {}, stop_on_sigint(), False, 0
 
     def master_value(o, rows):
         """Denormalised centralised value (len(rows),) of the observation dict o at env rows `rows`."""
@@ -701,12 +717,7 @@ if __name__ == "__main__":
         go = master_go_criterion(reports)
         curves = {name: r["curve"] for name, r in results.items()}
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
-        print(
-            f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
-            f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe "
-            f"{go['sharpe_master']:.2f} vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and "
-            f"{go['sharpe_vol_target']:.2f} (vol target)"
-        )
+        print(format_go_criterion(go))
         figures = backtest_figures(
             curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title
         )

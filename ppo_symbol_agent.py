@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, encoder_config_from_dict, set_input_shapes
+from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
 from experiment import (
     all_ranks_stop,
     allreduce_grads,
@@ -413,10 +413,7 @@ if __name__ == "__main__":
     fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     saved = load_for_evaluation(args.eval_checkpoint, market) if args.eval_checkpoint else None
     if saved:  # a saved agent keeps its own network
-        args.encoder, args.shared_heads = (
-            encoder_config_from_dict(saved["args"]["encoder"]),
-            saved["args"]["shared_heads"],
-        )
+        args.encoder, args.shared_heads = saved["encoder"], saved["args"]["shared_heads"]
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn

@@ -1995,6 +1995,15 @@ def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) ->
     return parts
 
 
+def format_go_criterion(go: dict) -> str:
+    """One line: the master go criterion, passed or missed, with its figures."""
+    return (
+        f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
+        f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} "
+        f"vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and {go['sharpe_vol_target']:.2f} (vol target)"
+    )
+
+
 REPORT_KEYS = (
     "total_return", "cagr", "sharpe", "sharpe_se", "sortino", "max_drawdown", "max_drawdown_bars", "calmar",
     "exposure", "trades", "trade_rate", "orders_cancelled", "orders_shrunk", "round_trips", "win_rate",

@@ -36,3 +36,14 @@ def only_run(folder: Path) -> Path:
     runs = sorted(p for p in folder.iterdir() if p.is_dir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def assert_real_png(path: Path, min_width: int = 600, min_height: int = 300) -> None:
+    """path is a PNG of at least the given size that is not one flat colour (a blank figure)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= min_width and img.size[1] >= min_height, (path, img.size)
+        pixels = np.asarray(img.convert("L"), dtype=float)
+    assert pixels.std() > 5, f"{path} is blank"

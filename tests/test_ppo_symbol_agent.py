@@ -6,10 +6,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import only_run, run_script
+from conftest import assert_real_png, only_run, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_symbol_agent.py"
@@ -206,14 +205,8 @@ def test_run_folder_summary_and_backtest(full_run):
 
 def test_every_picture_is_a_real_png(full_run):
     _, run = full_run
-    from PIL import Image
-
     for name in ("equity", "drawdown", "actions", "contribution", "deciles"):
-        path = run / f"test_{name}.png"
-        with Image.open(path) as img:
-            assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 300, name
-            pixels = np.asarray(img.convert("L"), dtype=float)
-        assert pixels.std() > 5, f"{name} is blank"  # a blank image is one flat colour
+        assert_real_png(run / f"test_{name}.png")
 
 
 def test_a_saved_agent_is_evaluated_without_training(full_run, workdir):

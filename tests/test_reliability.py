@@ -38,7 +38,8 @@ TINY = [
 ]
 TINY += ["--data.no-sl-signals", "--data.no-cache"]
 SYNTHETIC = ["--data.num-symbols", "4", "--data.years", "0.5"]
-WALL_CLOCK = {"SPS", "run_name", "run_dir"}  # fields allowed to differ between identical runs
+WALL_CLOCK = {"SPS", "run_name", "run_dir", "command"}  # fields allowed to differ between identical runs (the
+# command line differs by its --run-dir)
 
 
 def train(tmp_path: Path, *flags: str, runs: str = "runs", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -115,7 +116,11 @@ def nan_bar(folder: Path) -> None:
 
 BAD_INPUTS = {
     # case: (flags, how to break a copy of the user data or None, words the error must contain)
-    "missing data folder": (["--data.source", "{tmp}/no_such_folder"], None, ["no_such_folder", "does not exist"]),
+    "missing data folder": (
+        ["--data.source", "{tmp}/no_such_folder"],
+        None,
+        ["no_such_folder", "no such file or folder", "Pass synthetic"],
+    ),
     "corrupt parquet": (["--data.source", "{data}"], corrupt_parquet, ["BBB.parquet"]),
     "NaN bar": (["--data.source", "{data}"], nan_bar, ["BBB.parquet", "row", "NaN"]),
     "unknown symbol": (["--data.source", "{data}", "--data.symbols", "AAA", "ZZZ"], None, ["ZZZ"]),

@@ -124,7 +124,8 @@ def summary_telemetry(metrics: dict) -> dict:
 def data_tag(cfg: DataConfig) -> str:
     """What the run trains on, for its folder name: synthetic-s0.3-10y-10sym or the data file's / folder's name."""
     if cfg.source == "synthetic":
-        return f"synthetic-s{cfg.signal_strength:g}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
+        foresight = f"-f{cfg.regime_foresight:g}" if cfg.regime_foresight else ""
+        return f"synthetic-s{cfg.signal_strength:g}{foresight}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
     return Path(cfg.source).stem.replace("__", "_") or "data"
 
 
@@ -473,10 +474,11 @@ def resume_run(
     return ckpt["global_step"], extra, own, Path(path).resolve().parent
 
 
-def load_for_evaluation(path: str, market: PreparedMarket) -> dict:
-    """A training script's checkpoint (checkpoint.pt or best.pt) to evaluate on `market`: its payload (args, model
-    weights, global step), after checking that the market has the universe, lookback and features it was trained
-    on, plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file is a clear error."""
+def load_for_evaluation(path: str, market: PreparedMarket, script: str) -> dict:
+    """A checkpoint (checkpoint.pt or best.pt) of `script` ("ppo_symbol_agent.py" or "mappo_master.py") to evaluate
+    on `market`: its payload (args, model weights, global step), after checking that the market has the universe,
+    lookback and features it was trained on, plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file,
+    or the other script's checkpoint, is a clear error."""
     try:
         payload = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
@@ -484,25 +486,37 @@ def load_for_evaluation(path: str, market: PreparedMarket) -> dict:
     if not isinstance(payload.get("args"), dict) or "encoder" not in payload["args"]:
         raise UserInputError(f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
                              "script of this repository.")  # fmt: skip
+    expect = "symbols.actor.weights.0" if script == "mappo_master.py" else "actor.weights.0"
+    if expect not in payload["model"]:
+        raise UserInputError(f"--eval-checkpoint {path} is not a checkpoint of {script} (it was written by the other "
+                             "training script); evaluate it with that script.")  # fmt: skip
     check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
     payload["encoder"] = encoder_config_from_dict(payload["args"]["encoder"])  # the network it was saved with
     return payload
 
 
-def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> tuple[SymbolPolicy, EncoderConfig]:
+def load_symbol_agents(
+    path: str, num_symbols: int, directive_dim: int = 4, market: PreparedMarket | None = None
+) -> tuple[SymbolPolicy, EncoderConfig]:
     """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
 
     The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first
     layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
-    updates teach them to read the master's orders."""
-    payload = load_checkpoint(path)
+    updates teach them to read the master's orders. With `market`, the checkpoint must have been trained on its
+    universe, lookback and features. Every misfit is a UserInputError naming the file."""
+    try:
+        payload = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserInputError(f"--symbol-checkpoint {path}: {err}") from err
     saved, saved_args = payload["model"], payload["args"] or {}
     if "encoder" not in saved_args or "actor.weights.0" not in saved:
-        raise ValueError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
+        raise UserInputError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
+    if market is not None:
+        check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
     encoder = encoder_config_from_dict(saved_args["encoder"])
     heads = saved["actor.weights.0"].shape[0]
     if heads not in (1, num_symbols):
-        raise ValueError(
+        raise UserInputError(
             f"{path} holds per-symbol heads for {heads} symbols but the data has {num_symbols}; train the symbol "
             "agents on the same universe (--data.* flags) or start without --symbol-checkpoint."
         )
@@ -514,7 +528,7 @@ def load_symbol_agents(path: str, num_symbols: int, directive_dim: int = 4) -> t
             saved[key] = torch.cat([w, torch.zeros(w.shape[0], directive_dim, w.shape[2], dtype=w.dtype)], dim=1)
     bad = sorted(set(own) ^ set(saved)) + [k for k in own if k in saved and own[k].shape != saved[k].shape]
     if bad:
-        raise ValueError(f"{path} does not fit SymbolPolicy({num_symbols}, {encoder.kind}): mismatched keys {bad}.")
+        raise UserInputError(f"{path} does not fit SymbolPolicy({num_symbols}, {encoder.kind}): mismatched keys {bad}.")
     agent.load_state_dict(saved)
     return agent, encoder
 

@@ -63,6 +63,7 @@ from trading_env import (
     VecTradingCore,
     add_step_telemetry,
     backtest_figures,
+    directive_analysis,
     directive_figure,
     format_go_criterion,
     master_backtests,
@@ -390,13 +391,13 @@ if __name__ == "__main__":
     seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
-    saved = load_for_evaluation(args.eval_checkpoint, market) if args.eval_checkpoint else None
+    saved = load_for_evaluation(args.eval_checkpoint, market, "mappo_master.py") if args.eval_checkpoint else None
     if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
         args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
         shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
         agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
     elif args.symbol_checkpoint:
-        agent, args.encoder = load_symbol_agents(args.symbol_checkpoint, S)
+        agent, args.encoder = load_symbol_agents(args.symbol_checkpoint, S, market=market)
         preset = f"from {args.symbol_checkpoint}"
     else:
         args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
@@ -715,6 +716,7 @@ if __name__ == "__main__":
         reports, results = master_backtests(agent_policy(agent, device), master_policy(agent, master, device), market,
                                             args.test_split, env_cfg, args.seed, I)  # fmt: skip
         go = master_go_criterion(reports)
+        why = directive_analysis(results["master"]["series"], market)  # hidden labels: after the fact only
         curves = {name: r["curve"] for name, r in results.items()}
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(format_go_criterion(go))
@@ -728,7 +730,8 @@ if __name__ == "__main__":
         writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
         writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
         final = {"status": "complete", "global_step": global_step, "encoder": args.encoder.kind, "sps": sps}
-        final.update(backtest=reports, go_criterion=go, val=last_eval, telemetry=last_telemetry, args=asdict(args))
+        final.update(backtest=reports, go_criterion=go, directive_analysis=why, val=last_eval, telemetry=last_telemetry)
+        final["args"] = asdict(args)
         write_summary(run_dir, **final)
         close_run(writer, mlflow, run_dir)
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)

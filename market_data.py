@@ -51,6 +51,11 @@ variance. 0.3 leaves an edge that a one-line rule on ret_1 captures net of costs
 per bar held is below the round-trip cost); 0 is pure noise (the placebo)"""
     gap_rate: float = 0.0
     """Synthetic only: fraction of bars lost to halts (NaN bars, not tradable)."""
+    regime_foresight: float = 0.0
+    """Synthetic only: how visible a downturn is before it starts, in [0, 1]. On the 5 bull days before a bear or crisis
+regime begins, the sector and idiosyncratic volatility rise by (1 + 2 x foresight) while the market factor does not:
+the cross-section disperses (the `dispersion` regime feature) before the benchmark falls. 0: no warning (the
+master's placebo); the regime label itself is never observed"""
     holidays: bool = False
     """Synthetic only: skip New Year's Day, Independence Day and Christmas (weekends are always skipped)."""
     symbols: list[str] | None = None
@@ -168,8 +173,10 @@ class PreparedMarket:
 # A classifier of sign(r[t+1]) from x[t] has, for Gaussian shocks, AUC = 1/2 + arcsin(rho) / pi (0.532 at rho 0.1,
 # 0.667 at rho 0.5); the fat tails move this slightly. The technical features see x[t] through ret_1 divided by the
 # realised volatility.
-# Regimes follow a daily Markov chain (bull, bear, crisis) that scales volatility and drift; volume grows with
-# |x|; the first bar of a day carries an overnight gap (part of its return happens between close and open).
+# Regimes follow a daily Markov chain (bull, bear, crisis) that scales volatility and drift; with regime_foresight
+# > 0, sector and idiosyncratic volatility rise on the last WARNING_DAYS bull days before a downturn (a warning in
+# the cross-section, not in the benchmark). Volume grows with |x|; the first bar of a day carries an overnight gap
+# (part of its return happens between close and open).
 
 REGIME_NAMES_SYNTH = ("bull", "bear", "crisis")
 _REGIME_TRANSITIONS = np.array([[0.990, 0.008, 0.002], [0.030, 0.960, 0.010], [0.060, 0.040, 0.900]])
@@ -185,6 +192,16 @@ _SYNTH_BARS_PER_DAY = 7
 SHOCK_CLIP = 8.0
 GARCH_H_MAX = 9.0
 _SYNTH_DAYS_PER_YEAR = 252
+WARNING_DAYS = 5  # regime foresight: days of rising dispersion before a downturn
+
+
+def downturn_warning(day_regime: np.ndarray, days: int = WARNING_DAYS) -> np.ndarray:
+    """(D,) bool: the bull days among the `days` days before each start of a bear or crisis regime."""
+    onset = np.flatnonzero((day_regime[1:] > 0) & (day_regime[:-1] == 0)) + 1
+    warn = np.zeros(len(day_regime), dtype=bool)
+    for d in onset:
+        warn[max(d - days, 0) : d] = True
+    return warn & (day_regime == 0)
 
 
 def synthetic_symbol_names(num_symbols: int) -> list[str]:
@@ -228,6 +245,7 @@ def generate_synthetic_market(
     gap_rate: float = 0.0,
     holidays: bool = False,
     num_sectors: int = 11,
+    regime_foresight: float = 0.0,
 ) -> MarketData:
     """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays."""
     if num_symbols < 1:
@@ -236,6 +254,8 @@ def generate_synthetic_market(
         raise UserInputError(f"--data.signal-strength {signal_strength} must lie in [0, 1); 0 is pure noise.")
     if not 0.0 <= gap_rate < 0.5:
         raise UserInputError(f"--data.gap-rate {gap_rate} must lie in [0, 0.5).")
+    if not 0.0 <= regime_foresight <= 1.0:
+        raise UserInputError(f"--data.regime-foresight {regime_foresight} must lie in [0, 1]; 0 gives no warning.")
     rng = np.random.default_rng(seed)
     ts = _synthetic_calendar(years, holidays)
     T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
@@ -250,6 +270,7 @@ def generate_synthetic_market(
         day_reg[d] = np.searchsorted(cum[day_reg[d - 1]], u_reg[d], side="right")
     regime = np.repeat(day_reg, _SYNTH_BARS_PER_DAY)  # (T,)
     hour = np.tile(np.arange(_SYNTH_BARS_PER_DAY), n_days)  # (T,)
+    warning = np.repeat(downturn_warning(day_reg), _SYNTH_BARS_PER_DAY)  # (T,) bull bars shortly before a downturn
 
     # static symbol parameters
     sector = np.arange(S) % K
@@ -263,7 +284,7 @@ def generate_synthetic_market(
     z = np.clip(rng.standard_t(df, size=(T, 1 + K + S)) / np.sqrt(df / (df - 2.0)), -SHOCK_CLIP, SHOCK_CLIP)
     g = _garch_unit(z)  # (T, C) conditional sd
     reg_m = _REGIME_MARKET_VOL[regime] * _INTRADAY_VOL[hour]  # (T,)
-    reg_o = _REGIME_OTHER_VOL[regime] * _INTRADAY_VOL[hour]
+    reg_o = _REGIME_OTHER_VOL[regime] * _INTRADAY_VOL[hour] * (1.0 + 2.0 * regime_foresight * warning)
     sd_m = market_scale * reg_m * g[:, 0]  # (T,)
     sd_f = sector_scale * reg_o[:, None] * g[:, 1 : 1 + K]  # (T, K)
     sd_e = idio_scale[None, :] * reg_o[:, None] * g[:, 1 + K :]  # (T, S)
@@ -1262,8 +1283,9 @@ def load_market(cfg: DataConfig) -> MarketData:
     """The raw aligned bars described by cfg: the synthetic market or the user's files."""
     if cfg.source == "synthetic":
         return generate_synthetic_market(
-            cfg.num_symbols, cfg.years, cfg.seed, cfg.signal_strength, cfg.gap_rate, cfg.holidays
-        )
+            cfg.num_symbols, cfg.years, cfg.seed, cfg.signal_strength, cfg.gap_rate, cfg.holidays,
+            regime_foresight=cfg.regime_foresight,
+        )  # fmt: skip
     return load_user_market(cfg)
 
 

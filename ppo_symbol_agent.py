@@ -411,7 +411,7 @@ if __name__ == "__main__":
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
     fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
-    saved = load_for_evaluation(args.eval_checkpoint, market) if args.eval_checkpoint else None
+    saved = load_for_evaluation(args.eval_checkpoint, market, "ppo_symbol_agent.py") if args.eval_checkpoint else None
     if saved:  # a saved agent keeps its own network
         args.encoder, args.shared_heads = saved["encoder"], saved["args"]["shared_heads"]
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)

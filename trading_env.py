@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from market_data import PreparedMarket, UserInputError
+from market_data import REGIME_NAMES_SYNTH, PreparedMarket, UserInputError, downturn_warning
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Actions and directives
@@ -1993,6 +1993,36 @@ def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) ->
         "exposure-matched neutral book's and the volatility-targeting rule's"
     )
     return parts
+
+
+def directive_analysis(series: dict, market: PreparedMarket) -> dict:
+    """Why the master chose what it chose, after the fact and for analysis only (nothing here reaches an
+    observation): the correlation of the chosen risk multiplier with each regime feature at the decision bars, and,
+    where the data has them (the synthetic market), the mean risk multiplier, regime mode (-1 defensive, +1
+    aggressive) and exposure under each hidden regime label and on the downturn-warning days."""
+    d = np.asarray(series["directives"])
+    keep = d >= 0
+    t = (series["start"] + np.arange(len(d)))[keep]  # the decision bar of each step
+    coords = np.unravel_index(d[keep], DIRECTIVE_SHAPE)
+    risk, mode = np.take(RISK_MULTIPLIERS, coords[0]), coords[2] - 1.0
+    exposure = np.asarray(series["exposure"])[keep]
+    corr = {}
+    for j, name in enumerate(market.regime_names):
+        x = market.regime[t, j]
+        corr[name] = float(np.corrcoef(risk, x)[0, 1]) if risk.std() > 0 and x.std() > 0 else 0.0
+    out = {"bars": int(keep.sum()), "risk_multiplier_corr": corr, "by_regime": {}}
+    labels = market.data.regime_labels
+    if labels is None or not keep.any():
+        return out
+    groups = {name: labels[t] == k for k, name in enumerate(REGIME_NAMES_SYNTH)}
+    if market.data.source == "synthetic":  # whole days of bars_per_day bars: the warning days of the generator
+        per_day = int(market.data.bars_per_day)
+        groups["warning"] = np.repeat(downturn_warning(labels[::per_day]), per_day)[t]
+    for name, g in groups.items():
+        if g.any():
+            means = {"risk_multiplier": risk[g], "regime_mode": mode[g], "exposure": exposure[g]}
+            out["by_regime"][name] = {"bars": int(g.sum())} | {k: float(v.mean()) for k, v in means.items()}
+    return out
 
 
 def format_go_criterion(go: dict) -> str:

@@ -1,4 +1,4 @@
-"""Training speed of mappo_master.py at S = 10 and S = 143 symbols.
+"""mappo_master.py: training speed at S = 10 and S = 143 symbols, and (--go) whether the master adds skill.
 
 Runs the script itself (a subprocess, periodic evaluation off, no supervised signal fit) for a few iterations at each
 universe size and reads back what it logged: `charts/SPS` (symbol-steps per second, the same unit as
@@ -8,6 +8,15 @@ the timed loop.
 
     python benchmarks/bench_mappo.py --quick --json benchmarks/results/mappo_quick.json
     python benchmarks/bench_mappo.py --json benchmarks/results/mappo.json
+    python benchmarks/bench_mappo.py --go --jobs 2          # pieces under results/mappo_go/, then mappo_go.json
+
+--go: per seed and per market (the regime market, whose downturns are announced by a dispersing cross-section,
+--data.regime-foresight 0.5, and its placebo without warning, 0), symbol agents trained by ppo_symbol_agent.py
+(default settings, GO_SYMBOL_STEPS symbol-steps, --save-model), then a master trained on top of them, frozen, by
+mappo_master.py (GO_MASTER_STEPS symbol-steps). Each (market, seed) is one piece in its own processes that writes its
+own JSON; the summary reads every piece: per seed the master, every baseline (neutral, exposure-matched neutral,
+volatility target, defensive, buy-and-hold), exposure, drawdown and Sharpe, the go criterion and the directive
+analysis against the hidden regime. 10-year markets: test splits of ~2,600 bars.
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ from pathlib import Path
 from common import ROOT, machine_info, write_json
 
 SCRIPT = ROOT / "mappo_master.py"
+GO_DIR = ROOT / "benchmarks" / "results" / "mappo_go"
+GO_FORESIGHT = (0.5, 0.0)
+GO_SEEDS = (1, 2, 3)
+GO_SYMBOL_STEPS = 2_000_000
+GO_MASTER_STEPS = 1_000_000
+GO_NAMES = ("master", "neutral", "neutral_matched", "vol_target", "defensive", "benchmark_bh", "equal_weight_bh")
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -70,14 +85,88 @@ def measure(num_symbols: int, num_envs: int, num_steps: int, iterations: int, th
     }
 
 
+def go_piece(foresight: float, seed: int) -> Path:
+    """Symbol agents, then a master on top of them, on one market and seed; writes the piece's JSON."""
+    data = ["--data.years", "10", "--data.regime-foresight", str(foresight), "--data.seed", str(seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="bench_mappo_go_") as tmp:
+        steps = [
+            [ROOT / "ppo_symbol_agent.py", *data, "--seed", str(seed), "--total-timesteps", str(GO_SYMBOL_STEPS),
+             "--save-model", "--run-dir", f"{tmp}/symbols"],
+            [SCRIPT, *data, "--seed", str(seed), "--total-timesteps", str(GO_MASTER_STEPS), "--freeze-symbols",
+             "--run-dir", f"{tmp}/master"],
+        ]  # fmt: skip
+        for i, cmd in enumerate(steps):
+            if i == 1:
+                cmd += ["--symbol-checkpoint", str(next(Path(tmp, "symbols").iterdir()) / "checkpoint.pt")]
+            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        symbols = json.loads(next(Path(tmp, "symbols").iterdir()).joinpath("summary.json").read_text())
+        master = json.loads(next(Path(tmp, "master").iterdir()).joinpath("summary.json").read_text())
+    record = {
+        "benchmark": "mappo_go_piece",
+        "foresight": foresight,
+        "seed": seed,
+        "commands": [f"python ppo_symbol_agent.py {' '.join(map(str, steps[0][1:-2]))}",
+                     f"python mappo_master.py {' '.join(map(str, steps[1][1:-4]))} --symbol-checkpoint <that run>"],
+        "symbol_agents_test": symbols["backtest"]["agent"],
+        "backtest": {k: master["backtest"][k] for k in GO_NAMES},
+        "go_criterion": master["go_criterion"],
+        "directive_analysis": master["directive_analysis"],
+        "machine": machine_info(),
+    }  # fmt: skip
+    path = GO_DIR / f"{foresight:g}_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    go = record["go_criterion"]
+    print(f"foresight {foresight:g} seed {seed}: go {'passed' if go['passed'] else 'missed'} (drawdown cut vs matched "
+          f"{go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} vs matched "
+          f"{go['sharpe_matched_neutral']:.2f}, vol target {go['sharpe_vol_target']:.2f})", flush=True)  # fmt: skip
+    return path
+
+
+def go_table(pieces: list[dict]) -> str:
+    """One row per piece: each strategy's test Sharpe / max drawdown / exposure, and the go criterion."""
+    head = "| foresight | seed | " + " | ".join(GO_NAMES) + " | drawdown cut vs matched | go |"
+    lines = [head, "|" + "---|" * (len(GO_NAMES) + 4)]
+    for p in sorted(pieces, key=lambda p: (-p["foresight"], p["seed"])):
+        b, go = p["backtest"], p["go_criterion"]
+        cells = [f"{b[k]['sharpe']:.2f} / {b[k]['max_drawdown']:.1%} / {b[k]['exposure']:.3f}" for k in GO_NAMES]
+        verdict = "passed" if go["passed"] else "missed"
+        lines.append(f"| {p['foresight']:g} | {p['seed']} | " + " | ".join(cells)
+                     + f" | {go['drawdown_cut_vs_matched_neutral']:.1%} | {verdict} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def go(jobs: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [(f, k) for f in GO_FORESIGHT for k in GO_SEEDS if not (GO_DIR / f"{f:g}_seed{k}.json").exists()]
+    print(f"{len(todo)} pieces to run, {jobs} at a time", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(go_piece, f, k) for f, k in todo]:
+            future.result()
+    pieces = [json.loads(f.read_text()) for f in sorted(GO_DIR.glob("*.json"))]
+    passed = {f"{f:g}": sum(p["go_criterion"]["passed"] for p in pieces if p["foresight"] == f) for f in GO_FORESIGHT}
+    record = {"benchmark": "mappo_go", "passed_by_foresight": passed, "table": go_table(pieces),
+              "symbol_steps": GO_SYMBOL_STEPS, "master_steps": GO_MASTER_STEPS, "pieces": pieces}  # fmt: skip
+    write_json(ROOT / "benchmarks" / "results" / "mappo_go.json", record)
+    print(record["table"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--go", action="store_true", help="the go-criterion benchmark (pieces, then mappo_go.json)")
+    parser.add_argument("--jobs", type=int, default=2, help="--go: pieces run at once (one process each)")
     parser.add_argument("--quick", action="store_true", help="fewer envs and iterations (about a minute)")
     parser.add_argument("--json", default=None, help="write the record to this path")
     parser.add_argument(
         "--threads", type=int, default=1, help="OMP_NUM_THREADS of the training process (1 on a shared CPU)"
     )
     opts = parser.parse_args()
+    if opts.go:
+        return go(opts.jobs)
     iterations = 3 if opts.quick else 5
     sizes = [(10, 8 if opts.quick else 16), (143, 2 if opts.quick else 4)]
     results = {}

@@ -95,7 +95,7 @@ def test_summary_backtest_and_go_criterion(runs):
 
 
 def test_a_saved_master_is_evaluated_without_training(runs):
-    _, run, _ = runs
+    _, run, ckpt = runs
     cwd = run.parent.parent / "eval"
     cwd.mkdir()
     proc = run_script("mappo_master.py", cwd, *TINY, "168", "--eval-checkpoint", str(run / "checkpoint.pt"))
@@ -107,6 +107,11 @@ def test_a_saved_master_is_evaluated_without_training(runs):
     other = run_script("mappo_master.py", cwd, *TINY, "168", "--data.num-symbols", "4", "--eval-checkpoint",
                        str(run / "checkpoint.pt"), check=False)  # fmt: skip
     assert other.returncode == 2 and "another universe" in other.stderr and "Traceback" not in other.stderr
+    wrong = run_script("mappo_master.py", cwd, *TINY, "168", "--eval-checkpoint", str(ckpt), check=False)  # PPO's
+    assert wrong.returncode == 2 and "not a checkpoint of mappo_master.py" in wrong.stderr
+    moved = run_script("mappo_master.py", cwd, *TINY, "168", "--data.num-symbols", "4", "--symbol-checkpoint",
+                       str(ckpt), check=False)  # fmt: skip
+    assert moved.returncode == 2 and "another universe" in moved.stderr and "Traceback" not in moved.stderr
 
 
 def test_tensorboard_event_file_has_master_reward_components(runs):

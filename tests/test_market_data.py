@@ -582,3 +582,32 @@ def test_classifiers_see_only_the_train_split():
     assert not np.array_equal(changed.sl_probs[stop:], base.sl_probs[stop:])
     for name in md.SL_MODELS:
         assert changed.sl_metrics[name]["train_auc"] == base.sl_metrics[name]["train_auc"]
+
+
+def test_regime_foresight_disperses_the_cross_section_before_a_downturn():
+    """With foresight the bull days before a bear or crisis regime have (1 + 2 x foresight) times the sector and
+    idiosyncratic volatility; the market factor, and so the benchmark, is untouched; at 0 nothing changes."""
+    base = md.generate_synthetic_market(12, 10.0, seed=1)
+    seen = md.generate_synthetic_market(12, 10.0, seed=1, regime_foresight=0.5)
+    np.testing.assert_array_equal(base.regime_labels, seen.regime_labels)
+    np.testing.assert_allclose(base.benchmark, seen.benchmark)
+    np.testing.assert_array_equal(
+        md.generate_synthetic_market(12, 10.0, seed=1, regime_foresight=0.0).close, base.close
+    )
+    warn = np.repeat(md.downturn_warning(base.regime_labels[::7]), 7)[1:]
+    assert 0.01 < warn.mean() < 0.1
+    calm = ~warn & (base.regime_labels[1:] == 0)
+
+    def dispersion(d):
+        return np.diff(np.log(d.close), axis=0).std(1)
+
+    ratio = dispersion(seen)[warn].mean() / dispersion(seen)[calm].mean()
+    assert 1.8 < ratio < 2.2 and 0.9 < dispersion(base)[warn].mean() / dispersion(base)[calm].mean() < 1.1
+    with pytest.raises(md.UserInputError, match="regime-foresight"):
+        md.generate_synthetic_market(3, 0.5, regime_foresight=1.5)
+
+
+def test_downturn_warning_marks_the_bull_days_before_each_onset():
+    days = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 0])
+    want = np.array([0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0], dtype=bool)
+    np.testing.assert_array_equal(md.downturn_warning(days, days=5), want)

@@ -641,12 +641,12 @@ if __name__ == "__main__":
         if args.final_weights == "best_val" and best_state is not None:  # model selection on the validation split
             tested.load_state_dict(best_state)
         make_policy = lambda sample_seed, record: agent_policy(tested, device, sample_seed, record)  # noqa: E731
-        final = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
-        reports, curves, rule, deciles = final["reports"], final["curves"], final["rule"], final["deciles"]
+        tests = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
+        reports, curves, rule, deciles = tests["reports"], tests["curves"], tests["rule"], tests["deciles"]
         title = f"{run_dir.name}, {args.test_split} split"
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
         print(format_deciles(deciles, "ret_1"))
-        figures = backtest_figures(curves, final["series"], envs.symbols, title)
+        figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
         save_figures(run_dir, writer, figures, args.test_split, global_step)
         test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}

@@ -465,9 +465,9 @@ def plot_criteria(report: dict, path: Path) -> None:
         ax.bar([str(r["seed"]) for r in runs], values, color=colors)
         if checks:
             ax.axhline(checks[0]["threshold"], color="black", ls="--", lw=1, label="threshold")
+            ax.legend(fontsize=7)
         ax.set_title(criterion, fontsize=10)
         ax.set_xlabel("seed")
-        ax.legend(fontsize=7)
     fig.suptitle(f"Stage 5 gate: {'PASS' if report['passed'] else 'FAIL'}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1969,7 +1969,9 @@ def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) ->
     """A go criterion that de-leveraging alone cannot meet: the master's max drawdown at least `drawdown_cut` below
     that of the neutral book scaled to the master's exposure, and its Sharpe at least that book's and the
     volatility-targeting rule's. Also reported: the seeds' original criterion (seed 003: more than 15% less
-    drawdown than the neutral directive, which a master meets by trading less)."""
+    drawdown than the neutral directive, which a master meets by trading less), and whether the master's Sharpe is
+    at least the fixed defensive directive's (a constant directive that is not neutral can pass the criterion
+    without reading the regime; beating the fixed directives is the stricter test of skill)."""
     master, matched, neutral, vol = (reports[k] for k in ("master", "neutral_matched", "neutral", "vol_target"))
 
     def cut(other: dict) -> float:
@@ -1988,6 +1990,8 @@ def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) ->
     parts["passed"] = parts["drawdown_passed"] and parts["sharpe_passed"]
     parts["seed_criterion_drawdown_cut_vs_neutral"] = cut(neutral)
     parts["seed_criterion_passed"] = bool(cut(neutral) > drawdown_cut)
+    parts["sharpe_defensive"] = reports["defensive"]["sharpe"]
+    parts["beats_defensive"] = bool(master["sharpe"] >= reports["defensive"]["sharpe"])
     parts["criterion"] = (
         f"max drawdown >= {drawdown_cut:.0%} below the exposure-matched neutral book's, and Sharpe >= both the "
         "exposure-matched neutral book's and the volatility-targeting rule's"
@@ -2030,7 +2034,8 @@ def format_go_criterion(go: dict) -> str:
     return (
         f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
         f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} "
-        f"vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and {go['sharpe_vol_target']:.2f} (vol target)"
+        f"vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and {go['sharpe_vol_target']:.2f} (vol target); "
+        f"{'above' if go['beats_defensive'] else 'below'} the fixed defensive directive ({go['sharpe_defensive']:.2f})"
     )
 
 

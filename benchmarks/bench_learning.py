@@ -118,7 +118,8 @@ def summarize(pieces: list[dict]) -> dict:
             "seeds_above_1": int((agent > 1.0).sum()),
             "ceiling_sharpe": ceiling.tolist(),
             "ceiling_mean": float(ceiling.mean()),
-            "share_of_ceiling": mean / float(ceiling.mean()) if ceiling.mean() > 0 else None,
+            # a share of the placebo's ceiling (noise around 0) means nothing
+            "share_of_ceiling": mean / float(ceiling.mean()) if signal > 0 and ceiling.mean() > 0 else None,
             "baselines_mean": {b: float(sharpe(b).mean()) for b in BASELINES},
             "best_baseline_sharpe": best.tolist(),
             "margin_over_best_baseline_se": ((agent - best) / se).tolist(),

@@ -38,6 +38,7 @@ GO_FORESIGHT = (0.5, 0.0)
 GO_SEEDS = (1, 2, 3)
 GO_SYMBOL_STEPS = 2_000_000
 GO_MASTER_STEPS = 1_000_000
+REGIMES = ("bull", "bear", "crisis", "warning")  # hidden labels, for the after-the-fact analysis
 GO_NAMES = ("master", "neutral", "neutral_matched", "vol_target", "defensive", "benchmark_bh", "equal_weight_bh")
 
 
@@ -127,15 +128,20 @@ def go_piece(foresight: float, seed: int) -> Path:
 
 
 def go_table(pieces: list[dict]) -> str:
-    """One row per piece: each strategy's test Sharpe / max drawdown / exposure, and the go criterion."""
-    head = "| foresight | seed | " + " | ".join(GO_NAMES) + " | drawdown cut vs matched | go |"
-    lines = [head, "|" + "---|" * (len(GO_NAMES) + 4)]
+    """One row per piece: each strategy's test Sharpe / max drawdown / exposure, the go criterion, whether the master
+    also beats the fixed defensive directive, and its mean risk multiplier under each hidden regime (after the fact:
+    equal values mean the master ignored the regime)."""
+    head = "| foresight | seed | " + " | ".join(GO_NAMES) + " | drawdown cut vs matched | go | beats defensive |"
+    head += " risk multiplier: bull / bear / crisis / warning |"
+    lines = [head, "|" + "---|" * (len(GO_NAMES) + 6)]
     for p in sorted(pieces, key=lambda p: (-p["foresight"], p["seed"])):
-        b, go = p["backtest"], p["go_criterion"]
+        b, go, by = p["backtest"], p["go_criterion"], p["directive_analysis"].get("by_regime", {})
         cells = [f"{b[k]['sharpe']:.2f} / {b[k]['max_drawdown']:.1%} / {b[k]['exposure']:.3f}" for k in GO_NAMES]
         verdict = "passed" if go["passed"] else "missed"
+        beats = "yes" if b["master"]["sharpe"] >= b["defensive"]["sharpe"] else "no"
+        risk = " / ".join(f"{by[r]['risk_multiplier']:.2f}" if r in by else "-" for r in REGIMES)
         lines.append(f"| {p['foresight']:g} | {p['seed']} | " + " | ".join(cells)
-                     + f" | {go['drawdown_cut_vs_matched_neutral']:.1%} | {verdict} |")  # fmt: skip
+                     + f" | {go['drawdown_cut_vs_matched_neutral']:.1%} | {verdict} | {beats} | {risk} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -149,7 +155,10 @@ def go(jobs: int) -> None:
             future.result()
     pieces = [json.loads(f.read_text()) for f in sorted(GO_DIR.glob("*.json"))]
     passed = {f"{f:g}": sum(p["go_criterion"]["passed"] for p in pieces if p["foresight"] == f) for f in GO_FORESIGHT}
-    record = {"benchmark": "mappo_go", "passed_by_foresight": passed, "table": go_table(pieces),
+    beats = {f"{f:g}": sum(p["backtest"]["master"]["sharpe"] >= p["backtest"]["defensive"]["sharpe"] for p in pieces
+                           if p["foresight"] == f) for f in GO_FORESIGHT}  # fmt: skip
+    record = {"benchmark": "mappo_go", "passed_by_foresight": passed, "beats_defensive_by_foresight": beats,
+              "table": go_table(pieces),
               "symbol_steps": GO_SYMBOL_STEPS, "master_steps": GO_MASTER_STEPS, "pieces": pieces}  # fmt: skip
     write_json(ROOT / "benchmarks" / "results" / "mappo_go.json", record)
     print(record["table"])

@@ -1,5 +1,6 @@
-"""The learning benchmark's aggregation: the 95% interval, the placebo margin, the table and the picture, computed
-from piece records written here (the real pieces come from training runs: benchmarks/results/learning/)."""
+"""The benchmarks' aggregation: the learning benchmark's 95% interval, placebo margin, table and picture, and the
+master go table, computed from piece records written here (the real pieces come from training runs under
+benchmarks/results/learning/ and benchmarks/results/mappo_go/)."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from conftest import assert_real_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_learning as bl  # noqa: E402
+import bench_mappo as bm  # noqa: E402
 
 
 def piece(signal: float, seed: int, agent: float, ceiling: float) -> dict:
@@ -32,9 +34,23 @@ def test_summary_interval_table_and_picture(tmp_path):
     assert m["agent_mean"] == pytest.approx(6.0) and m["agent_ci95"] == pytest.approx([6.0 - half, 6.0 + half])
     assert m["seeds_above_1"] == 5 and m["share_of_ceiling"] == pytest.approx(6.0 / 9.0)
     assert m["agent_sampled_mean"] == pytest.approx(5.0)
+    assert markets["0"]["share_of_ceiling"] is None  # the placebo's ceiling is noise: no share of it
     best = max(-0.5 + 0.1 * i for i in range(len(bl.BASELINES)))  # the best baseline of each seed
     assert markets["0"]["margin_over_best_baseline_se"] == pytest.approx([(a - best) / 0.5 for a in agents[0.0]])
     text = bl.table(markets)
     assert text.count("\n") == 3 and "| 0.3 | 5 | 6.00 [" in text and "67%" in text
     bl.plot(markets, tmp_path / "learning.png")
     assert_real_png(tmp_path / "learning.png")
+
+
+def test_go_table_flags_a_master_that_ignores_the_regime():
+    """A master whose go criterion passes with one constant directive: the table shows the same risk multiplier in
+    every hidden regime and that the fixed defensive directive beats it."""
+    backtest = {name: {"sharpe": 1.0, "max_drawdown": -0.1, "exposure": 0.5} for name in bm.GO_NAMES}
+    backtest["master"] = {"sharpe": 2.0, "max_drawdown": -0.02, "exposure": 0.1}
+    backtest["defensive"] = {"sharpe": 2.5, "max_drawdown": -0.02, "exposure": 0.12}
+    constant = {r: {"risk_multiplier": 0.5, "regime_mode": -1.0, "exposure": 0.1} for r in ("bull", "bear", "crisis")}
+    piece = {"foresight": 0.5, "seed": 1, "backtest": backtest, "directive_analysis": {"by_regime": constant},
+             "go_criterion": {"passed": True, "drawdown_cut_vs_matched_neutral": 0.8}}  # fmt: skip
+    row = bm.go_table([piece]).splitlines()[2]
+    assert "| 2.00 / -2.0% / 0.100 |" in row and "| 80.0% | passed | no | 0.50 / 0.50 / 0.50 / - |" in row

@@ -1308,11 +1308,14 @@ def test_go_criterion_by_hand():
         "neutral": {"sharpe": 1.0, "max_drawdown": -0.20, "exposure": 0.16},
         "neutral_matched": {"sharpe": 1.0, "max_drawdown": -0.05, "exposure": 0.04},
         "vol_target": {"sharpe": 1.2, "max_drawdown": -0.15, "exposure": 0.15},
+        "defensive": {"sharpe": 1.5, "max_drawdown": -0.05, "exposure": 0.08},
         "master": {"sharpe": 1.3, "max_drawdown": -0.04, "exposure": 0.04},
     }
     go = te.master_go_criterion(reports)
     assert go["drawdown_cut_vs_matched_neutral"] == pytest.approx(1 - 0.04 / 0.05)  # 20% below the matched book
     assert go["drawdown_passed"] and go["sharpe_passed"] and go["passed"]
+    assert not go["beats_defensive"] and go["sharpe_defensive"] == 1.5  # reported beside it: the stricter test
+    assert "below the fixed defensive directive (1.50)" in te.format_go_criterion(go)
     assert go["seed_criterion_drawdown_cut_vs_neutral"] == pytest.approx(0.8) and go["seed_criterion_passed"]
     # de-leveraging alone: the master is the matched book. The seeds' criterion passes, ours does not.
     reports["master"] = dict(reports["neutral_matched"])

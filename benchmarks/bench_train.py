@@ -8,10 +8,10 @@ features extractor, the same 256-128 heads), on the same vectorised core (SB3 ge
 
 SPS = symbol-steps (environment transitions) per second of training, rollout and update included: for this script
 the last `charts/SPS` of a run with periodic evaluation off (data preparation and the final backtest excluded), for
-SB3 the timesteps of `model.learn()` divided by its wall time. Torch runs one intra-op thread in every case (stated
-in the JSON). The seed's transformer (d_model 256, 4 layers) is far too slow for CPU training (~94 samples/s
-forward+backward on one core), so the transformer rows use a small transformer on CPU and the seed's on CUDA. The
-learning benchmark is benchmarks/bench_learning.py.
+SB3 the timesteps of `model.learn()` divided by its wall time; the median of --repeats interleaved runs per
+framework. Torch runs one intra-op thread in every case (stated in the JSON). The seed's transformer (d_model 256,
+4 layers) is far too slow for CPU training (~94 samples/s forward+backward on one core), so the transformer rows
+use a small transformer on CPU and the seed's on CUDA. The learning benchmark is benchmarks/bench_learning.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,10 +131,14 @@ def speed(args) -> dict:
     record["minibatches"], record["update_epochs"] = MINIBATCHES, 4
     with tempfile.TemporaryDirectory() as tmp:
         for name, (enc, iterations) in cases.items():
-            row = {"encoder": enc, "iterations": iterations}
-            row["ours_sps"] = run_ours(enc, data_flags, args.num_envs, args.num_steps, iterations, Path(tmp))
-            for algo in ("sb3_ppo", "maskable_ppo"):
-                row[f"{algo}_sps"] = run_sb3(algo, enc, market, args.num_envs, args.num_steps, iterations)
+            row = {"encoder": enc, "iterations": iterations, "repeats": args.repeats}
+            runs = {"ours": [], "sb3_ppo": [], "maskable_ppo": []}
+            for _ in range(args.repeats):  # interleaved, so that a busy spell of the machine hits every framework
+                runs["ours"].append(run_ours(enc, data_flags, args.num_envs, args.num_steps, iterations, Path(tmp)))
+                for algo in ("sb3_ppo", "maskable_ppo"):
+                    runs[algo].append(run_sb3(algo, enc, market, args.num_envs, args.num_steps, iterations))
+            for who, values in runs.items():
+                row[f"{who}_sps"], row[f"{who}_sps_runs"] = statistics.median(values), values
             print(name, row, flush=True)
             record[name] = row
             record[f"ratio_vs_sb3_{name}"] = row["ours_sps"] / row["sb3_ppo_sps"]
@@ -149,6 +154,7 @@ if __name__ == "__main__":
     p.add_argument("--num-symbols", type=int, default=10)
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed per framework (MLP)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per framework (interleaved); medians are reported")
     args = p.parse_args()
     torch.set_num_threads(1)
     write_json(args.json, speed(args))

@@ -1,5 +1,6 @@
-"""Run bookkeeping that no one reads to understand the algorithm: the run folder and its summary.json, checkpoints
-and resume, RNG states, tensorboard / MLflow logging, the torchrun helpers and the SIGINT stop.
+"""Run bookkeeping that no one reads to understand the algorithm: the experiment flags both scripts share (RunArgs)
+and their checks, the run folder and its summary.json, checkpoints and resume, RNG states, tensorboard / MLflow
+logging, the torchrun helpers and the SIGINT stop.
 
 The training scripts (ppo_symbol_agent.py, mappo_master.py) import it; it imports nothing from them. The algorithm
 itself (rollout, GAE, the PPO loss, masked sampling, entropy control, the update loop) lives in the scripts.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -17,7 +19,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,7 +29,64 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from encoders import EncoderConfig, SymbolPolicy, encoder_config_from_dict
-from market_data import DataConfig, PreparedMarket, UserInputError, prepare_market
+from market_data import DataConfig, PreparedMarket, UserInputError, check_data_config, prepare_market
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's own flags (both scripts' Args extend this) and the checks of the flags every script has
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunArgs:
+    # --- experiment ---
+    exp_name: str = "run"
+    """the name of this experiment (first part of the run folder's name)"""
+    seed: int = 1
+    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    torch_threads: int = 1
+    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
+busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+    track: bool = False
+    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
+    save_model: bool = False
+    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
+    resume: str | None = None
+    """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
+step)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
+the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
+features they were trained on), in a new run folder"""
+    run_dir: str = "runs"
+    """folder that holds the run folders"""
+    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
+    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+
+
+def check_run_args(args) -> None:
+    """The checks of the flags both scripts share, before any data is prepared: a rollout that minibatches can split
+    (by env-steps, keeping every symbol), --resume and --eval-checkpoint apart, a test split other than the training
+    split, MLflow installed for --track, and the --data.* flags."""
+    T, E = args.num_steps, args.num_envs
+    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
+    require(
+        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
+        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
+        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
+    )
+    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
+            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
+    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
+            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
+    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
+            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
+    check_data_config(args.data)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup: seeding, torchrun's process group, the encoder preset, the market prepared once per machine
@@ -274,6 +335,19 @@ def save_figures(run_dir: Path, writer, figures: dict, prefix: str, step: int) -
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def finish_run(run_dir: Path, writer, mlflow, args, figures: dict, test_report: dict, step: int, t_eval: float,
+               **fields) -> None:  # fmt: skip
+    """The end of a completed run, on rank 0: the final backtest's pictures (PNG and tensorboard), its metrics as
+    trading/<test split>_<metric>, perf/eval_seconds since t_eval, summary.json marked complete with `fields` and
+    every setting, and the writers closed."""
+    save_figures(run_dir, writer, figures, args.test_split, step)
+    metrics = {f"trading/{args.test_split}_{k}": v for k, v in test_report.items() if v is not None}
+    log_scalars(writer, mlflow, metrics, step)
+    writer.add_scalar("perf/eval_seconds", time.time() - t_eval, step)
+    write_summary(run_dir, status="complete", global_step=step, **fields, args=dataclasses.asdict(args))
+    close_run(writer, mlflow, run_dir)
 
 
 def close_run(writer, mlflow, run_dir: Path | None = None) -> None:

@@ -1,22 +1,21 @@
 """MAPPO for the master agent: a portfolio manager whose directives steer the symbol agents, trained on the core.
 
-The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the master
-picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in `VecTradingCore`); the
-symbol agents act every bar under it (it enters their observation, sizes and masks). Both levels use PPO-clip: the
-symbol agents as in ppo_symbol_agent.py (optionally from its checkpoint, optionally frozen), the master on pooled
-symbol embeddings and portfolio features with a centralised critic that also reads `VecTradingCore.state()`. The
-master's reward is in `master_reward`. The final test-split backtest compares the learned master with the neutral
-and defensive directives, the neutral book scaled to the master's exposure, a volatility-targeting rule and
-buy-and-hold (`trading_env.master_backtests`), and reports a go criterion that de-leveraging alone cannot meet
-(`trading_env.master_go_criterion`).
+The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the
+master picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in
+`VecTradingCore`); the symbol agents act every bar under it (it enters their observation, sizes and masks). Both
+levels use PPO-clip: the symbol agents as in ppo_symbol_agent.py (optionally from its checkpoint, optionally
+frozen), the master on pooled symbol embeddings and portfolio features with a centralised critic that also reads
+`VecTradingCore.state()`. The master's reward is `trading_env.master_reward`. The final test-split backtest compares
+the learned master with the neutral and defensive directives, the neutral book scaled to the master's exposure, a
+volatility-targeting rule and buy-and-hold (`trading_env.master_backtests`), and reports a go criterion that
+de-leveraging alone cannot meet (`trading_env.master_go_criterion`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,16 +26,18 @@ import tyro
 
 from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from experiment import (
+    RunArgs,
     all_ranks_stop,
     allreduce_grads,
     assert_ranks_agree,
     broadcast_parameters,
     cat_over_ranks,
+    check_run_args,
     close_distributed,
-    close_run,
     data_tag,
     encoder_preset,
     exit_interrupted,
+    finish_run,
     init_distributed,
     load_for_evaluation,
     load_symbol_agents,
@@ -48,14 +49,12 @@ from experiment import (
     report_user_errors,
     require,
     resume_run,
-    save_figures,
     save_run_checkpoint,
     seed_everything,
     stop_on_sigint,
     summary_telemetry,
-    write_summary,
 )
-from market_data import DataConfig, check_data_config
+from market_data import DataConfig
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
@@ -66,45 +65,20 @@ from trading_env import (
     directive_analysis,
     directive_figure,
     format_go_criterion,
+    herfindahl_complement,
     master_backtests,
     master_go_criterion,
+    master_reward,
     run_backtest,
     save_backtest,
     telemetry_metrics,
 )
 
-MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
-
 
 @dataclass
-class Args:
-    # --- experiment ---
+class Args(RunArgs):  # the experiment flags (seed, cuda, track, save_model, resume, ...) are RunArgs'
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (first part of the run folder's name)"""
-    seed: int = 1
-    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    torch_threads: int = 1
-    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
-    track: bool = False
-    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
-    save_model: bool = False
-    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
-    resume: str | None = None
-    """path of a checkpoint.pt of this script to continue from (both networks, optimiser, value norm, RNG, envs)"""
-    eval_checkpoint: str | None = None
-    """path of a checkpoint.pt of this script to evaluate: no training, the final backtest and report of that master
-and its symbol agents on the test split of the data given by the --data.* flags, in a new run folder"""
-    run_dir: str = "runs"
-    """folder that holds the run folders"""
-    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
-    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -291,35 +265,8 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, cl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: master reward and inputs (unit-tested in tests/test_mappo_master.py)
+# ALGO LOGIC: the master's inputs (its reward is trading_env.master_reward; unit-tested in tests/test_mappo_master.py)
 # ---------------------------------------------------------------------------------------------------------------
-def master_reward(acc: dict, args: Args, num_symbols: int) -> dict:
-    """Components (E,) of the master's reward from one decision's accumulators (E,), summed over the bars to the next
-    decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar returns b),
-    dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position weights w, 0
-    when flat), bars (bars counted). Percent units (x 100):
-
-        risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
-        diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
-        drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
-        excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
-    """
-    div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
-    return {
-        "risk_adjusted": 100.0 * (acc["ret"] - args.risk_coef * np.sqrt(acc["ret_sq"])),
-        "diversification": args.div_coef * acc["div"] / np.maximum(acc["bars"], 1) / div_max,
-        "drawdown": -args.dd_coef * 100.0 * acc["dd_up"],
-        "excess": args.excess_coef * 100.0 * (acc["ret"] - acc["bench"]),
-    }
-
-
-def herfindahl_complement(size_fraction: np.ndarray) -> np.ndarray:
-    """Position values or weights (E, S) -> 1 - sum of squared normalised weights (E,), 0 when flat."""
-    total = size_fraction.sum(1)
-    share = np.divide(size_fraction, total[:, None], out=np.zeros_like(size_fraction), where=total[:, None] > 0)
-    return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
-
-
 def global_features(obs: dict, directive_index: np.ndarray, last_actions: np.ndarray) -> np.ndarray:
     """The master actor's portfolio-level input (E, 36): the account's portfolio features (8), the regime (10), the
     current directive as one-hot grid coordinates (4 + 4 + 3), and the share of symbols whose last policy action was
@@ -356,22 +303,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E, I = args.num_steps, args.num_envs, args.master_interval
-    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
-    require(
-        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
-        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
-        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
-    )
+    check_run_args(args)  # the flags both scripts share, and the --data.* flags
     require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     M = T // I
-    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
-            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
-    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
-            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
-    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
-            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
-    check_data_config(args.data)
     args.world_size, rank, device = init_distributed(args.cuda)
 
     market = prepare_market_on_ranks(args.data, rank, args.world_size)
@@ -696,12 +631,9 @@ if __name__ == "__main__":
             f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
             f"master_reward={metrics['master_reward/total']:.3f} risk_level={coords[:, 0].mean():.2f} "
             f"regime_level={coords[:, 2].mean():.2f} reward={metrics['reward/total']:.4f}"
-            + (
-                f" {args.eval_split}_max_drawdown={last_eval['max_drawdown']:.3f}"
-                if "perf/eval_seconds" in metrics
-                else ""
-            )
-        )
+            + (f" {args.eval_split}_max_drawdown={last_eval['max_drawdown']:.3f}" if "perf/eval_seconds" in metrics
+               else "")
+        )  # fmt: skip
         last_telemetry = summary_telemetry(metrics)
         if stopping:
             break
@@ -724,16 +656,10 @@ if __name__ == "__main__":
             curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title
         )
         figures["directives"] = directive_figure(results["master"]["series"], market, title)
-        save_figures(run_dir, writer, figures, args.test_split, global_step)
-        test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["master"].items() if v is not None}
-        log_scalars(writer, mlflow, test_metrics, global_step)
         writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
-        writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
-        final = {"status": "complete", "global_step": global_step, "encoder": args.encoder.kind, "sps": sps}
-        final.update(backtest=reports, go_criterion=go, directive_analysis=why, val=last_eval, telemetry=last_telemetry)
-        final["args"] = asdict(args)
-        write_summary(run_dir, **final)
-        close_run(writer, mlflow, run_dir)
+        finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,
+                   encoder=args.encoder.kind, sps=sps, backtest=reports, go_criterion=go, directive_analysis=why,
+                   val=last_eval, telemetry=last_telemetry)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
     close_distributed(args.world_size)

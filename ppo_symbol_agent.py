@@ -14,10 +14,9 @@ acts on entropy normalised by log(number of allowed actions); docs/training.md h
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,15 +27,17 @@ import tyro
 
 from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
 from experiment import (
+    RunArgs,
     all_ranks_stop,
     allreduce_grads,
     assert_ranks_agree,
     broadcast_parameters,
+    check_run_args,
     close_distributed,
-    close_run,
     data_tag,
     encoder_preset,
     exit_interrupted,
+    finish_run,
     init_distributed,
     load_checkpoint,
     load_for_evaluation,
@@ -49,14 +50,12 @@ from experiment import (
     require,
     resume_run,
     save_checkpoint,
-    save_figures,
     save_run_checkpoint,
     seed_everything,
     stop_on_sigint,
     summary_telemetry,
-    write_summary,
 )
-from market_data import DataConfig, check_data_config
+from market_data import DataConfig
 from trading_env import (
     INCREASE_ACTIONS,
     EnvConfig,
@@ -76,35 +75,9 @@ ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
 
 
 @dataclass
-class Args:
-    # --- experiment ---
+class Args(RunArgs):  # the experiment flags (seed, cuda, track, save_model, resume, ...) are RunArgs'
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (first part of the run folder's name)"""
-    seed: int = 1
-    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    torch_threads: int = 1
-    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
-    track: bool = False
-    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
-    save_model: bool = False
-    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
-    resume: str | None = None
-    """path of a checkpoint.pt to continue from (model, optimiser, entropy control, RNG, envs, global step)"""
-    eval_checkpoint: str | None = None
-    """path of a checkpoint.pt or best.pt to evaluate: no training, the final backtest and report of that agent on the
-test split of the data given by the --data.* flags (which must have the universe and features it was trained on),
-in a new run folder"""
-    run_dir: str = "runs"
-    """folder that holds the run folders"""
-    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
-    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -376,21 +349,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E = args.num_steps, args.num_envs
-    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
-    require(
-        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
-        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
-        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
-    )
+    check_run_args(args)  # the flags both scripts share, and the --data.* flags
     require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
             "0 < --ent-guard-relax <= 1")  # fmt: skip
-    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
-            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
-    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
-            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
-    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
-            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
-    check_data_config(args.data)
     args.world_size, rank, device = init_distributed(args.cuda)
 
     market = prepare_market_on_ranks(args.data, rank, args.world_size)
@@ -648,15 +609,10 @@ if __name__ == "__main__":
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
-        save_figures(run_dir, writer, figures, args.test_split, global_step)
-        test_metrics = {f"trading/{args.test_split}_{k}": v for k, v in reports["agent"].items() if v is not None}
-        log_scalars(writer, mlflow, test_metrics, global_step)
-        writer.add_scalar("perf/eval_seconds", time.time() - t_eval, global_step)
-        final = {"status": "complete", "global_step": global_step, "seed": args.seed, "encoder": args.encoder.kind}
-        final.update(backtest=reports, rule=rule, deciles=deciles, val=last_eval, telemetry=last_telemetry)
-        final.update(entropy_control=ctl, args=asdict(args), final_weights=args.final_weights, best_val_sharpe=best_val)
-        write_summary(run_dir, **final)
-        close_run(writer, mlflow, run_dir)
+        finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
+                   encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
+                   telemetry=last_telemetry, entropy_control=ctl, final_weights=args.final_weights,
+                   best_val_sharpe=best_val)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree(agent.parameters(), rank)
     close_distributed(args.world_size)

@@ -1965,6 +1965,37 @@ def master_backtests(policy, master, market: PreparedMarket, split: str, config:
     return reports, results
 
 
+MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
+
+
+def master_reward(acc: dict, args, num_symbols: int) -> dict:
+    """Components (E,) of the master's reward from one decision's accumulators (E,), summed over the bars to the next
+    decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar returns b),
+    dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position weights w, 0
+    when flat), bars (bars counted); args: the weights risk_coef, div_coef, dd_coef, excess_coef (mappo_master.py's
+    Args). Percent units (x 100):
+
+        risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
+        diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
+        drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
+        excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
+    """
+    div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
+    return {
+        "risk_adjusted": 100.0 * (acc["ret"] - args.risk_coef * np.sqrt(acc["ret_sq"])),
+        "diversification": args.div_coef * acc["div"] / np.maximum(acc["bars"], 1) / div_max,
+        "drawdown": -args.dd_coef * 100.0 * acc["dd_up"],
+        "excess": args.excess_coef * 100.0 * (acc["ret"] - acc["bench"]),
+    }
+
+
+def herfindahl_complement(size_fraction: np.ndarray) -> np.ndarray:
+    """Position values or weights (E, S) -> 1 - sum of squared normalised weights (E,), 0 when flat."""
+    total = size_fraction.sum(1)
+    share = np.divide(size_fraction, total[:, None], out=np.zeros_like(size_fraction), where=total[:, None] > 0)
+    return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
+
+
 def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) -> dict:
     """A go criterion that de-leveraging alone cannot meet: the master's max drawdown at least `drawdown_cut` below
     that of the neutral book scaled to the master's exposure, and its Sharpe at least that book's and the

@@ -507,6 +507,15 @@ def load_checkpoint(
     return payload
 
 
+def load_user_checkpoint(flag: str, path: str, *args, **kwargs) -> dict:
+    """load_checkpoint of a file the user passed with `flag`: a missing or unreadable file is a UserInputError that
+    names the flag and the file."""
+    try:
+        return load_checkpoint(path, *args, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserInputError(f"{flag} {path}: {err}") from err
+
+
 def save_run_checkpoint(run_dir: Path, model, optimizer, args, global_step: int, own: dict, extra: dict, rank: int):
     """Gather every rank's `own` state (its envs, RNG, ...) on rank 0 with this rank's RNG states added, and write
     run_dir/checkpoint.pt there: the model, optimiser, args, global step and extra, with extra["ranks"] the list."""
@@ -528,10 +537,7 @@ def resume_run(
     """Load a checkpoint of save_run_checkpoint into model and optimizer and restore this rank's RNG states.
     Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in.
     A run that already reached num_iterations, another market or another number of processes is a clear error."""
-    try:
-        ckpt = load_checkpoint(path, model, optimizer, map_location=device)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserInputError(f"--resume {path}: {err}") from err
+    ckpt = load_user_checkpoint("--resume", path, model, optimizer, map_location=device)
     extra = ckpt["extra"]
     if extra["iteration"] >= num_iterations:
         raise UserInputError(
@@ -553,10 +559,7 @@ def load_for_evaluation(path: str, market: PreparedMarket, script: str) -> dict:
     on `market`: its payload (args, model weights, global step), after checking that the market has the universe,
     lookback and features it was trained on, plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file,
     or the other script's checkpoint, is a clear error."""
-    try:
-        payload = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserInputError(f"--eval-checkpoint {path}: {err}") from err
+    payload = load_user_checkpoint("--eval-checkpoint", path)
     if not isinstance(payload.get("args"), dict) or "encoder" not in payload["args"]:
         raise UserInputError(f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
                              "script of this repository.")  # fmt: skip
@@ -578,10 +581,7 @@ def load_symbol_agents(
     layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
     updates teach them to read the master's orders. With `market`, the checkpoint must have been trained on its
     universe, lookback and features. Every misfit is a UserInputError naming the file."""
-    try:
-        payload = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserInputError(f"--symbol-checkpoint {path}: {err}") from err
+    payload = load_user_checkpoint("--symbol-checkpoint", path)
     saved, saved_args = payload["model"], payload["args"] or {}
     if "encoder" not in saved_args or "actor.weights.0" not in saved:
         raise UserInputError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")

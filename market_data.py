@@ -237,6 +237,16 @@ def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90, h_max: f
     return out
 
 
+def check_synthetic_flags(signal_strength: float, gap_rate: float, regime_foresight: float) -> None:
+    """The synthetic market's own settings, checked before any work (a UserInputError names the flag)."""
+    if not 0.0 <= signal_strength < 1.0:
+        raise UserInputError(f"--data.signal-strength {signal_strength} must lie in [0, 1); 0 is pure noise.")
+    if not 0.0 <= gap_rate < 0.5:
+        raise UserInputError(f"--data.gap-rate {gap_rate} must lie in [0, 0.5).")
+    if not 0.0 <= regime_foresight <= 1.0:
+        raise UserInputError(f"--data.regime-foresight {regime_foresight} must lie in [0, 1]; 0 gives no warning.")
+
+
 def generate_synthetic_market(
     num_symbols: int = 10,
     years: float = 10.0,
@@ -250,12 +260,7 @@ def generate_synthetic_market(
     """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays."""
     if num_symbols < 1:
         raise UserInputError(f"--data.num-symbols {num_symbols}: the synthetic market needs at least 1 symbol.")
-    if not 0.0 <= signal_strength < 1.0:
-        raise UserInputError(f"--data.signal-strength {signal_strength} must lie in [0, 1); 0 is pure noise.")
-    if not 0.0 <= gap_rate < 0.5:
-        raise UserInputError(f"--data.gap-rate {gap_rate} must lie in [0, 0.5).")
-    if not 0.0 <= regime_foresight <= 1.0:
-        raise UserInputError(f"--data.regime-foresight {regime_foresight} must lie in [0, 1]; 0 gives no warning.")
+    check_synthetic_flags(signal_strength, gap_rate, regime_foresight)
     rng = np.random.default_rng(seed)
     ts = _synthetic_calendar(years, holidays)
     T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
@@ -1253,10 +1258,7 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.source == "synthetic":
         if cfg.num_symbols < 1 or cfg.years <= 0:
             raise UserInputError(f"--data.num-symbols {cfg.num_symbols} and --data.years {cfg.years} must be positive.")
-        if not 0.0 <= cfg.signal_strength < 1.0:
-            raise UserInputError(f"--data.signal-strength {cfg.signal_strength} must lie in [0, 1); 0 is pure noise.")
-        if not 0.0 <= cfg.gap_rate < 0.5:
-            raise UserInputError(f"--data.gap-rate {cfg.gap_rate} must lie in [0, 0.5).")
+        check_synthetic_flags(cfg.signal_strength, cfg.gap_rate, cfg.regime_foresight)
     elif not Path(cfg.source).exists():
         raise UserInputError(
             f"--data.source {cfg.source}: no such file or folder. Pass synthetic, one bar file (CSV or parquet; the "

@@ -62,6 +62,7 @@ from trading_env import (
     VecTradingCore,
     add_step_telemetry,
     backtest_figures,
+    deflated_sharpe,
     directive_analysis,
     directive_figure,
     format_go_criterion,
@@ -650,7 +651,9 @@ if __name__ == "__main__":
         go = master_go_criterion(reports)
         why = directive_analysis(results["master"]["series"], market)  # hidden labels: after the fact only
         curves = {name: r["curve"] for name, r in results.items()}
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
+        timestamps = results["master"]["series"]["timestamps"]
+        reports["master"] |= deflated_sharpe(curves["master"], timestamps, market, [])
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps))
         print(format_go_criterion(go))
         figures = backtest_figures(
             curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title

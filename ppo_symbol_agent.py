@@ -64,6 +64,7 @@ from trading_env import (
     agent_backtests,
     backtest_figures,
     decile_figure,
+    deflated_sharpe,
     format_deciles,
     run_backtest,
     save_backtest,
@@ -382,7 +383,7 @@ if __name__ == "__main__":
     broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
-    global_step, start_iteration, best_val, best_state = 0, 1, -np.inf, None
+    global_step, start_iteration, best_val, best_state, val_sharpes = 0, 1, -np.inf, None, []
     next_obs_np = envs.reset(seed=args.seed + rank)
     run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
@@ -390,6 +391,7 @@ if __name__ == "__main__":
         resumed = resume_run(args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations)
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
+        val_sharpes = extra.get("val_sharpes", [])
         if (run_dir / "best.pt").is_file():
             best_state = load_checkpoint(run_dir / "best.pt")["model"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
@@ -526,7 +528,8 @@ if __name__ == "__main__":
         # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
-            extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val}
+            extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val,
+                     "val_sharpes": val_sharpes}  # fmt: skip
             save_run_checkpoint(run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank)
         if rank != 0:
             if stopping:
@@ -573,6 +576,7 @@ if __name__ == "__main__":
             last_eval = {k: v for k, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()})
             metrics["perf/eval_seconds"] = time.time() - t_eval
+            val_sharpes.append(last_eval["sharpe"])  # every sweep is a candidate of the selection: the DSR's trials
             if last_eval["sharpe"] > best_val:  # the best-on-validation weights, kept beside the last ones
                 best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
                 if args.save_model:
@@ -599,20 +603,23 @@ if __name__ == "__main__":
     if rank == 0:
         t_eval = time.time()
         tested = copy.deepcopy(agent).eval()  # the trained weights stay as they are (torchrun checks them below)
-        if args.final_weights == "best_val" and best_state is not None:  # model selection on the validation split
+        selected = args.final_weights == "best_val" and best_state is not None
+        if selected:  # model selection on the validation split
             tested.load_state_dict(best_state)
         make_policy = lambda sample_seed, record: agent_policy(tested, device, sample_seed, record)  # noqa: E731
         tests = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
         reports, curves, rule, deciles = tests["reports"], tests["curves"], tests["rule"], tests["deciles"]
         title = f"{run_dir.name}, {args.test_split} split"
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market))
+        trials = val_sharpes if selected else []  # the last weights were not picked among candidates
+        reports["agent"] |= deflated_sharpe(curves["agent"], tests["series"]["timestamps"], market, trials)
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, tests["series"]["timestamps"]))
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
         finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
                    encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
-                   telemetry=last_telemetry, entropy_control=ctl, final_weights=args.final_weights,
-                   best_val_sharpe=best_val)  # fmt: skip
+                   telemetry=last_telemetry, entropy_control=ctl, final_weights="best_val" if selected else "last",
+                   best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         assert_ranks_agree(agent.parameters(), rank)
     close_distributed(args.world_size)

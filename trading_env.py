@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from types import SimpleNamespace
 from typing import Literal
 
 import gymnasium as gym
 import numpy as np
+import pandas as pd
 from gymnasium import spaces
 
 from market_data import REGIME_NAMES_SYNTH, PreparedMarket, UserInputError, downturn_warning
@@ -1082,7 +1084,7 @@ class VecTradingCore:
             "equity": self._acc_to_slot(self.equity).copy(),
             "exposure": self._acc_to_slot(acc.exposure),
             "cash": self._acc_to_slot(self.cash).copy(),
-            "holdings": self.pos_value,
+            "holdings": self.pos_value.copy(),  # a copy: the end-of-sweep reset zeroes pos_value
             "pnl": acc.slot_pnl,
             "account_return": self._acc_to_slot(acc.r),
             "drawdown": self._acc_to_slot(acc.drawdown),
@@ -1649,37 +1651,108 @@ def telemetry_metrics(tele: dict, policy_actions: np.ndarray, executed_actions: 
 # ---------------------------------------------------------------------------------------------------------------------
 # Backtest: one sequential sweep of a split, its metrics, the baselines on the same capital and costs, the rule ceiling
 # ---------------------------------------------------------------------------------------------------------------------
-def performance_metrics(equity: np.ndarray, periods_per_year: float) -> dict:
-    """Equity curve (N+1,) that starts at the initial capital -> return, risk and drawdown metrics.
+def daily_returns(equity: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equity marks (N+1,) at timestamps (N+1,) -> (dates (D,) datetime64[D], simple returns (D,)) from one UTC
+    calendar day's last mark to the next day's; the first day's return runs from the initial mark. Intraday bars are
+    compounded into their day, so hourly, daily and 24/7 data all give one return per session or calendar day."""
+    equity = np.asarray(equity, dtype=np.float64)
+    day = np.asarray(timestamps).astype("datetime64[D]")
+    ends = np.flatnonzero(np.r_[day[1:] != day[:-1], True])  # (D,) the last mark of each day
+    if ends[0] == 0:  # the first day holds only the initial mark: no return on it
+        ends = ends[1:]
+    marks = np.r_[equity[0], equity[ends]]
+    return day[ends], marks[1:] / marks[:-1] - 1.0
 
-    Sharpe and Sortino annualise per-bar simple returns with sqrt(periods_per_year) (risk-free rate 0). The Sharpe's
-    standard error is Lo's (2002) for independent returns, sqrt((1 + SR^2 / 2) / N) per bar, annualised the same way.
-    CAGR uses N / periods_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
+
+def sharpe_hac_se(r: np.ndarray, lags: int | None = None) -> float:
+    """Autocorrelation-robust standard error of the per-period Sharpe ratio mean(r) / std(r): the delta method on the
+    moments (r - mu, (r - mu)^2 - var) with a Newey-West (Bartlett) long-run covariance, Lo (2002) section 3 with
+    Newey and West (1987); `lags` defaults to floor(4 (n / 100)^(2/9)). For independent normal returns it reduces to
+    Lo's sqrt((1 + SR^2 / 2) / n)."""
+    r = np.asarray(r, dtype=np.float64)
+    n = len(r)
+    sd = r.std()
+    if n < 3 or sd < 1e-15:
+        return float("nan")
+    mu = r.mean()
+    u = np.stack([r - mu, (r - mu) ** 2 - sd**2], axis=1)  # (n, 2)
+    lags = int(4 * (n / 100) ** (2 / 9)) if lags is None else lags
+    cov = u.T @ u / n
+    for lag in range(1, min(lags, n - 1) + 1):
+        gamma = u[lag:].T @ u[:-lag] / n
+        cov += (1.0 - lag / (lags + 1)) * (gamma + gamma.T)
+    grad = np.array([1.0 / sd, -mu / (2.0 * sd**3)])
+    return float(np.sqrt(max(grad @ cov @ grad, 0.0) / n))
+
+
+def probabilistic_sharpe(r: np.ndarray, benchmark: float = 0.0) -> float | None:
+    """P(true per-period Sharpe > benchmark) given the sample's Sharpe, skewness and kurtosis (Bailey and Lopez de
+    Prado 2012, eq. 5): Phi((SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurt - 1) / 4 SR^2)). None without risk."""
+    r = np.asarray(r, dtype=np.float64)
+    n, sd = len(r), r.std()
+    if n < 3 or sd < 1e-15:
+        return None
+    sr = r.mean() / sd
+    z = (r - r.mean()) / sd
+    skew, kurt = float(np.mean(z**3)), float(np.mean(z**4))
+    denom = 1.0 - skew * sr + (kurt - 1.0) / 4.0 * sr**2
+    return float(NormalDist().cdf((sr - benchmark) * np.sqrt(n - 1) / np.sqrt(max(denom, 1e-12))))
+
+
+def expected_max_sharpe(trial_sharpes, trials: int | None = None) -> float:
+    """The Sharpe that the best of N unskilled trials is expected to reach (Bailey and Lopez de Prado 2014, the
+    deflated Sharpe's SR_0): sqrt(V[SR]) ((1 - g) Phi^-1(1 - 1/N) + g Phi^-1(1 - 1/(N e))), g the Euler-Mascheroni
+    constant, V[SR] the variance of the trials' Sharpes (in the same units as the result). 0 for one trial."""
+    trial_sharpes = np.asarray(trial_sharpes, dtype=np.float64)
+    n = len(trial_sharpes) if trials is None else trials
+    if n < 2 or len(trial_sharpes) < 2:
+        return 0.0
+    g, inv = 0.5772156649015329, NormalDist().inv_cdf
+    return float(trial_sharpes.std(ddof=1) * ((1 - g) * inv(1 - 1 / n) + g * inv(1 - 1 / (n * np.e))))
+
+
+def performance_metrics(equity: np.ndarray, timestamps: np.ndarray, bars_per_year: float, bars_per_day: float) -> dict:
+    """Equity curve (N+1,) that starts at the initial capital, marked at timestamps (N+1,) -> return, risk and
+    drawdown metrics.
+
+    Sharpe and Sortino come from daily returns (daily_returns: intraday bars compounded per calendar day),
+    annualised with sqrt(days a year = bars_per_year / bars_per_day), risk-free rate 0: an intraday strategy's bar
+    returns are autocorrelated, and sqrt(bars a year) x the per-bar Sharpe overstates it. sharpe_se is the
+    autocorrelation-robust (Newey-West) standard error of the daily Sharpe, annualised the same way; psr the
+    probabilistic Sharpe ratio P(Sharpe > 0). sharpe_bar keeps the per-bar figure (sqrt(bars a year) x mean / std of
+    bar returns) beside bar_autocorr, the lag-1 autocorrelation of the bar returns that inflates it. CAGR uses
+    N / bars_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
     """
     equity = np.asarray(equity, dtype=np.float64)
     r = equity[1:] / equity[:-1] - 1.0
+    _, daily = daily_returns(equity, timestamps)
     growth = equity[-1] / equity[0]
     n = len(r)
-    years = max(n / periods_per_year, 1e-12)
-    std = r.std(ddof=1) if n > 1 else 0.0
-    downside = np.sqrt(np.mean(np.minimum(r, 0.0) ** 2)) if n else 0.0
+    years = max(n / bars_per_year, 1e-12)
+    ann_day, ann_bar = np.sqrt(bars_per_year / bars_per_day), np.sqrt(bars_per_year)
+    day_sd = daily.std(ddof=1) if len(daily) > 1 else 0.0
+    bar_sd = r.std(ddof=1) if n > 1 else 0.0
+    downside = np.sqrt(np.mean(np.minimum(daily, 0.0) ** 2)) if len(daily) else 0.0
     drawdown = equity / np.maximum.accumulate(equity) - 1.0
     edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
     cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
     max_dd = float(drawdown.min())
-    sr_bar = r.mean() / std if std > 1e-15 else 0.0
-    ann = np.sqrt(periods_per_year)
+    se = sharpe_hac_se(daily)
     return {
         "total_return": float(growth - 1.0),
         "cagr": float(cagr),
-        "sharpe": float(sr_bar * ann),
-        "sharpe_se": float(np.sqrt((1.0 + 0.5 * sr_bar**2) / max(n, 1)) * ann),
-        "sortino": float(r.mean() / downside * ann) if downside > 1e-15 else 0.0,
+        "sharpe": float(daily.mean() / day_sd * ann_day) if day_sd > 1e-15 else 0.0,
+        "sharpe_se": float(se * ann_day) if np.isfinite(se) else None,
+        "psr": probabilistic_sharpe(daily),
+        "sortino": float(daily.mean() / downside * ann_day) if downside > 1e-15 else 0.0,
+        "sharpe_bar": float(r.mean() / bar_sd * ann_bar) if bar_sd > 1e-15 else 0.0,
+        "bar_autocorr": float(np.corrcoef(r[1:], r[:-1])[0, 1]) if n > 2 and r[1:].std() * r[:-1].std() > 0 else None,
         "max_drawdown": max_dd,
         "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
         "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
         "bars": n,
-        "periods_per_year": float(periods_per_year),
+        "days": len(daily),
+        "days_per_year": float(bars_per_year / bars_per_day),
     }
 
 
@@ -1732,8 +1805,8 @@ def run_backtest(
         traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
         if truncated.any() != (i == n - 1):
             raise RuntimeError(f"run_backtest: the sweep of {split!r} ended at step {i + 1} of {n}; this is a bug.")
-    ppy = market.data.bars_per_year
-    metrics = performance_metrics(equity, ppy)
+    ppy, timestamps = market.data.bars_per_year, market.data.timestamps[start : start + n + 1]
+    metrics = performance_metrics(equity, timestamps, ppy, market.data.bars_per_day)
     metrics.update(
         exposure=float(exposure.mean()),
         trades=counts["trades"],
@@ -1755,7 +1828,7 @@ def run_backtest(
             directive_regime_level=float((share * coords[2]).sum()),
             directive_most_used=int(used.argmax()),
         )
-    series = {"timestamps": market.data.timestamps[start : start + n + 1], "exposure": exposure, "pnl": pnl,
+    series = {"timestamps": timestamps, "exposure": exposure, "pnl": pnl,
               "executed": executed, "directives": directives, "start": start}  # fmt: skip
     return {"agent": metrics, "curve": equity, "series": series}
 
@@ -1827,7 +1900,8 @@ def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") ->
     decision bar exceeds a threshold (a quantile, 50-95%, of that feature on the split), flat otherwise. Fitted on a
     vectorised proxy of the backtest (the position taken at bar t earns open[t+1] -> open[t+2], and every change pays
     commission + spread), choosing the (feature, direction, threshold) with the best annualised Sharpe of the
-    equal-weight book. Its honest figures come from run_backtest(rule_policy(rule), ...) on other splits."""
+    equal-weight book's daily returns (bar returns summed per calendar day of the decision bar, as
+    performance_metrics). Its honest figures come from run_backtest(rule_policy(rule), ...) on other splits."""
     lo, hi = market.splits[split]
     t = np.arange(max(lo, market.lookback - 1), hi - 2)
     px = market.data.open if config.fill == "open" else market.data.close
@@ -1836,7 +1910,9 @@ def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") ->
     ok = np.isfinite(ret) & market.data.tradable[t] & market.data.tradable[t + 1]
     ret = np.where(ok, ret, 0.0)
     c = (config.commission_bps + config.spread_bps) / 1e4
-    ann = np.sqrt(market.data.bars_per_year)
+    day = market.data.timestamps[t].astype("datetime64[D]")
+    day_starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])  # (D,) first decision of each day
+    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
     quantiles = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     best = {"sharpe": -np.inf}
     for f, name in enumerate(market.feature_names):
@@ -1846,7 +1922,8 @@ def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") ->
             for q, theta in zip(quantiles, np.quantile(v[ok], quantiles), strict=True):
                 pos = (v > theta) & ok
                 change = np.abs(np.diff(pos.astype(np.float64), axis=0, prepend=0.0))
-                book = (pos * ret - c * change).mean(1)  # (n,) equal-weight book return
+                book = (pos * ret - c * change).mean(1)  # (n,) equal-weight book return per bar
+                book = np.add.reduceat(book, day_starts)  # (D,) per day
                 sd = book.std()
                 sharpe = book.mean() / sd * ann if sd > 0 else 0.0
                 if sharpe > best["sharpe"]:
@@ -1884,10 +1961,11 @@ def baseline_backtests(market: PreparedMarket, split: str, config: EnvConfig, se
     if rule is not None:
         out["rule_ceiling"] = run_backtest(rule_policy(rule), market, split, config, seed)
     start, n = agent["series"]["start"], agent["agent"]["bars"]
-    book, ppy = float(agent["curve"][0]), market.data.bars_per_year
+    book, calendar = float(agent["curve"][0]), (market.data.bars_per_year, market.data.bars_per_day)
     for suffix, fraction in (("", 1.0), ("_matched", agent["agent"]["exposure"])):
         for name, (curve, expo) in buy_and_hold(market, start, n, book, config, fraction).items():
-            metrics = performance_metrics(curve, ppy) | {"exposure": float(expo.mean()), "trades": None}
+            metrics = performance_metrics(curve, agent["series"]["timestamps"], *calendar)
+            metrics |= {"exposure": float(expo.mean()), "trades": None}
             out[f"{name}_bh{suffix}"] = {"agent": metrics, "curve": curve}
     return out
 
@@ -1953,15 +2031,18 @@ def master_backtests(policy, master, market: PreparedMarket, split: str, config:
         n: run_backtest(policy, market, split, config, seed, "portfolio", m, interval) for n, m in masters.items()
     }
     reports = {name: r["agent"] for name, r in results.items()}
-    ppy, neutral = market.data.bars_per_year, results["neutral"]["curve"]
+    neutral, timestamps = results["neutral"]["curve"], results["neutral"]["series"]["timestamps"]
+    calendar = (market.data.bars_per_year, market.data.bars_per_day)
     lev = reports["master"]["exposure"] / max(reports["neutral"]["exposure"], 1e-12)
     scaled = neutral[0] * np.r_[1.0, np.cumprod(1.0 + lev * np.diff(neutral) / neutral[:-1])]
     results["neutral_matched"] = {"curve": scaled}
-    reports["neutral_matched"] = performance_metrics(scaled, ppy) | {"exposure": reports["neutral"]["exposure"] * lev}
+    reports["neutral_matched"] = performance_metrics(scaled, timestamps, *calendar) | {
+        "exposure": reports["neutral"]["exposure"] * lev
+    }
     start, n = results["master"]["series"]["start"], reports["master"]["bars"]
     for name, (curve, expo) in buy_and_hold(market, start, n, float(neutral[0]), config).items():
         results[f"{name}_bh"] = {"curve": curve}
-        reports[f"{name}_bh"] = performance_metrics(curve, ppy) | {"exposure": float(expo.mean())}
+        reports[f"{name}_bh"] = performance_metrics(curve, timestamps, *calendar) | {"exposure": float(expo.mean())}
     return reports, results
 
 
@@ -2071,9 +2152,9 @@ def format_go_criterion(go: dict) -> str:
 
 
 REPORT_KEYS = (
-    "total_return", "cagr", "sharpe", "sharpe_se", "sortino", "max_drawdown", "max_drawdown_bars", "calmar",
-    "exposure", "trades", "trade_rate", "orders_cancelled", "orders_shrunk", "round_trips", "win_rate",
-    "liquidations", "turnover", "costs",
+    "total_return", "cagr", "sharpe", "sharpe_se", "psr", "dsr", "dsr_trials", "sortino", "sharpe_bar",
+    "bar_autocorr", "max_drawdown", "max_drawdown_bars", "calmar", "exposure", "trades", "trade_rate",
+    "orders_cancelled", "orders_shrunk", "round_trips", "win_rate", "liquidations", "turnover", "costs",
 )  # fmt: skip
 
 
@@ -2090,17 +2171,42 @@ def format_report(reports: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket) -> str:
-    """Write the final backtest: reports as run_dir/backtest.json and the format_report table as backtest.md, each
-    equity curve (normalised to 1) to tensorboard as equity/<split>_<name> by bar. Returns the text to print."""
+def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket,
+                  timestamps: np.ndarray) -> str:  # fmt: skip
+    """Write the final backtest: reports as run_dir/backtest.json and the format_report table as backtest.md; every
+    equity curve (N+1,) marked at `timestamps` as <split>_equity.parquet (one column per strategy) and its daily
+    returns as <split>_daily_returns.parquet, so that any analysis library (or a new metric) can re-score the run;
+    each curve (normalised to 1) to tensorboard as equity/<split>_<name> by bar. Returns the text to print."""
     for name, curve in curves.items():
         for i, value in enumerate(curve / curve[0]):
             writer.add_scalar(f"equity/{split}_{name}", value, i)
+    index = pd.DatetimeIndex(timestamps, name="timestamp")
+    pd.DataFrame(curves, index=index).to_parquet(run_dir / f"{split}_equity.parquet")
+    daily = {name: daily_returns(curve, timestamps) for name, curve in curves.items()}
+    dates = pd.DatetimeIndex(next(iter(daily.values()))[0], name="date")
+    pd.DataFrame({name: r for name, (_, r) in daily.items()}, index=dates).to_parquet(
+        run_dir / f"{split}_daily_returns.parquet"
+    )
     table = format_report(reports, split)
     (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
     (run_dir / "backtest.md").write_text(table + "\n")
-    head = f"backtest on the {split} split ({market.data.benchmark_name} benchmark, {market.data.bars_per_year:g} bars"
-    return f"\n{head} a year):\n{table}"
+    days = market.data.bars_per_year / market.data.bars_per_day
+    head = (
+        f"backtest on the {split} split ({market.data.benchmark_name} benchmark; Sharpe and Sortino from daily "
+        f"returns, {days:g} days a year; sharpe_bar from bar returns, {market.data.bars_per_year:g} bars a year)"
+    )
+    return f"\n{head}:\n{table}"
+
+
+def deflated_sharpe(curve: np.ndarray, timestamps: np.ndarray, market: PreparedMarket, trial_sharpes) -> dict:
+    """The deflated Sharpe ratio of a backtest (Bailey and Lopez de Prado 2014): P(true Sharpe > SR_0), with SR_0 the
+    Sharpe that the best of the trials would reach by luck (expected_max_sharpe over `trial_sharpes`, annualised
+    Sharpes of every candidate that could have been picked, e.g. each validation sweep). One trial: the PSR."""
+    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
+    trial_sharpes = np.asarray(trial_sharpes, dtype=np.float64)
+    sr0 = expected_max_sharpe(trial_sharpes / ann) if len(trial_sharpes) > 1 else 0.0
+    _, r = daily_returns(curve, timestamps)
+    return {"dsr": probabilistic_sharpe(r, sr0), "dsr_trials": max(len(trial_sharpes), 1), "dsr_sr0": sr0 * ann}
 
 
 def mean_metrics(reports: list[dict]) -> dict:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from common import ROOT, machine_info, write_json
 
 SCRIPT = ROOT / "ppo_symbol_agent.py"
@@ -64,6 +65,7 @@ def run_piece(signal: float, seed: int, extra: list[str]) -> Path:
             )
         (run,) = Path(tmp).iterdir()
         summary = json.loads((run / "summary.json").read_text())
+        daily = pd.read_parquet(run / "test_daily_returns.parquet")  # every strategy's daily returns: re-scorable
     record = {
         "benchmark": "learning_piece",
         "signal": signal,
@@ -77,6 +79,8 @@ def run_piece(signal: float, seed: int, extra: list[str]) -> Path:
         "deciles": summary["deciles"],
         "telemetry": summary["telemetry"],
         "global_step": summary["global_step"],
+        "val_sharpes": summary["val_sharpes"],
+        "daily_returns": {"dates": [str(d.date()) for d in daily.index]} | {k: daily[k].tolist() for k in daily},
         "machine": machine_info(),
     }
     path = piece_path(signal, seed)

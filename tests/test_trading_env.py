@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,12 @@ from hypothesis import strategies as st
 
 import trading_env as te
 from market_data import MarketData, PreparedMarket
+
+
+def hourly_sessions(T: int) -> np.ndarray:
+    """(T,) bar times: 7 hourly bars a day from 14:00 UTC, every day (as bars_per_day = 7 says)."""
+    i = np.arange(T)
+    return (np.datetime64("2024-01-01T14", "h") + i // 7 * 24 + i % 7).astype("datetime64[ns]")
 
 
 def make_market(T=300, S=3, seed=0, flat=False, splits=None, tradable=None) -> PreparedMarket:
@@ -29,7 +36,7 @@ def make_market(T=300, S=3, seed=0, flat=False, splits=None, tradable=None) -> P
         open_ = close * np.exp(rng.normal(0, 0.002, (T, S)))
     volume = rng.uniform(1e4, 2e4, (T, S))
     data = MarketData(
-        timestamps=(np.datetime64("2024-01-01T00", "h") + np.arange(T)).astype("datetime64[ns]"),
+        timestamps=hourly_sessions(T),
         symbols=[f"SYN{i:03d}" for i in range(S)],
         open=open_,
         high=np.maximum(open_, close) * 1.001,
@@ -741,13 +748,75 @@ def test_set_state_rejects_a_state_of_another_shape():
 # ---------------------------------------------------------------------------------------------------------------------
 def test_performance_metrics():
     equity = np.array([100.0, 110.0, 99.0, 99.0, 120.0])
-    m = te.performance_metrics(equity, periods_per_year=4)
+    days = np.datetime64("2024-01-01", "D") + np.arange(5)  # one mark a day: daily returns are the bar returns
+    m = te.performance_metrics(equity, days.astype("datetime64[ns]"), bars_per_year=4, bars_per_day=1)
     r = equity[1:] / equity[:-1] - 1
     assert m["total_return"] == pytest.approx(0.2) and m["cagr"] == pytest.approx(0.2)
-    assert m["sharpe"] == pytest.approx(r.mean() / r.std(ddof=1) * 2)
+    assert m["sharpe"] == pytest.approx(r.mean() / r.std(ddof=1) * 2) == pytest.approx(m["sharpe_bar"])
     assert m["sortino"] == pytest.approx(r.mean() / math.sqrt(np.mean(np.minimum(r, 0) ** 2)) * 2)
     assert m["max_drawdown"] == pytest.approx(99 / 110 - 1) and m["max_drawdown_bars"] == 2
     assert m["calmar"] == pytest.approx(0.2 / (1 - 99 / 110))
+    assert m["days"] == 4 and m["days_per_year"] == 4
+
+
+def test_daily_returns_compound_the_bars_of_each_day():
+    ts = np.array(["2024-01-01T14", "2024-01-01T15", "2024-01-01T16", "2024-01-02T14", "2024-01-02T15",
+                   "2024-01-03T14"], dtype="datetime64[ns]")  # fmt: skip
+    equity = np.array([100.0, 101.0, 99.0, 104.0, 102.0, 103.0])
+    dates, r = te.daily_returns(equity, ts)
+    np.testing.assert_array_equal(dates, np.array(["2024-01-01", "2024-01-02", "2024-01-03"], "datetime64[D]"))
+    np.testing.assert_allclose(r, [99 / 100 - 1, 102 / 99 - 1, 103 / 102 - 1])
+    dates, r = te.daily_returns(equity[2:], ts[2:])  # the first day holds only the initial mark: no return on it
+    np.testing.assert_allclose(r, [102 / 99 - 1, 103 / 102 - 1])
+
+
+def test_sharpe_from_daily_returns_is_not_inflated_by_autocorrelated_bars():
+    """An intraday book whose bar returns are autocorrelated (lag-1 +0.5): the per-bar Sharpe x sqrt(bars a year)
+    overstates what its daily returns show; the daily Sharpe matches the daily series' own, and the robust error is
+    Lo's iid one when daily returns are independent."""
+    rng = np.random.default_rng(0)
+    bars, per_day = 7 * 4000, 7
+    e = rng.normal(size=bars)
+    x = np.empty(bars)
+    x[0] = e[0]
+    for i in range(1, bars):
+        x[i] = 0.5 * x[i - 1] + e[i]
+    r = 1e-3 * (0.05 + x * np.sqrt(0.75))
+    equity = 100.0 * np.r_[1.0, np.cumprod(1.0 + r)]
+    ts = np.datetime64("2020-01-01T14", "h") + np.arange(bars + 1) // per_day * 24 + np.arange(bars + 1) % per_day
+    m = te.performance_metrics(equity, ts.astype("datetime64[ns]"), bars_per_year=7 * 252, bars_per_day=per_day)
+    assert m["bar_autocorr"] == pytest.approx(0.5, abs=0.03)
+    assert m["sharpe_bar"] > 1.4 * m["sharpe"]  # sqrt((1 + rho) / (1 - rho)) = 1.73 in the limit of long days
+    _, daily = te.daily_returns(equity, ts.astype("datetime64[ns]"))
+    assert m["sharpe"] == pytest.approx(daily.mean() / daily.std(ddof=1) * np.sqrt(252))
+    iid = np.sqrt((1 + 0.5 * (daily.mean() / daily.std()) ** 2) / len(daily)) * np.sqrt(252)
+    assert m["sharpe_se"] == pytest.approx(iid, rel=0.15)
+
+
+def test_sharpe_hac_se_reduces_to_lo_and_widens_under_autocorrelation():
+    rng = np.random.default_rng(1)
+    r = 0.001 + 0.01 * rng.normal(size=20000)
+    sr = r.mean() / r.std()
+    assert te.sharpe_hac_se(r) == pytest.approx(np.sqrt((1 + sr**2 / 2) / len(r)), rel=0.05)
+    ar = np.empty_like(r)
+    ar[0] = r[0]
+    for i in range(1, len(r)):
+        ar[i] = 0.5 * ar[i - 1] + r[i] - 0.001 + 0.0005
+    # positively autocorrelated returns: the Sharpe's long-run variance is (1 + rho) / (1 - rho) = 3x the iid one
+    iid = np.sqrt((1 + (ar.mean() / ar.std()) ** 2 / 2) / len(ar))
+    assert te.sharpe_hac_se(ar) / iid == pytest.approx(np.sqrt(3), rel=0.15)
+
+
+def test_probabilistic_and_deflated_sharpe():
+    rng = np.random.default_rng(2)
+    r = 0.0005 + 0.01 * rng.normal(size=1000)
+    sr = r.mean() / r.std()
+    assert te.probabilistic_sharpe(r) == pytest.approx(NormalDist().cdf(sr * np.sqrt(999)), abs=0.01)
+    assert te.probabilistic_sharpe(np.zeros(10)) is None
+    assert te.expected_max_sharpe([1.0]) == 0.0
+    trials = rng.normal(size=50)  # the best of 50 unskilled trials: about 2.2 standard deviations up
+    assert te.expected_max_sharpe(trials) == pytest.approx(2.25 * trials.std(ddof=1), rel=0.05)
+    assert te.probabilistic_sharpe(r, te.expected_max_sharpe(trials) / 100) < te.probabilistic_sharpe(r)
 
 
 def test_buy_and_hold_charges_the_entry_costs_and_scales_to_an_exposure():
@@ -1236,7 +1305,7 @@ def _random_market(seed: int, T: int, S: int, halt_rate: float, zero_volume_rate
         a[~tradable] = np.nan
     vc = pd.DataFrame(close).ffill().to_numpy()
     data = MarketData(
-        timestamps=(np.datetime64("2024-01-01T00", "h") + np.arange(T)).astype("datetime64[ns]"),
+        timestamps=hourly_sessions(T),
         symbols=[f"SYN{i:03d}" for i in range(S)], open=open_, high=np.fmax(open_, close) * 1.001,
         low=np.fmin(open_, close) * 0.999, close=close, volume=volume, tradable=tradable, benchmark=vc.mean(1),
         benchmark_name="SYNIDX", bars_per_day=7.0, bars_per_year=7.0 * 252,

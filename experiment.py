@@ -1,6 +1,7 @@
-"""Run bookkeeping that no one reads to understand the algorithm: the experiment flags both scripts share (RunArgs)
-and their checks, the run folder and its summary.json, checkpoints and resume, RNG states, tensorboard / MLflow
-logging, the torchrun helpers and the SIGINT stop.
+"""Run bookkeeping that no one reads to understand the algorithm: the checks of the experiment flags both scripts
+share (each script's Args writes the flags out), the run folder and its summary.json, checkpoints and resume, RNG
+states, tensorboard / MLflow logging, the torchrun helpers and the SIGINT stop. The scripts reach it as
+`import experiment as xp`, so that a call site reads as bookkeeping.
 
 The training scripts (ppo_symbol_agent.py, mappo_master.py) import it; it imports nothing from them. The algorithm
 itself (rollout, GAE, the PPO loss, masked sampling, entropy control, the update loop) lives in the scripts.
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,41 +33,8 @@ from market_data import DataConfig, PreparedMarket, UserInputError, check_data_c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run's own flags (both scripts' Args extend this) and the checks of the flags every script has
+# The checks of the experiment flags every script has (each script's Args writes them out)
 # ---------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RunArgs:
-    # --- experiment ---
-    exp_name: str = "run"
-    """the name of this experiment (first part of the run folder's name)"""
-    seed: int = 1
-    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    torch_threads: int = 1
-    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
-    track: bool = False
-    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
-    save_model: bool = False
-    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
-    resume: str | None = None
-    """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
-step)"""
-    eval_checkpoint: str | None = None
-    """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
-the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
-features they were trained on), in a new run folder"""
-    run_dir: str = "runs"
-    """folder that holds the run folders"""
-    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
-    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
-
-
 def check_run_args(args) -> None:
     """The checks of the flags both scripts share, before any data is prepared: a rollout that minibatches can split
     (by env-steps, keeping every symbol), --resume and --eval-checkpoint apart, a test split other than the training

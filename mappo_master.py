@@ -24,36 +24,19 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
-from experiment import (
-    RunArgs,
-    all_ranks_stop,
-    allreduce_grads,
-    assert_ranks_agree,
-    broadcast_parameters,
-    cat_over_ranks,
-    check_run_args,
-    close_distributed,
-    data_tag,
-    encoder_preset,
-    exit_interrupted,
-    finish_run,
-    init_distributed,
-    load_for_evaluation,
-    load_symbol_agents,
-    log_scalars,
-    market_fingerprint,
-    mean_over_ranks,
-    open_run,
-    prepare_market_on_ranks,
-    report_user_errors,
-    require,
-    resume_run,
-    save_run_checkpoint,
-    seed_everything,
-    stop_on_sigint,
-    summary_telemetry,
+import experiment as xp
+from backtest import (
+    backtest_figures,
+    deflated_sharpe,
+    directive_analysis,
+    directive_figure,
+    format_go_criterion,
+    master_backtests,
+    master_go_criterion,
+    run_backtest,
+    save_backtest,
 )
+from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from market_data import DataConfig
 from trading_env import (
     ACTION_NAMES,
@@ -61,25 +44,41 @@ from trading_env import (
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
-    backtest_figures,
-    deflated_sharpe,
-    directive_analysis,
-    directive_figure,
-    format_go_criterion,
-    herfindahl_complement,
-    master_backtests,
-    master_go_criterion,
-    master_reward,
-    run_backtest,
-    save_backtest,
     telemetry_metrics,
 )
 
 
 @dataclass
-class Args(RunArgs):  # the experiment flags (seed, cuda, track, save_model, resume, ...) are RunArgs'
+class Args:
+    # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (first part of the run folder's name)"""
+    seed: int = 1
+    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    torch_threads: int = 1
+    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
+busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+    track: bool = False
+    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
+    save_model: bool = False
+    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
+    resume: str | None = None
+    """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
+step)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
+the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
+features they were trained on), in a new run folder"""
+    run_dir: str = "runs"
+    """folder that holds the run folders"""
+    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
+    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -266,8 +265,39 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, cl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: the master's inputs (its reward is trading_env.master_reward; unit-tested in tests/test_mappo_master.py)
+# ALGO LOGIC: the master's reward and inputs (unit-tested in tests/test_mappo_master.py)
 # ---------------------------------------------------------------------------------------------------------------
+MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
+
+
+def master_reward(acc: dict, args, num_symbols: int) -> dict:
+    """Components (E,) of the master's reward from one decision's accumulators (E,), summed over the bars to the next
+    decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar returns b),
+    dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position weights w, 0
+    when flat), bars (bars counted); args: the weights risk_coef, div_coef, dd_coef, excess_coef (mappo_master.py's
+    Args). Percent units (x 100):
+
+        risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
+        diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
+        drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
+        excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
+    """
+    div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
+    return {
+        "risk_adjusted": 100.0 * (acc["ret"] - args.risk_coef * np.sqrt(acc["ret_sq"])),
+        "diversification": args.div_coef * acc["div"] / np.maximum(acc["bars"], 1) / div_max,
+        "drawdown": -args.dd_coef * 100.0 * acc["dd_up"],
+        "excess": args.excess_coef * 100.0 * (acc["ret"] - acc["bench"]),
+    }
+
+
+def herfindahl_complement(size_fraction: np.ndarray) -> np.ndarray:
+    """Position values or weights (E, S) -> 1 - sum of squared normalised weights (E,), 0 when flat."""
+    total = size_fraction.sum(1)
+    share = np.divide(size_fraction, total[:, None], out=np.zeros_like(size_fraction), where=total[:, None] > 0)
+    return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
+
+
 def global_features(obs: dict, directive_index: np.ndarray, last_actions: np.ndarray) -> np.ndarray:
     """The master actor's portfolio-level input (E, 36): the account's portfolio features (8), the regime (10), the
     current directive as one-hot grid coordinates (4 + 4 + 3), and the share of symbols whose last policy action was
@@ -302,38 +332,38 @@ def master_policy(agent, master, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
+    xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E, I = args.num_steps, args.num_envs, args.master_interval
-    check_run_args(args)  # the flags both scripts share, and the --data.* flags
-    require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
+    xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     M = T // I
-    args.world_size, rank, device = init_distributed(args.cuda)
+    args.world_size, rank, device = xp.init_distributed(args.cuda)
 
-    market = prepare_market_on_ranks(args.data, rank, args.world_size)
+    market = xp.prepare_market_on_ranks(args.data, rank, args.world_size)
     S = args.num_symbols = len(market.data.symbols)
     args.batch_size = T * E * S
     args.master_batch_size = M * E
     args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    require(args.num_iterations >= 1 or args.eval_checkpoint, f"--total-timesteps ({args.total_timesteps}) is below "
+    xp.require(args.num_iterations >= 1 or args.eval_checkpoint, f"--total-timesteps ({args.total_timesteps}) is below "
             f"one rollout of num_steps * num_envs * num_symbols * world_size = {args.batch_size * args.world_size} "
             "symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    args.encoder, preset = encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
+    args.encoder, preset = xp.encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
     # seeding (each rank its own seed and envs)
-    seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
+    xp.seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
-    saved = load_for_evaluation(args.eval_checkpoint, market, "mappo_master.py") if args.eval_checkpoint else None
+    saved = xp.load_for_evaluation(args.eval_checkpoint, market, "mappo_master.py") if args.eval_checkpoint else None
     if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
         args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
         shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
         agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
     elif args.symbol_checkpoint:
-        agent, args.encoder = load_symbol_agents(args.symbol_checkpoint, S, market=market)
+        agent, args.encoder = xp.load_symbol_agents(args.symbol_checkpoint, S, market=market)
         preset = f"from {args.symbol_checkpoint}"
     else:
         args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
@@ -343,7 +373,7 @@ if __name__ == "__main__":
     master = MasterNetwork(args.encoder.output_dim, global_dim, state_dim=envs.state_dim).to(device)
     value_norm = ValueNorm().to(device)
     model = nn.ModuleDict({"symbols": agent, "master": master, "value_norm": value_norm})  # one checkpoint
-    broadcast_parameters(model, args.world_size)  # identical initial weights on every rank
+    xp.broadcast_parameters(model, args.world_size)  # identical initial weights on every rank
     groups = [{"params": list(master.parameters()), "lr": args.master_learning_rate}]
     if not args.freeze_symbols:
         groups.append({"params": list(agent.parameters()), "lr": args.learning_rate})
@@ -354,16 +384,18 @@ if __name__ == "__main__":
     track = {"dd": np.zeros(E)}  # master reward tracker per env: the last drawdown; and the symbols' last actions
     last_actions = np.zeros((E, S), np.int64)
 
-    fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
+    fingerprint = xp.market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     if args.resume:
-        resumed = resume_run(args.resume, model, optimizer, device, rank, args.world_size, market, args.num_iterations)
+        resumed = xp.resume_run(
+            args.resume, model, optimizer, device, rank, args.world_size, market, args.num_iterations
+        )
         global_step, extra, own, run_dir = resumed
         start_iteration = extra["iteration"] + 1
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
     else:
-        run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.run_dir) / f"{args.exp_name}__{xp.data_tag(args.data)}__{args.seed}__{int(time.time())}"
     if saved:  # --eval-checkpoint: no training, straight to the final backtest
         model.load_state_dict(saved["model"])
         global_step, start_iteration = saved["global_step"], args.num_iterations + 1
@@ -371,7 +403,7 @@ if __name__ == "__main__":
 
     writer, mlflow = None, None
     if rank == 0:
-        writer, mlflow = open_run(run_dir, args, global_step, market, device)
+        writer, mlflow = xp.open_run(run_dir, args, global_step, market, device)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
             f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
@@ -398,7 +430,7 @@ if __name__ == "__main__":
     m_terms, m_truncs = (torch.zeros((M, E), dtype=torch.bool, device=device) for _ in range(2))
     bench_close = market.data.benchmark
     start_time, start_step = time.time(), global_step
-    last_eval, last_telemetry, stop, stopping, sps = {}, {}, stop_on_sigint(), False, 0
+    last_eval, last_telemetry, stop, stopping, sps = {}, {}, xp.stop_on_sigint(), False, 0
 
     def master_value(o, rows):
         """Denormalised centralised value (len(rows),) of the observation dict o at env rows `rows`."""
@@ -497,7 +529,9 @@ if __name__ == "__main__":
                 args.master_gae_lambda,
             )  # fmt: skip
             if args.value_norm:  # PopArt-lite: the critic regresses normalised returns; every rank's normaliser sees
-                value_norm.update(cat_over_ranks(m_returns, args.world_size))  # every rank's returns (they stay equal)
+                value_norm.update(
+                    xp.cat_over_ranks(m_returns, args.world_size)
+                )  # every rank's returns (they stay equal)
             m_targets = value_norm.normalize(m_returns) if args.value_norm else m_returns
 
         # ALGO LOGIC: symbol agents, PPO-clip over (T * E) env-steps that keep the symbol axis
@@ -526,11 +560,11 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 loss.backward()
                 if args.world_size > 1:
-                    allreduce_grads(agent, args.world_size)
+                    xp.allreduce_grads(agent, args.world_size)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if args.target_kl is not None and mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
+            if args.target_kl is not None and xp.mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
                 break
 
         # ALGO LOGIC: master, PPO-clip over (M * E) decisions; the centralised critic reads the global state
@@ -558,7 +592,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 loss.backward()
                 if args.world_size > 1:
-                    allreduce_grads(master, args.world_size)
+                    xp.allreduce_grads(master, args.world_size)
                 nn.utils.clip_grad_norm_(master.parameters(), args.max_grad_norm)
                 optimizer.step()
 
@@ -569,14 +603,14 @@ if __name__ == "__main__":
         m_explained_var = np.nan if np.var(m_true) == 0 else 1 - np.var(m_true - m_pred) / np.var(m_true)
         update_seconds = time.time() - t_update
 
-        stopping = all_ranks_stop(stop, args.world_size)
+        stopping = xp.all_ranks_stop(stop, args.world_size)
 
         # checkpoint: every rank's envs (next observation included), RNG and trackers, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
             own = {"core": envs.get_state(), "last_actions": last_actions, "track": track}
             extra = {"iteration": iteration, "market": fingerprint}
-            save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, extra, rank)
+            xp.save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, extra, rank)
         if rank != 0:
             if stopping:
                 break
@@ -627,7 +661,7 @@ if __name__ == "__main__":
         sps = int((global_step - start_step) / (time.time() - start_time))
         eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         metrics["charts/SPS"] = sps
-        log_scalars(writer, mlflow, metrics, global_step)
+        xp.log_scalars(writer, mlflow, metrics, global_step)
         print(
             f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
             f"master_reward={metrics['master_reward/total']:.3f} risk_level={coords[:, 0].mean():.2f} "
@@ -635,12 +669,12 @@ if __name__ == "__main__":
             + (f" {args.eval_split}_max_drawdown={last_eval['max_drawdown']:.3f}" if "perf/eval_seconds" in metrics
                else "")
         )  # fmt: skip
-        last_telemetry = summary_telemetry(metrics)
+        last_telemetry = xp.summary_telemetry(metrics)
         if stopping:
             break
 
     if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
-        exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
+        xp.exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
 
     # final backtest on the test split: the learned master beside fixed, exposure-matched and rule-based masters
     if rank == 0:
@@ -660,9 +694,9 @@ if __name__ == "__main__":
         )
         figures["directives"] = directive_figure(results["master"]["series"], market, title)
         writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
-        finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,
+        xp.finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,
                    encoder=args.encoder.kind, sps=sps, backtest=reports, go_criterion=go, directive_analysis=why,
                    val=last_eval, telemetry=last_telemetry)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
-        assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
-    close_distributed(args.world_size)
+        xp.assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
+    xp.close_distributed(args.world_size)

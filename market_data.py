@@ -1381,3 +1381,48 @@ def make_synthetic_prepared(
         **overrides,
     )
     return prepare_market(cfg)
+
+
+def random_walk_market(
+    T: int = 300,
+    S: int = 3,
+    seed: int = 0,
+    flat: bool = False,
+    splits: dict | None = None,
+    tradable: np.ndarray | None = None,
+    volume: tuple[float, float] = (1e4, 2e4),
+) -> PreparedMarket:
+    """A PreparedMarket of T bars x S symbols from random (or flat) prices and random features, without the feature
+    pipeline: the toy market of the tests and the environment benchmark. 7 hourly bars a day, every day; volume
+    uniform in `volume`; splits default to train [30, 200), val [230, 260), test [270, T)."""
+    rng = np.random.default_rng(seed)
+    if flat:
+        close = np.full((T, S), 100.0)
+        open_ = close.copy()
+    else:
+        close = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (T, S)), axis=0))
+        open_ = close * np.exp(rng.normal(0, 0.002, (T, S)))
+    i = np.arange(T)
+    data = MarketData(
+        timestamps=(np.datetime64("2024-01-01T14", "h") + i // 7 * 24 + i % 7).astype("datetime64[ns]"),
+        symbols=[f"SYN{k:03d}" for k in range(S)],
+        open=open_,
+        high=np.maximum(open_, close) * 1.001,
+        low=np.minimum(open_, close) * 0.999,
+        close=close,
+        volume=rng.uniform(*volume, (T, S)),
+        tradable=np.ones((T, S), bool) if tradable is None else tradable,
+        benchmark=close.mean(1),
+        benchmark_name="SYNIDX",
+        bars_per_day=7.0,
+        bars_per_year=7.0 * 252,
+    )
+    return PreparedMarket(
+        data=data,
+        technical=rng.normal(size=(T, S, 23)).astype(np.float32),
+        regime=rng.normal(size=(T, 10)).astype(np.float32),
+        sl_probs=rng.uniform(size=(T, S, 3)).astype(np.float32),
+        valuation_close=close.copy(),
+        splits=splits or {"train": (30, 200), "val": (230, 260), "test": (270, T)},
+        warmup=30,
+    )

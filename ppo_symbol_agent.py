@@ -25,42 +25,8 @@ import torch
 import torch.nn as nn
 import tyro
 
-from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
-from experiment import (
-    RunArgs,
-    all_ranks_stop,
-    allreduce_grads,
-    assert_ranks_agree,
-    broadcast_parameters,
-    check_run_args,
-    close_distributed,
-    data_tag,
-    encoder_preset,
-    exit_interrupted,
-    finish_run,
-    init_distributed,
-    load_checkpoint,
-    load_for_evaluation,
-    log_scalars,
-    market_fingerprint,
-    mean_over_ranks,
-    open_run,
-    prepare_market_on_ranks,
-    report_user_errors,
-    require,
-    resume_run,
-    save_checkpoint,
-    save_run_checkpoint,
-    seed_everything,
-    stop_on_sigint,
-    summary_telemetry,
-)
-from market_data import DataConfig
-from trading_env import (
-    INCREASE_ACTIONS,
-    EnvConfig,
-    VecTradingCore,
-    add_step_telemetry,
+import experiment as xp
+from backtest import (
     agent_backtests,
     backtest_figures,
     decile_figure,
@@ -68,6 +34,14 @@ from trading_env import (
     format_deciles,
     run_backtest,
     save_backtest,
+)
+from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
+from market_data import DataConfig
+from trading_env import (
+    INCREASE_ACTIONS,
+    EnvConfig,
+    VecTradingCore,
+    add_step_telemetry,
     telemetry_metrics,
 )
 
@@ -76,9 +50,36 @@ ACTION_DIRECTION = (0.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0)
 
 
 @dataclass
-class Args(RunArgs):  # the experiment flags (seed, cuda, track, save_model, resume, ...) are RunArgs'
+class Args:
+    # --- experiment ---
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (first part of the run folder's name)"""
+    seed: int = 1
+    """seed of the training run (python, numpy, torch, environments); rank r of torchrun uses seed + r"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    torch_threads: int = 1
+    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
+busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+    track: bool = False
+    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
+    save_model: bool = False
+    """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
+    resume: str | None = None
+    """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
+step)"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
+the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
+features they were trained on), in a new run folder"""
+    run_dir: str = "runs"
+    """folder that holds the run folders"""
+    encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
+    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
+transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -348,52 +349,56 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
+    xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E = args.num_steps, args.num_envs
-    check_run_args(args)  # the flags both scripts share, and the --data.* flags
-    require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
+    xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    xp.require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
             "0 < --ent-guard-relax <= 1")  # fmt: skip
-    args.world_size, rank, device = init_distributed(args.cuda)
+    args.world_size, rank, device = xp.init_distributed(args.cuda)
 
-    market = prepare_market_on_ranks(args.data, rank, args.world_size)
+    market = xp.prepare_market_on_ranks(args.data, rank, args.world_size)
     S = args.num_symbols = len(market.data.symbols)
     args.batch_size = T * E * S
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps "
+    xp.require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps "
             f"({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * world_size = "
             f"{args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
     # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
-    args.encoder, preset = encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
+    args.encoder, preset = xp.encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
     # seeding (each rank its own seed and envs)
-    seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
+    xp.seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
-    fingerprint = market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
-    saved = load_for_evaluation(args.eval_checkpoint, market, "ppo_symbol_agent.py") if args.eval_checkpoint else None
+    fingerprint = xp.market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
+    saved = (
+        xp.load_for_evaluation(args.eval_checkpoint, market, "ppo_symbol_agent.py") if args.eval_checkpoint else None
+    )
     if saved:  # a saved agent keeps its own network
         args.encoder, args.shared_heads = saved["encoder"], saved["args"]["shared_heads"]
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn
         agent.actor.biases[-1][:, 0] = args.hold_bias
-    broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
+    xp.broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     global_step, start_iteration, best_val, best_state, val_sharpes = 0, 1, -np.inf, None, []
     next_obs_np = envs.reset(seed=args.seed + rank)
-    run_dir = Path(args.run_dir) / f"{args.exp_name}__{data_tag(args.data)}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.run_dir) / f"{args.exp_name}__{xp.data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
     if args.resume:
-        resumed = resume_run(args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations)
+        resumed = xp.resume_run(
+            args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations
+        )
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
         val_sharpes = extra.get("val_sharpes", [])
         if (run_dir / "best.pt").is_file():
-            best_state = load_checkpoint(run_dir / "best.pt")["model"]
+            best_state = xp.load_checkpoint(run_dir / "best.pt")["model"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
     elif saved:  # --eval-checkpoint: no training, straight to the final backtest
         agent.load_state_dict(saved["model"])
@@ -402,7 +407,7 @@ if __name__ == "__main__":
 
     writer, mlflow = None, None
     if rank == 0:
-        writer, mlflow = open_run(run_dir, args, global_step, market, device)
+        writer, mlflow = xp.open_run(run_dir, args, global_step, market, device)
         print(
             f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
             f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
@@ -421,7 +426,7 @@ if __name__ == "__main__":
     terminateds, truncateds = (torch.zeros((T, E, S), dtype=torch.bool, device=device) for _ in range(2))
     policy_actions, executed_actions = np.zeros((T, E, S), np.int8), np.zeros((T, E, S), np.int8)
     start_time, start_step = time.time(), global_step
-    last_eval, last_telemetry, stop, stopping = {}, {}, stop_on_sigint(), False
+    last_eval, last_telemetry, stop, stopping = {}, {}, xp.stop_on_sigint(), False
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:
@@ -506,11 +511,11 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 loss.backward()
                 if args.world_size > 1:
-                    allreduce_grads(agent, args.world_size)
+                    xp.allreduce_grads(agent, args.world_size)
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-            if args.target_kl is not None and mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
+            if args.target_kl is not None and xp.mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
                 break
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
@@ -523,14 +528,16 @@ if __name__ == "__main__":
         policy_entropy = telemetry["charts/policy_action_entropy_mean"]
         intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
 
-        stopping = all_ranks_stop(stop, args.world_size)
+        stopping = xp.all_ranks_stop(stop, args.world_size)
 
         # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
             extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val,
                      "val_sharpes": val_sharpes}  # fmt: skip
-            save_run_checkpoint(run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank)
+            xp.save_run_checkpoint(
+                run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank
+            )
         if rank != 0:
             if stopping:
                 break
@@ -581,23 +588,23 @@ if __name__ == "__main__":
                 best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
                 if args.save_model:
                     extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
-                    save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
+                    xp.save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
         sps = int((global_step - start_step) / (time.time() - start_time))
         eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         metrics["charts/SPS"] = sps
-        log_scalars(writer, mlflow, metrics, global_step)
+        xp.log_scalars(writer, mlflow, metrics, global_step)
         val_sharpe = metrics.get(f"trading/{args.eval_split}_sharpe")
         print(
             f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
             f"ent_coef={ent_coef:.4f} policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
             + (f" {args.eval_split}_sharpe={val_sharpe:.2f}" if val_sharpe is not None else "")
         )
-        last_telemetry = summary_telemetry(metrics)
+        last_telemetry = xp.summary_telemetry(metrics)
         if stopping:
             break
 
     if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
-        exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
+        xp.exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
 
     # final backtest on the test split: the agent (argmax and sampled) beside every baseline and the rule ceiling
     if rank == 0:
@@ -616,10 +623,10 @@ if __name__ == "__main__":
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
-        finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
+        xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
                    encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
                    telemetry=last_telemetry, entropy_control=ctl, final_weights="best_val" if selected else "last",
                    best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
-        assert_ranks_agree(agent.parameters(), rank)
-    close_distributed(args.world_size)
+        xp.assert_ranks_agree(agent.parameters(), rank)
+    xp.close_distributed(args.world_size)

@@ -18,36 +18,11 @@ import numpy as np
 from common import peak_rss_mib, repeat_timed, summarize, write_json
 
 import trading_env as te
-from market_data import MarketData, PreparedMarket
+from market_data import PreparedMarket, random_walk_market
 
 
 def random_market(T: int, S: int, seed: int = 0) -> PreparedMarket:
-    rng = np.random.default_rng(seed)
-    close = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (T, S)), axis=0))
-    open_ = close * np.exp(rng.normal(0, 0.002, (T, S)))
-    data = MarketData(
-        timestamps=(np.datetime64("2022-01-03T14", "h") + np.arange(T)).astype("datetime64[ns]"),
-        symbols=[f"SYN{i:03d}" for i in range(S)],
-        open=open_,
-        high=np.maximum(open_, close) * 1.001,
-        low=np.minimum(open_, close) * 0.999,
-        close=close,
-        volume=rng.uniform(1e5, 1e6, (T, S)),
-        tradable=np.ones((T, S), bool),
-        benchmark=close.mean(1),
-        benchmark_name="SYNIDX",
-        bars_per_day=7.0,
-        bars_per_year=7.0 * 252,
-    )
-    return PreparedMarket(
-        data=data,
-        technical=rng.normal(size=(T, S, 23)).astype(np.float32),
-        regime=rng.normal(size=(T, 10)).astype(np.float32),
-        sl_probs=rng.uniform(size=(T, S, 3)).astype(np.float32),
-        valuation_close=close.copy(),
-        splits={"train": (30, T)},
-        warmup=30,
-    )
+    return random_walk_market(T, S, seed, splits={"train": (30, T)}, volume=(1e5, 1e6))
 
 
 def bench_core(market, E: int, S: int, steps: int, repeats: int) -> dict:

@@ -172,6 +172,7 @@ def by_regime(seeds: tuple[int, ...]) -> None:
     ones, a master has nothing to gain by de-risking ahead of a downturn."""
     import numpy as np
 
+    import backtest as bt
     import market_data as md
     import trading_env as te
 
@@ -179,8 +180,8 @@ def by_regime(seeds: tuple[int, ...]) -> None:
     for seed in seeds:
         cfg = md.DataConfig(years=10.0, regime_foresight=0.5, seed=seed, sl_signals=False, cache=False)
         market, env_cfg = md.prepare_market(cfg), te.EnvConfig()
-        rule = te.fit_rule(market, env_cfg, "train")
-        report = te.run_backtest(te.rule_policy(rule), market, "test", env_cfg, seed, mode="portfolio")
+        rule = bt.fit_rule(market, env_cfg, "train")
+        report = bt.run_backtest(bt.rule_policy(rule), market, "test", env_cfg, seed, mode="portfolio")
         bars = report["series"]["start"] + np.arange(len(report["series"]["exposure"]))
         label, curve, bench = market.data.regime_labels[bars], report["curve"], market.data.benchmark
         r, b = np.diff(curve) / curve[:-1], bench[bars + 1] / bench[bars] - 1.0

@@ -31,7 +31,7 @@ COMMON = [
     "--num-minibatches", "2", "--update-epochs", "2",
 ]  # fmt: skip
 TINY = [*COMMON, "--eval-interval", "2", "--num-steps", "14", "--total-timesteps"]
-MASTER_TAGS = [f"master_reward/{name}" for name in (*te.MASTER_REWARD_COMPONENTS, "total")] + [
+MASTER_TAGS = [f"master_reward/{name}" for name in (*mappo.MASTER_REWARD_COMPONENTS, "total")] + [
     "losses/master_value_loss",
     "losses/master_policy_loss",
     "losses/master_entropy",
@@ -124,7 +124,7 @@ def test_tensorboard_event_file_has_master_reward_components(runs):
     missing = [t for t in MASTER_TAGS if t not in tags]
     assert not missing, f"missing tags {missing}; logged: {sorted(tags)}"
     assert [e.step for e in acc.Scalars("master_reward/total")] == [84, 168]
-    for name in te.MASTER_REWARD_COMPONENTS:
+    for name in mappo.MASTER_REWARD_COMPONENTS:
         assert all(math.isfinite(e.value) for e in acc.Scalars(f"master_reward/{name}"))
     assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
 

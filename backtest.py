@@ -1,0 +1,707 @@
+"""The judge beside the world: backtests of a policy on a split, their metrics, the baselines on the same capital and
+costs, the rule ceiling, the master's baselines and go criterion, the report and the pictures.
+
+Layout of this file: metrics (daily returns, Sharpe with its robust error, PSR / DSR) -> run_backtest (one sequential
+sweep of a split with trading_env's VecTradingCore) -> symbol-agent baselines and the rule ceiling -> master
+baselines, the go criterion and the directive analysis -> the report (stdout, JSON, Markdown, parquet) -> pictures.
+"""
+
+from __future__ import annotations
+
+import json
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+
+from market_data import REGIME_NAMES_SYNTH, PreparedMarket, downturn_warning
+from trading_env import (
+    BUY_LARGE,
+    DIRECTIVE_SHAPE,
+    HOLD,
+    INCREASE_ACTIONS,
+    NEUTRAL_DIRECTIVE,
+    NUM_DIRECTIVES,
+    RISK_MULTIPLIERS,
+    SELL_ALL,
+    SELL_PARTIAL,
+    EnvConfig,
+    VecTradingCore,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backtest: one sequential sweep of a split, its metrics, the baselines on the same capital and costs, the rule ceiling
+# ---------------------------------------------------------------------------------------------------------------------
+def daily_returns(equity: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equity marks (N+1,) at timestamps (N+1,) -> (dates (D,) datetime64[D], simple returns (D,)) from one UTC
+    calendar day's last mark to the next day's; the first day's return runs from the initial mark. Intraday bars are
+    compounded into their day, so hourly, daily and 24/7 data all give one return per session or calendar day."""
+    equity = np.asarray(equity, dtype=np.float64)
+    day = np.asarray(timestamps).astype("datetime64[D]")
+    ends = np.flatnonzero(np.r_[day[1:] != day[:-1], True])  # (D,) the last mark of each day
+    if ends[0] == 0:  # the first day holds only the initial mark: no return on it
+        ends = ends[1:]
+    marks = np.r_[equity[0], equity[ends]]
+    return day[ends], marks[1:] / marks[:-1] - 1.0
+
+
+def sharpe_hac_se(r: np.ndarray, lags: int | None = None) -> float:
+    """Autocorrelation-robust standard error of the per-period Sharpe ratio mean(r) / std(r): the delta method on the
+    moments (r - mu, (r - mu)^2 - var) with a Newey-West (Bartlett) long-run covariance, Lo (2002) section 3 with
+    Newey and West (1987); `lags` defaults to floor(4 (n / 100)^(2/9)). For independent normal returns it reduces to
+    Lo's sqrt((1 + SR^2 / 2) / n)."""
+    r = np.asarray(r, dtype=np.float64)
+    n = len(r)
+    sd = r.std()
+    if n < 3 or sd < 1e-15:
+        return float("nan")
+    mu = r.mean()
+    u = np.stack([r - mu, (r - mu) ** 2 - sd**2], axis=1)  # (n, 2)
+    lags = int(4 * (n / 100) ** (2 / 9)) if lags is None else lags
+    cov = u.T @ u / n
+    for lag in range(1, min(lags, n - 1) + 1):
+        gamma = u[lag:].T @ u[:-lag] / n
+        cov += (1.0 - lag / (lags + 1)) * (gamma + gamma.T)
+    grad = np.array([1.0 / sd, -mu / (2.0 * sd**3)])
+    return float(np.sqrt(max(grad @ cov @ grad, 0.0) / n))
+
+
+def probabilistic_sharpe(r: np.ndarray, benchmark: float = 0.0) -> float | None:
+    """P(true per-period Sharpe > benchmark) given the sample's Sharpe, skewness and kurtosis (Bailey and Lopez de
+    Prado 2012, eq. 5): Phi((SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurt - 1) / 4 SR^2)). None without risk."""
+    r = np.asarray(r, dtype=np.float64)
+    n, sd = len(r), r.std()
+    if n < 3 or sd < 1e-15:
+        return None
+    sr = r.mean() / sd
+    z = (r - r.mean()) / sd
+    skew, kurt = float(np.mean(z**3)), float(np.mean(z**4))
+    denom = 1.0 - skew * sr + (kurt - 1.0) / 4.0 * sr**2
+    return float(NormalDist().cdf((sr - benchmark) * np.sqrt(n - 1) / np.sqrt(max(denom, 1e-12))))
+
+
+def expected_max_sharpe(trial_sharpes, trials: int | None = None) -> float:
+    """The Sharpe that the best of N unskilled trials is expected to reach (Bailey and Lopez de Prado 2014, the
+    deflated Sharpe's SR_0): sqrt(V[SR]) ((1 - g) Phi^-1(1 - 1/N) + g Phi^-1(1 - 1/(N e))), g the Euler-Mascheroni
+    constant, V[SR] the variance of the trials' Sharpes (in the same units as the result). 0 for one trial."""
+    trial_sharpes = np.asarray(trial_sharpes, dtype=np.float64)
+    n = len(trial_sharpes) if trials is None else trials
+    if n < 2 or len(trial_sharpes) < 2:
+        return 0.0
+    g, inv = 0.5772156649015329, NormalDist().inv_cdf
+    return float(trial_sharpes.std(ddof=1) * ((1 - g) * inv(1 - 1 / n) + g * inv(1 - 1 / (n * np.e))))
+
+
+def performance_metrics(equity: np.ndarray, timestamps: np.ndarray, bars_per_year: float, bars_per_day: float) -> dict:
+    """Equity curve (N+1,) that starts at the initial capital, marked at timestamps (N+1,) -> return, risk and
+    drawdown metrics.
+
+    Sharpe and Sortino come from daily returns (daily_returns: intraday bars compounded per calendar day),
+    annualised with sqrt(days a year = bars_per_year / bars_per_day), risk-free rate 0: an intraday strategy's bar
+    returns are autocorrelated, and sqrt(bars a year) x the per-bar Sharpe overstates it. sharpe_se is the
+    autocorrelation-robust (Newey-West) standard error of the daily Sharpe, annualised the same way; psr the
+    probabilistic Sharpe ratio P(Sharpe > 0). sharpe_bar keeps the per-bar figure (sqrt(bars a year) x mean / std of
+    bar returns) beside bar_autocorr, the lag-1 autocorrelation of the bar returns that inflates it. CAGR uses
+    N / bars_per_year years; the drawdown duration is the longest stretch of bars below a previous peak.
+    """
+    equity = np.asarray(equity, dtype=np.float64)
+    r = equity[1:] / equity[:-1] - 1.0
+    _, daily = daily_returns(equity, timestamps)
+    growth = equity[-1] / equity[0]
+    n = len(r)
+    years = max(n / bars_per_year, 1e-12)
+    ann_day, ann_bar = np.sqrt(bars_per_year / bars_per_day), np.sqrt(bars_per_year)
+    day_sd = daily.std(ddof=1) if len(daily) > 1 else 0.0
+    bar_sd = r.std(ddof=1) if n > 1 else 0.0
+    downside = np.sqrt(np.mean(np.minimum(daily, 0.0) ** 2)) if len(daily) else 0.0
+    drawdown = equity / np.maximum.accumulate(equity) - 1.0
+    edges = np.flatnonzero(np.diff(np.r_[0, (drawdown < 0).astype(np.int8), 0]))  # starts and ends of drawdowns
+    cagr = growth ** (1.0 / years) - 1.0 if growth > 0 else -1.0
+    max_dd = float(drawdown.min())
+    se = sharpe_hac_se(daily)
+    return {
+        "total_return": float(growth - 1.0),
+        "cagr": float(cagr),
+        "sharpe": float(daily.mean() / day_sd * ann_day) if day_sd > 1e-15 else 0.0,
+        "sharpe_se": float(se * ann_day) if np.isfinite(se) else None,
+        "psr": probabilistic_sharpe(daily),
+        "sortino": float(daily.mean() / downside * ann_day) if downside > 1e-15 else 0.0,
+        "sharpe_bar": float(r.mean() / bar_sd * ann_bar) if bar_sd > 1e-15 else 0.0,
+        "bar_autocorr": float(np.corrcoef(r[1:], r[:-1])[0, 1]) if n > 2 and r[1:].std() * r[:-1].std() > 0 else None,
+        "max_drawdown": max_dd,
+        "max_drawdown_bars": int((edges[1::2] - edges[::2]).max()) if len(edges) else 0,
+        "calmar": float(cagr / abs(max_dd)) if max_dd < 0 else None,
+        "bars": n,
+        "days": len(daily),
+        "days_per_year": float(bars_per_year / bars_per_day),
+    }
+
+
+def run_backtest(
+    policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, mode: str = "independent",
+    directive=None, interval: int = 1, symbols=None,
+) -> dict:  # fmt: skip
+    """One sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
+    Every bar of the split after the lookback is stepped exactly once (a stopped-out account stays flat with its cash
+    until the end), so the sweep always ends.
+
+    independent mode: the S accounts form one equal-capital book (S x initial capital); portfolio mode: one account.
+    directive(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
+    neutral directive throughout). Returns {"agent": metrics, "curve": book equity (N+1,), "series": per-bar arrays
+    (timestamps (N+1,), exposure, holdings, per-symbol PnL (N, S), executed actions (N, S), directives)}. The metrics
+    are performance_metrics plus exposure (mean holdings / equity), trades (filled orders), orders cancelled and
+    shrunk, round trips and win rate (share of round trips with a positive realised PnL net of all their costs),
+    stop-out and delisting liquidations, annualised turnover (traded notional over the mean book equity), costs and,
+    with `directive`, the directives' usage."""
+    if directive is not None and mode != "portfolio":
+        raise ValueError("run_backtest: a directive function needs mode='portfolio' (independent slots take none).")
+    core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True, symbols=symbols)
+    obs = core.reset(seed=seed)
+    start, n, A, K, S = int(core.t[0]), int(core.end[0] - core.t[0]), core.A, core.K, core.num_symbols
+    book = float(config.initial_capital) * A
+    equity, exposure = np.empty(n + 1), np.empty(n)
+    equity[0] = book
+    pnl, executed, used = np.zeros((n, S)), np.zeros((n, S), np.int8), np.zeros(NUM_DIRECTIVES)
+    directives = np.full(n, -1, dtype=np.int64)
+    last_actions = np.zeros((1, S), np.int64)
+    counts = dict.fromkeys(("trades", "cancelled", "shrunk", "round_trips", "wins", "liquidations"), 0)
+    cost = traded = 0.0
+    for i in range(n):
+        if directive is not None and i % interval == 0:
+            index = np.asarray(directive(obs, core, last_actions), dtype=np.int64)
+            core.set_directives(index)
+            used[index[0]] += 1
+        if directive is not None:
+            directives[i] = core.directive_index[0]
+        obs, _, _, truncated, info = core.step(policy(obs))
+        last_actions = info["policy_action"].copy()
+        equity[i + 1] = info["equity"][0, ::K].sum()  # the book, before any reset at the sweep's end
+        exposure[i] = info["holdings"][0].sum() / equity[i + 1]
+        pnl[i], executed[i] = info["pnl"][0], info["executed_action"][0]
+        counts["trades"] += int((info["traded_shares"][0] != 0).sum())  # filled orders
+        for key, flag in (("cancelled", "order_cancelled"), ("shrunk", "order_shrunk"), ("wins", "round_trip_won"),
+                          ("round_trips", "round_trip_closed"), ("liquidations", "liquidation")):  # fmt: skip
+            counts[key] += int(info[flag][0].sum())
+        cost += float(info["cost"][0].sum())
+        traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
+        if truncated.any() != (i == n - 1):
+            raise RuntimeError(f"run_backtest: the sweep of {split!r} ended at step {i + 1} of {n}; this is a bug.")
+    ppy, timestamps = market.data.bars_per_year, market.data.timestamps[start : start + n + 1]
+    metrics = performance_metrics(equity, timestamps, ppy, market.data.bars_per_day)
+    metrics.update(
+        exposure=float(exposure.mean()),
+        trades=counts["trades"],
+        trade_rate=counts["trades"] / (n * S),
+        orders_cancelled=counts["cancelled"],
+        orders_shrunk=counts["shrunk"],
+        round_trips=counts["round_trips"],
+        win_rate=counts["wins"] / counts["round_trips"] if counts["round_trips"] else None,
+        liquidations=counts["liquidations"],
+        turnover=traded / float(equity.mean()) * ppy / n,
+        costs=cost,
+        costs_frac=cost / book,
+    )
+    if directive is not None:
+        coords, share = np.unravel_index(np.arange(NUM_DIRECTIVES), DIRECTIVE_SHAPE), used / used.sum()
+        metrics.update(
+            directive_risk_level=float((share * coords[0]).sum()),
+            directive_concentration_level=float((share * coords[1]).sum()),
+            directive_regime_level=float((share * coords[2]).sum()),
+            directive_most_used=int(used.argmax()),
+        )
+    series = {"timestamps": timestamps, "exposure": exposure, "pnl": pnl,
+              "executed": executed, "directives": directives, "start": start}  # fmt: skip
+    return {"agent": metrics, "curve": equity, "series": series}
+
+
+def hold_policy(obs) -> np.ndarray:
+    """Always HOLD: the cash baseline."""
+    return np.zeros(obs["action_mask"].shape[:-1], dtype=np.int64)
+
+
+def random_policy(seed: int, trade_rate: float = 1.0):
+    """With probability trade_rate a uniformly random allowed non-HOLD action (Gumbel-max), else HOLD; its own
+    generator, so the training RNG is untouched. trade_rate = 1 is uniform over the allowed trades; the baseline
+    uses the agent's own trade rate, so that it pays the agent's costs without its information."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        mask = obs["action_mask"].astype(bool)
+        noise = rng.gumbel(size=mask.shape)
+        noise[..., HOLD] = -np.inf
+        pick = np.where(mask, noise, -np.inf).argmax(-1)
+        trade = (rng.random(pick.shape) < trade_rate) & mask[..., 1:].any(-1)
+        return np.where(trade, pick, HOLD)
+
+    return act
+
+
+def buy_and_hold(market: PreparedMarket, start: int, bars: int, book: float, config: EnvConfig,
+                 fraction: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Buy-and-hold on the same capital and costs as a backtest from bar `start` over `bars` bars: (equity (bars + 1,),
+    exposure (bars,)) of `fraction` x book put in the benchmark and in an investable equal-weight basket (equal
+    amounts of every symbol tradable at the first fill, bought at open[start + 1]), the rest held as cash, never
+    rebalanced. The entry pays commission + spread; a basket symbol delisted inside the window is sold at its last
+    close, paying them again. The benchmark series is treated as an investable index fund bought at its close of
+    bar start + 1 (it has no open)."""
+    c = (config.commission_bps + config.spread_bps) / 1e4
+    stop = start + bars + 1
+    bench = market.data.benchmark[start:stop]
+    invest = fraction * book
+    b_hold = np.r_[0.0, invest * (1.0 - c) * bench[1:] / bench[1]]  # bought at the first fill's close, bench[1]
+    b_eq = np.r_[book, book - invest + b_hold[1:]]
+    out = {"benchmark": (b_eq, b_hold[1:] / b_eq[1:])}
+    first = start + 1
+    px = market.data.open if config.fill == "open" else market.data.close
+    vol = market.data.volume
+    volume_free = ~(np.nan_to_num(vol) > 0).any(0)  # as the core: such symbols trade only under a flat cost model
+    has_volume = (vol[first] > 0) | (volume_free & (config.volume_free_cost_bps is not None))
+    ok = market.data.tradable[first] & np.isfinite(px[first]) & (px[first] > 0) & has_volume
+    value = np.zeros(bars + 1)
+    cash = np.full(bars + 1, book)
+    if ok.any():
+        shares = np.where(ok, invest / ok.sum() * (1.0 - c) / np.where(ok, px[first], 1.0), 0.0)  # (S,)
+        vc = market.valuation_close[start:stop]  # (bars + 1, S)
+        full = market.data.close
+        last = len(full) - 1 - np.argmax(np.isfinite(full[::-1]), axis=0)  # (S,) each symbol's last bar (delisting)
+        alive = np.arange(start, stop)[:, None] <= last[None, :]
+        held = shares[None, :] * alive
+        held[0] = 0.0  # bought at the first fill, after bar `start`
+        sold = (shares[None, :] * ~alive) * vc * (1.0 - c)  # a delisted holding turns into cash at its last close
+        value = (held * vc).sum(1)
+        cash = book - invest + sold.sum(1)
+        cash[0] = book
+    eq = cash + value
+    out["equal_weight"] = (eq, value[1:] / eq[1:])
+    return out
+
+
+def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") -> dict:
+    """The best one-feature rule on `split`: hold a long position while direction x technical feature f at the
+    decision bar exceeds a threshold (a quantile, 50-95%, of that feature on the split), flat otherwise. Fitted on a
+    vectorised proxy of the backtest (the position taken at bar t earns open[t+1] -> open[t+2], and every change pays
+    commission + spread), choosing the (feature, direction, threshold) with the best annualised Sharpe of the
+    equal-weight book's daily returns (bar returns summed per calendar day of the decision bar, as
+    performance_metrics). Its honest figures come from run_backtest(rule_policy(rule), ...) on other splits."""
+    lo, hi = market.splits[split]
+    t = np.arange(max(lo, market.lookback - 1), hi - 2)
+    px = market.data.open if config.fill == "open" else market.data.close
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ret = px[t + 2] / px[t + 1] - 1.0  # (n, S)
+    ok = np.isfinite(ret) & market.data.tradable[t] & market.data.tradable[t + 1]
+    ret = np.where(ok, ret, 0.0)
+    c = (config.commission_bps + config.spread_bps) / 1e4
+    day = market.data.timestamps[t].astype("datetime64[D]")
+    day_starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])  # (D,) first decision of each day
+    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
+    quantiles = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    best = {"sharpe": -np.inf}
+    for f, name in enumerate(market.feature_names):
+        x = market.technical[t, :, f].astype(np.float64)  # (n, S)
+        for direction in (1.0, -1.0):
+            v = direction * x
+            for q, theta in zip(quantiles, np.quantile(v[ok], quantiles), strict=True):
+                pos = (v > theta) & ok
+                change = np.abs(np.diff(pos.astype(np.float64), axis=0, prepend=0.0))
+                book = (pos * ret - c * change).mean(1)  # (n,) equal-weight book return per bar
+                book = np.add.reduceat(book, day_starts)  # (D,) per day
+                sd = book.std()
+                sharpe = book.mean() / sd * ann if sd > 0 else 0.0
+                if sharpe > best["sharpe"]:
+                    best = {"sharpe": float(sharpe), "feature": f, "name": name, "direction": direction,
+                            "threshold": float(theta), "quantile": float(q), "split": split}  # fmt: skip
+    best["train_proxy_sharpe"] = best.pop("sharpe")
+    return best
+
+
+def rule_policy(rule: dict):
+    """fit_rule's rule as a policy of the env's actions: BUY_LARGE when the rule turns on while flat, SELL_ALL when
+    it turns off while holding, HOLD otherwise (masks respected)."""
+
+    def act(obs):
+        x = rule["direction"] * obs["technical"][..., -1, rule["feature"]]
+        on, mask = x > rule["threshold"], obs["action_mask"].astype(bool)
+        holding = obs["position"][..., 4] > 0
+        buy = on & ~holding & mask[..., BUY_LARGE]
+        sell = ~on & holding & mask[..., SELL_ALL]
+        return np.where(buy, BUY_LARGE, np.where(sell, SELL_ALL, HOLD))
+
+    return act
+
+
+def baseline_backtests(market: PreparedMarket, split: str, config: EnvConfig, seed: int, agent: dict,
+                       rule: dict | None = None) -> dict[str, dict]:  # fmt: skip
+    """The baselines of an independent-mode agent backtest `agent` (run_backtest's result), each on the same split,
+    capital and costs: always-HOLD; random at the agent's trade rate; the rule ceiling (when a fit_rule rule is
+    given); buy-and-hold of the benchmark and of the equal-weight basket, at full exposure and scaled to the agent's
+    average exposure. Returns name -> {"agent": metrics with exposure, "curve": equity}."""
+    out = {
+        "always_hold": run_backtest(hold_policy, market, split, config, seed),
+        "random": run_backtest(random_policy(seed + 1, agent["agent"]["trade_rate"]), market, split, config, seed),
+    }
+    if rule is not None:
+        out["rule_ceiling"] = run_backtest(rule_policy(rule), market, split, config, seed)
+    start, n = agent["series"]["start"], agent["agent"]["bars"]
+    book, calendar = float(agent["curve"][0]), (market.data.bars_per_year, market.data.bars_per_day)
+    for suffix, fraction in (("", 1.0), ("_matched", agent["agent"]["exposure"])):
+        for name, (curve, expo) in buy_and_hold(market, start, n, book, config, fraction).items():
+            metrics = performance_metrics(curve, agent["series"]["timestamps"], *calendar)
+            metrics |= {"exposure": float(expo.mean()), "trades": None}
+            out[f"{name}_bh{suffix}"] = {"agent": metrics, "curve": curve}
+    return out
+
+
+def agent_backtests(make_policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, samples: int,
+                    train_split: str = "train") -> dict:  # fmt: skip
+    """An independent-mode agent's final backtest on `split`: make_policy(sample_seed, record) -> policy gives the
+    argmax policy (sample_seed None; with `record`, a list it fills with (ret_1, P(increase), increase allowed) each
+    bar) and the sampled one. Returns "reports" (name -> metrics: the agent argmax, the mean over `samples` sampled
+    runs, every baseline and the rule ceiling fitted on `train_split`), "curves" (name -> equity), "series" (the
+    argmax run's), "rule" and "deciles" (P(increase exposure) by decile of ret_1)."""
+    record: list = []
+    full = run_backtest(make_policy(None, record), market, split, config, seed)
+    sampled = [run_backtest(make_policy(seed + k, None), market, split, config, seed)["agent"] for k in range(samples)]
+    rule = fit_rule(market, config, train_split)  # the best one-feature rule on the train split: the ceiling
+    base = baseline_backtests(market, split, config, seed, full, rule)
+    reports = {"agent": full["agent"], "agent_sampled": mean_metrics(sampled) if sampled else None}
+    reports = {k: v for k, v in reports.items() if v is not None} | {name: b["agent"] for name, b in base.items()}
+    curves = {"agent": full["curve"]} | {name: b["curve"] for name, b in base.items()}
+    deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
+    return {"reports": reports, "curves": curves, "series": full["series"], "rule": rule, "deciles": deciles}
+
+
+def fit_vol_target(market: PreparedMarket, split: str = "train") -> dict:
+    """The volatility-targeting rule for the master, fitted on `split`: the risk multiplier is proportional to
+    target / realised benchmark volatility (the regime feature vol_level, known at the decision), with the target the
+    median of vol_level on the split, so that the rule's typical multiplier is 1."""
+    lo, hi = market.splits[split]
+    vol = market.regime[lo:hi, market.regime_names.index("vol_level")]
+    return {"target_vol": float(np.median(vol[vol > 0])) if (vol > 0).any() else 1.0, "split": split}
+
+
+def vol_target_directive(rule: dict, vol_index: int = 0):
+    """fit_vol_target's rule as a master for run_backtest: the grid's risk multiplier nearest target / vol_level,
+    the neutral concentration level and regime mode."""
+    risks = np.asarray(RISK_MULTIPLIERS)
+
+    def choose(obs, core, last_actions):
+        vol = np.maximum(obs["regime"][:, 0, vol_index].astype(np.float64), 1e-6)  # (E,)
+        r = np.abs(risks[None, :] - (rule["target_vol"] / vol)[:, None]).argmin(1)
+        return np.ravel_multi_index((r, np.ones_like(r), np.ones_like(r)), DIRECTIVE_SHAPE)
+
+    return choose
+
+
+def fixed_directive(index: int):
+    """A master that always picks directive `index`."""
+    return lambda obs, core, last_actions: np.full(core.num_envs, index)
+
+
+def master_backtests(policy, master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
+                     interval: int) -> tuple[dict, dict]:  # fmt: skip
+    """The master's backtest in portfolio mode beside its baselines, all on the same symbol-agent policy, capital and
+    costs: the fixed neutral directive, the neutral book scaled to the master's average exposure (its bar returns
+    times the exposure ratio: plain de-leveraging), the volatility-targeting rule fitted on the train split, the
+    fixed defensive directive, and buy-and-hold. Returns (reports, results): reports name -> metrics, results name
+    -> run_backtest's result (curve, series)."""
+    defensive = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))
+    vol_target = vol_target_directive(fit_vol_target(market), market.regime_names.index("vol_level"))
+    masters = {"master": master, "neutral": fixed_directive(NEUTRAL_DIRECTIVE), "defensive": fixed_directive(defensive)}
+    masters["vol_target"] = vol_target
+    results = {
+        n: run_backtest(policy, market, split, config, seed, "portfolio", m, interval) for n, m in masters.items()
+    }
+    reports = {name: r["agent"] for name, r in results.items()}
+    neutral, timestamps = results["neutral"]["curve"], results["neutral"]["series"]["timestamps"]
+    calendar = (market.data.bars_per_year, market.data.bars_per_day)
+    lev = reports["master"]["exposure"] / max(reports["neutral"]["exposure"], 1e-12)
+    scaled = neutral[0] * np.r_[1.0, np.cumprod(1.0 + lev * np.diff(neutral) / neutral[:-1])]
+    results["neutral_matched"] = {"curve": scaled}
+    reports["neutral_matched"] = performance_metrics(scaled, timestamps, *calendar) | {
+        "exposure": reports["neutral"]["exposure"] * lev
+    }
+    start, n = results["master"]["series"]["start"], reports["master"]["bars"]
+    for name, (curve, expo) in buy_and_hold(market, start, n, float(neutral[0]), config).items():
+        results[f"{name}_bh"] = {"curve": curve}
+        reports[f"{name}_bh"] = performance_metrics(curve, timestamps, *calendar) | {"exposure": float(expo.mean())}
+    return reports, results
+
+
+def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) -> dict:
+    """A go criterion that de-leveraging alone cannot meet: the master's max drawdown at least `drawdown_cut` below
+    that of the neutral book scaled to the master's exposure, and its Sharpe at least that book's and the
+    volatility-targeting rule's. Also reported: the seeds' original criterion (seed 003: more than 15% less
+    drawdown than the neutral directive, which a master meets by trading less), and whether the master's Sharpe is
+    at least the fixed defensive directive's (a constant directive that is not neutral can pass the criterion
+    without reading the regime; beating the fixed directives is the stricter test of skill)."""
+    master, matched, neutral, vol = (reports[k] for k in ("master", "neutral_matched", "neutral", "vol_target"))
+
+    def cut(other: dict) -> float:
+        return 1.0 - abs(master["max_drawdown"]) / abs(other["max_drawdown"]) if other["max_drawdown"] < 0 else 0.0
+
+    parts = {
+        "drawdown_cut_vs_matched_neutral": cut(matched),
+        "sharpe_master": master["sharpe"],
+        "sharpe_matched_neutral": matched["sharpe"],
+        "sharpe_vol_target": vol["sharpe"],
+        "exposure_master": master["exposure"],
+        "exposure_neutral": neutral["exposure"],
+    }
+    parts["drawdown_passed"] = bool(parts["drawdown_cut_vs_matched_neutral"] >= drawdown_cut)
+    parts["sharpe_passed"] = bool(master["sharpe"] >= matched["sharpe"] and master["sharpe"] >= vol["sharpe"])
+    parts["passed"] = parts["drawdown_passed"] and parts["sharpe_passed"]
+    parts["seed_criterion_drawdown_cut_vs_neutral"] = cut(neutral)
+    parts["seed_criterion_passed"] = bool(cut(neutral) > drawdown_cut)
+    parts["sharpe_defensive"] = reports["defensive"]["sharpe"]
+    parts["beats_defensive"] = bool(master["sharpe"] >= reports["defensive"]["sharpe"])
+    parts["criterion"] = (
+        f"max drawdown >= {drawdown_cut:.0%} below the exposure-matched neutral book's, and Sharpe >= both the "
+        "exposure-matched neutral book's and the volatility-targeting rule's"
+    )
+    return parts
+
+
+def directive_analysis(series: dict, market: PreparedMarket) -> dict:
+    """Why the master chose what it chose, after the fact and for analysis only (nothing here reaches an
+    observation): the correlation of the chosen risk multiplier with each regime feature at the decision bars, and,
+    where the data has them (the synthetic market), the mean risk multiplier, regime mode (-1 defensive, +1
+    aggressive) and exposure under each hidden regime label and on the downturn-warning days."""
+    d = np.asarray(series["directives"])
+    keep = d >= 0
+    t = (series["start"] + np.arange(len(d)))[keep]  # the decision bar of each step
+    coords = np.unravel_index(d[keep], DIRECTIVE_SHAPE)
+    risk, mode = np.take(RISK_MULTIPLIERS, coords[0]), coords[2] - 1.0
+    exposure = np.asarray(series["exposure"])[keep]
+    corr = {}
+    for j, name in enumerate(market.regime_names):
+        x = market.regime[t, j]
+        corr[name] = float(np.corrcoef(risk, x)[0, 1]) if risk.std() > 0 and x.std() > 0 else 0.0
+    out = {"bars": int(keep.sum()), "risk_multiplier_corr": corr, "by_regime": {}}
+    labels = market.data.regime_labels
+    if labels is None or not keep.any():
+        return out
+    groups = {name: labels[t] == k for k, name in enumerate(REGIME_NAMES_SYNTH)}
+    if market.data.source == "synthetic":  # whole days of bars_per_day bars: the warning days of the generator
+        per_day = int(market.data.bars_per_day)
+        groups["warning"] = np.repeat(downturn_warning(labels[::per_day]), per_day)[t]
+    for name, g in groups.items():
+        if g.any():
+            means = {"risk_multiplier": risk[g], "regime_mode": mode[g], "exposure": exposure[g]}
+            out["by_regime"][name] = {"bars": int(g.sum())} | {k: float(v.mean()) for k, v in means.items()}
+    return out
+
+
+def format_go_criterion(go: dict) -> str:
+    """One line: the master go criterion, passed or missed, with its figures."""
+    return (
+        f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
+        f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} "
+        f"vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and {go['sharpe_vol_target']:.2f} (vol target); "
+        f"{'above' if go['beats_defensive'] else 'below'} the fixed defensive directive ({go['sharpe_defensive']:.2f})"
+    )
+
+
+REPORT_KEYS = (
+    "total_return", "cagr", "sharpe", "sharpe_se", "psr", "dsr", "dsr_trials", "sortino", "sharpe_bar",
+    "bar_autocorr", "max_drawdown", "max_drawdown_bars", "calmar", "exposure", "trades", "trade_rate",
+    "orders_cancelled", "orders_shrunk", "round_trips", "win_rate", "liquidations", "turnover", "costs",
+)  # fmt: skip
+
+
+def format_report(reports: dict[str, dict], split: str) -> str:
+    """Markdown table: one row per metric, one column per strategy ("-" where a metric does not apply)."""
+    names = list(reports)
+    lines = [f"| {split} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in REPORT_KEYS:
+        cells = [reports[n].get(k) for n in names]
+        if all(c is None for c in cells):
+            continue
+        cells = [f"{c:.4g}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket,
+                  timestamps: np.ndarray) -> str:  # fmt: skip
+    """Write the final backtest: reports as run_dir/backtest.json and the format_report table as backtest.md; every
+    equity curve (N+1,) marked at `timestamps` as <split>_equity.parquet (one column per strategy) and its daily
+    returns as <split>_daily_returns.parquet, so that any analysis library (or a new metric) can re-score the run;
+    each curve (normalised to 1) to tensorboard as equity/<split>_<name> by bar. Returns the text to print."""
+    for name, curve in curves.items():
+        for i, value in enumerate(curve / curve[0]):
+            writer.add_scalar(f"equity/{split}_{name}", value, i)
+    index = pd.DatetimeIndex(timestamps, name="timestamp")
+    pd.DataFrame(curves, index=index).to_parquet(run_dir / f"{split}_equity.parquet")
+    daily = {name: daily_returns(curve, timestamps) for name, curve in curves.items()}
+    dates = pd.DatetimeIndex(next(iter(daily.values()))[0], name="date")
+    pd.DataFrame({name: r for name, (_, r) in daily.items()}, index=dates).to_parquet(
+        run_dir / f"{split}_daily_returns.parquet"
+    )
+    table = format_report(reports, split)
+    (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+    (run_dir / "backtest.md").write_text(table + "\n")
+    days = market.data.bars_per_year / market.data.bars_per_day
+    head = (
+        f"backtest on the {split} split ({market.data.benchmark_name} benchmark; Sharpe and Sortino from daily "
+        f"returns, {days:g} days a year; sharpe_bar from bar returns, {market.data.bars_per_year:g} bars a year)"
+    )
+    return f"\n{head}:\n{table}"
+
+
+def deflated_sharpe(curve: np.ndarray, timestamps: np.ndarray, market: PreparedMarket, trial_sharpes) -> dict:
+    """The deflated Sharpe ratio of a backtest (Bailey and Lopez de Prado 2014): P(true Sharpe > SR_0), with SR_0 the
+    Sharpe that the best of the trials would reach by luck (expected_max_sharpe over `trial_sharpes`, annualised
+    Sharpes of every candidate that could have been picked, e.g. each validation sweep). One trial: the PSR."""
+    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
+    trial_sharpes = np.asarray(trial_sharpes, dtype=np.float64)
+    sr0 = expected_max_sharpe(trial_sharpes / ann) if len(trial_sharpes) > 1 else 0.0
+    _, r = daily_returns(curve, timestamps)
+    return {"dsr": probabilistic_sharpe(r, sr0), "dsr_trials": max(len(trial_sharpes), 1), "dsr_sr0": sr0 * ann}
+
+
+def mean_metrics(reports: list[dict]) -> dict:
+    """The mean of each numeric metric over several backtests of one policy (e.g. sampling seeds), with the
+    spread of their Sharpe ratios as sharpe_sd."""
+    out = {}
+    for k in reports[0]:
+        values = [r[k] for r in reports if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        out[k] = float(np.mean(values)) if len(values) == len(reports) else None
+    out["sharpe_sd"] = float(np.std([r["sharpe"] for r in reports])) if len(reports) > 1 else 0.0
+    out["samples"] = len(reports)
+    return out
+
+
+def decile_table(feature: np.ndarray, p_increase: np.ndarray, allowed: np.ndarray) -> list[dict]:
+    """P(increase exposure | decile of a feature): over the decisions where an increase (BUY_* or ADD) was allowed,
+    the policy's mean probability of choosing one, by decile of the feature's value at the decision."""
+    x, p = feature[allowed], p_increase[allowed]
+    if len(x) < 10:
+        return []
+    edges = np.quantile(x, np.linspace(0, 1, 11))
+    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, 9)
+    return [
+        {
+            "decile": d + 1,
+            "low": float(edges[d]),
+            "high": float(edges[d + 1]),
+            "p_increase": float(p[idx == d].mean()),
+            "decisions": int((idx == d).sum()),
+        }  # fmt: skip
+        for d in range(10)
+        if (idx == d).any()
+    ]
+
+
+def format_deciles(rows: list[dict], name: str) -> str:
+    """The decile table as Markdown."""
+    lines = [f"P(increase exposure | decile of {name}), decisions where an increase was allowed:", "",
+             f"| decile | {name} range | P(increase) | decisions |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['decile']} | {r['low']:.2f} .. {r['high']:.2f} | {r['p_increase']:.3f} | {r['decisions']} |"
+              for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pictures of a backtest (matplotlib, imported on first use): equity, drawdown, action mix, per-symbol contribution
+# ---------------------------------------------------------------------------------------------------------------------
+def backtest_figures(curves: dict[str, np.ndarray], series: dict, symbols: list[str], title: str) -> dict:
+    """Figures of a backtest, x-axis in the data's timestamps: "equity" (every curve normalised to 1), "drawdown"
+    (the agent's beside the buy-and-holds'), "actions" (share of HOLD / increase / decrease among the executed
+    actions, one trading day rolling), "contribution" (each symbol's cumulative PnL as a fraction of the book).
+    curves: name -> equity (N+1,) with "agent" among them; series: run_backtest's series of the agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = np.asarray(series["timestamps"]).astype("datetime64[ns]")
+    figs = {}
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, curve in curves.items():
+        agent = name == "agent"
+        ax.plot(ts, curve / curve[0], lw=2.0 if agent else 1.0, label=name, zorder=3 if agent else 2)
+    ax.set_ylabel("equity / initial")
+    ax.set_title(f"{title}: equity")
+    ax.legend(fontsize=7, ncol=2)
+    figs["equity"] = fig
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for name in ("agent", "benchmark_bh", "equal_weight_bh", "benchmark_bh_matched"):
+        if name in curves:
+            curve = curves[name]
+            ax.plot(ts, curve / np.maximum.accumulate(curve) - 1.0, lw=1.5 if name == "agent" else 1.0, label=name)
+    ax.set_ylabel("drawdown")
+    ax.set_title(f"{title}: drawdown")
+    ax.legend(fontsize=7)
+    figs["drawdown"] = fig
+    ex = np.asarray(series["executed"])  # (N, S)
+    classes = {"HOLD": ex == HOLD, "increase": np.isin(ex, INCREASE_ACTIONS)}
+    classes["decrease"] = np.isin(ex, (SELL_PARTIAL, SELL_ALL))
+    window = min(7, max(len(ex), 1))  # one trading day of hourly bars
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    shares = [np.convolve(c.mean(1), np.ones(window) / window, mode="same") for c in classes.values()]
+    ax.stackplot(ts[1:], *shares, labels=list(classes), alpha=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"share of executed actions ({window}-bar mean)")
+    ax.set_title(f"{title}: action mix")
+    ax.legend(fontsize=7, loc="upper right")
+    figs["actions"] = fig
+    book = float(curves["agent"][0])
+    cum = np.cumsum(np.asarray(series["pnl"]), axis=0) / book  # (N, S)
+    order = np.argsort(cum[-1]) if len(cum) else np.arange(len(symbols))
+    show = order if len(symbols) <= 12 else np.r_[order[:5], order[-5:]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for s in show:
+        ax.plot(ts[1:], cum[:, s], lw=1.0, label=symbols[s])
+    if len(symbols) > 12:
+        rest = np.setdiff1d(np.arange(len(symbols)), show)
+        ax.plot(ts[1:], cum[:, rest].sum(1), lw=1.0, ls="--", color="grey", label=f"{len(rest)} others")
+    ax.set_ylabel("cumulative PnL / book")
+    ax.set_title(f"{title}: contribution per symbol")
+    ax.legend(fontsize=7, ncol=2)
+    figs["contribution"] = fig
+    for fig in figs.values():
+        fig.autofmt_xdate()
+        fig.tight_layout()
+    return figs
+
+
+def decile_figure(rows: list[dict], name: str, title: str):
+    """decile_table's rows as a bar chart: P(increase exposure) by decile of the feature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r["decile"] for r in rows], [r["p_increase"] for r in rows], color="tab:blue")
+    ax.set_xticks([r["decile"] for r in rows])
+    ax.set_xlabel(f"decile of {name} at the decision (1 = lowest)")
+    ax.set_ylabel("P(increase exposure)")
+    ax.set_title(f"{title}: P(increase exposure | decile of {name})")
+    fig.tight_layout()
+    return fig
+
+
+def directive_figure(series: dict, market: PreparedMarket, title: str):
+    """The master's directives over a backtest (risk multiplier and regime mode, by the data's timestamps) against
+    the benchmark's drawdown from its running peak over the same bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = np.asarray(series["timestamps"]).astype("datetime64[ns]")[1:]
+    coords = np.unravel_index(np.maximum(series["directives"], 0), DIRECTIVE_SHAPE)
+    start = series["start"]
+    bench = market.data.benchmark[start + 1 : start + 1 + len(ts)]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    ax.step(ts, np.take(RISK_MULTIPLIERS, coords[0]), where="post", lw=1.0, label="risk multiplier")
+    ax.step(ts, coords[2] - 1.0, where="post", lw=1.0, label="regime mode (-1 defensive, 1 aggressive)")
+    ax.set_title(f"{title}: the master's directives")
+    ax.legend(fontsize=7)
+    ax2.fill_between(ts, bench / np.maximum.accumulate(bench) - 1.0, color="tab:red", alpha=0.4)
+    ax2.set_ylabel("benchmark drawdown")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig

@@ -140,22 +140,24 @@ def performance_metrics(equity: np.ndarray, timestamps: np.ndarray, bars_per_yea
 
 def run_backtest(
     policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, mode: str = "independent",
-    directive=None, interval: int = 1, symbols=None,
+    master=None, interval: int = 1, symbols=None,
 ) -> dict:  # fmt: skip
     """One sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
     Every bar of the split after the lookback is stepped exactly once (a stopped-out account stays flat with its cash
     until the end), so the sweep always ends.
 
     independent mode: the S accounts form one equal-capital book (S x initial capital); portfolio mode: one account.
-    directive(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
+    master(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
     neutral directive throughout). Returns {"agent": metrics, "curve": book equity (N+1,), "series": per-bar arrays
     (timestamps (N+1,), exposure, holdings, per-symbol PnL (N, S), executed actions (N, S), directives)}. The metrics
     are performance_metrics plus exposure (mean holdings / equity), trades (filled orders), orders cancelled and
     shrunk, round trips and win rate (share of round trips with a positive realised PnL net of all their costs),
     stop-out and delisting liquidations, annualised turnover (traded notional over the mean book equity), costs and,
-    with `directive`, the directives' usage."""
-    if directive is not None and mode != "portfolio":
-        raise ValueError("run_backtest: a directive function needs mode='portfolio' (independent slots take none).")
+    with `master`, the directives' usage."""
+    if master is not None and mode != "portfolio":
+        raise ValueError(
+            "run_backtest: a master (a directive chooser) needs mode='portfolio' (no directives otherwise)."
+        )
     core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True, symbols=symbols)
     obs = core.reset(seed=seed)
     start, n, A, K, S = int(core.t[0]), int(core.end[0] - core.t[0]), core.A, core.K, core.num_symbols
@@ -168,11 +170,11 @@ def run_backtest(
     counts = dict.fromkeys(("trades", "cancelled", "shrunk", "round_trips", "wins", "liquidations"), 0)
     cost = traded = 0.0
     for i in range(n):
-        if directive is not None and i % interval == 0:
-            index = np.asarray(directive(obs, core, last_actions), dtype=np.int64)
+        if master is not None and i % interval == 0:
+            index = np.asarray(master(obs, core, last_actions), dtype=np.int64)
             core.set_directives(index)
             used[index[0]] += 1
-        if directive is not None:
+        if master is not None:
             directives[i] = core.directive_index[0]
         obs, _, _, truncated, info = core.step(policy(obs))
         last_actions = info["policy_action"].copy()
@@ -202,7 +204,7 @@ def run_backtest(
         costs=cost,
         costs_frac=cost / book,
     )
-    if directive is not None:
+    if master is not None:
         coords, share = np.unravel_index(np.arange(NUM_DIRECTIVES), DIRECTIVE_SHAPE), used / used.sum()
         metrics.update(
             directive_risk_level=float((share * coords[0]).sum()),

@@ -617,3 +617,26 @@ class ValueNorm(nn.Module):
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sqrt(self.var + 1e-8) + self.mean
+
+
+def random_observation(*lead: int, seed: int = 0, directives: int = 0, mask: str = "random") -> dict[str, torch.Tensor]:
+    """A random observation dict with leading dims `lead`, laid out as the environment returns it (for tests,
+    benchmarks and examples). mask "random": each action allowed with probability 1/2 (HOLD always); "all": every
+    action allowed. directives > 0 adds a (lead, directives) directive block."""
+    g = torch.Generator().manual_seed(seed)
+    obs = {
+        "technical": torch.randn(*lead, 24, 23, generator=g),
+        "sl_probs": torch.rand(*lead, 3, generator=g),
+        "position": torch.randn(*lead, 5, generator=g),
+        "portfolio": torch.randn(*lead, 8, generator=g),
+        "regime": torch.randn(*lead, 10, generator=g),
+    }
+    if mask == "random":
+        m = torch.randint(0, 2, (*lead, NUM_ACTIONS), generator=g, dtype=torch.int8)
+        m[..., 0] = 1  # HOLD is always allowed
+    else:
+        m = torch.ones(*lead, NUM_ACTIONS, dtype=torch.int8)
+    obs["action_mask"] = m
+    if directives:
+        obs["directives"] = torch.randn(*lead, directives, generator=g)
+    return obs

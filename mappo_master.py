@@ -60,8 +60,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda is used when available"""
     torch_threads: int = 1
-    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+    """torch intra-op threads (0: torch's default); small batches gain little from more, and spinning threads slow
+a busy machine (docs/training.md)"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
     save_model: bool = False
@@ -77,8 +77,8 @@ features they were trained on), in a new run folder"""
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: a transformer,
+d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -129,7 +129,7 @@ a whole number of master decisions)"""
     clip_vloss: bool = True
     """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
     ent_coef: float = 0.03
-    """entropy coefficient of the symbol agents (the Stage-5 floor; the full entropy stack is ppo_symbol_agent.py's)"""
+    """entropy coefficient of the symbol agents (constant; the full entropy stack is ppo_symbol_agent.py's)"""
     vf_coef: float = 0.5
     """coefficient of the value function"""
     max_grad_norm: float = 0.5
@@ -205,7 +205,7 @@ def choice_mean(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return (x * choice).sum() / choice.sum().clamp(min=1)
 
 
-def agent_policy(agent: nn.Module, device):
+def argmax_policy(agent: nn.Module, device):
     """The symbol agents' deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
 
     def act(obs):
@@ -270,12 +270,12 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, cl
 MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
 
 
-def master_reward(acc: dict, args, num_symbols: int) -> dict:
-    """Components (E,) of the master's reward from one decision's accumulators (E,), summed over the bars to the next
-    decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar returns b),
-    dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position weights w, 0
-    when flat), bars (bars counted); args: the weights risk_coef, div_coef, dd_coef, excess_coef (mappo_master.py's
-    Args). Percent units (x 100):
+def master_reward(sums: dict, args, num_symbols: int) -> dict:
+    """Components (E,) of the master's reward from `sums`, one decision's ingredients (E,) each summed over the bars
+    to the next decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar
+    returns b), dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position
+    weights w, 0 when flat), bars (bars counted); args: the weights risk_coef, div_coef, dd_coef, excess_coef (this
+    script's Args). Percent units (x 100):
 
         risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
         diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
@@ -284,17 +284,18 @@ def master_reward(acc: dict, args, num_symbols: int) -> dict:
     """
     div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
     return {
-        "risk_adjusted": 100.0 * (acc["ret"] - args.risk_coef * np.sqrt(acc["ret_sq"])),
-        "diversification": args.div_coef * acc["div"] / np.maximum(acc["bars"], 1) / div_max,
-        "drawdown": -args.dd_coef * 100.0 * acc["dd_up"],
-        "excess": args.excess_coef * 100.0 * (acc["ret"] - acc["bench"]),
+        "risk_adjusted": 100.0 * (sums["ret"] - args.risk_coef * np.sqrt(sums["ret_sq"])),
+        "diversification": args.div_coef * sums["div"] / np.maximum(sums["bars"], 1) / div_max,
+        "drawdown": -args.dd_coef * 100.0 * sums["dd_up"],
+        "excess": args.excess_coef * 100.0 * (sums["ret"] - sums["bench"]),
     }
 
 
-def herfindahl_complement(size_fraction: np.ndarray) -> np.ndarray:
-    """Position values or weights (E, S) -> 1 - sum of squared normalised weights (E,), 0 when flat."""
-    total = size_fraction.sum(1)
-    share = np.divide(size_fraction, total[:, None], out=np.zeros_like(size_fraction), where=total[:, None] > 0)
+def herfindahl_complement(holdings: np.ndarray) -> np.ndarray:
+    """Holdings (E, S), in dollars or as weights (any nonnegative amounts; they are normalised per env) -> 1 - the
+    Herfindahl index of the position weights (E,): 0 when flat or in one position, 1 - 1/n for n equal positions."""
+    total = holdings.sum(1)
+    share = np.divide(holdings, total[:, None], out=np.zeros_like(holdings), where=total[:, None] > 0)
     return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
 
 
@@ -350,7 +351,7 @@ if __name__ == "__main__":
             "symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
-    # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
+    # encoder: an MLP by default on CPU (--encoder-preset; the transformer is much slower there, docs/training.md)
     args.encoder, preset = xp.encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
     # seeding (each rank its own seed and envs)
@@ -448,7 +449,7 @@ if __name__ == "__main__":
                 group["lr"] = frac * lr
 
         t_rollout = time.time()
-        tele, m_comps, episodes, dist_entropy = {}, {}, {}, 0.0
+        tele, m_comps, episodes, policy_entropy = {}, {}, {}, 0.0
         for step in range(T):
             global_step += E * S * args.world_size
             k = step // I
@@ -463,7 +464,7 @@ if __name__ == "__main__":
                 m_actions[k], m_logprobs[k], m_raw_values[k] = directive, logprob, raw_value
                 m_values[k] = value_norm.denormalize(raw_value) if args.value_norm else raw_value
                 envs.set_directives(directive.cpu().numpy())
-                acc = {key: np.zeros(E) for key in ("ret", "ret_sq", "bench", "dd_up", "div", "bars")}
+                sums = {key: np.zeros(E) for key in ("ret", "ret_sq", "bench", "dd_up", "div", "bars")}
                 alive = np.ones(E, dtype=bool)
                 m_terms[k], m_truncs[k], m_final_values[k] = False, False, 0.0
             for key, v in obs.items():
@@ -473,7 +474,7 @@ if __name__ == "__main__":
                 logits, value = agent(step_obs)
                 action, logprob, entropy, choice = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
-            dist_entropy += choice_mean(entropy, choice).item() / T
+            policy_entropy += choice_mean(entropy, choice).item() / T
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
@@ -495,7 +496,7 @@ if __name__ == "__main__":
             ingredients = {"ret": r, "ret_sq": r * r, "bench": bench, "dd_up": np.maximum(dd - track["dd"], 0.0)}
             ingredients |= {"div": herfindahl_complement(info["holdings"]), "bars": np.ones(E)}
             for key, x in ingredients.items():
-                acc[key] += np.where(alive, x, 0.0)
+                sums[key] += np.where(alive, x, 0.0)
             m_terms[k] |= torch.as_tensor(alive & terminated.any(1), device=device)
             ended_by_time = alive & truncated.any(1)
             if ended_by_time.any():
@@ -506,7 +507,7 @@ if __name__ == "__main__":
             alive &= ~done_env
             track["dd"] = np.where(done_env, 0.0, dd)
             if step % I == I - 1:
-                parts = master_reward(acc, args, S)
+                parts = master_reward(sums, args, S)
                 m_rewards[k] = torch.as_tensor(sum(parts.values()), dtype=torch.float32, device=device)
                 for key, v in parts.items():
                     m_comps[key] = m_comps.get(key, 0.0) + float(v.mean()) / M
@@ -620,7 +621,7 @@ if __name__ == "__main__":
         metrics = telemetry | {
             "charts/learning_rate": optimizer.param_groups[-1]["lr"],
             "charts/master_learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/policy_entropy": dist_entropy,
+            "charts/policy_entropy": policy_entropy,
             "charts/value_norm_mean": value_norm.mean.item(),
             "charts/value_norm_std": value_norm.var.sqrt().item(),
             "losses/value_loss": v_loss.item(),
@@ -647,13 +648,13 @@ if __name__ == "__main__":
         }
         metrics.update({f"master_reward/{key}": v for key, v in m_comps.items()})
         if episodes:
-            metrics["charts/episodic_return"] = float(np.mean(episodes["return"]))
+            metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
             metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))
             metrics["charts/ep_unique_actions"] = float(np.mean(episodes["unique_actions"]))
             metrics.update({f"trading/episode_{key}": float(np.mean(v)) for key, v in episodes.items()})
         if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             t_eval = time.time()
-            chooser, policy = master_policy(agent, master, device), agent_policy(agent, device)
+            chooser, policy = master_policy(agent, master, device), argmax_policy(agent, device)
             report = run_backtest(policy, market, args.eval_split, env_cfg, args.seed, "portfolio", chooser, I)
             last_eval = {key: v for key, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{key}": v for key, v in last_eval.items()})
@@ -680,7 +681,7 @@ if __name__ == "__main__":
     if rank == 0:
         t_eval = time.time()
         title = f"{run_dir.name}, {args.test_split} split"
-        reports, results = master_backtests(agent_policy(agent, device), master_policy(agent, master, device), market,
+        reports, results = master_backtests(argmax_policy(agent, device), master_policy(agent, master, device), market,
                                             args.test_split, env_cfg, args.seed, I)  # fmt: skip
         go = master_go_criterion(reports)
         why = directive_analysis(results["master"]["series"], market)  # hidden labels: after the fact only

@@ -7,7 +7,7 @@ Every (env, symbol) slot trades its own account (independent mode). One rollout 
     torchrun --standalone --nproc_per_node 2 ppo_symbol_agent.py --num-envs 4     # data parallel
     tensorboard --logdir runs
 
-The Stage-5 exploration stack (schedule, adaptive bonus, guard; `scheduled_ent_coef`, `update_entropy_control`)
+The exploration stack (entropy schedule, adaptive bonus, guard; `scheduled_ent_coef`, `update_entropy_control`)
 acts on entropy normalised by log(number of allowed actions); docs/training.md has the formulas.
 """
 
@@ -61,8 +61,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda is used when available"""
     torch_threads: int = 1
-    """torch intra-op threads (0: torch's default). 1 by default: the small batches gain little from more, and on a
-busy 2-core machine two spinning threads made rollouts ~10x slower in our measurements"""
+    """torch intra-op threads (0: torch's default); small batches gain little from more, and spinning threads slow
+a busy machine (docs/training.md)"""
     track: bool = False
     """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
     save_model: bool = False
@@ -78,8 +78,8 @@ features they were trained on), in a new run folder"""
     """folder that holds the run folders"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: the seed's
-transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: a transformer,
+d_model 256, 8 heads, 4 layers, output_dim 256)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -110,8 +110,7 @@ the validation split; the test split stays unseen), or the last ones"""
 
     # --- algorithm ---
     total_timesteps: int = 4_000_000
-    """total symbol-steps of the experiment (all ranks together); the default takes ~9-10 minutes on an idle 2-core
-CPU (~7,800 SPS with the MLP encoder; 1.5M steps took 3.5 minutes end to end)"""
+    """total symbol-steps of the experiment (all ranks together)"""
     learning_rate: float = 3e-4
     """the learning rate of the optimizer"""
     num_envs: int = 16
@@ -143,33 +142,32 @@ CPU (~7,800 SPS with the MLP encoder; 1.5M steps took 3.5 minutes end to end)"""
     target_kl: float | None = None
     """the target KL divergence threshold (stops the epochs of an update early)"""
 
-    # --- entropy control (Stage 5). Entropies are normalised: nats / log(number of allowed actions), 1 = uniform
-    # over what is allowed. Step counts are the seed's x 50 (symbol-steps), so that they fall inside the main run. ---
+    # --- entropy control. Entropies are normalised: nats / log(number of allowed actions), 1 = uniform over what is
+    # allowed. Step counts are symbol-steps. ---
     ent_schedule: Literal["hold_then_linear", "constant"] = "hold_then_linear"
     """entropy coefficient schedule"""
     ent_final: float = 0.003
-    """coefficient at the end of the linear decay (the seed's floor was 0.03 on entropy in nats; in normalised units
-a coefficient that large keeps a no-edge agent trading at a loss, see the README's results)"""
+    """coefficient at the end of the linear decay"""
     ent_hold_steps: int = 500_000
-    """symbol-steps at the initial coefficient before the decay starts (the seed's 10k x 50)"""
+    """symbol-steps at the initial coefficient before the decay starts"""
     ent_decay_steps: int = 2_000_000
-    """symbol-steps of the linear decay (the seed's 40k x 50)"""
+    """symbol-steps of the linear decay"""
     ent_min: float = 0.003
     """floor of the scheduled coefficient"""
     ent_bonus: bool = True
     """adaptive entropy bonus: raise the coefficient when the policy entropy is under the target"""
     ent_bonus_target: float = 0.40
-    """target mean normalised entropy of the policy over states with a choice (the seed's 0.55 nats / log 4)"""
+    """target mean normalised entropy of the policy over states with a choice"""
     ent_bonus_scale: float = 0.35
     """bonus multiplier slope: 1 + scale * relative shortfall"""
     ent_bonus_warmup: int = 200_000
-    """symbol-steps before the bonus acts (the seed's 4k x 50)"""
+    """symbol-steps before the bonus acts"""
     ent_guard: bool = True
     """action-entropy guard: boost the coefficient when the chosen actions' entropy collapses"""
     ent_guard_threshold: float = 0.11
-    """guard threshold on charts/policy_action_entropy_mean (normalised; the seed's 0.22 nats / log 7)"""
+    """guard threshold on charts/policy_action_entropy_mean (normalised)"""
     ent_guard_warmup: int = 200_000
-    """symbol-steps before the guard acts (the seed's 4k x 50)"""
+    """symbol-steps before the guard acts"""
     ent_guard_boost: float = 1.5
     """factor applied to the guard multiplier at each intervention"""
     ent_guard_max_mult: float = 5.0
@@ -313,11 +311,11 @@ def scheduled_ent_coef(args: Args, step: int) -> float:
     return max(args.ent_coef + frac * (args.ent_final - args.ent_coef), args.ent_min)
 
 
-def update_entropy_control(args: Args, ctl: dict, step: int, dist_entropy: float, action_entropy: float) -> bool:
+def update_entropy_control(args: Args, ctl: dict, step: int, policy_entropy: float, action_entropy: float) -> bool:
     """Update the bonus and guard multipliers from the last rollout; returns True when the guard intervened."""
     ctl["bonus_mult"] = 1.0
     if args.ent_bonus and step >= args.ent_bonus_warmup:
-        shortfall = max(0.0, args.ent_bonus_target - dist_entropy) / args.ent_bonus_target
+        shortfall = max(0.0, args.ent_bonus_target - policy_entropy) / args.ent_bonus_target
         ctl["bonus_mult"] = 1.0 + args.ent_bonus_scale * shortfall
     intervened = False
     if args.ent_guard and step >= args.ent_guard_warmup and action_entropy < args.ent_guard_threshold:
@@ -329,7 +327,7 @@ def update_entropy_control(args: Args, ctl: dict, step: int, dist_entropy: float
     return intervened
 
 
-def kl_prior_coef(args: Args, step: int) -> float:
+def scheduled_kl_prior_coef(args: Args, step: int) -> float:
     return args.kl_prior_coef * max(0.0, 1.0 - step / max(args.kl_prior_anneal_steps, 1))
 
 
@@ -366,7 +364,7 @@ if __name__ == "__main__":
             f"{args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout")  # fmt: skip
     env_cfg = args.env
 
-    # encoder: a deliberate CPU default (the seed's transformer trains at ~94 samples/s on one of these cores)
+    # encoder: an MLP by default on CPU (--encoder-preset; the transformer is much slower there, docs/training.md)
     args.encoder, preset = xp.encoder_preset(args.encoder, args.encoder_preset, use_cuda=device.type == "cuda")
 
     # seeding (each rank its own seed and envs)
@@ -433,10 +431,10 @@ if __name__ == "__main__":
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
         ent_coef = scheduled_ent_coef(args, global_step) * ctl["bonus_mult"] * ctl["guard_mult"]
-        kl_coef = kl_prior_coef(args, global_step)
+        kl_coef = scheduled_kl_prior_coef(args, global_step)
 
         t_rollout = time.time()
-        tele, episodes, dist_entropy = {}, {}, 0.0
+        tele, episodes, policy_entropy = {}, {}, 0.0
         for step in range(T):
             global_step += E * S * args.world_size
             for k, v in obs.items():
@@ -446,7 +444,7 @@ if __name__ == "__main__":
                 logits, value = agent(step_obs)
                 action, logprob, entropy, choice = masked_policy(logits)
             actions[step], logprobs[step], values[step] = action, logprob, value
-            dist_entropy += choice_mean(entropy, choice).item() / T
+            policy_entropy += choice_mean(entropy, choice).item() / T
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
@@ -525,8 +523,8 @@ if __name__ == "__main__":
 
         # entropy control from this rollout, then logging (rank 0)
         telemetry = telemetry_metrics(tele, policy_actions, executed_actions, obs["action_mask"].cpu().numpy())
-        policy_entropy = telemetry["charts/policy_action_entropy_mean"]
-        intervened = update_entropy_control(args, ctl, global_step, dist_entropy, policy_entropy)
+        action_entropy = telemetry["charts/policy_action_entropy_mean"]
+        intervened = update_entropy_control(args, ctl, global_step, policy_entropy, action_entropy)
 
         stopping = xp.all_ranks_stop(stop, args.world_size)
 
@@ -544,7 +542,7 @@ if __name__ == "__main__":
             continue
         if intervened:
             print(
-                f"global_step={global_step} entropy guard: policy_action_entropy_mean {policy_entropy:.3f} < "
+                f"global_step={global_step} entropy guard: policy_action_entropy_mean {action_entropy:.3f} < "
                 f"{args.ent_guard_threshold}, guard multiplier -> {ctl['guard_mult']:.2f} "
                 f"(intervention {ctl['interventions']})"
             )
@@ -557,7 +555,7 @@ if __name__ == "__main__":
             "charts/entropy_bonus_multiplier": ctl["bonus_mult"],
             "charts/entropy_guard_multiplier": ctl["guard_mult"],
             "charts/entropy_guard_interventions": ctl["interventions"],
-            "charts/policy_entropy": dist_entropy,
+            "charts/policy_entropy": policy_entropy,
             "charts/ep_unique_actions": float(np.mean(unique)),
             "losses/value_loss": v_loss.item(),
             "losses/policy_loss": pg_loss.item(),
@@ -596,7 +594,7 @@ if __name__ == "__main__":
         val_sharpe = metrics.get(f"trading/{args.eval_split}_sharpe")
         print(
             f"iter {iteration}/{args.num_iterations} ETA {eta / 60:.1f} min global_step={global_step} SPS={sps} "
-            f"ent_coef={ent_coef:.4f} policy_action_entropy={policy_entropy:.3f} reward={metrics['reward/total']:.4f}"
+            f"ent_coef={ent_coef:.4f} policy_action_entropy={action_entropy:.3f} reward={metrics['reward/total']:.4f}"
             + (f" {args.eval_split}_sharpe={val_sharpe:.2f}" if val_sharpe is not None else "")
         )
         last_telemetry = xp.summary_telemetry(metrics)

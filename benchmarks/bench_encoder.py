@@ -18,7 +18,7 @@ import time
 import torch
 from common import repeat_timed, summarize, write_json  # also puts the repo root on sys.path
 
-from encoders import EncoderConfig, SymbolPolicy, make_encoder, weight_sharing_report
+from encoders import EncoderConfig, SymbolPolicy, make_encoder, random_observation, weight_sharing_report
 
 KINDS = ["transformer", "lstm", "cnn", "mlp"]
 MIN_REPEATS = 3  # per measured point after the warm-up; --quick uses 2
@@ -26,16 +26,7 @@ MIN_REPEATS = 3  # per measured point after the warm-up; --quick uses 2
 
 def make_obs(batch: int, num_symbols: int | None, device: str) -> dict[str, torch.Tensor]:
     lead = (batch,) if num_symbols is None else (batch, num_symbols)
-    g = torch.Generator().manual_seed(0)
-    obs = {
-        "technical": torch.randn(*lead, 24, 23, generator=g),
-        "sl_probs": torch.rand(*lead, 3, generator=g),
-        "position": torch.randn(*lead, 5, generator=g),
-        "portfolio": torch.randn(*lead, 8, generator=g),
-        "regime": torch.randn(*lead, 10, generator=g),
-        "action_mask": torch.ones(*lead, 7, dtype=torch.int8),
-    }
-    return {k: v.to(device) for k, v in obs.items()}
+    return {k: v.to(device) for k, v in random_observation(*lead, mask="all").items()}
 
 
 def timed(fn, device: str, budget_s: float, max_repeats: int) -> dict:

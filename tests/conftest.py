@@ -19,11 +19,18 @@ except ImportError:  # torch is in requirements.txt; the data tests alone do not
     pass
 
 
-def run_script(script: str, cwd: Path, *flags: str, check: bool = True, launcher: list[str] | None = None):
+def script_env() -> dict:
+    """The environment of a script run by the tests: one thread, unbuffered output, the repo importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_script(
+    script: str, cwd: Path, *flags: str, check: bool = True, launcher: list[str] | None = None, timeout: float = 300
+):
     """Run one of the repo's scripts as a user would (a subprocess in cwd); raise with its output if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = script_env()
     cmd = (launcher or [sys.executable]) + [str(ROOT / script), *flags]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

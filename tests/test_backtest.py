@@ -125,7 +125,7 @@ def test_run_backtest_books_the_sweep(mode):
 
     report = bt.run_backtest(
         bt.random_policy(0), market, "val", config, seed=0, mode=mode,
-        directive=directive if mode == "portfolio" else None, interval=7,
+        master=directive if mode == "portfolio" else None, interval=7,
     )  # fmt: skip
     book = config.initial_capital * (3 if mode == "independent" else 1)
     curve, n = report["curve"], report["agent"]["bars"]
@@ -138,7 +138,7 @@ def test_run_backtest_books_the_sweep(mode):
         assert len(calls) == math.ceil(n / 7) and report["agent"]["directive_most_used"] == te.NEUTRAL_DIRECTIVE
     else:
         with pytest.raises(ValueError, match="portfolio"):
-            bt.run_backtest(bt.random_policy(0), market, "val", config, seed=0, directive=directive)
+            bt.run_backtest(bt.random_policy(0), market, "val", config, seed=0, master=directive)
     table = bt.format_report({"agent": report["agent"]}, "val")
     assert table.startswith("| val | agent |") and "| win_rate |" in table and "| sharpe_se |" in table
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from encoders import (
-    NUM_ACTIONS,
     NUM_DIRECTIVES,
     EncoderConfig,
     FeatureEncoder,
@@ -19,6 +18,7 @@ from encoders import (
     SymbolPolicy,
     count_parameters,
     make_encoder,
+    random_observation,
     unravel_directive,
     weight_sharing_report,
 )
@@ -28,25 +28,7 @@ KINDS = ["transformer", "lstm", "cnn", "mlp"]
 torch.set_num_threads(1)
 
 
-def make_obs(*lead, seed=0, directives=0, mask="random"):
-    """A random observation dict with leading dims `lead`, laid out as the env returns it."""
-    g = torch.Generator().manual_seed(seed)
-    obs = {
-        "technical": torch.randn(*lead, 24, 23, generator=g),
-        "sl_probs": torch.rand(*lead, 3, generator=g),
-        "position": torch.randn(*lead, 5, generator=g),
-        "portfolio": torch.randn(*lead, 8, generator=g),
-        "regime": torch.randn(*lead, 10, generator=g),
-    }
-    if mask == "random":
-        m = torch.randint(0, 2, (*lead, NUM_ACTIONS), generator=g, dtype=torch.int8)
-        m[..., 0] = 1  # HOLD is always allowed
-    else:
-        m = torch.ones(*lead, NUM_ACTIONS, dtype=torch.int8)
-    obs["action_mask"] = m
-    if directives:
-        obs["directives"] = torch.randn(*lead, directives, generator=g)
-    return obs
+make_obs = random_observation
 
 
 def cfg(kind, **kw):

@@ -99,27 +99,38 @@ def test_shared_modules_import_no_script():
 
 
 def test_help_has_no_hard_line_breaks_inside_field_docstrings():
-    """tyro keeps a docstring's line break when the next line starts with a non-letter (e.g. indentation): every
-    field's help of every script must read as one paragraph."""
+    """tyro keeps a field docstring's line break when the next line does not start with a letter (e.g. indentation,
+    a digit, a bracket, an empty line): every field's help of every script must read as one paragraph, so every
+    continuation line of a field docstring starts with a letter. Read from the source with ast, field by field."""
+    import ast
     import dataclasses
-
-    import tyro._docstrings as docstrings
+    import inspect
+    import itertools
+    import textwrap
 
     import mappo_master
     import ppo_symbol_agent
     import validate_stage5
 
-    def fields_of(cls, seen):
+    def classes(cls, seen):
+        yield cls
         for f in dataclasses.fields(cls):
-            if not f.init:
-                continue
-            yield cls, f.name
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if dataclasses.is_dataclass(default) and type(default) not in seen:
+            if f.init and dataclasses.is_dataclass(default) and type(default) not in seen:
                 seen.add(type(default))
-                yield from fields_of(type(default), seen)
+                yield from classes(type(default), seen)
 
+    checked = 0
     for script in (ppo_symbol_agent, mappo_master, validate_stage5):
-        for cls, name in fields_of(script.Args, set()):
-            text = docstrings.get_field_docstring(cls, name, ())
-            assert text and "\n" not in text, f"{script.__name__}: {cls.__name__}.{name}: {text!r}"
+        for cls in classes(script.Args, set()):
+            body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+            for field, doc in itertools.pairwise(body):
+                if not (isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)):
+                    continue
+                if not isinstance(doc.value, ast.Constant) or not isinstance(doc.value.value, str):
+                    continue
+                checked += 1
+                for line in doc.value.value.split("\n")[1:]:
+                    where = f"{script.__name__}: {cls.__name__}.{field.target.id}"
+                    assert line[:1].isalpha(), f"{where}: a line of its docstring starts with {line[:1]!r}: {line!r}"
+    assert checked > 100  # every script's Args and the configs they nest

@@ -118,15 +118,15 @@ def test_tensorboard_event_file_has_master_reward_components(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, run, _ = runs
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
     missing = [t for t in MASTER_TAGS if t not in tags]
     assert not missing, f"missing tags {missing}; logged: {sorted(tags)}"
-    assert [e.step for e in acc.Scalars("master_reward/total")] == [84, 168]
+    assert [e.step for e in events.Scalars("master_reward/total")] == [84, 168]
     for name in mappo.MASTER_REWARD_COMPONENTS:
-        assert all(math.isfinite(e.value) for e in acc.Scalars(f"master_reward/{name}"))
-    assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
+        assert all(math.isfinite(e.value) for e in events.Scalars(f"master_reward/{name}"))
+    assert "hyperparameters/text_summary" in events.Tags()["tensors"]
 
 
 def test_ppo_checkpoint_loads_into_symbol_agents(runs):
@@ -242,7 +242,7 @@ def test_value_norm_tracks_running_mean_and_std():
 
 def test_master_reward_components_by_hand():
     args = mappo.Args(risk_coef=0.5, div_coef=0.1, dd_coef=2.0, excess_coef=0.5)
-    acc = {
+    sums = {
         "ret": np.array([0.01, -0.02]),
         "ret_sq": np.array([0.0001, 0.0004]),
         "bench": np.array([0.005, 0.0]),
@@ -250,7 +250,7 @@ def test_master_reward_components_by_hand():
         "div": np.array([7 * 0.5, 0.0]),
         "bars": np.array([7.0, 7.0]),
     }
-    parts = mappo.master_reward(acc, args, num_symbols=2)
+    parts = mappo.master_reward(sums, args, num_symbols=2)
     np.testing.assert_allclose(parts["risk_adjusted"], [100 * (0.01 - 0.5 * 0.01), 100 * (-0.02 - 0.5 * 0.02)])
     np.testing.assert_allclose(parts["diversification"], [0.1 * 0.5 / 0.5, 0.0])
     np.testing.assert_allclose(parts["drawdown"], [0.0, -2.0 * 100 * 0.02])

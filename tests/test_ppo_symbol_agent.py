@@ -109,13 +109,13 @@ def test_hold_then_linear_schedule():
 def test_entropy_guard_and_bonus():
     args = ppo.Args()
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
-    assert not ppo.update_entropy_control(args, ctl, 1_000, dist_entropy=0.1, action_entropy=0.05)  # warm-up
+    assert not ppo.update_entropy_control(args, ctl, 1_000, policy_entropy=0.1, action_entropy=0.05)  # warm-up
     assert ctl == {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     # normalised units: the guard threshold is 0.11, the bonus target 0.40
-    assert ppo.update_entropy_control(args, ctl, 250_000, dist_entropy=0.20, action_entropy=0.10)
+    assert ppo.update_entropy_control(args, ctl, 250_000, policy_entropy=0.20, action_entropy=0.10)
     assert ctl["guard_mult"] == pytest.approx(1.5) and ctl["interventions"] == 1
     assert ctl["bonus_mult"] == pytest.approx(1.0 + 0.35 * 0.5)  # half the target entropy
-    assert not ppo.update_entropy_control(args, ctl, 300_000, dist_entropy=1.0, action_entropy=1.0)
+    assert not ppo.update_entropy_control(args, ctl, 300_000, policy_entropy=1.0, action_entropy=1.0)
     assert ctl["guard_mult"] == pytest.approx(1.35) and ctl["bonus_mult"] == 1.0
 
 

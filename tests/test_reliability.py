@@ -7,7 +7,6 @@
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_script, script_env
 
 import validate_stage5 as gate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ppo_symbol_agent.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = script_env()
 # 4 symbols x 2 envs x 32 steps = 256 symbol-steps a rollout; no SL fit, no cache, no periodic evaluation
 TINY = [
     "--num-envs",
@@ -43,8 +43,9 @@ WALL_CLOCK = {"SPS", "run_name", "run_dir", "command"}  # fields allowed to diff
 
 
 def train(tmp_path: Path, *flags: str, runs: str = "runs", timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), *TINY, "--run-dir", str(tmp_path / runs), *flags]
-    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+    """ppo_symbol_agent.py with TINY settings in tmp_path (conftest's runner; it does not raise on failure)."""
+    flags = (*TINY, "--run-dir", str(tmp_path / runs), *flags)
+    return run_script("ppo_symbol_agent.py", tmp_path, *flags, check=False, timeout=timeout)
 
 
 def run_folders(tmp_path: Path, runs: str = "runs") -> list[Path]:

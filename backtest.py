@@ -225,7 +225,8 @@ def hold_policy(obs) -> np.ndarray:
 def random_policy(seed: int, trade_rate: float = 1.0):
     """With probability trade_rate a uniformly random allowed non-HOLD action (Gumbel-max), else HOLD; its own
     generator, so the training RNG is untouched. trade_rate = 1 is uniform over the allowed trades; the baseline
-    uses the agent's own trade rate, so that it pays the agent's costs without its information."""
+    uses the agent's own trade rate, so that it trades about as often as the agent. Only the rate is matched: its
+    order sizes, and so its costs, follow from its random actions (the report shows each strategy's costs)."""
     rng = np.random.default_rng(seed)
 
     def act(obs):

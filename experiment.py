@@ -38,7 +38,8 @@ from market_data import DataConfig, PreparedMarket, UserInputError, check_data_c
 def check_run_args(args) -> None:
     """The checks of the flags both scripts share, before any data is prepared: a rollout that minibatches can split
     (by env-steps, keeping every symbol), --resume and --eval-checkpoint apart, a test split other than the training
-    split, MLflow installed for --track, and the --data.* flags."""
+    split and, where weights are selected on --eval-split (--final-weights best_val), other than that split too,
+    MLflow installed for --track, and the --data.* flags."""
     T, E = args.num_steps, args.num_envs
     require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
     require(
@@ -50,6 +51,12 @@ def check_run_args(args) -> None:
             "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
     require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
             "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
+    selects = (
+        getattr(args, "final_weights", "last") == "best_val" and args.eval_interval > 0 and not args.eval_checkpoint
+    )
+    require(not selects or args.eval_split != args.test_split, f"--final-weights best_val picks the weights on "
+            f"--eval-split {args.eval_split!r}, which is also the graded --test-split: selection would see the bars "
+            "it is graded on; choose another --eval-split or --test-split, or --final-weights last")  # fmt: skip
     require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
             "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
     check_data_config(args.data)

@@ -56,8 +56,6 @@ per bar held is below the round-trip cost); 0 is pure noise (the placebo)"""
 regime begins, the sector and idiosyncratic volatility rise by (1 + 2 x foresight) while the market factor does not:
 the cross-section disperses (the `dispersion` regime feature) before the benchmark falls. 0: no warning (the
 master's placebo); the regime label itself is never observed"""
-    holidays: bool = False
-    """Synthetic only: skip New Year's Day, Independence Day and Christmas (weekends are always skipped)."""
     symbols: list[str] | None = None
     """User data: keep only these symbols (default: every file / every symbol in the long parquet)."""
     benchmark: str | None = None
@@ -210,14 +208,35 @@ def synthetic_symbol_names(num_symbols: int) -> list[str]:
     return [f"SYN{i:0{width}d}" for i in range(num_symbols)]
 
 
-def _synthetic_calendar(years: float, holidays: bool, start: str = "2022-01-03") -> np.ndarray:
-    """(T,) datetime64[ns] UTC bar-open times: 7 hourly bars a business day from 14:30 UTC (09:30 New York, EST)."""
+def _exchange_holidays(first: str, last: str) -> np.ndarray:
+    """(H,) datetime64[D] the ten US equity-exchange holidays (New Year's Day, Martin Luther King Jr. Day, Washington's
+    Birthday, Good Friday, Memorial Day, Juneteenth from 2022, Independence Day, Labor Day, Thanksgiving, Christmas;
+    a Saturday holiday is observed on the Friday before, a Sunday one on the Monday after) between two dates."""
+    from pandas.tseries import holiday as h
+
+    rules = [
+        h.Holiday("New Year's Day", month=1, day=1, observance=h.sunday_to_monday),
+        h.USMartinLutherKingJr,
+        h.USPresidentsDay,
+        h.GoodFriday,
+        h.USMemorialDay,
+        h.Holiday("Juneteenth", month=6, day=19, start_date="2022-01-01", observance=h.nearest_workday),
+        h.Holiday("Independence Day", month=7, day=4, observance=h.nearest_workday),
+        h.USLaborDay,
+        h.USThanksgivingDay,
+        h.Holiday("Christmas", month=12, day=25, observance=h.nearest_workday),
+    ]
+    calendar = type("ExchangeCalendar", (h.AbstractHolidayCalendar,), {"rules": rules})()
+    return calendar.holidays(first, last).to_numpy().astype("datetime64[D]")
+
+
+def _synthetic_calendar(years: float, start: str = "2022-01-03") -> np.ndarray:
+    """(T,) datetime64[ns] UTC bar-open times: 7 hourly bars a session from 14:30 UTC (09:30 New York, EST), on
+    weekdays that are not exchange holidays: about 252 sessions a year, the year the generator's volatilities and
+    drifts are stated in (so that the calendar inferred from the timestamps agrees with bars_per_year = 7 x 252)."""
     n_days = max(1, int(round(years * _SYNTH_DAYS_PER_YEAR)))
-    hol = []
-    if holidays:
-        first = int(start[:4])
-        for y in range(first, first + int(np.ceil(years * 1.2)) + 2):
-            hol += [f"{y}-01-01", f"{y}-07-04", f"{y}-12-25"]
+    last = np.datetime64(start, "D") + int(n_days / 240 * 366) + 30  # past the last session, holidays included
+    hol = _exchange_holidays(start, str(last))
     days = np.busday_offset(np.datetime64(start, "D"), np.arange(n_days), roll="forward", holidays=hol)
     offsets = np.timedelta64(14 * 60 + 30, "m") + np.arange(_SYNTH_BARS_PER_DAY) * np.timedelta64(60, "m")
     ts = days.astype("datetime64[m]")[:, None] + offsets[None, :]
@@ -253,7 +272,6 @@ def generate_synthetic_market(
     seed: int = 0,
     signal_strength: float = 0.3,
     gap_rate: float = 0.0,
-    holidays: bool = False,
     num_sectors: int = 11,
     regime_foresight: float = 0.0,
 ) -> MarketData:
@@ -262,7 +280,7 @@ def generate_synthetic_market(
         raise UserInputError(f"--data.num-symbols {num_symbols}: the synthetic market needs at least 1 symbol.")
     check_synthetic_flags(signal_strength, gap_rate, regime_foresight)
     rng = np.random.default_rng(seed)
-    ts = _synthetic_calendar(years, holidays)
+    ts = _synthetic_calendar(years)
     T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
     bpy = _SYNTH_BARS_PER_DAY * _SYNTH_DAYS_PER_YEAR
 
@@ -594,19 +612,20 @@ def infer_calendar(timestamps: np.ndarray) -> tuple[float, float]:
     return bars_per_day, float(len(ts) / span_days * 365.25)
 
 
-_DELIST_GRACE = 7  # a symbol whose data stops more than this many bars before the sample's end is flagged delisted
-
-
 def equal_weight_index(close: np.ndarray) -> np.ndarray:
-    """(T,) an investable equal-weight index of the (T, S) closes: a portfolio rebalanced to equal weights every bar
-    (before costs) over the symbols that trade on both bars, so index_t = index_{t-1} x (1 + mean simple return).
-    Compounding the mean log return instead would trail it by about half the cross-sectional variance every bar."""
-    c = pd.DataFrame(close).ffill().to_numpy()
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # bars where nothing trades give an all-NaN row
-        simple = close[1:] / c[:-1] - 1.0  # NaN where the symbol has no bar now (or none yet)
-        step = np.nanmean(simple, axis=1)
-    return 100.0 * np.cumprod(np.r_[1.0, 1.0 + np.nan_to_num(step)])
+    """(T,) an investable equal-weight index of the (T, S) closes: equal amounts of every symbol priced on the first
+    bar that has any price, bought there once and held, never rebalanced (a basket that trades once pays its entry
+    costs once; one rebalanced every bar would trade every bar for free). A symbol whose data ends is held at its
+    last close (as cash); symbols that list later do not enter, since adding them would need a rebalance. The
+    equal-weight buy-and-hold baseline buys the same kind of basket at the start of its own window."""
+    c = pd.DataFrame(close).ffill().to_numpy()  # (T, S) each symbol at its last known close
+    priced = np.isfinite(c).any(1)
+    if not priced.any():
+        return np.full(len(close), 100.0)
+    first = int(np.argmax(priced))
+    members = np.isfinite(c[first])
+    value = (c[:, members] / c[first, members]).mean(1)  # (T,) one dollar split equally at bar `first`
+    return 100.0 * np.where(np.arange(len(close)) < first, 1.0, value)
 
 
 def load_user_market(cfg: DataConfig) -> MarketData:
@@ -635,7 +654,7 @@ def load_user_market(cfg: DataConfig) -> MarketData:
     tradable = np.isfinite(panels["close"])  # bars without volume are also not tradable: the env decides that
     has_bar = np.isfinite(panels["close"])
     last = len(ts) - 1 - np.argmax(has_bar[::-1], axis=0)  # (S,) each symbol's last bar
-    ended = [sym for j, sym in enumerate(symbols) if last[j] < len(ts) - 1 - _DELIST_GRACE]
+    ended = [sym for j, sym in enumerate(symbols) if last[j] < len(ts) - 1]  # as the core: delisted after `last`
     if ended:
         warnings.warn(
             f"Symbols {ended[:10]} end before the sample does ({ts[-1]}): each is treated as delisted after its last "
@@ -1285,9 +1304,13 @@ def load_market(cfg: DataConfig) -> MarketData:
     """The raw aligned bars described by cfg: the synthetic market or the user's files."""
     if cfg.source == "synthetic":
         return generate_synthetic_market(
-            cfg.num_symbols, cfg.years, cfg.seed, cfg.signal_strength, cfg.gap_rate, cfg.holidays,
+            cfg.num_symbols,
+            cfg.years,
+            cfg.seed,
+            cfg.signal_strength,
+            cfg.gap_rate,
             regime_foresight=cfg.regime_foresight,
-        )  # fmt: skip
+        )
     return load_user_market(cfg)
 
 

@@ -221,3 +221,12 @@ def test_directive_analysis_groups_by_the_hidden_regime():
     assert downturn and all(why["by_regime"][k]["risk_multiplier"] == 0.5 for k in downturn)
     assert why["by_regime"]["bull"]["exposure"] == pytest.approx(0.2)
     assert "warning" in why["by_regime"] and set(why["risk_multiplier_corr"]) == set(market.regime_names)
+
+
+def test_the_last_bar_of_a_sweep_records_its_exposure():
+    """info["holdings"] was an alias of an array that the end-of-sweep reset zeroes: the last bar read 0."""
+    market = make_market(T=300, S=3, seed=4)
+    buy = lambda obs: np.where(obs["action_mask"][..., te.BUY_LARGE] == 1, te.BUY_LARGE, te.HOLD)  # noqa: E731
+    report = bt.run_backtest(buy, market, "test", te.EnvConfig(), seed=0)
+    exposure = report["series"]["exposure"]
+    assert exposure[-2] > 0.05 and exposure[-1] == pytest.approx(exposure[-2], rel=0.2)

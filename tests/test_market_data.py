@@ -361,11 +361,34 @@ def test_a_symbol_that_ends_early_is_named_in_a_warning(tmp_path):
         md.load_user_market(_cfg(tmp_path / "d"))
 
 
-def test_equal_weight_benchmark_is_an_investable_rebalanced_index():
-    close = np.array([[100.0, 100.0], [110.0, 90.0], [121.0, 99.0], [np.nan, 108.9]])
+def test_equal_weight_benchmark_is_a_basket_bought_once_and_held():
+    close = np.array([[np.nan, np.nan, np.nan], [100.0, 50.0, np.nan], [110.0, 45.0, 10.0], [121.0, np.nan, 11.0],
+                      [np.nan, 54.0, 12.0]])  # fmt: skip
     index = md.equal_weight_index(close)
-    # equal weights every bar: +0% (10% and -10%), then +10% (10% and 10%), then +10% (only B trades)
-    np.testing.assert_allclose(index, [100.0, 100.0, 110.0, 121.0])
+    # independently: $50 in each of A and B at bar 1 (C lists later and never enters), held; a bar without a price
+    # keeps the symbol at its last close, so A's 121 stands at the end
+    shares = {"A": 50.0 / 100.0, "B": 50.0 / 50.0}
+    value = [100.0, 100.0, shares["A"] * 110 + shares["B"] * 45, shares["A"] * 121 + shares["B"] * 45,
+             shares["A"] * 121 + shares["B"] * 54]  # fmt: skip
+    np.testing.assert_allclose(index, value)
+
+
+def test_a_symbol_missing_only_the_final_bar_is_named_in_the_delisting_warning(tmp_path):
+    _write(tmp_path / "d", "LONG.csv", _bars(seed=1))
+    _write(tmp_path / "d", "SHORT.csv", _bars(seed=2).iloc[: N_BARS - 1])
+    with pytest.warns(UserWarning, match=r"\['SHORT'\] end before the sample does"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+def test_the_synthetic_calendar_agrees_with_its_annualisation():
+    """About 252 sessions a year (weekdays less the exchange holidays), so that the calendar inferred from the
+    timestamps matches the generator's bars_per_year = 7 x 252 within 1%."""
+    data = md.generate_synthetic_market(num_symbols=1, years=4.0, seed=0)
+    bars_per_day, bars_per_year = md.infer_calendar(data.timestamps)
+    assert bars_per_day == 7 and abs(bars_per_year / data.bars_per_year - 1) < 0.01
+    days = set(data.timestamps.astype("datetime64[D]").astype(str))
+    assert not days & {"2022-01-17", "2022-04-15", "2022-07-04", "2023-12-25", "2024-11-28"}  # MLK, Good Friday, ...
+    assert {"2022-01-18", "2022-04-14", "2023-12-26"} <= days
 
 
 # ---------------------------------------------------------------------------------------------------------------

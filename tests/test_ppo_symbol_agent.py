@@ -378,3 +378,25 @@ def test_given_action_and_deterministic():
     assert torch.equal(det, logits.argmax(-1))
     assert a.dtype == torch.long and v.shape == (5, 3)
     torch.testing.assert_close(policy.get_value(obs), v)
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--eval-split", "test"], True),  # picked on test, graded on test
+        (["--test-split", "val"], True),  # picked on val (the default --eval-split), graded on val
+        (["--eval-split", "test", "--final-weights", "last"], False),  # no selection: the eval split is only logged
+        (["--test-split", "val", "--eval-interval", "0"], False),  # no periodic evaluation, nothing to pick from
+        (["--eval-split", "test", "--test-split", "val"], False),  # picked on test, graded on val: apart
+    ],
+)
+def test_selection_never_sees_the_graded_split(tmp_path, flags, refused):
+    proc = run_script(PPO, tmp_path, *TINY, "--total-timesteps", str(ITER), *flags, check=False)
+    if refused:
+        assert proc.returncode == 2 and "selection would see the bars it is graded on" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+        if "--eval-interval" in flags:  # nothing was picked: the last weights, and no best validation Sharpe
+            assert summary["final_weights"] == "last" and summary["best_val_sharpe"] is None

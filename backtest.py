@@ -9,6 +9,7 @@ baselines, the go criterion and the directive analysis -> the report (stdout, JS
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from statistics import NormalDist
 
 import numpy as np
@@ -374,6 +375,117 @@ def agent_backtests(make_policy, market: PreparedMarket, split: str, config: Env
     return {"reports": reports, "curves": curves, "series": full["series"], "rule": rule, "deciles": deciles}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Stress tests: the final weights under harsher costs, a slower market, the worst crash, and without each top symbol
+# ---------------------------------------------------------------------------------------------------------------------
+def one_bar_late(policy):
+    """policy's orders reach the market one bar late: the action decided on bar t is submitted on bar t + 1 (so it
+    fills at t + 2) under that bar's masks, where an action no longer allowed becomes HOLD; the first bar holds."""
+    pending = None
+
+    def act(obs):
+        nonlocal pending
+        decided, submit = policy(obs), pending
+        pending = decided
+        if submit is None:
+            return np.zeros_like(decided)
+        allowed = np.take_along_axis(obs["action_mask"], submit[..., None], axis=-1)[..., 0] == 1
+        return np.where(allowed, submit, HOLD)
+
+    return act
+
+
+def without_symbol(policy, j: int):
+    """policy, except that symbol j is never traded (it holds only cash: the book without that symbol)."""
+
+    def act(obs):
+        actions = np.array(policy(obs), copy=True)
+        actions[..., j] = HOLD
+        return actions
+
+    return act
+
+
+def worst_drawdown_window(market: PreparedMarket) -> tuple[int, int]:
+    """[start, stop) of the benchmark's worst peak-to-trough fall after the warm-up (the crisis to replay)."""
+    lo = max(market.warmup, market.lookback)
+    bench = market.data.benchmark[lo:]
+    trough = int(np.argmin(bench / np.maximum.accumulate(bench)))
+    peak = int(np.argmax(bench[: trough + 1]))
+    return lo + peak, lo + max(trough + 1, peak + 2)
+
+
+def stress_tests(run, market: PreparedMarket, split: str, config: EnvConfig, drop: list[int]) -> list[dict]:
+    """The final report's stress table: run(market, split, config, wrap) -> name -> metrics backtests a strategy
+    and its baselines with every policy passed through wrap (identity for most rows). Scenarios: the graded split
+    with costs (commission and spread, and any flat cost) x2 and x3; square-root impact x5; every order one bar
+    late; the data's worst benchmark drawdown replayed alone (its window may lie in the training split: the row says
+    so); the graded split without each symbol of `drop` (the largest contributors). Returns one row per scenario:
+    {"scenario", "description", "reports"}."""
+    same = lambda policy: policy  # noqa: E731
+
+    def costs(k: float) -> EnvConfig:
+        flat = None if config.volume_free_cost_bps is None else k * config.volume_free_cost_bps
+        return replace(config, commission_bps=k * config.commission_bps, spread_bps=k * config.spread_bps,
+                       volume_free_cost_bps=flat)  # fmt: skip
+
+    impact = replace(config, impact_coef=5 * config.impact_coef)
+    lo, hi = worst_drawdown_window(market)
+    crisis = replace(market, splits=market.splits | {"crisis": (lo, hi)})
+    tr_lo, tr_hi = market.splits["train"]
+    ts = market.data.timestamps.astype("datetime64[D]")
+    where = "inside the training split" if lo < tr_hi and hi > tr_lo else "outside the training split"
+    scenarios = [
+        ("costs_x2", "commission and spread x2", market, split, costs(2.0), same),
+        ("costs_x3", "commission and spread x3", market, split, costs(3.0), same),
+        ("impact_x5", "square-root impact x5", market, split, impact, same),
+        ("latency_1_bar", "every order one bar late", market, split, config, one_bar_late),
+        ("crisis_replay", f"worst benchmark drawdown, {ts[lo]} to {ts[hi - 1]} ({hi - lo} bars, {where})", crisis,
+         "crisis", config, same),
+    ]  # fmt: skip
+    for j in drop:
+        name = market.data.symbols[j]
+        scenarios.append((f"without_{name}", f"{name} never traded", market, split, config,
+                          lambda policy, j=j: without_symbol(policy, j)))  # fmt: skip
+    return [{"scenario": name, "description": text, "reports": run(m, s, cfg, wrap)}
+            for name, text, m, s, cfg, wrap in scenarios]  # fmt: skip
+
+
+def agent_stress(policy, rule: dict, market: PreparedMarket, split: str, config: EnvConfig, seed: int, top: int = 5,
+                 contribution: np.ndarray | None = None) -> list[dict]:  # fmt: skip
+    """stress_tests for an independent-mode agent's argmax `policy`: each row backtests the agent, a random policy at
+    its trade rate under that stress, the rule ceiling and buy-and-hold of the benchmark and the equal-weight basket
+    scaled to its exposure, all through the same wrap (buy-and-hold is not wrapped; without a symbol it keeps it).
+    The dropped symbols are the `top` largest by |PnL contribution| (S,), or the first `top` without it."""
+
+    def run(m, s, cfg, wrap):
+        agent = run_backtest(wrap(policy), m, s, cfg, seed)
+        out = {"agent": agent["agent"]}
+        out["random"] = run_backtest(wrap(random_policy(seed + 1, agent["agent"]["trade_rate"])), m, s, cfg, seed)
+        out["rule_ceiling"] = run_backtest(wrap(rule_policy(rule)), m, s, cfg, seed)
+        out = {k: v if k == "agent" else v["agent"] for k, v in out.items()}
+        start, n, book = agent["series"]["start"], agent["agent"]["bars"], float(agent["curve"][0])
+        calendar = (m.data.bars_per_year, m.data.bars_per_day)
+        for name, (curve, expo) in buy_and_hold(m, start, n, book, cfg, agent["agent"]["exposure"]).items():
+            out[f"{name}_bh_matched"] = performance_metrics(curve, agent["series"]["timestamps"], *calendar)
+            out[f"{name}_bh_matched"]["exposure"] = float(expo.mean())
+        return out
+
+    S = len(market.data.symbols)
+    order = np.argsort(-np.abs(contribution)) if contribution is not None else np.arange(S)
+    return stress_tests(run, market, split, config, [int(j) for j in order[: min(top, S)]] if S > 1 else [])
+
+
+def format_stress(rows: list[dict]) -> str:
+    """Markdown: one row per scenario, one column per strategy, each cell the Sharpe and the total return."""
+    names = list(rows[0]["reports"])
+    lines = ["| stress | " + " | ".join(names) + " | scenario |", "|---" * (len(names) + 2) + "|"]
+    for row in rows:
+        cells = [f"{r['sharpe']:.2f} ({r['total_return']:+.1%})" for r in row["reports"].values()]
+        lines.append(f"| {row['scenario']} | " + " | ".join(cells) + f" | {row['description']} |")
+    return "\n".join(lines)
+
+
 def fit_vol_target(market: PreparedMarket, split: str = "train") -> dict:
     """The volatility-targeting rule for the master, fitted on `split`: the risk multiplier is proportional to
     target / realised benchmark volatility (the regime feature vol_level, known at the decision), with the target the
@@ -525,12 +637,42 @@ def format_report(reports: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def verdict(reports: dict[str, dict], split: str, agent: str = "agent") -> str:
+    """One sentence on what the figures mean: the strategy's Sharpe with its robust error, P(Sharpe > 0), the DSR
+    when selection had trials, beside the best baseline (buy-and-hold, random, cash, fixed directives) and the
+    rule ceiling, and whether luck, selection or the baselines explain it."""
+    me = reports[agent]
+    others = {k: v for k, v in reports.items() if k != agent and not k.startswith(agent) and k != "rule_ceiling"}
+    best = max(others, key=lambda k: others[k]["sharpe"]) if others else None
+    se, psr, dsr = me.get("sharpe_se"), me.get("psr"), me.get("dsr")
+    parts = [f"The {agent}'s {split}-split Sharpe is {me['sharpe']:.2f}"]
+    if se is not None and psr is not None:
+        parts.append(f" (robust standard error {se:.2f}; P(Sharpe > 0) = {psr:.2f}")
+        if dsr is not None and me.get("dsr_trials", 1) > 1:
+            parts.append(f"; deflated for the {me['dsr_trials']} candidates it was picked from, {dsr:.2f}")
+        parts.append(")")
+    if best is not None:
+        parts.append(f", against {others[best]['sharpe']:.2f} for the best baseline ({best})")
+    if "rule_ceiling" in reports:
+        parts.append(f" and {reports['rule_ceiling']['sharpe']:.2f} for the one-feature rule ceiling")
+    confident = (dsr if dsr is not None and me.get("dsr_trials", 1) > 1 else psr) or 0.0
+    margin = me["sharpe"] - (others[best]["sharpe"] if best is not None else 0.0)
+    if confident >= 0.95 and se is not None and margin > 2 * se:
+        parts.append(": an edge that neither luck, nor selection, nor the baselines explain.")
+    elif confident >= 0.95:
+        parts.append(": positive beyond luck, but not clearly above the best baseline (within two standard errors).")
+    else:
+        parts.append(": no evidence of an edge after costs (luck or selection could explain it).")
+    return "".join(parts)
+
+
 def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket,
-                  timestamps: np.ndarray) -> str:  # fmt: skip
-    """Write the final backtest: reports as run_dir/backtest.json and the format_report table as backtest.md; every
-    equity curve (N+1,) marked at `timestamps` as <split>_equity.parquet (one column per strategy) and its daily
-    returns as <split>_daily_returns.parquet, so that any analysis library (or a new metric) can re-score the run;
-    each curve (normalised to 1) to tensorboard as equity/<split>_<name> by bar. Returns the text to print."""
+                  timestamps: np.ndarray, stress: list[dict] | None = None, agent: str = "agent") -> str:  # fmt: skip
+    """Write the final backtest: reports as run_dir/backtest.json; backtest.md with the verdict sentence, the
+    format_report table and the stress table (when given); every equity curve (N+1,) marked at `timestamps` as
+    <split>_equity.parquet (one column per strategy) and its daily returns as <split>_daily_returns.parquet, so that
+    any analysis library (or a new metric) can re-score the run; each curve (normalised to 1) to tensorboard as
+    equity/<split>_<name> by bar. Returns the text to print."""
     for name, curve in curves.items():
         for i, value in enumerate(curve / curve[0]):
             writer.add_scalar(f"equity/{split}_{name}", value, i)
@@ -541,15 +683,18 @@ def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split
     pd.DataFrame({name: r for name, (_, r) in daily.items()}, index=dates).to_parquet(
         run_dir / f"{split}_daily_returns.parquet"
     )
-    table = format_report(reports, split)
-    (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
-    (run_dir / "backtest.md").write_text(table + "\n")
     days = market.data.bars_per_year / market.data.bars_per_day
     head = (
         f"backtest on the {split} split ({market.data.benchmark_name} benchmark; Sharpe and Sortino from daily "
         f"returns, {days:g} days a year; sharpe_bar from bar returns, {market.data.bars_per_year:g} bars a year)"
     )
-    return f"\n{head}:\n{table}"
+    text = f"{verdict(reports, split, agent)}\n\n{head}:\n\n{format_report(reports, split)}"
+    if stress:
+        text += "\n\nstress tests (Sharpe, total return in brackets; the final weights, nothing retrained):\n\n"
+        text += format_stress(stress)
+    (run_dir / "backtest.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
+    (run_dir / "backtest.md").write_text(text + "\n")
+    return "\n" + text
 
 
 def deflated_sharpe(curve: np.ndarray, timestamps: np.ndarray, market: PreparedMarket, trial_sharpes) -> dict:

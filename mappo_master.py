@@ -35,6 +35,7 @@ from backtest import (
     master_go_criterion,
     run_backtest,
     save_backtest,
+    stress_tests,
 )
 from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from market_data import DataConfig
@@ -102,6 +103,9 @@ a whole number of master decisions)"""
     """split of the final backtest"""
     master_interval: int = 7
     """bars between two master decisions (7 hourly bars = one trading day)"""
+    stress: bool = True
+    """stress tests in the final report: costs x2 and x3, impact x5, one bar of latency, the worst crash replayed,
+and without each of the 5 largest contributors"""
 
     # --- algorithm (symbol agents, CleanRL's names) ---
     total_timesteps: int = 600_000
@@ -688,7 +692,16 @@ if __name__ == "__main__":
         curves = {name: r["curve"] for name, r in results.items()}
         timestamps = results["master"]["series"]["timestamps"]
         reports["master"] |= deflated_sharpe(curves["master"], timestamps, market, [])
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps))
+        stress = None
+        if args.stress:  # the final weights under harsher conditions, beside the same fixed and rule-based masters
+            top = np.argsort(-np.abs(results["master"]["series"]["pnl"].sum(0)))[: min(5, S)] if S > 1 else []
+
+            def stressed(m, split, cfg, wrap):
+                chooser = master_policy(agent, master, device)
+                return master_backtests(wrap(argmax_policy(agent, device)), chooser, m, split, cfg, args.seed, I)[0]
+
+            stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top])
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master"))
         print(format_go_criterion(go))
         figures = backtest_figures(
             curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title
@@ -697,7 +710,7 @@ if __name__ == "__main__":
         writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,
                    encoder=args.encoder.kind, sps=sps, backtest=reports, go_criterion=go, directive_analysis=why,
-                   val=last_eval, telemetry=last_telemetry)  # fmt: skip
+                   val=last_eval, telemetry=last_telemetry, stress=stress)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
     xp.close_distributed(args.world_size)

@@ -28,6 +28,7 @@ import tyro
 import experiment as xp
 from backtest import (
     agent_backtests,
+    agent_stress,
     backtest_figures,
     decile_figure,
     deflated_sharpe,
@@ -105,6 +106,9 @@ periodic evaluation, a checkpoint every iteration"""
     final_weights: Literal["best_val", "last"] = "best_val"
     """weights of the final backtest: those of the best periodic evaluation on --eval-split (model selection on
 the validation split; the test split stays unseen), or the last ones"""
+    stress: bool = True
+    """stress tests in the final report: costs x2 and x3, impact x5, one bar of latency, the worst crash replayed,
+and without each of the 5 largest contributors"""
     eval_samples: int = 3
     """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
 
@@ -528,8 +532,25 @@ if __name__ == "__main__":
 
         stopping = xp.all_ranks_stop(stop, args.world_size)
 
-        # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
+        # periodic evaluation on eval_split (rank 0), before the checkpoint so that the checkpoint holds its result
+        evaluation = {}
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
+        if rank == 0 and args.eval_interval and periodic:
+            t_eval = time.time()
+            agent.eval()
+            report = run_backtest(agent_policy(agent, device), market, args.eval_split, env_cfg, seed=args.seed)
+            agent.train()
+            last_eval = {k: v for k, v in report["agent"].items() if v is not None}
+            evaluation = {f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()}
+            evaluation["perf/eval_seconds"] = time.time() - t_eval
+            val_sharpes.append(last_eval["sharpe"])  # every sweep is a candidate of the selection: the DSR's trials
+            if last_eval["sharpe"] > best_val:  # the best-on-validation weights, kept beside the last ones
+                best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
+                if args.save_model:
+                    extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
+                    xp.save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
+
+        # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         if args.save_model and (periodic or stopping):
             extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val,
                      "val_sharpes": val_sharpes}  # fmt: skip
@@ -573,20 +594,7 @@ if __name__ == "__main__":
             metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
             metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))
             metrics.update({f"trading/episode_{k}": float(np.mean(v)) for k, v in episodes.items()})
-        if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
-            t_eval = time.time()
-            agent.eval()
-            report = run_backtest(agent_policy(agent, device), market, args.eval_split, env_cfg, seed=args.seed)
-            agent.train()
-            last_eval = {k: v for k, v in report["agent"].items() if v is not None}
-            metrics.update({f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()})
-            metrics["perf/eval_seconds"] = time.time() - t_eval
-            val_sharpes.append(last_eval["sharpe"])  # every sweep is a candidate of the selection: the DSR's trials
-            if last_eval["sharpe"] > best_val:  # the best-on-validation weights, kept beside the last ones
-                best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
-                if args.save_model:
-                    extra = {"market": fingerprint, "iteration": iteration, "val": last_eval}
-                    xp.save_checkpoint(run_dir / "best.pt", agent, args=args, global_step=global_step, extra=extra)
+        metrics.update(evaluation)
         sps = int((global_step - start_step) / (time.time() - start_time))
         eta = (time.time() - start_time) / (iteration - start_iteration + 1) * (args.num_iterations - iteration)
         metrics["charts/SPS"] = sps
@@ -617,14 +625,21 @@ if __name__ == "__main__":
         title = f"{run_dir.name}, {args.test_split} split"
         trials = val_sharpes if selected else []  # the last weights were not picked among candidates
         reports["agent"] |= deflated_sharpe(curves["agent"], tests["series"]["timestamps"], market, trials)
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, tests["series"]["timestamps"]))
+        stress = None
+        if args.stress:  # the final weights under harsher conditions, beside the same baselines
+            pnl_by_symbol = tests["series"]["pnl"].sum(0)  # (S,)
+            stress = agent_stress(make_policy(None, None), rule, market, args.test_split, env_cfg, args.seed,
+                                  contribution=pnl_by_symbol)  # fmt: skip
+        timestamps = tests["series"]["timestamps"]
+        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress))
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
                    encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
                    telemetry=last_telemetry, entropy_control=ctl, final_weights="best_val" if selected else "last",
-                   best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes)  # fmt: skip
+                   best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes,
+                   stress=stress)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree(agent.parameters(), rank)
     xp.close_distributed(args.world_size)

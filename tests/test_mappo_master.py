@@ -89,7 +89,13 @@ def test_summary_backtest_and_go_criterion(runs):
         backtest["neutral_matched"]["sharpe"], backtest["vol_target"]["sharpe"]
     )
     assert go["passed"] == (go["drawdown_cut_vs_matched_neutral"] >= 0.15 and sharpe_ok)
-    assert (run / "checkpoint.pt").is_file() and (run / "backtest.md").read_text().startswith("| test |")
+    report = (run / "backtest.md").read_text()
+    assert report.startswith("The master's test-split Sharpe is") and "\n| test | master |" in report
+    assert [row["scenario"] for row in summary["stress"]][:5] == [
+        "costs_x2", "costs_x3", "impact_x5", "latency_1_bar", "crisis_replay"
+    ]  # fmt: skip
+    assert all("master" in row["reports"] and "vol_target" in row["reports"] for row in summary["stress"])
+    assert (run / "checkpoint.pt").is_file()
     for name in ("equity", "drawdown", "actions", "contribution", "directives"):
         assert_real_png(run / f"test_{name}.png")
 

@@ -194,7 +194,18 @@ def test_run_folder_summary_and_backtest(full_run):
     assert backtest["benchmark_bh_matched"]["exposure"] == pytest.approx(backtest["agent"]["exposure"], abs=0.02)
     assert backtest["agent_sampled"]["samples"] == 3 and summary["rule"]["split"] == "train"
     assert len(summary["deciles"]) == 10 and "P(increase exposure | decile of ret_1)" in proc.stdout
-    assert (run / "backtest.md").read_text().startswith("| test |")
+    report = (run / "backtest.md").read_text()
+    assert report.startswith("The agent's test-split Sharpe is") and "\n| test | agent |" in report
+    for key in ("psr", "dsr", "dsr_trials", "sharpe_bar", "bar_autocorr", "days"):
+        assert key in backtest["agent"], key
+    assert backtest["agent"]["dsr_trials"] == len(summary["val_sharpes"]) >= 2  # every validation sweep a trial
+    scenarios = [row["scenario"] for row in summary["stress"]]
+    assert scenarios[:5] == ["costs_x2", "costs_x3", "impact_x5", "latency_1_bar", "crisis_replay"]
+    assert len(scenarios) == 5 + 3 and all(f"| {name} |" in report for name in scenarios)  # 3 symbols dropped
+    for row in summary["stress"]:
+        assert set(row["reports"]) == {"agent", "random", "rule_ceiling", "benchmark_bh_matched",
+                                       "equal_weight_bh_matched"}  # fmt: skip
+    assert (run / "test_equity.parquet").is_file() and (run / "test_daily_returns.parquet").is_file()
     assert (run / "checkpoint.pt").is_file() and (run / "best.pt").is_file()
     repro = summary["reproduce"]
     assert repro["command"][1].endswith("ppo_symbol_agent.py") and repro["packages"]["torch"].startswith("2.")

@@ -637,7 +637,7 @@ def format_report(reports: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def verdict(reports: dict[str, dict], split: str, agent: str = "agent") -> str:
+def verdict(reports: dict[str, dict], where: str, agent: str = "agent") -> str:
     """One sentence on what the figures mean: the strategy's Sharpe with its robust error, P(Sharpe > 0), the DSR
     when selection had trials, beside the best baseline (buy-and-hold, random, cash, fixed directives) and the
     rule ceiling, and whether luck, selection or the baselines explain it."""
@@ -645,7 +645,7 @@ def verdict(reports: dict[str, dict], split: str, agent: str = "agent") -> str:
     others = {k: v for k, v in reports.items() if k != agent and not k.startswith(agent) and k != "rule_ceiling"}
     best = max(others, key=lambda k: others[k]["sharpe"]) if others else None
     se, psr, dsr = me.get("sharpe_se"), me.get("psr"), me.get("dsr")
-    parts = [f"The {agent}'s {split}-split Sharpe is {me['sharpe']:.2f}"]
+    parts = [f"The {agent}'s Sharpe on the {where} is {me['sharpe']:.2f}"]
     if se is not None and psr is not None:
         parts.append(f" (robust standard error {se:.2f}; P(Sharpe > 0) = {psr:.2f}")
         if dsr is not None and me.get("dsr_trials", 1) > 1:
@@ -688,7 +688,7 @@ def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split
         f"backtest on the {split} split ({market.data.benchmark_name} benchmark; Sharpe and Sortino from daily "
         f"returns, {days:g} days a year; sharpe_bar from bar returns, {market.data.bars_per_year:g} bars a year)"
     )
-    text = f"{verdict(reports, split, agent)}\n\n{head}:\n\n{format_report(reports, split)}"
+    text = f"{verdict(reports, f'{split} split', agent)}\n\n{head}:\n\n{format_report(reports, split)}"
     if stress:
         text += "\n\nstress tests (Sharpe, total return in brackets; the final weights, nothing retrained):\n\n"
         text += format_stress(stress)
@@ -851,5 +851,114 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
     ax2.fill_between(ts, bench / np.maximum.accumulate(bench) - 1.0, color="tab:red", alpha=0.4)
     ax2.set_ylabel("benchmark drawdown")
     fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Walk-forward: the folds' test blocks stitched into one out-of-sample record
+# ---------------------------------------------------------------------------------------------------------------------
+def stitched_metrics(daily: pd.Series, days_per_year: float) -> dict:
+    """performance_metrics of a daily return series (D,) compounded from 1 (one mark a day, the day before the
+    first return holding the initial mark)."""
+    dates = daily.index.to_numpy().astype("datetime64[D]")
+    marks = np.r_[dates[0] - 1, dates].astype("datetime64[ns]")
+    equity = np.r_[1.0, np.cumprod(1.0 + daily.to_numpy())]
+    return performance_metrics(equity, marks, days_per_year, 1.0)
+
+
+def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
+    """Stitch the folds of a walk-forward (run folders in fold order, each a complete run of a training script on
+    its fold's splits) into out_dir: walk_forward.json and .md (a row per fold: its test period, the strategy's
+    Sharpe and standard error, each baseline's, the rule ceiling where defined; then the stitched out-of-sample
+    record of every strategy: its daily returns, fold after fold, compounded), walk_forward_daily_returns.parquet and
+    walk_forward_equity.png. The stitched record's DSR counts as trials every validation sweep of every fold.
+    Returns the text to print."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    folds, daily, trials = [], [], []
+    for k, run in enumerate(map(Path, fold_dirs)):
+        summary = json.loads((run / "summary.json").read_text())
+        split = summary["args"]["test_split"]
+        returns = pd.read_parquet(run / f"{split}_daily_returns.parquet")
+        reports = summary["backtest"]
+        trials += summary.get("val_sharpes") or []
+        folds.append({
+            "fold": k, "run": run.name, "splits": summary["data"]["splits"],
+            "test_start": str(returns.index[0].date()), "test_end": str(returns.index[-1].date()),
+            "days": len(returns), "sharpe": {name: r["sharpe"] for name, r in reports.items()},
+            "sharpe_se": reports[key]["sharpe_se"], "exposure": reports[key].get("exposure"),
+            "total_return": reports[key]["total_return"], "days_per_year": reports[key]["days_per_year"],
+        })  # fmt: skip
+        daily.append(returns)
+    days_per_year = folds[0]["days_per_year"]
+    stitched = pd.concat(daily)  # (D, strategies): each fold's test block, in time order
+    if not stitched.index.is_monotonic_increasing or stitched.index.has_duplicates:
+        raise RuntimeError("walk_forward_report: the folds' test blocks overlap or are out of order; this is a bug.")
+    metrics = {name: stitched_metrics(stitched[name], days_per_year) for name in stitched.columns}
+    if len(trials) > 1:
+        ann = np.sqrt(days_per_year)
+        sr0 = expected_max_sharpe(np.asarray(trials) / ann)
+        metrics[key] |= {"dsr": probabilistic_sharpe(stitched[key].to_numpy(), sr0), "dsr_trials": len(trials),
+                         "dsr_sr0": sr0 * ann}  # fmt: skip
+    fold_sharpes = np.array([f["sharpe"][key] for f in folds])
+    best = [max(v for n, v in f["sharpe"].items() if n != key and not n.startswith(key) and n != "rule_ceiling")
+            for f in folds]  # fmt: skip
+    summary = {
+        "folds": len(folds), "fold_sharpe_mean": float(fold_sharpes.mean()),
+        "fold_sharpe_median": float(np.median(fold_sharpes)), "folds_positive": int((fold_sharpes > 0).sum()),
+        "folds_above_best_baseline": int((fold_sharpes > np.array(best)).sum()),
+        "stitched_sharpe": metrics[key]["sharpe"], "stitched_sharpe_se": metrics[key]["sharpe_se"],
+        "seed_go_sharpe_above_0.6": bool(metrics[key]["sharpe"] > 0.6),
+    }  # fmt: skip
+    stitched.to_parquet(out_dir / "walk_forward_daily_returns.parquet")
+    record = {"key": key, "folds": folds, "stitched": metrics, "summary": summary, "val_sharpes": trials}
+    (out_dir / "walk_forward.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    names = list(stitched.columns)
+    lines = [f"| fold | test period | days | {key} (se) | " + " | ".join(n for n in names if n != key) + " |",
+             "|---" * (len(names) + 3) + "|"]  # fmt: skip
+    for f in folds:
+        se = f["sharpe_se"]
+        cells = " | ".join(f"{f['sharpe'].get(n, float('nan')):.2f}" for n in names if n != key)
+        se_text = f" ({se:.2f})" if se is not None else ""
+        lines.append(f"| {f['fold']} | {f['test_start']} .. {f['test_end']} | {f['days']} | "
+                     f"{f['sharpe'][key]:.2f}{se_text} | {cells} |")  # fmt: skip
+    text = "\n".join([
+        verdict(metrics, "stitched out-of-sample record", key), "",
+        f"walk-forward, {len(folds)} folds (each trained from scratch on its own train split, its weights picked on "
+        "its own validation split, graded on its test block); Sharpe from daily returns:", "", *lines, "",
+        "the stitched out-of-sample record (every fold's test block, compounded):", "",
+        format_report(metrics, "stitched"), "",
+        f"{key}: mean fold Sharpe {summary['fold_sharpe_mean']:.2f} (median {summary['fold_sharpe_median']:.2f}), "
+        f"positive in {summary['folds_positive']} of {len(folds)} folds, above the best baseline in "
+        f"{summary['folds_above_best_baseline']}",
+    ])  # fmt: skip
+    (out_dir / "walk_forward.md").write_text(text + "\n")
+    fig = walk_forward_figure(stitched, [f["test_start"] for f in folds], key, out_dir.name)
+    fig.savefig(out_dir / "walk_forward_equity.png", dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "\n" + text
+
+
+def walk_forward_figure(stitched: pd.DataFrame, starts: list[str], key: str, title: str):
+    """The stitched out-of-sample equity of every strategy (daily, from 1), fold boundaries as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name in stitched.columns:
+        mine = name == key
+        ax.plot(stitched.index, np.cumprod(1.0 + stitched[name].to_numpy()), lw=2.0 if mine else 1.0, label=name,
+                zorder=3 if mine else 2)  # fmt: skip
+    for start in starts[1:]:
+        ax.axvline(pd.Timestamp(start), color="grey", ls=":", lw=1)
+    ax.set_ylabel("equity / initial (each fold's test block, compounded)")
+    ax.set_title(f"{title}: walk-forward, out of sample")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

@@ -59,7 +59,59 @@ def check_run_args(args) -> None:
             "it is graded on; choose another --eval-split or --test-split, or --final-weights last")  # fmt: skip
     require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
             "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
+    require(args.walk_forward >= 0, f"--walk-forward {args.walk_forward}: the number of folds, 0 (off) or more")
+    require(not args.walk_forward or not (args.resume or args.eval_checkpoint), "--walk-forward trains every fold "
+            "from scratch; --resume or --eval-checkpoint a fold's own run folder instead")  # fmt: skip
+    require(not args.walk_forward or int(os.environ.get("WORLD_SIZE", "1")) == 1, "--walk-forward runs its folds "
+            "one after the other in processes of their own; under torchrun, run each fold with --data.folds K "
+            "--data.fold k instead")  # fmt: skip
+    require(not args.walk_forward or not args.data.folds, "--walk-forward K sets --data.folds and --data.fold "
+            "itself; give one or the other")  # fmt: skip
     check_data_config(args.data)
+
+
+def without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the flags `names` (each with one value, as `--name value` or `--name=value`)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in names:
+            skip = True
+        elif not token.startswith(tuple(f"{n}=" for n in names)):
+            out.append(token)
+    return out
+
+
+def run_walk_forward(script: str, args, key: str = "agent") -> Path:
+    """--walk-forward K: run `script` once per fold (fold k with --data.folds K --data.fold k, each trained from
+    scratch in a process of its own, one after the other) with the user's other flags, into one parent folder, then
+    stitch the folds' test blocks into the out-of-sample report (backtest.walk_forward_report). Exit status: a
+    failed fold's, or 130 on Ctrl-C. Returns the parent folder."""
+    import backtest
+
+    K = args.walk_forward
+    name = f"{args.exp_name}__{data_tag(args.data)}__walkforward{K}-{args.data.fold_window}__{args.seed}"
+    parent = Path(args.run_dir) / f"{name}__{int(time.time())}"
+    parent.mkdir(parents=True)
+    flags = ("--walk-forward", "--walk_forward", "--run-dir", "--run_dir", "--data.folds", "--data.fold")
+    argv = without_flags(sys.argv[1:], flags)
+    runs = []
+    for k in range(K):
+        print(f"walk-forward: fold {k + 1} of {K}", flush=True)
+        cmd = [sys.executable, script, *argv, "--walk-forward", "0", "--data.folds", str(K), "--data.fold", str(k)]
+        try:
+            proc = subprocess.run([*cmd, "--run-dir", str(parent)])
+        except KeyboardInterrupt:
+            print(f"walk-forward interrupted in fold {k + 1} of {K}; the finished folds are in {parent}", flush=True)
+            raise SystemExit(130) from None
+        if proc.returncode != 0:
+            print(f"walk-forward: fold {k + 1} of {K} failed (exit {proc.returncode}); see {parent}", file=sys.stderr)
+            raise SystemExit(proc.returncode)
+        runs.append(max((p for p in parent.iterdir() if p.is_dir() and p not in runs), key=lambda p: p.stat().st_mtime))
+    print(backtest.walk_forward_report(runs, parent, key))
+    print(f"walk-forward report: {parent / 'walk_forward.md'}")
+    return parent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,8 +212,10 @@ def data_tag(cfg: DataConfig) -> str:
     """What the run trains on, for its folder name: synthetic-s0.3-10y-10sym or the data file's / folder's name."""
     if cfg.source == "synthetic":
         foresight = f"-f{cfg.regime_foresight:g}" if cfg.regime_foresight else ""
-        return f"synthetic-s{cfg.signal_strength:g}{foresight}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
-    return Path(cfg.source).stem.replace("__", "_") or "data"
+        tag = f"synthetic-s{cfg.signal_strength:g}{foresight}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
+    else:
+        tag = Path(cfg.source).stem.replace("__", "_") or "data"
+    return tag + (f"-fold{cfg.fold}of{cfg.folds}" if cfg.folds else "")
 
 
 def market_fingerprint(market: PreparedMarket) -> dict:

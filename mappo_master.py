@@ -76,6 +76,10 @@ the saved agents on the test split of the data given by the --data.* flags (whic
 features they were trained on), in a new run folder"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
+    walk_forward: int = 0
+    """K > 0: walk-forward evaluation over K folds: the last 1 - --data.train-frac of the bars cut into K test
+blocks, each fold trained from scratch on its own earlier train split (--data.fold-window), its weights picked on
+its own validation split, graded on its block; the fold runs and the stitched out-of-sample report go in one folder"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
 encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: a transformer,
@@ -340,6 +344,11 @@ if __name__ == "__main__":
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E, I = args.num_steps, args.num_envs, args.master_interval
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    xp.require(not (args.walk_forward and args.symbol_checkpoint), "--walk-forward trains every fold's agents "
+            "from scratch on its own train split; a --symbol-checkpoint's agents saw other bars: drop it")  # fmt: skip
+    if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
+        xp.run_walk_forward(__file__, args, "master")
+        raise SystemExit(0)
     xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     M = T // I

@@ -82,6 +82,14 @@ master's placebo); the regime label itself is never observed"""
     """Fraction in the validation split (the test split gets the rest)."""
     embargo: int | None = None
     """Bars left out between splits; default and minimum: max(lookback, sl_horizon)."""
+    folds: int = 0
+    """Walk-forward folds (the scripts' --walk-forward sets it): the last 1 - train_frac of the bars are cut into this
+many consecutive test blocks, each fold with its own earlier train and validation splits; 0: one train/val/test
+split"""
+    fold: int = 0
+    """Which walk-forward fold's splits to use (0 .. folds - 1)"""
+    fold_window: Literal["expanding", "rolling"] = "expanding"
+    """Walk-forward train window: expanding (from the warm-up on) or rolling (the first fold's length, moving)"""
     sl_signals: bool = True
     """Fit the MLP/LSTM/GRU signal classifiers on the train split (else sl_probs = 0.5)."""
     sl_horizon: int = 1
@@ -946,6 +954,30 @@ def make_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo
     return {"train": (warmup, a), "val": (a + embargo, b), "test": (b + embargo, T)}
 
 
+def make_fold_splits(T: int, warmup: int, train_frac: float, val_frac: float, embargo: int, fold: int, folds: int,
+                     window: str = "expanding") -> dict[str, tuple[int, int]]:  # fmt: skip
+    """Walk-forward fold `fold` of `folds`: [start, stop) train / val / test ranges. The bars after the first
+    train_frac of the post-warm-up sample are cut into `folds` consecutive test blocks that tile it (each bar is
+    graded by exactly one fold); fold k's validation split is the val_frac x (post-warm-up bars) just before its test
+    block and its train split everything before that from the warm-up on (expanding) or the first fold's train
+    length (rolling), each `embargo` bars apart, so that no fold trains or selects on a bar it is graded on."""
+    usable = T - warmup
+    oos = warmup + int(usable * train_frac)
+    n_val, block = int(usable * val_frac), (T - oos) // max(folds, 1)
+    test_lo, test_hi = oos + fold * block, (oos + (fold + 1) * block if fold < folds - 1 else T)
+    val_lo = test_lo - embargo - n_val
+    train_hi = val_lo - embargo
+    first_train = oos - embargo - n_val - embargo - warmup  # fold 0's train length
+    train_lo = warmup if window == "expanding" else max(warmup, train_hi - first_train)
+    if min(block, n_val, train_hi - train_lo) < 1:
+        raise UserInputError(
+            f"{T} bars leave no room for {folds} walk-forward folds after a warm-up of {warmup}: fold {fold} would "
+            f"have {train_hi - train_lo} train, {n_val} validation and {block} test bars. Use more data, fewer folds "
+            "(--walk-forward), or a larger 1 - --data.train-frac."
+        )
+    return {"train": (train_lo, train_hi), "val": (val_lo, test_lo - embargo), "test": (test_lo, test_hi)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Supervised signals
 # ---------------------------------------------------------------------------------------------------------------
@@ -1295,6 +1327,8 @@ def check_data_config(cfg: DataConfig) -> None:
             f"--data.norm-window {cfg.norm_window} must be at least {NORM_MIN_PERIODS} and --data.feature-clip "
             "positive."
         )
+    if cfg.folds < 0 or (cfg.folds and not 0 <= cfg.fold < cfg.folds):
+        raise UserInputError(f"--data.fold {cfg.fold} must lie in 0 .. --data.folds - 1 ({cfg.folds - 1}).")
     if cfg.sl_signals and cfg.sl_folds < 2:
         raise UserInputError(f"--data.sl-folds {cfg.sl_folds}: the out-of-fold train probabilities need 2 or more.")
     _embargo(cfg)
@@ -1322,7 +1356,11 @@ def build_prepared(data: MarketData, cfg: DataConfig, progress=None) -> Prepared
     say = progress or (lambda message: None)
     warmup = feature_warmup()
     embargo = _embargo(cfg)
-    splits = make_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo)
+    if cfg.folds:
+        splits = make_fold_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo, cfg.fold,
+                                  cfg.folds, cfg.fold_window)  # fmt: skip
+    else:
+        splits = make_splits(len(data.timestamps), warmup, cfg.train_frac, cfg.val_frac, embargo)
     t0 = time.time()
     technical = compute_technical(data, cfg.normalization, cfg.norm_window, cfg.feature_clip)
     regime = compute_regime(data)

@@ -77,6 +77,10 @@ the saved agents on the test split of the data given by the --data.* flags (whic
 features they were trained on), in a new run folder"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
+    walk_forward: int = 0
+    """K > 0: walk-forward evaluation over K folds: the last 1 - --data.train-frac of the bars cut into K test
+blocks, each fold trained from scratch on its own earlier train split (--data.fold-window), its weights picked on
+its own validation split, graded on its block; the fold runs and the stitched out-of-sample report go in one folder"""
     encoder_preset: Literal["auto", "cpu", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
 encoder (d_model 128, output_dim 128); as_given: the --encoder.* fields as they are (defaults: a transformer,
@@ -354,6 +358,9 @@ if __name__ == "__main__":
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     T, E = args.num_steps, args.num_envs
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
+        xp.run_walk_forward(__file__, args, "agent")
+        raise SystemExit(0)
     xp.require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
             "0 < --ent-guard-relax <= 1")  # fmt: skip
     args.world_size, rank, device = xp.init_distributed(args.cuda)

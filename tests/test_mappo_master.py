@@ -90,7 +90,7 @@ def test_summary_backtest_and_go_criterion(runs):
     )
     assert go["passed"] == (go["drawdown_cut_vs_matched_neutral"] >= 0.15 and sharpe_ok)
     report = (run / "backtest.md").read_text()
-    assert report.startswith("The master's test-split Sharpe is") and "\n| test | master |" in report
+    assert report.startswith("The master's Sharpe on the test split is") and "\n| test | master |" in report
     assert [row["scenario"] for row in summary["stress"]][:5] == [
         "costs_x2", "costs_x3", "impact_x5", "latency_1_bar", "crisis_replay"
     ]  # fmt: skip

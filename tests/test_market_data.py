@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import market_data as md
 
@@ -634,3 +636,31 @@ def test_downturn_warning_marks_the_bull_days_before_each_onset():
     days = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 2, 0])
     want = np.array([0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0], dtype=bool)
     np.testing.assert_array_equal(md.downturn_warning(days, days=5), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    T=st.integers(3000, 30000),
+    warmup=st.integers(30, 200),
+    train_frac=st.floats(0.4, 0.8),
+    val_frac=st.floats(0.05, 0.15),
+    embargo=st.integers(1, 60),
+    folds=st.integers(1, 6),
+    window=st.sampled_from(["expanding", "rolling"]),
+)
+def test_walk_forward_folds_never_train_or_select_on_a_graded_bar(T, warmup, train_frac, val_frac, embargo, folds,
+                                                                   window):  # fmt: skip
+    """Every fold's train and validation bars end at least `embargo` bars before its test block; the test blocks
+    tile the out-of-sample region in order, so every bar there is graded by exactly one fold; a rolling window keeps
+    the first fold's train length."""
+    splits = [md.make_fold_splits(T, warmup, train_frac, val_frac, embargo, k, folds, window) for k in range(folds)]
+    assert splits[0]["test"][0] == warmup + int((T - warmup) * train_frac) and splits[-1]["test"][1] == T
+    for k, s in enumerate(splits):
+        (tr_lo, tr_hi), (va_lo, va_hi), (te_lo, te_hi) = s["train"], s["val"], s["test"]
+        assert warmup <= tr_lo < tr_hi and tr_hi + embargo <= va_lo < va_hi and va_hi + embargo <= te_lo < te_hi
+        if k:
+            assert te_lo == splits[k - 1]["test"][1]  # contiguous blocks: no bar graded twice, none skipped
+        if window == "rolling" and tr_lo > warmup:
+            assert tr_hi - tr_lo == splits[0]["train"][1] - splits[0]["train"][0]
+    graded = np.concatenate([np.arange(*s["test"]) for s in splits])
+    assert len(np.unique(graded)) == len(graded)

@@ -195,7 +195,7 @@ def test_run_folder_summary_and_backtest(full_run):
     assert backtest["agent_sampled"]["samples"] == 3 and summary["rule"]["split"] == "train"
     assert len(summary["deciles"]) == 10 and "P(increase exposure | decile of ret_1)" in proc.stdout
     report = (run / "backtest.md").read_text()
-    assert report.startswith("The agent's test-split Sharpe is") and "\n| test | agent |" in report
+    assert report.startswith("The agent's Sharpe on the test split is") and "\n| test | agent |" in report
     for key in ("psr", "dsr", "dsr_trials", "sharpe_bar", "bar_autocorr", "days"):
         assert key in backtest["agent"], key
     assert backtest["agent"]["dsr_trials"] == len(summary["val_sharpes"]) >= 2  # every validation sweep a trial
@@ -411,3 +411,49 @@ def test_selection_never_sees_the_graded_split(tmp_path, flags, refused):
         summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
         if "--eval-interval" in flags:  # nothing was picked: the last weights, and no best validation Sharpe
             assert summary["final_weights"] == "last" and summary["best_val_sharpe"] is None
+
+
+def test_walk_forward_on_real_bars_grades_each_fold_on_unseen_bars(tmp_path):
+    """--walk-forward 2 on a user's file (backtesting's daily GOOG bars): two fold runs, each trained and selected
+    before its own test block, and a stitched report whose daily returns are the folds' test days, in order."""
+    import backtesting  # a dev requirement: a missing install fails here
+    import pandas as pd
+
+    goog = Path(backtesting.__file__).parent / "test" / "GOOG.csv"
+    flags = ["--data.source", str(goog), "--data.no-sl-signals", "--data.no-cache", "--num-envs", "2",
+             "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "64",
+             "--eval-interval", "1", "--no-stress", "--walk-forward", "2"]  # fmt: skip
+    proc = run_script(PPO, tmp_path, *flags)
+    parent = only_run(tmp_path / "runs")
+    assert "walkforward2-expanding" in parent.name and "walk-forward, 2 folds" in proc.stdout
+    folds = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: "fold1of2" in p.name)
+    assert [("fold0of2" in p.name, "fold1of2" in p.name) for p in folds] == [(True, False), (False, True)]
+    record = json.loads((parent / "walk_forward.json").read_text())
+    embargo = json.loads((folds[0] / "summary.json").read_text())["args"]["data"]["lookback"]  # the embargo's floor
+    previous_stop = None
+    for run, fold in zip(folds, record["folds"], strict=True):
+        splits = json.loads((run / "summary.json").read_text())["data"]["splits"]
+        assert splits == fold["splits"]
+        (_, tr_hi), (va_lo, va_hi), (te_lo, te_hi) = splits["train"], splits["val"], splits["test"]
+        assert tr_hi + embargo <= va_lo and va_hi + embargo <= te_lo  # trained and selected before the graded bars
+        assert previous_stop is None or te_lo == previous_stop
+        previous_stop = te_hi
+    stitched = pd.read_parquet(parent / "walk_forward_daily_returns.parquet")
+    parts = [pd.read_parquet(run / "test_daily_returns.parquet") for run in folds]
+    pd.testing.assert_frame_equal(stitched, pd.concat(parts))
+    assert record["stitched"]["agent"]["days"] == len(stitched) and record["stitched"]["agent"]["dsr_trials"] >= 2
+    assert (parent / "walk_forward.md").read_text().startswith("The agent's Sharpe on the stitched out-of-sample")
+    assert_real_png(parent / "walk_forward_equity.png")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--walk-forward", "2", "--resume", "x.pt"], "trains every fold from scratch"),
+        (["--walk-forward", "2", "--data.folds", "3"], "sets --data.folds and --data.fold itself"),
+        (["--data.folds", "2", "--data.fold", "2"], "--data.fold 2 must lie in 0"),
+    ],
+)
+def test_walk_forward_flag_combinations_are_refused(tmp_path, flags, message):
+    proc = run_script(PPO, tmp_path, *TINY, *flags, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -867,6 +867,15 @@ def stitched_metrics(daily: pd.Series, days_per_year: float) -> dict:
     return performance_metrics(equity, marks, days_per_year, 1.0)
 
 
+def stitch_daily_returns(daily: list[pd.DataFrame]) -> pd.DataFrame:
+    """The folds' daily returns (each (D_k, strategies), in fold order) as one record: a day that two consecutive test
+    blocks share (a block boundary inside a session) compounds the two parts, (1 + r_a)(1 + r_b) - 1."""
+    stitched = pd.concat(daily)
+    if not stitched.index.is_monotonic_increasing:
+        raise RuntimeError("stitch_daily_returns: the folds' test blocks are out of order; this is a bug.")
+    return (1.0 + stitched).groupby(level=0, sort=False).prod() - 1.0
+
+
 def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
     """Stitch the folds of a walk-forward (run folders in fold order, each a complete run of a training script on
     its fold's splits) into out_dir: walk_forward.json and .md (a row per fold: its test period, the strategy's
@@ -893,9 +902,7 @@ def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
         })  # fmt: skip
         daily.append(returns)
     days_per_year = folds[0]["days_per_year"]
-    stitched = pd.concat(daily)  # (D, strategies): each fold's test block, in time order
-    if not stitched.index.is_monotonic_increasing or stitched.index.has_duplicates:
-        raise RuntimeError("walk_forward_report: the folds' test blocks overlap or are out of order; this is a bug.")
+    stitched = stitch_daily_returns(daily)
     metrics = {name: stitched_metrics(stitched[name], days_per_year) for name in stitched.columns}
     if len(trials) > 1:
         ann = np.sqrt(days_per_year)

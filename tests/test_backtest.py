@@ -7,6 +7,7 @@ import math
 from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import backtest as bt
@@ -230,3 +231,16 @@ def test_the_last_bar_of_a_sweep_records_its_exposure():
     report = bt.run_backtest(buy, market, "test", te.EnvConfig(), seed=0)
     exposure = report["series"]["exposure"]
     assert exposure[-2] > 0.05 and exposure[-1] == pytest.approx(exposure[-2], rel=0.2)
+
+
+def test_stitching_compounds_a_day_that_two_folds_share():
+    """Hourly folds whose block boundary falls inside a session both report that day: the stitched record
+    compounds the two parts once, keeps every other day as it is, and keeps the days in order."""
+    day = lambda d: pd.Timestamp(f"2024-01-0{d}")  # noqa: E731
+    a = pd.DataFrame({"agent": [0.01, 0.02]}, index=pd.DatetimeIndex([day(1), day(2)], name="date"))
+    b = pd.DataFrame({"agent": [0.03, -0.01]}, index=pd.DatetimeIndex([day(2), day(3)], name="date"))
+    stitched = bt.stitch_daily_returns([a, b])
+    np.testing.assert_allclose(stitched["agent"], [0.01, 1.02 * 1.03 - 1, -0.01])
+    assert list(stitched.index) == [day(1), day(2), day(3)]
+    with pytest.raises(RuntimeError, match="out of order"):
+        bt.stitch_daily_returns([b, a])

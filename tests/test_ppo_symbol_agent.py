@@ -440,7 +440,7 @@ def test_walk_forward_on_real_bars_grades_each_fold_on_unseen_bars(tmp_path):
         previous_stop = te_hi
     stitched = pd.read_parquet(parent / "walk_forward_daily_returns.parquet")
     parts = [pd.read_parquet(run / "test_daily_returns.parquet") for run in folds]
-    pd.testing.assert_frame_equal(stitched, pd.concat(parts))
+    pd.testing.assert_frame_equal(stitched, pd.concat(parts))  # daily bars: no day is shared by two blocks
     assert record["stitched"]["agent"]["days"] == len(stitched) and record["stitched"]["agent"]["dsr_trials"] >= 2
     assert (parent / "walk_forward.md").read_text().startswith("The agent's Sharpe on the stitched out-of-sample")
     assert_real_png(parent / "walk_forward_equity.png")

@@ -11,7 +11,9 @@ A piece is one training run in its own process that writes its own JSON when it 
 benchmark loses nothing; --summary assembles the table from whatever pieces exist. Per market: the mean test Sharpe
 of the agent (argmax) with a 95% interval (Student t over seeds), the seeds above 1.0, the mean of every baseline,
 the rule ceiling (the best one-feature rule fitted on the train split) and the agent's share of it, and for the
-placebo the largest margin of a seed over its best baseline in standard errors.
+placebo the largest margin of a seed over its best baseline in standard errors. Sharpe ratios come from daily
+returns (backtest.performance_metrics) with a Newey-West standard error; each piece stores the daily returns of the
+agent and of every baseline, so that a change of metric re-scores the pieces without retraining.
 """
 
 from __future__ import annotations
@@ -206,6 +208,10 @@ def main() -> None:
                 future.result()
     if args.summary:
         pieces = [json.loads(f.read_text()) for f in sorted(PIECES.glob("*.json"))]
+        old = [f"{q['signal']:g}_seed{q['seed']}" for q in pieces if "daily_returns" not in q]
+        if old:  # measured before Sharpe came from daily returns: not comparable, rerun them (--redo)
+            print(f"skipping {len(old)} pieces without daily returns (per-bar Sharpe; rerun with --redo): {old}")
+        pieces = [q for q in pieces if "daily_returns" in q]
         if not pieces:
             p.error(f"no pieces under {PIECES}: run --signal/--seed or --all first")
         markets = summarize(pieces)

@@ -356,9 +356,10 @@ def test_zero_volume_bars_load_without_warnings(tmp_path):
     assert np.isfinite(p.technical).all() and np.isfinite(p.regime).all()
 
 
-def test_a_symbol_that_ends_early_is_named_in_a_warning(tmp_path):
+@pytest.mark.parametrize("missing", [40, 1])  # a delisting, or only the final bar missing: sold all the same
+def test_a_symbol_that_ends_early_is_named_in_a_warning(tmp_path, missing):
     _write(tmp_path / "d", "LONG.csv", _bars(seed=1))
-    _write(tmp_path / "d", "GONE.csv", _bars(seed=2).iloc[: N_BARS - 40])
+    _write(tmp_path / "d", "GONE.csv", _bars(seed=2).iloc[: N_BARS - missing])
     with pytest.warns(UserWarning, match=r"\['GONE'\] end before the sample does"):
         md.load_user_market(_cfg(tmp_path / "d"))
 
@@ -373,13 +374,6 @@ def test_equal_weight_benchmark_is_a_basket_bought_once_and_held():
     value = [100.0, 100.0, shares["A"] * 110 + shares["B"] * 45, shares["A"] * 121 + shares["B"] * 45,
              shares["A"] * 121 + shares["B"] * 54]  # fmt: skip
     np.testing.assert_allclose(index, value)
-
-
-def test_a_symbol_missing_only_the_final_bar_is_named_in_the_delisting_warning(tmp_path):
-    _write(tmp_path / "d", "LONG.csv", _bars(seed=1))
-    _write(tmp_path / "d", "SHORT.csv", _bars(seed=2).iloc[: N_BARS - 1])
-    with pytest.warns(UserWarning, match=r"\['SHORT'\] end before the sample does"):
-        md.load_user_market(_cfg(tmp_path / "d"))
 
 
 def test_the_synthetic_calendar_agrees_with_its_annualisation():

@@ -1,17 +1,18 @@
 """Vectorised trading environment: execution, costs, action masks, anti-collapse, reward shaper, telemetry, and the
 gymnasium / PettingZoo faces over one numpy core.
 
-Layout of this file: constants and configs -> RewardShaper -> VecTradingCore (the only simulator) ->
-TradingEnvironment (gymnasium.Env, one symbol) -> TradingVectorEnv (gymnasium VectorEnv over all slots) ->
-PortfolioParallelEnv (PettingZoo ParallelEnv, portfolio mode). Market data and features live in market_data.py.
+Layout of this file: constants and configs -> RewardShaper -> the records step()'s phases hand on (Decisions, Orders,
+Fills, Accounts, Diversity) -> VecTradingCore (the only simulator) -> TradingEnvironment (gymnasium.Env, one symbol)
+-> TradingVectorEnv (gymnasium VectorEnv over all slots) -> SB3VecEnv (Stable-Baselines3, when installed) ->
+PortfolioParallelEnv (PettingZoo ParallelEnv, portfolio mode) -> rollout telemetry for the scripts. Market data and
+features live in market_data.py, the backtests in backtest.py.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -30,7 +31,8 @@ BUY_SIZES = np.array([0.025, 0.06, 0.09])  # BUY_SMALL/MEDIUM/LARGE notional as 
 ADD_SIZE = 0.03  # ADD notional as a fraction of equity
 SELL_PARTIAL_FRACTION = 0.5  # SELL_PARTIAL sells this fraction of the shares held
 
-# Master directives: a 4 x 4 x 3 grid, row-major: index = (risk * 4 + level) * 3 + regime (as encoders.py).
+# Master directives: the DIRECTIVE_SHAPE grid, risk (4) x concentration level (4) x regime (3), row-major: index =
+# (risk * 4 + level) * 3 + regime (encoders.py's DIRECTIVE_GRID is the same grid).
 # The per-position cap and the open-position limit move together as one "concentration level": a tight cap with many
 # positions (diversified) up to a loose cap with few positions (concentrated). The limit is a fraction of S, rounded up.
 RISK_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25)
@@ -38,8 +40,8 @@ POSITION_CAPS = (0.05, 0.10, 0.15, 0.25)
 OPEN_LIMIT_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 REGIME_MODES = ("defensive", "neutral", "aggressive")
 REGIME_MAX_EXPOSURE = (0.5, 0.75, 0.9)
-DIRECTIVE_SHAPE = (4, 4, 3)
-NUM_DIRECTIVES = 48
+DIRECTIVE_SHAPE = (4, 4, 3)  # (len(RISK_MULTIPLIERS), len(POSITION_CAPS), len(REGIME_MODES))
+NUM_DIRECTIVES = int(np.prod(DIRECTIVE_SHAPE))  # 48
 NEUTRAL_DIRECTIVE = (2 * 4 + 1) * 3 + 1  # risk 1.0, cap 10% / limit 50% of S, neutral regime
 
 OBS_KEYS = ("technical", "sl_probs", "position", "portfolio", "regime", "action_mask")
@@ -298,8 +300,8 @@ class RewardShaper:
         np.multiply(diversification, bp_h, out=out[6], casting="unsafe")
         if self.anti_collapse:
             np.multiply(tier, bp_h, out=out[7], casting="unsafe")
-            np.multiply(np.minimum(np.maximum(run - 1, 0), max_consecutive), -bp_c / max_consecutive, out=out[8],
-                        casting="unsafe")  # fmt: skip
+            repeats = np.minimum(np.maximum(run - 1, 0), max_consecutive)  # (E, S) repeats beyond the first, capped
+            np.multiply(repeats, -bp_c / max_consecutive, out=out[8], casting="unsafe")
         else:
             out[7:9] = 0.0
         np.multiply(intrinsic_notional, c.shaping_bps / 1e4 / unit, out=out[9], casting="unsafe")
@@ -323,6 +325,77 @@ def _rolling_mean_std(x: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarra
     mean = (c1 - lag) / n
     var = np.maximum((c2 - lag2) / n - mean * mean, 0.0)
     return mean, np.sqrt(var)
+
+
+# The records that step()'s phases hand on (named tuples: fixed fields, each with its shape and meaning). E envs,
+# S symbols, A accounts per env (S in independent mode, 1 in portfolio mode); money in the account's currency.
+class Decisions(NamedTuple):
+    """_sanitise: what each slot's policy chose and what the slot executes."""
+
+    policy: np.ndarray  # (E, S) int64 the policy's action
+    executed: np.ndarray  # (E, S) int64 the executed action: HOLD where limited or masked, SELL_ALL where liquidated
+    nonhold: np.ndarray  # (E, S) bool the policy chose something other than HOLD
+    run: np.ndarray  # (E, S) int64 identical consecutive non-HOLD policy actions up to this one (0: no anti-collapse)
+    violation: np.ndarray  # (E, S) bool the repetition limiter turned the action into HOLD
+    masked: np.ndarray  # (E, S) bool the policy's action was masked (executed as HOLD)
+    forced: np.ndarray  # (E, S) bool a non-HOLD policy action executed as HOLD (limiter or mask)
+    liquidation: np.ndarray  # (E, S) bool a halted account's position, sold whatever the policy chose
+
+
+class Orders(NamedTuple):
+    """_size_orders: each slot's order sized at the decision bar t, after the caps, the participation limit, the
+    account's cash and the exposure ceiling; not yet priced."""
+
+    buy_notional: np.ndarray  # (E, S) money to spend on shares, commission excluded (0: no buy)
+    sell_shares: np.ndarray  # (E, S) shares to sell (0: no sell)
+    sell_notional: np.ndarray  # (E, S) sell_shares x bar_price, before slippage and commission
+    bar_price: np.ndarray  # (E, S) the fill bar's open (or close) before slippage; 1.0 where the fill is cancelled
+    cancelled: np.ndarray  # (E, S) bool untradable fill bar, open-position limit or a buy below min_notional
+    shrunk: np.ndarray  # (E, S) bool smaller than asked (cancelled orders included)
+
+
+class Fills(NamedTuple):
+    """_price_fills, then _delist adds the delisting sales: the fills at bar t+1 and their costs."""
+
+    cancelled: np.ndarray  # (E, S) bool the order was cancelled
+    shrunk: np.ndarray  # (E, S) bool the order filled smaller than asked (never a cancelled one)
+    buy_notional: np.ndarray  # (E, S) money spent on shares at the slipped price, commission excluded
+    buy_cash: np.ndarray  # (E, S) cash the buy takes: buy_notional x (1 + commission)
+    bought: np.ndarray  # (E, S) shares bought this bar
+    sell_shares: np.ndarray  # (E, S) shares sold this bar, delisting sales included
+    bar_price: np.ndarray  # (E, S) the fill bar's price before slippage (turnover is counted at it)
+    proceeds: np.ndarray  # (E, S) cash the sales bring, net of slippage and commission
+    cash_after: np.ndarray  # (E, A) the account's cash after every fill
+    buying: np.ndarray  # (E, S) bool shares were bought
+    selling: np.ndarray  # (E, S) bool shares were sold
+    traded: np.ndarray  # (E, S) bool buying | selling
+    cost: np.ndarray  # (E, S) commission plus slippage paid, in money
+    realized: np.ndarray  # (E, S) PnL booked on the shares sold, net of all their costs
+    sold_basis: np.ndarray  # (E, S) cost basis of the shares sold
+    timing: np.ndarray  # (E, S) clipped price improvement against the 24-bar mean close x the fill's notional
+    fill_price: np.ndarray  # (E, S) price per share with slippage (0 where nothing traded)
+    voluntary: np.ndarray  # (E, S) bool the policy's own order, executed as chosen and filled (no liquidation)
+
+
+class Accounts(NamedTuple):
+    """_update_accounts: what the fills and the new bar's marks did to the accounts (the state itself is updated)."""
+
+    t1: np.ndarray  # (E,) int64 the new bar of each env (the decision bar + 1)
+    bar_return: np.ndarray  # (E, A) the account's return over the bar: equity / previous equity - 1
+    downside_sq: np.ndarray  # (E, A) min(bar_return, 0) ** 2, for the Sortino
+    drawdown: np.ndarray  # (E, A) 1 - equity / the episode's peak equity
+    slot_pnl: np.ndarray  # (E, S) the slot's equity change: its holdings' value change plus its cash flows
+    exposure: np.ndarray  # (E, A) 1 - cash / equity
+    closed: np.ndarray  # (E, S) bool a round trip ended: the slot is flat after holding or buying
+    won: np.ndarray  # (E, S) bool a round trip ended with a positive realised PnL
+    delisted: np.ndarray  # (E, S) bool the symbol's last bar: the position was sold at its last close
+
+
+class Diversity(NamedTuple):
+    """_update_diversity: the anti-collapse window of executed action classes after this step's fills."""
+
+    classes: np.ndarray  # (E, S) int64 distinct classes (hold, increase, decrease) filled in the window, 0-3
+    tier: np.ndarray  # (E, S) float32 the diversity tier score (RewardShaper.TIERS; 0 before min samples)
 
 
 class VecTradingCore:
@@ -380,11 +453,11 @@ class VecTradingCore:
     volume data pays the flat `volume_free_cost_bps` instead. Buys fill at p (1 + s), sells at p (1 - s);
     commission = commission_bps / 1e4 of the filled notional, both sides. Shares are fractional. Orders shrink,
     never silently (`order_shrunk`), to max_participation x DV_t, to the cash available after the same step's
-    sells, to the exposure ceiling and to the position cap. An order is cancelled (`order_cancelled`) when its fill
-    bar is not tradable (halt, missing bar, zero volume) or when a buy would fill below `min_notional` x C; a sell
-    that would leave less than `min_notional` x C sells everything. After a symbol's last bar (delisting) its
-    position is sold at that bar's close with the same costs. Cash never goes negative; equity = cash +
-    sum(shares * valuation_close) at every step.
+    sells (net of their slippage and commission), to the exposure ceiling and to the position cap. An order is
+    cancelled (`order_cancelled`) when its fill bar is not tradable (halt, missing bar, zero volume) or when a buy
+    would fill below `min_notional` x C; a sell that would leave less than `min_notional` x C sells everything.
+    After a symbol's last bar (delisting) its position is sold at that bar's close with the same costs. Cash never
+    goes negative; equity = cash + sum(shares * valuation_close) at every step.
 
     ### Reward
     reward = sum of weighted components (RewardShaper): with the defaults 0.75 pnl + 0.10 cost + 0.03 sharpe +
@@ -437,19 +510,7 @@ class VecTradingCore:
     ):
         config = config if config is not None else EnvConfig()
         self.config = config
-        if mode not in ("independent", "portfolio"):
-            raise ValueError(f"mode={mode!r} is not a core mode: use 'independent' or 'portfolio'.")
-        if num_envs < 1:
-            raise ValueError(f"num_envs={num_envs} must be at least 1.")
-        if split not in market.splits:
-            raise ValueError(f"split={split!r} is not in the market's splits {sorted(market.splits)}.")
-        if config.fill not in ("open", "close"):
-            raise ValueError(f"EnvConfig.fill={config.fill!r}: use 'open' (next open) or 'close' (next close).")
-        if config.max_consecutive < 1 or config.diversity_window < 1 or config.risk_window < 2:
-            raise ValueError("EnvConfig: max_consecutive and diversity_window must be >= 1 and risk_window >= 2.")
-        if not 0 < config.max_participation <= 1 or config.max_slippage_bps <= 0 or config.min_notional < 0:
-            raise UserInputError("EnvConfig: max_participation must lie in (0, 1], max_slippage_bps be positive and "
-                             "min_notional non-negative.")  # fmt: skip
+        self._check_arguments(market, num_envs, split, mode, config)
         data = market.data
         sym_idx = self._symbol_indices(data.symbols, symbols)
         self.symbols = [data.symbols[i] for i in sym_idx]
@@ -465,15 +526,55 @@ class VecTradingCore:
         self.min_notional = config.min_notional * self.capital
         L = self.lookback = int(market.lookback)
         self.shaper = RewardShaper(config.reward, config.anti_collapse)
+        self._load_trading_arrays(market, sym_idx)
+        self._load_observation_arrays(market, sym_idx)
+        lo, hi = market.splits[split]
+        self.split_start = max(int(lo), L - 1)
+        self.split_last = int(hi) - 1  # last bar of the split (inclusive)
+        if self.split_last - self.split_start < 1:
+            raise ValueError(f"Split {split!r} = [{lo}, {hi}) leaves fewer than 2 bars after the lookback {L}.")
+        self._allocate_observations()
+        self._allocate_directives()
+        self._rng = np.random.default_rng(seed)
+        self._components = np.zeros((len(REWARD_COMPONENTS), E, S), dtype=np.float32)  # (10, E, S) the last step's
+        self._allocate_state()
+        self._ready = False
+        self._no_episode = {k: np.zeros_like(v) for k, v in self._episode_stats(np.zeros((E, S), bool)).items()}
+        if mode == "portfolio":
+            self.set_directives(np.full(E, NEUTRAL_DIRECTIVE))
 
-        # ---- market arrays for the chosen symbols, (T, S) float64 unless stated ----
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _check_arguments(market: PreparedMarket, num_envs: int, split: str, mode: str, config: EnvConfig) -> None:
+        if mode not in ("independent", "portfolio"):
+            raise ValueError(f"mode={mode!r} is not a core mode: use 'independent' or 'portfolio'.")
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs} must be at least 1.")
+        if split not in market.splits:
+            raise ValueError(f"split={split!r} is not in the market's splits {sorted(market.splits)}.")
+        if config.fill not in ("open", "close"):
+            raise ValueError(f"EnvConfig.fill={config.fill!r}: use 'open' (next open) or 'close' (next close).")
+        if config.max_consecutive < 1 or config.diversity_window < 1 or config.risk_window < 2:
+            raise ValueError("EnvConfig: max_consecutive and diversity_window must be >= 1 and risk_window >= 2.")
+        if not 0 < config.max_participation <= 1 or config.max_slippage_bps <= 0 or config.min_notional < 0:
+            raise UserInputError(
+                "EnvConfig: max_participation must lie in (0, 1], max_slippage_bps be positive and min_notional "
+                "non-negative."
+            )
+
+    def _load_trading_arrays(self, market: PreparedMarket, sym_idx: np.ndarray) -> None:
+        """The price, tradability and cost tables of the chosen symbols, (T, S) float64 unless stated, C-contiguous
+        (a row gather on a column-major array is ~200x slower): valuation close, fill price and whether the fill bar
+        trades, whether a decision bar trades and its dollar volume, the flat cost of volume-free symbols, delisting
+        bars, the 24-bar volatility of log returns (for the impact) and the 24-bar mean close (for the timing)."""
+        config, data, L = self.config, market.data, self.lookback
         if market.technical.shape[0] < L:
             raise ValueError(f"The market has {market.technical.shape[0]} bars, fewer than the lookback {L}.")
         T = self.T = market.technical.shape[0]
-        vc = np.ascontiguousarray(market.valuation_close[:, sym_idx], dtype=np.float64)
-        if not np.isfinite(vc).all() or (vc <= 0).any():
+        valuation_close = np.ascontiguousarray(market.valuation_close[:, sym_idx], dtype=np.float64)
+        if not np.isfinite(valuation_close).all() or (valuation_close <= 0).any():
             raise ValueError("market.valuation_close must be finite and positive everywhere (forward/back-fill it).")
-        self._vc = vc
+        self._valuation_close = valuation_close
         tradable = np.asarray(data.tradable[:, sym_idx], dtype=bool)
         price_src = data.open if config.fill == "open" else data.close
         px = np.asarray(price_src[:, sym_idx], dtype=np.float64)
@@ -495,7 +596,6 @@ class VecTradingCore:
             has_volume |= self._volume_free[None, :]
         tradable = tradable & has_volume
         fill_ok = tradable & np.isfinite(px) & (px > 0)
-        # all (T, S) arrays C-contiguous: a row gather on a column-major array is ~200x slower
         self._fill_ok = np.ascontiguousarray(fill_ok)
         self._fill_px = np.ascontiguousarray(np.where(fill_ok, px, 1.0))  # dummy 1.0 where the fill is cancelled
         with np.errstate(invalid="ignore"):
@@ -506,10 +606,15 @@ class VecTradingCore:
         # delisting: a symbol whose data ends before the sample's last bar is sold at its last close (-1: never)
         last = T - 1 - np.argmax(np.isfinite(close)[::-1], axis=0)  # (S,) last bar with a close
         self._delist_bar = np.where(last < T - 1, last, -1)
-        logret = np.zeros_like(vc)
-        logret[1:] = np.log(vc[1:] / vc[:-1])
+        logret = np.zeros_like(valuation_close)
+        logret[1:] = np.log(valuation_close[1:] / valuation_close[:-1])
         _, self._vol = _rolling_mean_std(logret, 24)
-        self._mean_close, _ = _rolling_mean_std(vc, 24)
+        self._mean_close, _ = _rolling_mean_std(valuation_close, 24)
+
+    def _load_observation_arrays(self, market: PreparedMarket, sym_idx: np.ndarray) -> None:
+        """The market's observation tables for the chosen symbols: technical windows, sl_probs (T, S, 3) and the
+        clipped regime (T, R), float32."""
+        S, T, L = self.num_symbols, self.T, self.lookback
         # technical laid out (S, T, F) and viewed as rows (S * T, F): row s * T + t - L + 1 + l is row l of the window
         # of (t, s), so one np.take(..., out=obs) copies all E * S windows once, straight into the buffer (a fancy
         # index on a strided window view copies twice; np.take on that view would copy the whole view first)
@@ -519,35 +624,32 @@ class VecTradingCore:
         self._tech_base = (np.arange(S) * T)[:, None] + np.arange(L)[None, :] - (L - 1)  # (S, L)
         self._sl = np.ascontiguousarray(market.sl_probs[:, sym_idx], dtype=np.float32)
         self._regime = np.ascontiguousarray(np.clip(market.regime, -OBS_CLIP, OBS_CLIP), dtype=np.float32)
-        R = self._regime.shape[1]
 
-        lo, hi = market.splits[split]
-        self.split_start = max(int(lo), L - 1)
-        self.split_last = int(hi) - 1  # last bar of the split (inclusive)
-        if self.split_last - self.split_start < 1:
-            raise ValueError(f"Split {split!r} = [{lo}, {hi}) leaves fewer than 2 bars after the lookback {L}.")
-
-        # ---- observation buffers ----
+    def _allocate_observations(self) -> None:
+        """The observation buffers (E, S, ...), final_obs beside them, and the index scratch of _write_obs."""
+        E, S, L = self.num_envs, self.num_symbols, self.lookback
         self.observation_shapes = {
-            "technical": (L, F),
+            "technical": (L, self._tech_rows.shape[1]),
             "sl_probs": (3,),
             "position": (5,),
             "portfolio": (8,),
-            "regime": (R,),
+            "regime": (self._regime.shape[1],),
             "action_mask": (NUM_ACTIONS,),
         }
-        if mode == "portfolio":
+        if self.mode == "portfolio":
             self.observation_shapes["directives"] = (4,)
         self.obs = {
             k: np.zeros((E, S, *shape), dtype=np.int8 if k == "action_mask" else np.float32)
             for k, shape in self.observation_shapes.items()
         }
         self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
-        self._pf4 = self.obs["portfolio"].reshape(E, self.A, self.K, 8)  # a view: see _VIEWS
+        self._portfolio_by_account = self.obs["portfolio"].reshape(E, self.A, self.K, 8)  # a view: see _VIEWS
         self._tech_idx = np.zeros((E, S, L), dtype=np.int64)
         self._rows = np.arange(E * S)
 
-        # ---- per-env directive parameters (independent mode: fixed) ----
+    def _allocate_directives(self) -> None:
+        """Per-env directive parameters (E,): fixed in independent mode, set by set_directives in portfolio mode."""
+        E, config = self.num_envs, self.config
         self._risk = np.ones(E)
         self._cap = np.full(E, config.position_cap)
         self._limit = np.full(E, self.K, dtype=np.int64)
@@ -556,15 +658,6 @@ class VecTradingCore:
         self.directive_index = np.full(E, -1, dtype=np.int64)
         self._directive_constants()
 
-        self._rng = np.random.default_rng(seed)
-        self._comp = np.zeros((len(REWARD_COMPONENTS), E, S), dtype=np.float32)
-        self._allocate_state()
-        self._ready = False
-        self._no_episode = {k: np.zeros_like(v) for k, v in self._episode_stats(np.zeros((E, S), bool)).items()}
-        if mode == "portfolio":
-            self.set_directives(np.full(E, NEUTRAL_DIRECTIVE))
-
-    # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _symbol_indices(names: list[str], symbols) -> np.ndarray:
         if symbols is None:
@@ -710,7 +803,7 @@ class VecTradingCore:
         self._directive_constants()
         self.obs["directives"][:] = vals[:, None, :].astype(np.float32)
         if self._ready:
-            self._write_mask(*self._derived())
+            self._write_mask(*self._holding_and_fractions())
 
     def _directive_constants(self) -> None:
         """Mask thresholds that change only with the directives, (E, 1) or (E, 1, 3), for _write_mask. Each is an
@@ -729,14 +822,14 @@ class VecTradingCore:
         self._m_not_defensive = ~self._defensive[:, None]
 
     # ------------------------------------------------------------------ observation
-    def _derived(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _holding_and_fractions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Quantities both the observation and the mask use, computed once: holding (E, S), cash / equity (E, A),
         exposure = 1 - cash / equity (E, A), position value / equity (E, S)."""
         cash_frac = self.cash / self.equity
         return self.shares > 0, cash_frac, 1.0 - cash_frac, self.pos_value / self._acc_to_slot(self.equity)
 
     def _write_mask(self, holding, cash_frac_acc, exposure_acc, pos_frac) -> None:
-        """action_mask (E, S, 7) for the current bar from the current state (arguments: see _derived)."""
+        """action_mask (E, S, 7) for the current bar from the current state (arguments: see _holding_and_fractions)."""
         m = self.obs["action_mask"].view(bool)  # int8 0/1 written as bool: the same bytes
         ok = self._decide_ok[self.t] & ~self._acc_to_slot(self.halted)  # (E, S); a halted account only holds
         cash_frac = self._acc_to_slot(cash_frac_acc)  # (E, S)
@@ -767,25 +860,25 @@ class VecTradingCore:
         np.take(self._tech_rows, rows, axis=0, out=o["technical"], mode="clip")  # (E, S, L, F); rows are in range
         np.take(self._sl, t, axis=0, out=o["sl_probs"])
         o["regime"][:] = self._regime[t][:, None, :]
-        vc = self._vc[t]  # (E, S)
-        holding, cash_frac, exposure, pos_frac = self._derived()
-        p = o["position"]
-        p[..., 0] = np.divide(self.basis, vc, out=np.ones(vc.shape), where=holding) - 1.0
-        p[..., 1] = pos_frac
-        p[..., 2] = np.divide(vc, self.basis, out=np.ones(vc.shape), where=holding) - 1.0
-        p[..., 3] = self.hold / HOLD_TIME_SCALE
-        p[..., 4] = holding
-        f = self._pf4  # (E, A, K, 8)
+        mark = self._valuation_close[t]  # (E, S)
+        holding, cash_frac, exposure, pos_frac = self._holding_and_fractions()
+        position = o["position"]  # (E, S, 5)
+        position[..., 0] = np.divide(self.basis, mark, out=np.ones(mark.shape), where=holding) - 1.0
+        position[..., 1] = pos_frac
+        position[..., 2] = np.divide(mark, self.basis, out=np.ones(mark.shape), where=holding) - 1.0
+        position[..., 3] = self.hold / HOLD_TIME_SCALE
+        position[..., 4] = holding
+        portfolio = self._portfolio_by_account  # (E, A, K, 8): one account's features written to its K slots
         C = self.capital
-        f[..., 0] = (self.equity / C)[..., None]
-        f[..., 1] = exposure[..., None]
-        f[..., 2] = self.sharpe[..., None]
-        f[..., 3] = self.sortino[..., None]
-        f[..., 4] = (self.realized_total / C)[..., None]
-        f[..., 5] = cash_frac[..., None]
-        f[..., 6] = (1.0 - self.equity / self.peak)[..., None]
-        f[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
-        np.clip(p, -OBS_CLIP, OBS_CLIP, out=p)
+        portfolio[..., 0] = (self.equity / C)[..., None]
+        portfolio[..., 1] = exposure[..., None]
+        portfolio[..., 2] = self.sharpe[..., None]
+        portfolio[..., 3] = self.sortino[..., None]
+        portfolio[..., 4] = (self.realized_total / C)[..., None]
+        portfolio[..., 5] = cash_frac[..., None]
+        portfolio[..., 6] = (1.0 - self.equity / self.peak)[..., None]
+        portfolio[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
+        np.clip(position, -OBS_CLIP, OBS_CLIP, out=position)
         np.clip(o["portfolio"], -OBS_CLIP, OBS_CLIP, out=o["portfolio"])
         self._write_mask(holding, cash_frac, exposure, pos_frac)
 
@@ -805,210 +898,229 @@ class VecTradingCore:
 
     def step(self, actions):
         """Decide `actions` (E, S) on the current bar; returns obs, reward (E, S) float32, terminated, truncated
-        (E, S) bool, info (see the class docstring for the autoreset contract). The phases, in order: sanitise the
-        policy's actions (repetition limiter, mask, stop-out liquidation), execute the orders at bar t+1 (fills and
-        costs), update the accounts and their risk state, compute the reward, record the telemetry, end episodes and
-        observe."""
-        pol = self._check_actions(actions)
-        act = self._sanitise(pol)
-        fills = self._execute(act)
-        acc = self._update_accounts(fills)
-        reward = self._reward(act, acc)
-        info = self._telemetry(act, acc, reward)
-        terminated, truncated = self._end_episodes(acc, info)
+        (E, S) bool, info (see the class docstring for the autoreset contract). The phases, in order, hand on the
+        records defined above this class: sanitise the policy's actions (repetition limiter, mask, stop-out
+        liquidation), size the orders at bar t, price the fills at bar t+1 (slippage, commission), update the accounts
+        (clock, marks, delisting sales, risk state), the anti-collapse window, the reward, the telemetry, then end
+        episodes and observe."""
+        decisions = self._sanitise(self._check_actions(actions))
+        orders = self._size_orders(decisions)
+        fills = self._price_fills(decisions, orders)
+        fills, accounts = self._update_accounts(fills)  # the fills gain the delisting sales
+        diversity = self._update_diversity(fills)
+        reward = self._reward(decisions, fills, accounts, diversity)
+        info = self._telemetry(decisions, fills, accounts, diversity, reward)
+        terminated, truncated = self._end_episodes(accounts, info)
         return self.obs, reward.astype(np.float32, copy=False), terminated, truncated, info
 
     # ------------------------------------------------------------------ step phases
-    def _sanitise(self, pol: np.ndarray) -> SimpleNamespace:
+    def _sanitise(self, policy: np.ndarray) -> Decisions:
         """Phase 1: the executed action (E, S) from the policy's. Repetition limiter on the policy's actions (seed
         003: the history keeps the limiter's output, so a forced HOLD restarts the run), then the mask; both turn the
         action into HOLD. A halted account's positions are sold (SELL_ALL, `liquidation`) whatever the policy says."""
         cfg = self.config
         E, S = self.num_envs, self.num_symbols
-        nonhold = pol != HOLD
+        nonhold = policy != HOLD
         if cfg.anti_collapse:
-            run = np.where(nonhold & (pol == self._last_action), self._run + 1, nonhold.astype(np.int64))
+            run = np.where(nonhold & (policy == self._last_action), self._run + 1, nonhold.astype(np.int64))
             violation = run > cfg.max_consecutive
-            after_limit = np.where(violation, HOLD, pol)
+            after_limit = np.where(violation, HOLD, policy)
             self._last_action = after_limit
             self._run = np.where(violation, 0, run)
         else:
             run = np.zeros((E, S), dtype=np.int64)
             violation = np.zeros((E, S), dtype=bool)
         mask = self.obs["action_mask"]
-        masked = mask.reshape(-1, NUM_ACTIONS)[self._rows, pol.reshape(-1)].reshape(E, S) == 0
-        ex = np.where(violation | masked, HOLD, pol)  # executed action
-        forced = nonhold & (ex == HOLD)
+        masked = mask.reshape(-1, NUM_ACTIONS)[self._rows, policy.reshape(-1)].reshape(E, S) == 0
+        executed = np.where(violation | masked, HOLD, policy)
+        forced = nonhold & (executed == HOLD)
         liquidation = self._acc_to_slot(self.halted) & (self.shares > 0)
         if liquidation.any():
-            ex = np.where(liquidation, SELL_ALL, ex)
-        return SimpleNamespace(
-            policy=pol, executed=ex, nonhold=nonhold, run=run, violation=violation, masked=masked, forced=forced,
-            liquidation=liquidation,
-        )  # fmt: skip
+            executed = np.where(liquidation, SELL_ALL, executed)
+        return Decisions(policy, executed, nonhold, run, violation, masked, forced, liquidation)
 
-    def _execute(self, act: SimpleNamespace) -> SimpleNamespace:
-        """Phase 2: orders sized at the decision bar t, filled at bar t+1: cancellations, the open-position limit, the
-        cap, the participation, cash and exposure shrink, the minimum notional, slippage and commission. Reads the
-        state, changes nothing."""
-        cfg, ex, cm = self.config, act.executed, self.commission
-        t, t1 = self.t, self.t + 1
-        vc0 = self._vc[t]
-        px = self._fill_px[t1]
-        fill_ok = self._fill_ok[t1]
-        eq0 = self.equity
-        eq_slot = self._acc_to_slot(eq0)
+    def _size_orders(self, decisions: Decisions) -> Orders:
+        """Phase 2: the executed actions as orders sized at the decision bar t. A buy is a fraction of equity x the
+        risk multiplier, shrunk to the room under the position cap and to max_participation of the bar's dollar
+        volume; a sell is a fraction of the shares (all of them when the rest would be below min_notional), shrunk to
+        the participation too. Orders whose fill bar t+1 is not tradable, and in portfolio mode new positions beyond
+        the open-position limit, are cancelled; then each account's buys shrink together to its cash after its sells
+        (before slippage) and to the room under the exposure ceiling, and buys below min_notional are cancelled.
+        Reads the state, changes nothing."""
+        cfg, executed, commission = self.config, decisions.executed, self.commission
+        t = self.t
+        mark = self._valuation_close[t]  # (E, S) the decision bar's valuation close, at which positions are marked
+        bar_price = self._fill_px[t + 1]
+        equity = self._acc_to_slot(self.equity)
         dv_cap = cfg.max_participation * self._dollar_vol[t]  # (E, S) largest order notional at the decision bar
-        want = _BUY_FRACTION.take(ex) * self._risk[:, None] * eq_slot  # (E, S) buy notional
-        cap_room = np.maximum(self._cap[:, None] * eq_slot - self.pos_value, 0.0)
-        shrunk = want > np.minimum(cap_room, dv_cap) * (1 + 1e-12)
-        want = np.minimum(np.minimum(want, cap_room), dv_cap)
-        sell_sh = self.shares * _SELL_FRACTION.take(ex)
-        left = (self.shares - sell_sh) * vc0  # a sell that would leave less than the minimum notional sells all
-        sell_sh = np.where((sell_sh > 0) & (left < self.min_notional), self.shares, sell_sh)
-        sell_max = dv_cap / vc0
-        shrunk |= sell_sh > sell_max * (1 + 1e-12)
-        sell_sh = np.minimum(sell_sh, sell_max)
-        order = ex != HOLD
-        cancelled = order & ~fill_ok
+        buy = _BUY_FRACTION.take(executed) * self._risk[:, None] * equity  # (E, S) buy notional
+        cap_room = np.maximum(self._cap[:, None] * equity - self.pos_value, 0.0)
+        shrunk = buy > np.minimum(cap_room, dv_cap) * (1 + 1e-12)
+        buy = np.minimum(np.minimum(buy, cap_room), dv_cap)
+        sell = self.shares * _SELL_FRACTION.take(executed)  # (E, S) shares to sell
+        left = (self.shares - sell) * mark  # a sell that would leave less than the minimum notional sells all
+        sell = np.where((sell > 0) & (left < self.min_notional), self.shares, sell)
+        sell_max = dv_cap / mark
+        shrunk |= sell > sell_max * (1 + 1e-12)
+        sell = np.minimum(sell, sell_max)
+        cancelled = (executed != HOLD) & ~self._fill_ok[t + 1]
         if self.mode == "portfolio":  # new positions beyond the open-position limit: cancelled in symbol order
-            new = (want > 0) & (ex != ADD) & ~cancelled
+            new = (buy > 0) & (executed != ADD) & ~cancelled
             open_n = (self.shares > 0).sum(1, keepdims=True)
             cancelled |= new & (open_n + np.cumsum(new, axis=1) > self._limit[:, None])
-        want[cancelled] = 0.0
-        sell_sh[cancelled] = 0.0
-        sell_notional = sell_sh * px
-        # buys share the account's cash after its sells and the room under the exposure ceiling
-        need = want * (1.0 + cm)
-        need_acc = self._acc_sum(need)
-        cash_avail = self.cash + self._acc_sum(sell_notional * (1.0 - cm))  # (slippage below; this is an upper bound)
-        held_after_sells = self._acc_sum((self.shares - sell_sh) * vc0)
-        exp_room = np.maximum(self._ceiling[:, None] * eq0 - held_after_sells, 0.0)
-        want_acc = self._acc_sum(want)
+        buy[cancelled] = 0.0
+        sell[cancelled] = 0.0
+        sell_notional = sell * bar_price
+        # buys share the account's cash after its sells and the room under the exposure ceiling, (E, A)
+        buy_acc = self._acc_sum(buy)
+        buy_cash_acc = self._acc_sum(buy * (1.0 + commission))
+        cash_avail = self.cash + self._acc_sum(sell_notional * (1.0 - commission))  # an upper bound: no slippage yet
+        held_after_sells = self._acc_sum((self.shares - sell) * mark)
+        exposure_room = np.maximum(self._ceiling[:, None] * self.equity - held_after_sells, 0.0)
         scale = np.minimum(
-            np.divide(exp_room, want_acc, out=np.ones(want_acc.shape), where=want_acc > 0),
-            np.divide(cash_avail, need_acc, out=np.ones(need_acc.shape), where=need_acc > 0),
+            np.divide(exposure_room, buy_acc, out=np.ones(buy_acc.shape), where=buy_acc > 0),
+            np.divide(cash_avail, buy_cash_acc, out=np.ones(buy_cash_acc.shape), where=buy_cash_acc > 0),
         )
         np.minimum(scale, 1.0, out=scale)
         scale_slot = self._acc_to_slot(scale)
-        shrunk |= (scale_slot < 1.0) & (want > 0)
-        want = want * scale_slot
-        small = (want > 0) & (want < self.min_notional)  # buys below the minimum notional are cancelled
+        shrunk |= (scale_slot < 1.0) & (buy > 0)
+        buy = buy * scale_slot
+        small = (buy > 0) & (buy < self.min_notional)  # buys below the minimum notional are cancelled
         if small.any():
             cancelled |= small
-            want = np.where(small, 0.0, want)
-        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t] * np.sqrt(
-            (want + sell_notional) / self._dollar_vol[t]
-        )
-        slip = np.minimum(slip + self._flat_slip, cfg.max_slippage_bps / 1e4)
-        sell_px = px * (1.0 - slip)
-        buy_px = px * (1.0 + slip)
-        proceeds = sell_sh * sell_px * (1.0 - cm)
-        # the cash check above used sells without slippage: shrink the buys once more so that cash never goes negative
-        need = want * (1.0 + cm)
-        cash_after = self.cash + self._acc_sum(proceeds) - self._acc_sum(need)
-        short = cash_after < 0
-        if short.any():
-            fix = np.divide(self.cash + self._acc_sum(proceeds), self._acc_sum(need), out=np.ones(short.shape),
-                            where=short) * (1 - 1e-12)  # fmt: skip
-            fix_slot = self._acc_to_slot(np.where(short, fix, 1.0))
-            shrunk |= (fix_slot < 1.0) & (want > 0)
-            want = want * fix_slot
-            need = want * (1.0 + cm)
-            cash_after = self.cash + self._acc_sum(proceeds) - self._acc_sum(need)
-        bought = want / buy_px
-        commission = cm * (want + sell_sh * sell_px)
-        buying, selling = bought > 0, sell_sh > 0
-        traded = buying | selling
-        ref = self._mean_close[t]
-        improvement = np.where(buying, (ref - buy_px) / ref, np.where(selling, (sell_px - ref) / ref, 0.0))
-        clip = cfg.reward.timing_clip
-        return SimpleNamespace(
-            order=order, cancelled=cancelled, shrunk=shrunk & ~cancelled, want=want, need=need, bought=bought,
-            sell_sh=sell_sh, px=px, proceeds=proceeds, cash_after=cash_after, buying=buying, selling=selling,
-            cost=commission + bought * (buy_px - px) + sell_sh * (px - sell_px),
-            realized=sell_sh * (sell_px * (1.0 - cm) - self.basis), sold_basis=sell_sh * self.basis,
-            timing=np.clip(improvement, -clip, clip) * (want + sell_sh * sell_px),
-            fill_price=np.where(buying, buy_px, np.where(selling, sell_px, 0.0)), traded=traded,
-            voluntary=order & (ex == act.policy) & traded & ~act.liquidation,
-        )  # fmt: skip
+            buy = np.where(small, 0.0, buy)
+        return Orders(buy, sell, sell_notional, bar_price, cancelled, shrunk)
 
-    def _update_accounts(self, f: SimpleNamespace) -> SimpleNamespace:
-        """Phase 3: book the fills, advance the clock to t+1, mark to market at valuation_close[t+1], sell delisted
-        symbols at their last close, close round trips and update the risk state (peak, drawdown, rolling
-        returns)."""
-        eq0 = self.equity  # self.equity is rebound below, never written in place during the step
-        vc0 = self._vc[self.t]
+    def _slippage(self, notional: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Slippage fraction (E, S) per side of orders of `notional` (E, S) decided on bars t (E,): the half spread
+        plus square-root impact on the bar's dollar volume, or the flat cost of a symbol without volume data, capped
+        at max_slippage_bps (the class docstring's formula)."""
+        cfg = self.config
+        impact = cfg.impact_coef * self._vol[t] * np.sqrt(notional / self._dollar_vol[t])
+        return np.minimum(cfg.spread_bps / 1e4 + impact + self._flat_slip, cfg.max_slippage_bps / 1e4)
+
+    def _price_fills(self, decisions: Decisions, orders: Orders) -> Fills:
+        """Phase 3: the sized orders filled at bar t+1: slippage on each order's notional (_slippage), commission on
+        both sides, one more shrink of the buys where slippage on the sells left the account short of cash (cash
+        never goes negative), then the fills' costs, realised PnL and timing. Reads the state, changes nothing."""
+        commission, executed = self.commission, decisions.executed
+        buy, sell, bar_price, shrunk = orders.buy_notional, orders.sell_shares, orders.bar_price, orders.shrunk
+        slip = self._slippage(buy + orders.sell_notional, self.t)
+        sell_price = bar_price * (1.0 - slip)
+        buy_price = bar_price * (1.0 + slip)
+        proceeds = sell * sell_price * (1.0 - commission)
+        cash_in = self.cash + self._acc_sum(proceeds)  # (E, A) cash before the buys
+        buy_cash = buy * (1.0 + commission)
+        cash_after = cash_in - self._acc_sum(buy_cash)
+        cash_short = cash_after < 0  # (E, A) the sizing's cash check had no slippage on the sells
+        if cash_short.any():
+            scale = np.divide(cash_in, self._acc_sum(buy_cash), out=np.ones(cash_short.shape), where=cash_short)
+            scale_slot = self._acc_to_slot(np.where(cash_short, scale * (1 - 1e-12), 1.0))
+            shrunk = shrunk | ((scale_slot < 1.0) & (buy > 0))
+            buy = buy * scale_slot
+            buy_cash = buy * (1.0 + commission)
+            cash_after = cash_in - self._acc_sum(buy_cash)
+        bought = buy / buy_price
+        commission_paid = commission * (buy + sell * sell_price)
+        buying, selling = bought > 0, sell > 0
+        traded = buying | selling
+        ref = self._mean_close[self.t]  # (E, S) the 24-bar mean close at the decision: the timing reference
+        improvement = np.where(buying, (ref - buy_price) / ref, np.where(selling, (sell_price - ref) / ref, 0.0))
+        clip = self.config.reward.timing_clip
+        return Fills(
+            cancelled=orders.cancelled,
+            shrunk=shrunk & ~orders.cancelled,
+            buy_notional=buy,
+            buy_cash=buy_cash,
+            bought=bought,
+            sell_shares=sell,
+            bar_price=bar_price,
+            proceeds=proceeds,
+            cash_after=cash_after,
+            buying=buying,
+            selling=selling,
+            traded=traded,
+            cost=commission_paid + bought * (buy_price - bar_price) + sell * (bar_price - sell_price),
+            realized=sell * (sell_price * (1.0 - commission) - self.basis),
+            sold_basis=sell * self.basis,
+            timing=np.clip(improvement, -clip, clip) * (buy + sell * sell_price),
+            fill_price=np.where(buying, buy_price, np.where(selling, sell_price, 0.0)),
+            voluntary=(executed != HOLD) & (executed == decisions.policy) & traded & ~decisions.liquidation,
+        )
+
+    def _update_accounts(self, fills: Fills) -> tuple[Fills, Accounts]:
+        """Phase 4: book the fills, advance the clock to t+1, mark to market at valuation_close[t+1], sell delisted
+        symbols at their last close (_delist, which adds those sales to the fills), close round trips and update the
+        risk state (peak, drawdown, rolling returns). Returns the fills with the delisting sales and the accounts."""
+        equity_before = self.equity  # self.equity is rebound below, never written in place during the step
+        mark_before = self._valuation_close[self.t]
         old_shares = self.shares
-        new_shares = old_shares - f.sell_sh + f.bought
-        basis_cost = old_shares * self.basis  # (E, S) cost basis before the step
-        new_basis = np.divide(
-            basis_cost - f.sell_sh * self.basis + f.need, new_shares, out=np.zeros(new_shares.shape),
-            where=new_shares > 0,
-        )  # fmt: skip
+        new_shares = old_shares - fills.sell_shares + fills.bought
+        new_cost = old_shares * self.basis - fills.sell_shares * self.basis + fills.buy_cash  # (E, S) cost basis
+        new_basis = np.divide(new_cost, new_shares, out=np.zeros(new_shares.shape), where=new_shares > 0)
         self.t = t1 = self.t + 1
-        vc1 = self._vc[t1]
+        mark = self._valuation_close[t1]
         delisted = (t1[:, None] == self._delist_bar) & (new_shares > 0)  # (E, S) the symbol's last bar
         if delisted.any():  # sold at its last close with commission and slippage, like any order
-            f = self._delist(f, delisted, new_shares, new_basis, vc1)
+            fills = self._delist(fills, delisted, new_shares, new_basis, mark)
             new_shares = np.where(delisted, 0.0, new_shares)
         new_pos = new_shares > 0
-        self.cash = f.cash_after
+        self.cash = fills.cash_after
         self.shares = new_shares
         self.basis = np.where(new_pos, new_basis, 0.0)
         self.hold = np.where(new_pos, np.where(old_shares > 0, self.hold + 1, 0.0), 0.0)
-        self.pos_value = new_shares * vc1
-        slot_pnl = self.pos_value - old_shares * vc0 + f.proceeds - f.need
+        self.pos_value = new_shares * mark
+        slot_pnl = self.pos_value - old_shares * mark_before + fills.proceeds - fills.buy_cash
         self.equity = self.cash + self._acc_sum(self.pos_value)
-        self.realized_total += self._acc_sum(f.realized)
-        self._trip_pnl += f.realized
-        closed = (old_shares + f.bought > 0) & ~new_pos  # a round trip ends when the slot is flat again
+        self.realized_total += self._acc_sum(fills.realized)
+        self._trip_pnl += fills.realized
+        closed = (old_shares + fills.bought > 0) & ~new_pos  # a round trip ends when the slot is flat again
         won = closed & (self._trip_pnl > 0)
         self._trip_pnl[closed] = 0.0
-        r = self.equity / eq0 - 1.0  # (E, A) account bar return
+        bar_return = self.equity / equity_before - 1.0
         np.maximum(self.peak, self.equity, out=self.peak)
         drawdown = 1.0 - self.equity / self.peak
-        r_neg_sq = np.minimum(r, 0.0) ** 2
-        self._push_return(r, r_neg_sq)
-        return SimpleNamespace(
-            t1=t1, r=r, r_neg_sq=r_neg_sq, drawdown=drawdown, slot_pnl=slot_pnl, exposure=1.0 - self.cash / self.equity,
-            closed=closed, won=won, delisted=delisted, fills=f,
-        )  # fmt: skip
+        downside_sq = np.minimum(bar_return, 0.0) ** 2
+        self._push_return(bar_return, downside_sq)
+        exposure = 1.0 - self.cash / self.equity
+        return fills, Accounts(t1, bar_return, downside_sq, drawdown, slot_pnl, exposure, closed, won, delisted)
 
-    def _delist(self, f: SimpleNamespace, delisted, shares, basis, price) -> SimpleNamespace:
-        """The fills f with a sale of every share in the delisted slots (E, S) at `price` (the last close), with
-        commission and slippage as for an order decided on that bar."""
-        cfg, cm, t1 = self.config, self.commission, self.t
-        sh = np.where(delisted, shares, 0.0)
-        slip = cfg.spread_bps / 1e4 + cfg.impact_coef * self._vol[t1] * np.sqrt(sh * price / self._dollar_vol[t1])
-        slip = np.minimum(slip + self._flat_slip, cfg.max_slippage_bps / 1e4)
-        sell_px = price * (1.0 - slip)
-        proceeds = sh * sell_px * (1.0 - cm)
-        out = SimpleNamespace(**vars(f))
-        out.cash_after = f.cash_after + self._acc_sum(proceeds)
-        out.proceeds = f.proceeds + proceeds
-        out.sell_sh = f.sell_sh + sh
-        out.cost = f.cost + cm * sh * sell_px + sh * (price - sell_px)
-        out.realized = f.realized + sh * (sell_px * (1.0 - cm) - basis)
-        out.sold_basis = f.sold_basis + sh * basis
-        out.selling = f.selling | delisted
-        out.traded = f.traded | delisted
-        out.fill_price = np.where(delisted, sell_px, f.fill_price)
-        return out
+    def _delist(self, fills: Fills, delisted: np.ndarray, shares: np.ndarray, basis: np.ndarray, price) -> Fills:
+        """The fills with a sale of every share in the delisted slots (E, S) at `price` (E, S) (the last close), with
+        commission and slippage as for an order decided on that bar; `shares` and `basis` (E, S) are the position
+        after this step's fills."""
+        commission = self.commission
+        sold = np.where(delisted, shares, 0.0)
+        sell_price = price * (1.0 - self._slippage(sold * price, self.t))
+        proceeds = sold * sell_price * (1.0 - commission)
+        return fills._replace(
+            cash_after=fills.cash_after + self._acc_sum(proceeds),
+            proceeds=fills.proceeds + proceeds,
+            sell_shares=fills.sell_shares + sold,
+            cost=fills.cost + commission * sold * sell_price + sold * (price - sell_price),
+            realized=fills.realized + sold * (sell_price * (1.0 - commission) - basis),
+            sold_basis=fills.sold_basis + sold * basis,
+            selling=fills.selling | delisted,
+            traded=fills.traded | delisted,
+            fill_price=np.where(delisted, sell_price, fills.fill_price),
+        )
 
-    def _reward(self, act: SimpleNamespace, acc: SimpleNamespace) -> np.ndarray:
-        """Phase 4: the anti-collapse window of executed action classes (hold, increase, decrease: what was filled),
-        then every reward component into self._comp (10, E, S) and the weighted sum (E, S)."""
+    def _update_diversity(self, fills: Fills) -> Diversity:
+        """Phase 5: the anti-collapse window of executed action classes (hold, increase, decrease: what was filled),
+        a ring (E, S, diversity_window) with per-slot class counts."""
         E, S, Wd = self.num_envs, self.num_symbols, self.config.diversity_window
-        f = acc.fills
-        classes = np.where(f.buying, 1, np.where(f.selling, 2, 0)).reshape(-1)
+        classes = np.where(fills.buying, 1, np.where(fills.selling, 2, 0)).reshape(-1)
         old = self._div_ring[:, :, self._div_pos].reshape(-1)
         self._div_count[self._rows, old] -= 1
         self._div_count[self._rows, classes] += 1
         self._div_ring[:, :, self._div_pos] = classes.reshape(E, S)
         self._div_pos = (self._div_pos + 1) % Wd
-        act.classes = (self._div_count[:, :3] > 0).sum(1).reshape(E, S)
-        act.tier = self.shaper.diversity_tier(act.classes, (Wd - self._div_count[:, 3]).reshape(E, S))
+        distinct = (self._div_count[:, :3] > 0).sum(1).reshape(E, S)
+        return Diversity(distinct, self.shaper.diversity_tier(distinct, (Wd - self._div_count[:, 3]).reshape(E, S)))
+
+    def _reward(self, decisions: Decisions, fills: Fills, accounts: Accounts, diversity: Diversity) -> np.ndarray:
+        """Phase 6: every reward component into self._components (10, E, S) and the weighted sum (E, S)."""
+        E, S = self.num_envs, self.num_symbols
         if self.K > 1:
             w = self.pos_value
             tot = w.sum(1, keepdims=True)
@@ -1017,89 +1129,90 @@ class VecTradingCore:
         else:
             divers = 0.0
         sharpe = np.where(self._ret_n >= self.config.risk_min_count, self.sharpe, 0.0)
+        notional = fills.buy_notional + fills.sell_shares * fills.bar_price
         return self.shaper.compute(
-            self._comp,
-            pnl=acc.slot_pnl,
-            realized=f.realized,
-            sold_basis=f.sold_basis,
-            cost=f.cost,
-            timing=f.timing,
+            self._components,
+            pnl=accounts.slot_pnl,
+            realized=fills.realized,
+            sold_basis=fills.sold_basis,
+            cost=fills.cost,
+            timing=fills.timing,
             sharpe=self._acc_to_slot(sharpe),
-            drawdown=self._acc_to_slot(acc.drawdown),
-            exposure=self._acc_to_slot(acc.exposure),
+            drawdown=self._acc_to_slot(accounts.drawdown),
+            exposure=self._acc_to_slot(accounts.exposure),
             diversification=divers,
-            tier=act.tier,
-            run=act.run,
-            intrinsic_notional=np.where(f.voluntary, f.want + f.sell_sh * f.px, 0.0),
+            tier=diversity.tier,
+            run=decisions.run,
+            intrinsic_notional=np.where(fills.voluntary, notional, 0.0),
             holdings=self.pos_value,
             capital=self.capital,
             slots=self.K,
             max_consecutive=self.config.max_consecutive,
         )
 
-    def _telemetry(self, act: SimpleNamespace, acc: SimpleNamespace, reward) -> dict:
-        """Phase 5: the episode accumulators and the step's info dict (per slot; see the class docstring)."""
-        f = acc.fills
+    def _telemetry(self, decisions: Decisions, fills: Fills, accounts: Accounts, diversity: Diversity, reward) -> dict:
+        """Phase 7: the episode accumulators and the step's info dict (per slot; see the class docstring)."""
+        liquidation = decisions.liquidation | accounts.delisted
         ep = self._ep
         ep["length"] += 1
         ep["reward"] += reward
-        ep["cost"] += f.cost
-        ep["turnover"] += f.want + f.sell_sh * f.px
-        ep["trades"] += f.traded
-        ep["violations"] += act.violation
-        ep["masked_attempts"] += act.masked
-        ep["forced_holds"] += act.forced
-        ep["voluntary_trades"] += f.voluntary
-        ep["policy_trades"] += act.nonhold
-        ep["diversity_bonus"] += act.tier
-        ep["order_cancelled"] += f.cancelled
-        ep["order_shrunk"] += f.shrunk
-        ep["round_trips"] += acc.closed
-        ep["winning_trips"] += acc.won
-        ep["liquidations"] += act.liquidation | acc.delisted
-        self._ep_policy_counts[self._rows, act.policy.reshape(-1)] += 1
-        self._ep_exec_counts[self._rows, act.executed.reshape(-1)] += 1
+        ep["cost"] += fills.cost
+        ep["turnover"] += fills.buy_notional + fills.sell_shares * fills.bar_price
+        ep["trades"] += fills.traded
+        ep["violations"] += decisions.violation
+        ep["masked_attempts"] += decisions.masked
+        ep["forced_holds"] += decisions.forced
+        ep["voluntary_trades"] += fills.voluntary
+        ep["policy_trades"] += decisions.nonhold
+        ep["diversity_bonus"] += diversity.tier
+        ep["order_cancelled"] += fills.cancelled
+        ep["order_shrunk"] += fills.shrunk
+        ep["round_trips"] += accounts.closed
+        ep["winning_trips"] += accounts.won
+        ep["liquidations"] += liquidation
+        self._ep_policy_counts[self._rows, decisions.policy.reshape(-1)] += 1
+        self._ep_exec_counts[self._rows, decisions.executed.reshape(-1)] += 1
         e = self._ep_acc
         e["n"] += 1
-        e["sum"] += acc.r
-        e["sq"] += acc.r * acc.r
-        e["neg"] += acc.r_neg_sq
-        np.maximum(e["max_drawdown"], acc.drawdown, out=e["max_drawdown"])
+        e["sum"] += accounts.bar_return
+        e["sq"] += accounts.bar_return * accounts.bar_return
+        e["neg"] += accounts.downside_sq
+        np.maximum(e["max_drawdown"], accounts.drawdown, out=e["max_drawdown"])
         return {
-            "policy_action": act.policy,
-            "executed_action": act.executed,
-            "masked_attempt": act.masked,
-            "forced_hold": act.forced,
-            "voluntary_trade": f.voluntary,
-            "violations": act.violation,
-            "liquidation": act.liquidation | acc.delisted,
-            "order_cancelled": f.cancelled,
-            "order_shrunk": f.shrunk,
-            "traded_shares": f.bought - f.sell_sh,
-            "fill_price": f.fill_price,
-            "cost": f.cost,
+            "policy_action": decisions.policy,
+            "executed_action": decisions.executed,
+            "masked_attempt": decisions.masked,
+            "forced_hold": decisions.forced,
+            "voluntary_trade": fills.voluntary,
+            "violations": decisions.violation,
+            "liquidation": liquidation,
+            "order_cancelled": fills.cancelled,
+            "order_shrunk": fills.shrunk,
+            "traded_shares": fills.bought - fills.sell_shares,
+            "fill_price": fills.fill_price,
+            "cost": fills.cost,
             "equity": self._acc_to_slot(self.equity).copy(),
-            "exposure": self._acc_to_slot(acc.exposure),
+            "exposure": self._acc_to_slot(accounts.exposure),
             "cash": self._acc_to_slot(self.cash).copy(),
             "holdings": self.pos_value.copy(),  # a copy: the end-of-sweep reset zeroes pos_value
-            "pnl": acc.slot_pnl,
-            "account_return": self._acc_to_slot(acc.r),
-            "drawdown": self._acc_to_slot(acc.drawdown),
-            "round_trip_closed": acc.closed,
-            "round_trip_won": acc.won,
-            "diversity_bonus": act.tier,
-            "unique_classes": act.classes,
-            "reward_components": dict(zip(REWARD_COMPONENTS, self._comp, strict=True)),
-            "bar": acc.t1.copy(),
+            "pnl": accounts.slot_pnl,
+            "account_return": self._acc_to_slot(accounts.bar_return),
+            "drawdown": self._acc_to_slot(accounts.drawdown),
+            "round_trip_closed": accounts.closed,
+            "round_trip_won": accounts.won,
+            "diversity_bonus": diversity.tier,
+            "unique_classes": diversity.classes,
+            "reward_components": dict(zip(REWARD_COMPONENTS, self._components, strict=True)),
+            "bar": accounts.t1.copy(),
         }
 
-    def _end_episodes(self, acc: SimpleNamespace, info: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Phase 6: stop-outs, truncation per env, termination per account, the observation of bar t+1 and the
+    def _end_episodes(self, accounts: Accounts, info: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Phase 8: stop-outs, truncation per env, termination per account, the observation of bar t+1 and the
         same-step autoreset (final_obs, the ended episodes' statistics, fresh starts or, in evaluation, a stopped
         account that stays flat). Returns terminated, truncated (E, S)."""
         cfg = self.config
-        trunc_env = acc.t1 >= self.end
-        breach = (self.equity < cfg.ruin_fraction * self.capital) | (acc.drawdown >= cfg.max_drawdown)
+        trunc_env = accounts.t1 >= self.end
+        breach = (self.equity < cfg.ruin_fraction * self.capital) | (accounts.drawdown >= cfg.max_drawdown)
         flat = ~self._acc_sum(self.shares > 0) if self.K == 1 else ~(self.shares > 0).any(1, keepdims=True)
         # halted accounts end their episode once flat (a breach while flat ends it at once); stopped ones are done
         term_acc = (self.halted | breach) & flat & ~self.stopped
@@ -1168,6 +1281,7 @@ class VecTradingCore:
         E, S = done.shape
         pc = self._ep_policy_counts.reshape(E, S, NUM_ACTIONS)
         xc = self._ep_exec_counts.reshape(E, S, NUM_ACTIONS)
+        trips, won = ep["round_trips"], ep["winning_trips"]
         equity = self._acc_to_slot(self.equity)
         return {
             "return": equity / self.capital - 1.0,
@@ -1179,10 +1293,8 @@ class VecTradingCore:
             "turnover": ep["turnover"] / self.capital,
             "costs": ep["cost"] / self.capital,
             "trades": ep["trades"].copy(),
-            "round_trips": ep["round_trips"].copy(),
-            "win_rate": np.divide(
-                ep["winning_trips"], ep["round_trips"], out=np.zeros_like(mean), where=ep["round_trips"] > 0
-            ),  # fmt: skip
+            "round_trips": trips.copy(),
+            "win_rate": np.divide(won, trips, out=np.zeros_like(mean), where=trips > 0),
             "liquidations": ep["liquidations"].copy(),
             "unique_actions": (xc > 0).sum(-1).astype(np.float64),
             "policy_action_entropy": action_entropy(pc),
@@ -1204,20 +1316,21 @@ class VecTradingCore:
     # scratch buffers rewritten before they are read, and the views below. Everything else in vars(core) is state.
     _FIXED = (
         "config", "symbols", "mode", "split", "sequential", "num_envs", "num_symbols", "A", "K", "bars_per_year",
-        "capital", "commission", "min_notional", "lookback", "shaper", "T", "_vc", "_fill_ok", "_fill_px",
+        "capital", "commission", "min_notional", "lookback", "shaper", "T", "_valuation_close", "_fill_ok", "_fill_px",
         "_decide_ok", "_dollar_vol", "_flat_slip", "_volume_free", "_delist_bar", "_vol", "_mean_close",
         "_tech_rows", "_tech_base", "_sl", "_regime", "split_start", "split_last", "observation_shapes", "_rows",
-        "_no_episode", "final_obs", "_tech_idx", "_comp",
+        "_no_episode", "final_obs", "_tech_idx", "_components",
     )  # fmt: skip
 
     # Views of the state's arrays and values derived from it, rebuilt by _rebuild_views (pickle would store a view
     # as an unrelated copy): the (E, A, K, 8) view of obs["portfolio"] and the directive-derived mask thresholds.
     _VIEWS = (
-        "_pf4", "_m_buy_cash", "_m_buy_ok", "_m_add_cash", "_m_cap", "_m_ceiling", "_m_limit", "_m_not_defensive",
+        "_portfolio_by_account", "_m_buy_cash", "_m_buy_ok", "_m_add_cash", "_m_cap", "_m_ceiling", "_m_limit",
+        "_m_not_defensive",
     )  # fmt: skip
 
     def _rebuild_views(self) -> None:
-        self._pf4 = self.obs["portfolio"].reshape(self.num_envs, self.A, self.K, 8)
+        self._portfolio_by_account = self.obs["portfolio"].reshape(self.num_envs, self.A, self.K, 8)
         self._directive_constants()
 
     def get_state(self) -> dict:
@@ -1237,8 +1350,10 @@ class VecTradingCore:
             elif isinstance(v, bool | int | float):
                 state[k] = v
             else:
-                raise TypeError(f"VecTradingCore.get_state: attribute {k} ({type(v).__name__}) is neither state "
-                                "nor listed in _FIXED / _VIEWS; classify it there.")  # fmt: skip
+                raise TypeError(
+                    f"VecTradingCore.get_state: attribute {k} ({type(v).__name__}) is neither state nor listed in "
+                    "_FIXED / _VIEWS; classify it there."
+                )
         return state
 
     def set_state(self, state: dict) -> None:
@@ -1334,8 +1449,15 @@ class TradingEnvironment(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, market: PreparedMarket, symbol=0, split: str = "train", config: EnvConfig | None = None,
-                 seed: int = 0, sequential: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        market: PreparedMarket,
+        symbol=0,
+        split: str = "train",
+        config: EnvConfig | None = None,
+        seed: int = 0,
+        sequential: bool = False,
+    ):
         self.core = VecTradingCore(market, 1, split, "independent", config, seed, sequential, symbols=[symbol])
         self.observation_space = slot_observation_space(self.core)
         self.action_space = spaces.Discrete(NUM_ACTIONS)
@@ -1367,7 +1489,7 @@ class TradingEnvironment(gym.Env):
         term, trunc = terminated.item(), truncated.item()  # (1, 1) arrays -> Python scalars in one call each
         out = {k: info[k].item() for k in _SCALAR_INFO}
         # the components (10, 1, 1) float32 -> 10 Python floats at once (as float(v[0, 0]) each)
-        out["reward_components"] = dict(zip(REWARD_COMPONENTS, self.core._comp.reshape(-1).tolist(), strict=True))
+        out["reward_components"] = dict(zip(REWARD_COMPONENTS, self.core._components.reshape(-1).tolist(), strict=True))
         views = self._obs_views
         if term or trunc:
             self._needs_reset = True
@@ -1391,8 +1513,17 @@ class TradingVectorEnv(gym.vector.VectorEnv):
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
-    def __init__(self, market: PreparedMarket, num_envs: int = 1, split: str = "train", mode: str = "independent",
-                 config: EnvConfig | None = None, seed: int = 0, sequential: bool = False, symbols=None):  # fmt: skip
+    def __init__(
+        self,
+        market: PreparedMarket,
+        num_envs: int = 1,
+        split: str = "train",
+        mode: str = "independent",
+        config: EnvConfig | None = None,
+        seed: int = 0,
+        sequential: bool = False,
+        symbols=None,
+    ):
         self.core = VecTradingCore(market, num_envs, split, mode, config, seed, sequential, symbols)
         self.num_envs = self.core.num_envs * self.core.num_symbols
         self.single_observation_space = slot_observation_space(self.core)
@@ -1444,11 +1575,18 @@ if _SB3VecEnv is not None:
         info["episode"] = {"r", "l", "t"} for SB3's episode logging, info["episode_stats"] the core's statistics.
         `env_method("action_masks")` returns every slot's mask, so sb3-contrib's MaskablePPO trains on it."""
 
-        def __init__(self, market: PreparedMarket, num_envs: int = 1, split: str = "train",
-                     config: EnvConfig | None = None, seed: int = 0, symbols=None):  # fmt: skip
+        def __init__(
+            self,
+            market: PreparedMarket,
+            num_envs: int = 1,
+            split: str = "train",
+            config: EnvConfig | None = None,
+            seed: int = 0,
+            symbols=None,
+        ):
             self.core = VecTradingCore(market, num_envs, split, "independent", config, seed, symbols=symbols)
-            super().__init__(self.core.num_envs * self.core.num_symbols, slot_observation_space(self.core),
-                             spaces.Discrete(NUM_ACTIONS))  # fmt: skip
+            num_slots = self.core.num_envs * self.core.num_symbols
+            super().__init__(num_slots, slot_observation_space(self.core), spaces.Discrete(NUM_ACTIONS))
             self._actions = np.zeros(self.num_envs, dtype=np.int64)
             self._returns = np.zeros(self.num_envs)
             self._started = time.perf_counter()
@@ -1484,7 +1622,7 @@ if _SB3VecEnv is not None:
                             "r": float(self._returns[i]),
                             "l": int(length[i]),
                             "t": round(time.perf_counter() - self._started, 6),
-                        },  # fmt: skip
+                        },
                         "episode_stats": {k: float(v[i]) for k, v in stats.items()},
                     }
                 self._returns[dones] = 0.0
@@ -1540,8 +1678,15 @@ class PortfolioParallelEnv(ParallelEnv):
 
     metadata = {"name": "portfolio_trading_v0", "render_modes": []}
 
-    def __init__(self, market: PreparedMarket, split: str = "train", config: EnvConfig | None = None,
-                 seed: int = 0, sequential: bool = False, symbols=None):  # fmt: skip
+    def __init__(
+        self,
+        market: PreparedMarket,
+        split: str = "train",
+        config: EnvConfig | None = None,
+        seed: int = 0,
+        sequential: bool = False,
+        symbols=None,
+    ):
         self.core = VecTradingCore(market, 1, split, "portfolio", config, seed, sequential, symbols)
         self.possible_agents = list(self.core.symbols)
         self.agents = []
@@ -1579,8 +1724,8 @@ class PortfolioParallelEnv(ParallelEnv):
             obs = info["final_obs"]
             self.agents = []
         names = self.possible_agents
-        infos = {a: {"executed_action": int(info["executed_action"][0, i]), "cost": float(info["cost"][0, i])}
-                 for i, a in enumerate(names)}  # fmt: skip
+        executed, cost = info["executed_action"][0], info["cost"][0]
+        infos = {a: {"executed_action": int(executed[i]), "cost": float(cost[i])} for i, a in enumerate(names)}
         return (
             self._split(obs),
             {a: float(reward[0, i]) for i, a in enumerate(names)},

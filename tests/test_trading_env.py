@@ -632,7 +632,7 @@ def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
     b = te.VecTradingCore(market, 2, mode="portfolio", seed=99)  # neutral directives, other starts
     held = b.reset()  # the caller's observation dict: set_state must refresh it in place
     b.set_state(a.get_state())
-    assert held is b.obs and np.shares_memory(b._pf4, b.obs["portfolio"])
+    assert held is b.obs and np.shares_memory(b._portfolio_by_account, b.obs["portfolio"])
     for key in a.obs:
         np.testing.assert_array_equal(held[key], a.obs[key])
     for _ in range(30):
@@ -682,7 +682,7 @@ def test_state_round_trip_continues_bit_identically(mode, how, tmp_path):
         a.step(masked_random_actions(rng, a.obs["action_mask"]))
     if how == "pickle":
         b = pickle.loads(pickle.dumps(a))
-        assert np.shares_memory(b._pf4, b.obs["portfolio"])
+        assert np.shares_memory(b._portfolio_by_account, b.obs["portfolio"])
     else:
         b = te.VecTradingCore(market, 3, mode=mode, config=config, seed=123)
         b.reset()
@@ -970,6 +970,37 @@ def test_participation_cap_shrinks_orders_and_slippage_is_bounded():
     np.testing.assert_allclose(info["fill_price"][0, 0], market.data.open[31, 0] * 1.05)  # decided at 30
     _, _, _, _, info = core.step(np.array([[te.SELL_ALL]]))
     assert info["fill_price"][0, 0] > 0 and core.equity[0, 0] > 0 and core.cash[0, 0] >= 0
+
+
+def test_buys_shrink_again_when_slippage_on_the_same_steps_sells_leaves_the_account_short():
+    # the sizing checks cash against the sells' proceeds without slippage; when that check binds (here: a sold
+    # position opens 96% down, so its proceeds are too small for five buys), slippage on the sale would leave the
+    # account short, and the buys shrink once more: cash ends at ~0, never below
+    market = make_market(T=120, S=7, seed=15, splits={"train": (30, 120)}, volume=(1e6, 2e6))
+    t = max(30, market.lookback - 1)  # the sequential start bar
+    vc = market.valuation_close[t]
+    market.data.open[t + 1, 0] = 0.04 * vc[0]
+    core = te.VecTradingCore(market, 1, mode="portfolio", sequential=True)
+    core.reset()
+    core.set_directives(np.array([_directive(2, 0, 2)]))  # risk 1, cap 5% with no open-position limit, ceiling 90%
+    assert core.t[0] == t
+    equity = core.capital
+    core.shares[0, [0, 6]] = np.array([0.30, 0.59]) * equity / vc[[0, 6]]  # exposure 89%, cash 11% of equity
+    core.basis[0, [0, 6]] = vc[[0, 6]]
+    core.pos_value[:] = core.shares * vc
+    core.cash[:] = 0.11 * equity
+    core._write_obs()
+    assert core.obs["action_mask"][0, 1:6, te.BUY_SMALL].all()
+    a = np.array([[te.SELL_ALL] + [te.BUY_SMALL] * 5 + [te.HOLD]])
+    sold = core.shares[0, 0]
+    _, _, _, _, info = core.step(a)
+    assert info["fill_price"][0, 0] < market.data.open[t + 1, 0]  # the sale paid slippage
+    assert info["order_shrunk"][0, 1:6].all() and not info["order_shrunk"][0, [0, 6]].any()
+    buys = info["traded_shares"][0, 1:6] * info["fill_price"][0, 1:6]
+    np.testing.assert_allclose(buys, buys[0], rtol=1e-12)  # one scale for the account's buys
+    proceeds = sold * info["fill_price"][0, 0] * (1 - core.commission)
+    np.testing.assert_allclose(buys.sum() * (1 + core.commission), 0.11 * equity + proceeds, rtol=1e-9)
+    assert 0.0 <= core.cash[0, 0] < 1e-6
 
 
 def test_small_sells_sell_everything_and_small_buys_are_cancelled():

@@ -140,9 +140,16 @@ def performance_metrics(equity: np.ndarray, timestamps: np.ndarray, bars_per_yea
 
 
 def run_backtest(
-    policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, mode: str = "independent",
-    master=None, interval: int = 1, symbols=None,
-) -> dict:  # fmt: skip
+    policy,
+    market: PreparedMarket,
+    split: str,
+    config: EnvConfig,
+    seed: int,
+    mode: str = "independent",
+    master=None,
+    interval: int = 1,
+    symbols=None,
+) -> dict:
     """One sequential sweep of `split` with one env trading every symbol; policy(obs) -> actions (1, S) each bar.
     Every bar of the split after the lookback is stepped exactly once (a stopped-out account stays flat with its cash
     until the end), so the sweep always ends.
@@ -161,7 +168,13 @@ def run_backtest(
         )
     core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True, symbols=symbols)
     obs = core.reset(seed=seed)
-    start, n, A, K, S = int(core.t[0]), int(core.end[0] - core.t[0]), core.A, core.K, core.num_symbols
+    start, n, A, K, S = (
+        int(core.t[0]),
+        int(core.end[0] - core.t[0]),
+        core.accounts_per_env,
+        core.symbols_per_account,
+        core.num_symbols,
+    )
     book = float(config.initial_capital) * A
     equity, exposure = np.empty(n + 1), np.empty(n)
     equity[0] = book
@@ -183,8 +196,13 @@ def run_backtest(
         exposure[i] = info["holdings"][0].sum() / equity[i + 1]
         pnl[i], executed[i] = info["pnl"][0], info["executed_action"][0]
         counts["trades"] += int((info["traded_shares"][0] != 0).sum())  # filled orders
-        for key, flag in (("cancelled", "order_cancelled"), ("shrunk", "order_shrunk"), ("wins", "round_trip_won"),
-                          ("round_trips", "round_trip_closed"), ("liquidations", "liquidation")):  # fmt: skip
+        for key, flag in (
+            ("cancelled", "order_cancelled"),
+            ("shrunk", "order_shrunk"),
+            ("wins", "round_trip_won"),
+            ("round_trips", "round_trip_closed"),
+            ("liquidations", "liquidation"),
+        ):
             counts[key] += int(info[flag][0].sum())
         cost += float(info["cost"][0].sum())
         traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
@@ -213,8 +231,14 @@ def run_backtest(
             directive_regime_level=float((share * coords[2]).sum()),
             directive_most_used=int(used.argmax()),
         )
-    series = {"timestamps": timestamps, "exposure": exposure, "pnl": pnl,
-              "executed": executed, "directives": directives, "start": start}  # fmt: skip
+    series = {
+        "timestamps": timestamps,
+        "exposure": exposure,
+        "pnl": pnl,
+        "executed": executed,
+        "directives": directives,
+        "start": start,
+    }
     return {"agent": metrics, "curve": equity, "series": series}
 
 
@@ -241,8 +265,9 @@ def random_policy(seed: int, trade_rate: float = 1.0):
     return act
 
 
-def buy_and_hold(market: PreparedMarket, start: int, bars: int, book: float, config: EnvConfig,
-                 fraction: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def buy_and_hold(
+    market: PreparedMarket, start: int, bars: int, book: float, config: EnvConfig, fraction: float = 1.0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Buy-and-hold on the same capital and costs as a backtest from bar `start` over `bars` bars: (equity (bars + 1,),
     exposure (bars,)) of `fraction` x book put in the benchmark and in an investable equal-weight basket (equal
     amounts of every symbol tradable at the first fill, bought at open[start + 1]), the rest held as cash, never
@@ -313,8 +338,15 @@ def fit_rule(market: PreparedMarket, config: EnvConfig, split: str = "train") ->
                 sd = book.std()
                 sharpe = book.mean() / sd * ann if sd > 0 else 0.0
                 if sharpe > best["sharpe"]:
-                    best = {"sharpe": float(sharpe), "feature": f, "name": name, "direction": direction,
-                            "threshold": float(theta), "quantile": float(q), "split": split}  # fmt: skip
+                    best = {
+                        "sharpe": float(sharpe),
+                        "feature": f,
+                        "name": name,
+                        "direction": direction,
+                        "threshold": float(theta),
+                        "quantile": float(q),
+                        "split": split,
+                    }
     best["train_proxy_sharpe"] = best.pop("sharpe")
     return best
 
@@ -334,8 +366,9 @@ def rule_policy(rule: dict):
     return act
 
 
-def baseline_backtests(market: PreparedMarket, split: str, config: EnvConfig, seed: int, agent: dict,
-                       rule: dict | None = None) -> dict[str, dict]:  # fmt: skip
+def baseline_backtests(
+    market: PreparedMarket, split: str, config: EnvConfig, seed: int, agent: dict, rule: dict | None = None
+) -> dict[str, dict]:
     """The baselines of an independent-mode agent backtest `agent` (run_backtest's result), each on the same split,
     capital and costs: always-HOLD; random at the agent's trade rate; the rule ceiling (when a fit_rule rule is
     given); buy-and-hold of the benchmark and of the equal-weight basket, at full exposure and scaled to the agent's
@@ -356,8 +389,15 @@ def baseline_backtests(market: PreparedMarket, split: str, config: EnvConfig, se
     return out
 
 
-def agent_backtests(make_policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, samples: int,
-                    train_split: str = "train") -> dict:  # fmt: skip
+def agent_backtests(
+    make_policy,
+    market: PreparedMarket,
+    split: str,
+    config: EnvConfig,
+    seed: int,
+    samples: int,
+    train_split: str = "train",
+) -> dict:
     """An independent-mode agent's final backtest on `split`: make_policy(sample_seed, record) -> policy gives the
     argmax policy (sample_seed None; with `record`, a list it fills with (ret_1, P(increase), increase allowed) each
     bar) and the sampled one. Returns "reports" (name -> metrics: the agent argmax, the mean over `samples` sampled
@@ -426,8 +466,12 @@ def stress_tests(run, market: PreparedMarket, split: str, config: EnvConfig, dro
 
     def costs(k: float) -> EnvConfig:
         flat = None if config.volume_free_cost_bps is None else k * config.volume_free_cost_bps
-        return replace(config, commission_bps=k * config.commission_bps, spread_bps=k * config.spread_bps,
-                       volume_free_cost_bps=flat)  # fmt: skip
+        return replace(
+            config,
+            commission_bps=k * config.commission_bps,
+            spread_bps=k * config.spread_bps,
+            volume_free_cost_bps=flat,
+        )
 
     impact = replace(config, impact_coef=5 * config.impact_coef)
     lo, hi = worst_drawdown_window(market)
@@ -440,19 +484,43 @@ def stress_tests(run, market: PreparedMarket, split: str, config: EnvConfig, dro
         ("costs_x3", "commission and spread x3", market, split, costs(3.0), same),
         ("impact_x5", "square-root impact x5", market, split, impact, same),
         ("latency_1_bar", "every order one bar late", market, split, config, one_bar_late),
-        ("crisis_replay", f"worst benchmark drawdown, {ts[lo]} to {ts[hi - 1]} ({hi - lo} bars, {where})", crisis,
-         "crisis", config, same),
-    ]  # fmt: skip
+        (
+            "crisis_replay",
+            f"worst benchmark drawdown, {ts[lo]} to {ts[hi - 1]} ({hi - lo} bars, {where})",
+            crisis,
+            "crisis",
+            config,
+            same,
+        ),
+    ]
     for j in drop:
         name = market.data.symbols[j]
-        scenarios.append((f"without_{name}", f"{name} never traded", market, split, config,
-                          lambda policy, j=j: without_symbol(policy, j)))  # fmt: skip
-    return [{"scenario": name, "description": text, "reports": run(m, s, cfg, wrap)}
-            for name, text, m, s, cfg, wrap in scenarios]  # fmt: skip
+        scenarios.append(
+            (
+                f"without_{name}",
+                f"{name} never traded",
+                market,
+                split,
+                config,
+                lambda policy, j=j: without_symbol(policy, j),
+            )
+        )
+    return [
+        {"scenario": name, "description": text, "reports": run(m, s, cfg, wrap)}
+        for name, text, m, s, cfg, wrap in scenarios
+    ]
 
 
-def agent_stress(policy, rule: dict, market: PreparedMarket, split: str, config: EnvConfig, seed: int, top: int = 5,
-                 contribution: np.ndarray | None = None) -> list[dict]:  # fmt: skip
+def agent_stress(
+    policy,
+    rule: dict,
+    market: PreparedMarket,
+    split: str,
+    config: EnvConfig,
+    seed: int,
+    top: int = 5,
+    contribution: np.ndarray | None = None,
+) -> list[dict]:
     """stress_tests for an independent-mode agent's argmax `policy`: each row backtests the agent, a random policy at
     its trade rate under that stress, the rule ceiling and buy-and-hold of the benchmark and the equal-weight basket
     scaled to its exposure, all through the same wrap (buy-and-hold is not wrapped; without a symbol it keeps it).
@@ -513,8 +581,9 @@ def fixed_directive(index: int):
     return lambda obs, core, last_actions: np.full(core.num_envs, index)
 
 
-def master_backtests(policy, master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
-                     interval: int) -> tuple[dict, dict]:  # fmt: skip
+def master_backtests(
+    policy, master, market: PreparedMarket, split: str, config: EnvConfig, seed: int, interval: int
+) -> tuple[dict, dict]:
     """The master's backtest in portfolio mode beside its baselines, all on the same symbol-agent policy, capital and
     costs: the fixed neutral directive, the neutral book scaled to the master's average exposure (its bar returns
     times the exposure ratio: plain de-leveraging), the volatility-targeting rule fitted on the train split, the
@@ -618,10 +687,30 @@ def format_go_criterion(go: dict) -> str:
 
 
 REPORT_KEYS = (
-    "total_return", "cagr", "sharpe", "sharpe_se", "psr", "dsr", "dsr_trials", "sortino", "sharpe_bar",
-    "bar_autocorr", "max_drawdown", "max_drawdown_bars", "calmar", "exposure", "trades", "trade_rate",
-    "orders_cancelled", "orders_shrunk", "round_trips", "win_rate", "liquidations", "turnover", "costs",
-)  # fmt: skip
+    "total_return",
+    "cagr",
+    "sharpe",
+    "sharpe_se",
+    "psr",
+    "dsr",
+    "dsr_trials",
+    "sortino",
+    "sharpe_bar",
+    "bar_autocorr",
+    "max_drawdown",
+    "max_drawdown_bars",
+    "calmar",
+    "exposure",
+    "trades",
+    "trade_rate",
+    "orders_cancelled",
+    "orders_shrunk",
+    "round_trips",
+    "win_rate",
+    "liquidations",
+    "turnover",
+    "costs",
+)
 
 
 def format_report(reports: dict[str, dict], split: str) -> str:
@@ -666,8 +755,17 @@ def verdict(reports: dict[str, dict], where: str, agent: str = "agent") -> str:
     return "".join(parts)
 
 
-def save_backtest(run_dir, writer, reports: dict[str, dict], curves: dict, split: str, market: PreparedMarket,
-                  timestamps: np.ndarray, stress: list[dict] | None = None, agent: str = "agent") -> str:  # fmt: skip
+def save_backtest(
+    run_dir,
+    writer,
+    reports: dict[str, dict],
+    curves: dict,
+    split: str,
+    market: PreparedMarket,
+    timestamps: np.ndarray,
+    stress: list[dict] | None = None,
+    agent: str = "agent",
+) -> str:
     """Write the final backtest: reports as run_dir/backtest.json; backtest.md with the verdict sentence, the
     format_report table and the stress table (when given); every equity curve (N+1,) marked at `timestamps` as
     <split>_equity.parquet (one column per strategy) and its daily returns as <split>_daily_returns.parquet, so that
@@ -735,7 +833,7 @@ def decile_table(feature: np.ndarray, p_increase: np.ndarray, allowed: np.ndarra
             "high": float(edges[d + 1]),
             "p_increase": float(p[idx == d].mean()),
             "decisions": int((idx == d).sum()),
-        }  # fmt: skip
+        }
         for d in range(10)
         if (idx == d).any()
     ]
@@ -743,10 +841,16 @@ def decile_table(feature: np.ndarray, p_increase: np.ndarray, allowed: np.ndarra
 
 def format_deciles(rows: list[dict], name: str) -> str:
     """The decile table as Markdown."""
-    lines = [f"P(increase exposure | decile of {name}), decisions where an increase was allowed:", "",
-             f"| decile | {name} range | P(increase) | decisions |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['decile']} | {r['low']:.2f} .. {r['high']:.2f} | {r['p_increase']:.3f} | {r['decisions']} |"
-              for r in rows]  # fmt: skip
+    lines = [
+        f"P(increase exposure | decile of {name}), decisions where an increase was allowed:",
+        "",
+        f"| decile | {name} range | P(increase) | decisions |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['decile']} | {r['low']:.2f} .. {r['high']:.2f} | {r['p_increase']:.3f} | {r['decisions']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -893,13 +997,21 @@ def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
         returns = pd.read_parquet(run / f"{split}_daily_returns.parquet")
         reports = summary["backtest"]
         trials += summary.get("val_sharpes") or []
-        folds.append({
-            "fold": k, "run": run.name, "splits": summary["data"]["splits"],
-            "test_start": str(returns.index[0].date()), "test_end": str(returns.index[-1].date()),
-            "days": len(returns), "sharpe": {name: r["sharpe"] for name, r in reports.items()},
-            "sharpe_se": reports[key]["sharpe_se"], "exposure": reports[key].get("exposure"),
-            "total_return": reports[key]["total_return"], "days_per_year": reports[key]["days_per_year"],
-        })  # fmt: skip
+        folds.append(
+            {
+                "fold": k,
+                "run": run.name,
+                "splits": summary["data"]["splits"],
+                "test_start": str(returns.index[0].date()),
+                "test_end": str(returns.index[-1].date()),
+                "days": len(returns),
+                "sharpe": {name: r["sharpe"] for name, r in reports.items()},
+                "sharpe_se": reports[key]["sharpe_se"],
+                "exposure": reports[key].get("exposure"),
+                "total_return": reports[key]["total_return"],
+                "days_per_year": reports[key]["days_per_year"],
+            }
+        )
         daily.append(returns)
     days_per_year = folds[0]["days_per_year"]
     stitched = stitch_daily_returns(daily)
@@ -907,40 +1019,60 @@ def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
     if len(trials) > 1:
         ann = np.sqrt(days_per_year)
         sr0 = expected_max_sharpe(np.asarray(trials) / ann)
-        metrics[key] |= {"dsr": probabilistic_sharpe(stitched[key].to_numpy(), sr0), "dsr_trials": len(trials),
-                         "dsr_sr0": sr0 * ann}  # fmt: skip
+        metrics[key] |= {
+            "dsr": probabilistic_sharpe(stitched[key].to_numpy(), sr0),
+            "dsr_trials": len(trials),
+            "dsr_sr0": sr0 * ann,
+        }
     fold_sharpes = np.array([f["sharpe"][key] for f in folds])
-    best = [max(v for n, v in f["sharpe"].items() if n != key and not n.startswith(key) and n != "rule_ceiling")
-            for f in folds]  # fmt: skip
+    best = [
+        max(v for n, v in f["sharpe"].items() if n != key and not n.startswith(key) and n != "rule_ceiling")
+        for f in folds
+    ]
     summary = {
-        "folds": len(folds), "fold_sharpe_mean": float(fold_sharpes.mean()),
-        "fold_sharpe_median": float(np.median(fold_sharpes)), "folds_positive": int((fold_sharpes > 0).sum()),
+        "folds": len(folds),
+        "fold_sharpe_mean": float(fold_sharpes.mean()),
+        "fold_sharpe_median": float(np.median(fold_sharpes)),
+        "folds_positive": int((fold_sharpes > 0).sum()),
         "folds_above_best_baseline": int((fold_sharpes > np.array(best)).sum()),
-        "stitched_sharpe": metrics[key]["sharpe"], "stitched_sharpe_se": metrics[key]["sharpe_se"],
+        "stitched_sharpe": metrics[key]["sharpe"],
+        "stitched_sharpe_se": metrics[key]["sharpe_se"],
         "seed_go_sharpe_above_0.6": bool(metrics[key]["sharpe"] > 0.6),
-    }  # fmt: skip
+    }
     stitched.to_parquet(out_dir / "walk_forward_daily_returns.parquet")
     record = {"key": key, "folds": folds, "stitched": metrics, "summary": summary, "val_sharpes": trials}
     (out_dir / "walk_forward.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     names = list(stitched.columns)
-    lines = [f"| fold | test period | days | {key} (se) | " + " | ".join(n for n in names if n != key) + " |",
-             "|---" * (len(names) + 3) + "|"]  # fmt: skip
+    lines = [
+        f"| fold | test period | days | {key} (se) | " + " | ".join(n for n in names if n != key) + " |",
+        "|---" * (len(names) + 3) + "|",
+    ]
     for f in folds:
         se = f["sharpe_se"]
         cells = " | ".join(f"{f['sharpe'].get(n, float('nan')):.2f}" for n in names if n != key)
         se_text = f" ({se:.2f})" if se is not None else ""
-        lines.append(f"| {f['fold']} | {f['test_start']} .. {f['test_end']} | {f['days']} | "
-                     f"{f['sharpe'][key]:.2f}{se_text} | {cells} |")  # fmt: skip
-    text = "\n".join([
-        verdict(metrics, "stitched out-of-sample record", key), "",
-        f"walk-forward, {len(folds)} folds (each trained from scratch on its own train split, its weights picked on "
-        "its own validation split, graded on its test block); Sharpe from daily returns:", "", *lines, "",
-        "the stitched out-of-sample record (every fold's test block, compounded):", "",
-        format_report(metrics, "stitched"), "",
-        f"{key}: mean fold Sharpe {summary['fold_sharpe_mean']:.2f} (median {summary['fold_sharpe_median']:.2f}), "
-        f"positive in {summary['folds_positive']} of {len(folds)} folds, above the best baseline in "
-        f"{summary['folds_above_best_baseline']}",
-    ])  # fmt: skip
+        lines.append(
+            f"| {f['fold']} | {f['test_start']} .. {f['test_end']} | {f['days']} | "
+            f"{f['sharpe'][key]:.2f}{se_text} | {cells} |"
+        )
+    text = "\n".join(
+        [
+            verdict(metrics, "stitched out-of-sample record", key),
+            "",
+            f"walk-forward, {len(folds)} folds (each trained from scratch on its own train split, its weights "
+            "picked on its own validation split, graded on its test block); Sharpe from daily returns:",
+            "",
+            *lines,
+            "",
+            "the stitched out-of-sample record (every fold's test block, compounded):",
+            "",
+            format_report(metrics, "stitched"),
+            "",
+            f"{key}: mean fold Sharpe {summary['fold_sharpe_mean']:.2f} (median {summary['fold_sharpe_median']:.2f}), "
+            f"positive in {summary['folds_positive']} of {len(folds)} folds, above the best baseline in "
+            f"{summary['folds_above_best_baseline']}",
+        ]
+    )
     (out_dir / "walk_forward.md").write_text(text + "\n")
     fig = walk_forward_figure(stitched, [f["test_start"] for f in folds], key, out_dir.name)
     fig.savefig(out_dir / "walk_forward_equity.png", dpi=100)
@@ -960,8 +1092,13 @@ def walk_forward_figure(stitched: pd.DataFrame, starts: list[str], key: str, tit
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name in stitched.columns:
         mine = name == key
-        ax.plot(stitched.index, np.cumprod(1.0 + stitched[name].to_numpy()), lw=2.0 if mine else 1.0, label=name,
-                zorder=3 if mine else 2)  # fmt: skip
+        ax.plot(
+            stitched.index,
+            np.cumprod(1.0 + stitched[name].to_numpy()),
+            lw=2.0 if mine else 1.0,
+            label=name,
+            zorder=3 if mine else 2,
+        )
     for start in starts[1:]:
         ax.axvline(pd.Timestamp(start), color="grey", ls=":", lw=1)
     ax.set_ylabel("equity / initial (each fold's test block, compounded)")

@@ -502,13 +502,13 @@ def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_di
 # Master network (portfolio manager for MAPPO) and the value normaliser of its centralised critic.
 # ---------------------------------------------------------------------------------------------------------------
 
-DIRECTIVE_GRID = (4, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
-NUM_DIRECTIVES = math.prod(DIRECTIVE_GRID)  # 48
+DIRECTIVE_SHAPE = (4, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
+NUM_DIRECTIVES = math.prod(DIRECTIVE_SHAPE)  # 48
 
 
 def unravel_directive(index: torch.Tensor) -> torch.Tensor:
-    """Joint directive index (...) -> grid coordinates (..., 3), row-major over DIRECTIVE_GRID."""
-    return torch.stack(torch.unravel_index(index.long(), DIRECTIVE_GRID), dim=-1)
+    """Joint directive index (...) -> grid coordinates (..., 3), row-major over DIRECTIVE_SHAPE."""
+    return torch.stack(torch.unravel_index(index.long(), DIRECTIVE_SHAPE), dim=-1)
 
 
 def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:

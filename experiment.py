@@ -47,26 +47,44 @@ def check_run_args(args) -> None:
         f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
         "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
     )
-    require(not (args.resume and args.eval_checkpoint), "--resume and --eval-checkpoint exclude each other: resume a "
-            "run to train it further, or evaluate a checkpoint without training")  # fmt: skip
-    require(args.split != args.test_split, f"--split and --test-split are both {args.split!r}: the final backtest "
-            "would grade the agent on the bars it trained on; choose another --test-split")  # fmt: skip
+    require(
+        not (args.resume and args.eval_checkpoint),
+        "--resume and --eval-checkpoint exclude each other: resume a "
+        "run to train it further, or evaluate a checkpoint without training",
+    )
+    require(
+        args.split != args.test_split,
+        f"--split and --test-split are both {args.split!r}: the final backtest "
+        "would grade the agent on the bars it trained on; choose another --test-split",
+    )
     selects = (
         getattr(args, "final_weights", "last") == "best_val" and args.eval_interval > 0 and not args.eval_checkpoint
     )
-    require(not selects or args.eval_split != args.test_split, f"--final-weights best_val picks the weights on "
-            f"--eval-split {args.eval_split!r}, which is also the graded --test-split: selection would see the bars "
-            "it is graded on; choose another --eval-split or --test-split, or --final-weights last")  # fmt: skip
-    require(not args.track or importlib.util.find_spec("mlflow") is not None, "--track logs to MLflow, which is not "
-            "installed: `pip install mlflow-skinny` (or drop --track)")  # fmt: skip
+    require(
+        not selects or args.eval_split != args.test_split,
+        f"--final-weights best_val picks the weights on "
+        f"--eval-split {args.eval_split!r}, which is also the graded --test-split: selection would see the bars "
+        "it is graded on; choose another --eval-split or --test-split, or --final-weights last",
+    )
+    require(
+        not args.track or importlib.util.find_spec("mlflow") is not None,
+        "--track logs to MLflow, which is not installed: `pip install mlflow-skinny` (or drop --track)",
+    )
     require(args.walk_forward >= 0, f"--walk-forward {args.walk_forward}: the number of folds, 0 (off) or more")
-    require(not args.walk_forward or not (args.resume or args.eval_checkpoint), "--walk-forward trains every fold "
-            "from scratch; --resume or --eval-checkpoint a fold's own run folder instead")  # fmt: skip
-    require(not args.walk_forward or int(os.environ.get("WORLD_SIZE", "1")) == 1, "--walk-forward runs its folds "
-            "one after the other in processes of their own; under torchrun, run each fold with --data.folds K "
-            "--data.fold k instead")  # fmt: skip
-    require(not args.walk_forward or not args.data.folds, "--walk-forward K sets --data.folds and --data.fold "
-            "itself; give one or the other")  # fmt: skip
+    require(
+        not args.walk_forward or not (args.resume or args.eval_checkpoint),
+        "--walk-forward trains every fold from scratch; --resume or --eval-checkpoint a fold's own run folder instead",
+    )
+    require(
+        not args.walk_forward or int(os.environ.get("WORLD_SIZE", "1")) == 1,
+        "--walk-forward runs its folds "
+        "one after the other in processes of their own; under torchrun, run each fold with --data.folds K "
+        "--data.fold k instead",
+    )
+    require(
+        not args.walk_forward or not args.data.folds,
+        "--walk-forward K sets --data.folds and --data.fold itself; give one or the other",
+    )
     check_data_config(args.data)
 
 
@@ -244,8 +262,12 @@ def check_market_matches(saved: dict, market: PreparedMarket, what: str) -> None
     """A clear error when a checkpoint's market fingerprint does not fit this market: another universe, lookback or
     feature set (the network's inputs and heads would not mean the same)."""
     now = market_fingerprint(market)
-    for key, label in (("symbols", "universe"), ("lookback", "lookback"), ("feature_names", "technical features"),
-                       ("regime_names", "regime features")):  # fmt: skip
+    for key, label in (
+        ("symbols", "universe"),
+        ("lookback", "lookback"),
+        ("feature_names", "technical features"),
+        ("regime_names", "regime features"),
+    ):
         if saved.get(key) != now[key]:
             raise UserInputError(
                 f"{what} was trained on another {label} ({saved.get(key)!r}) than this data's ({now[key]!r}); pass "
@@ -263,8 +285,13 @@ def run_metadata(args, device) -> dict:
     git = {}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if commit.returncode == 0:
             git = {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -294,8 +321,14 @@ def open_run(run_dir: Path, args, global_step: int, market: PreparedMarket, devi
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_summary(run_dir, status="incomplete", run_name=run_dir.name, global_step=global_step,
-                  reproduce=run_metadata(args, device), data=market_fingerprint(market))  # fmt: skip
+    write_summary(
+        run_dir,
+        status="incomplete",
+        run_name=run_dir.name,
+        global_step=global_step,
+        reproduce=run_metadata(args, device),
+        data=market_fingerprint(market),
+    )
     writer = SummaryWriter(str(run_dir))
     params = flat_params(args)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in params.items()))
@@ -365,8 +398,9 @@ def save_figures(run_dir: Path, writer, figures: dict, prefix: str, step: int) -
     return paths
 
 
-def finish_run(run_dir: Path, writer, mlflow, args, figures: dict, test_report: dict, step: int, t_eval: float,
-               **fields) -> None:  # fmt: skip
+def finish_run(
+    run_dir: Path, writer, mlflow, args, figures: dict, test_report: dict, step: int, t_eval: float, **fields
+) -> None:
     """The end of a completed run, on rank 0: the final backtest's pictures (PNG and tensorboard), its metrics as
     trading/<test split>_<metric>, perf/eval_seconds since t_eval, summary.json marked complete with `fields` and
     every setting, and the writers closed."""
@@ -575,8 +609,9 @@ def resume_run(
         )
     check_market_matches(extra.get("market", {}), market, path)
     if len(extra["ranks"]) != world_size:
-        raise UserInputError(f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many "
-                             f"(got {world_size})")  # fmt: skip
+        raise UserInputError(
+            f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many (got {world_size})"
+        )
     own = extra["ranks"][rank]
     set_rng_states(own["rng"])
     return ckpt["global_step"], extra, own, Path(path).resolve().parent
@@ -589,12 +624,16 @@ def load_for_evaluation(path: str, market: PreparedMarket, script: str) -> dict:
     or the other script's checkpoint, is a clear error."""
     payload = load_user_checkpoint("--eval-checkpoint", path)
     if not isinstance(payload.get("args"), dict) or "encoder" not in payload["args"]:
-        raise UserInputError(f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
-                             "script of this repository.")  # fmt: skip
+        raise UserInputError(
+            f"--eval-checkpoint {path} holds no training arguments: it was not written by a training "
+            "script of this repository."
+        )
     expect = "symbols.actor.weights.0" if script == "mappo_master.py" else "actor.weights.0"
     if expect not in payload["model"]:
-        raise UserInputError(f"--eval-checkpoint {path} is not a checkpoint of {script} (it was written by the other "
-                             "training script); evaluate it with that script.")  # fmt: skip
+        raise UserInputError(
+            f"--eval-checkpoint {path} is not a checkpoint of {script} (it was written by the other "
+            "training script); evaluate it with that script."
+        )
     check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
     payload["encoder"] = encoder_config_from_dict(payload["args"]["encoder"])  # the network it was saved with
     return payload

@@ -32,7 +32,7 @@ ADD_SIZE = 0.03  # ADD notional as a fraction of equity
 SELL_PARTIAL_FRACTION = 0.5  # SELL_PARTIAL sells this fraction of the shares held
 
 # Master directives: the DIRECTIVE_SHAPE grid, risk (4) x concentration level (4) x regime (3), row-major: index =
-# (risk * 4 + level) * 3 + regime (encoders.py's DIRECTIVE_GRID is the same grid).
+# (risk * 4 + level) * 3 + regime (encoders.py's DIRECTIVE_SHAPE is the same grid; a test keeps them equal).
 # The per-position cap and the open-position limit move together as one "concentration level": a tight cap with many
 # positions (diversified) up to a loose cap with few positions (concentrated). The limit is a fraction of S, rounded up.
 RISK_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25)
@@ -98,7 +98,7 @@ def directive_values(index) -> np.ndarray:
     )
 
 
-def action_entropy(counts: np.ndarray) -> np.ndarray:
+def entropy_of_counts(counts: np.ndarray) -> np.ndarray:
     """Entropy in nats of action counts (..., 7) -> (...); 0 where there are no counts."""
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum(-1, keepdims=True)
@@ -111,7 +111,7 @@ def slot_action_entropy(actions: np.ndarray, masks: np.ndarray | None = None) ->
     """(T, E, S) actions -> (E, S) entropy of each slot's empirical action distribution over T: in nats, or, given the
     (T, E, S, 7) masks, normalised by log(number of actions allowed to that slot at some step of the T), the units of
     the entropy control (NaN for a slot that never had a choice)."""
-    h = action_entropy((actions[..., None] == np.arange(NUM_ACTIONS)).sum(0))
+    h = entropy_of_counts((actions[..., None] == np.arange(NUM_ACTIONS)).sum(0))
     if masks is None:
         return h
     n = (masks != 0).any(0).sum(-1)  # (E, S)
@@ -519,7 +519,7 @@ class VecTradingCore:
         self.sequential = sequential
         self.num_envs = E = int(num_envs)
         self.num_symbols = S = len(sym_idx)
-        self.A, self.K = (S, 1) if mode == "independent" else (1, S)
+        self.accounts_per_env, self.symbols_per_account = (S, 1) if mode == "independent" else (1, S)
         self.bars_per_year = float(data.bars_per_year)
         self.capital = float(config.initial_capital)
         self.commission = config.commission_bps / 1e4
@@ -643,7 +643,9 @@ class VecTradingCore:
             for k, shape in self.observation_shapes.items()
         }
         self.final_obs = {k: np.zeros_like(v) for k, v in self.obs.items()}
-        self._portfolio_by_account = self.obs["portfolio"].reshape(E, self.A, self.K, 8)  # a view: see _VIEWS
+        self._portfolio_by_account = self.obs["portfolio"].reshape(
+            E, self.accounts_per_env, self.symbols_per_account, 8
+        )  # a view: see _VIEWS
         self._tech_idx = np.zeros((E, S, L), dtype=np.int64)
         self._rows = np.arange(E * S)
 
@@ -652,7 +654,7 @@ class VecTradingCore:
         E, config = self.num_envs, self.config
         self._risk = np.ones(E)
         self._cap = np.full(E, config.position_cap)
-        self._limit = np.full(E, self.K, dtype=np.int64)
+        self._limit = np.full(E, self.symbols_per_account, dtype=np.int64)
         self._ceiling = np.full(E, config.max_exposure)
         self._defensive = np.zeros(E, dtype=bool)
         self.directive_index = np.full(E, -1, dtype=np.int64)
@@ -677,7 +679,7 @@ class VecTradingCore:
         return np.asarray(out)
 
     def _allocate_state(self) -> None:
-        E, S, A = self.num_envs, self.num_symbols, self.A
+        E, S, A = self.num_envs, self.num_symbols, self.accounts_per_env
         W, Wd = self.config.risk_window, self.config.diversity_window
         self.t = np.zeros(E, dtype=np.int64)  # current (decision) bar of each env
         self.end = np.zeros(E, dtype=np.int64)  # last bar of each env's episode
@@ -720,13 +722,13 @@ class VecTradingCore:
     # ------------------------------------------------------------------ accounts and episodes
     def _acc_to_slot(self, x: np.ndarray) -> np.ndarray:
         """(E, A) account values -> (E, S) slot values (a view in portfolio mode)."""
-        if self.K == 1:
+        if self.symbols_per_account == 1:
             return x
         return np.broadcast_to(x, (self.num_envs, self.num_symbols))
 
     def _acc_sum(self, x: np.ndarray) -> np.ndarray:
         """(E, S) slot values -> (E, A) sums over each account's slots."""
-        if self.K == 1:
+        if self.symbols_per_account == 1:
             return x
         return x.sum(axis=1, keepdims=True)
 
@@ -772,7 +774,7 @@ class VecTradingCore:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self._new_starts(np.arange(self.num_envs))
-        self._reset_accounts(np.ones((self.num_envs, self.A), dtype=bool))
+        self._reset_accounts(np.ones((self.num_envs, self.accounts_per_env), dtype=bool))
         self._ret_pos = 0
         self._div_pos = 0
         self._write_obs()
@@ -834,7 +836,7 @@ class VecTradingCore:
         ok = self._decide_ok[self.t] & ~self._acc_to_slot(self.halted)  # (E, S); a halted account only holds
         cash_frac = self._acc_to_slot(cash_frac_acc)  # (E, S)
         room = self._acc_to_slot(exposure_acc) < self._m_ceiling
-        if self.K == 1:  # independent mode: the limit is 1 open position per account, the slot's own
+        if self.symbols_per_account == 1:  # independent mode: the limit is 1 open position per account, the slot's own
             can_open = ok & ~holding & room
         else:
             open_n = self._acc_to_slot(self._acc_sum(holding.astype(np.int64)))
@@ -877,7 +879,7 @@ class VecTradingCore:
         portfolio[..., 4] = (self.realized_total / C)[..., None]
         portfolio[..., 5] = cash_frac[..., None]
         portfolio[..., 6] = (1.0 - self.equity / self.peak)[..., None]
-        portfolio[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.K)[..., None]
+        portfolio[..., 7] = (self._acc_sum(holding.astype(np.float64)) / self.symbols_per_account)[..., None]
         np.clip(position, -OBS_CLIP, OBS_CLIP, out=position)
         np.clip(o["portfolio"], -OBS_CLIP, OBS_CLIP, out=o["portfolio"])
         self._write_mask(holding, cash_frac, exposure, pos_frac)
@@ -1121,7 +1123,7 @@ class VecTradingCore:
     def _reward(self, decisions: Decisions, fills: Fills, accounts: Accounts, diversity: Diversity) -> np.ndarray:
         """Phase 6: every reward component into self._components (10, E, S) and the weighted sum (E, S)."""
         E, S = self.num_envs, self.num_symbols
-        if self.K > 1:
+        if self.symbols_per_account > 1:
             w = self.pos_value
             tot = w.sum(1, keepdims=True)
             hhi = np.divide((w * w).sum(1, keepdims=True), tot * tot, out=np.ones_like(tot), where=tot > 0)
@@ -1146,7 +1148,7 @@ class VecTradingCore:
             intrinsic_notional=np.where(fills.voluntary, notional, 0.0),
             holdings=self.pos_value,
             capital=self.capital,
-            slots=self.K,
+            slots=self.symbols_per_account,
             max_consecutive=self.config.max_consecutive,
         )
 
@@ -1213,7 +1215,11 @@ class VecTradingCore:
         cfg = self.config
         trunc_env = accounts.t1 >= self.end
         breach = (self.equity < cfg.ruin_fraction * self.capital) | (accounts.drawdown >= cfg.max_drawdown)
-        flat = ~self._acc_sum(self.shares > 0) if self.K == 1 else ~(self.shares > 0).any(1, keepdims=True)
+        flat = (
+            ~self._acc_sum(self.shares > 0)
+            if self.symbols_per_account == 1
+            else ~(self.shares > 0).any(1, keepdims=True)
+        )
         # halted accounts end their episode once flat (a breach while flat ends it at once); stopped ones are done
         term_acc = (self.halted | breach) & flat & ~self.stopped
         self.halted |= breach
@@ -1297,8 +1303,8 @@ class VecTradingCore:
             "win_rate": np.divide(won, trips, out=np.zeros_like(mean), where=trips > 0),
             "liquidations": ep["liquidations"].copy(),
             "unique_actions": (xc > 0).sum(-1).astype(np.float64),
-            "policy_action_entropy": action_entropy(pc),
-            "executed_action_entropy": action_entropy(xc),
+            "policy_action_entropy": entropy_of_counts(pc),
+            "executed_action_entropy": entropy_of_counts(xc),
             "voluntary_trade_rate": ep["voluntary_trades"] / length,
             "sanitizer_trade_delta": 100.0 * (ep["policy_trades"] - ep["trades"]) / length,
             "violations": ep["violations"].copy(),
@@ -1315,11 +1321,11 @@ class VecTradingCore:
     # Attributes that are not the core's state: fixed at construction (market tables, sizes, config, constants),
     # scratch buffers rewritten before they are read, and the views below. Everything else in vars(core) is state.
     _FIXED = (
-        "config", "symbols", "mode", "split", "sequential", "num_envs", "num_symbols", "A", "K", "bars_per_year",
-        "capital", "commission", "min_notional", "lookback", "shaper", "T", "_valuation_close", "_fill_ok", "_fill_px",
-        "_decide_ok", "_dollar_vol", "_flat_slip", "_volume_free", "_delist_bar", "_vol", "_mean_close",
-        "_tech_rows", "_tech_base", "_sl", "_regime", "split_start", "split_last", "observation_shapes", "_rows",
-        "_no_episode", "final_obs", "_tech_idx", "_components",
+        "config", "symbols", "mode", "split", "sequential", "num_envs", "num_symbols", "accounts_per_env",
+        "symbols_per_account", "bars_per_year", "capital", "commission", "min_notional", "lookback", "shaper", "T",
+        "_valuation_close", "_fill_ok", "_fill_px", "_decide_ok", "_dollar_vol", "_flat_slip", "_volume_free",
+        "_delist_bar", "_vol", "_mean_close", "_tech_rows", "_tech_base", "_sl", "_regime", "split_start",
+        "split_last", "observation_shapes", "_rows", "_no_episode", "final_obs", "_tech_idx", "_components",
     )  # fmt: skip
 
     # Views of the state's arrays and values derived from it, rebuilt by _rebuild_views (pickle would store a view
@@ -1330,13 +1336,15 @@ class VecTradingCore:
     )  # fmt: skip
 
     def _rebuild_views(self) -> None:
-        self._portfolio_by_account = self.obs["portfolio"].reshape(self.num_envs, self.A, self.K, 8)
+        self._portfolio_by_account = self.obs["portfolio"].reshape(
+            self.num_envs, self.accounts_per_env, self.symbols_per_account, 8
+        )
         self._directive_constants()
 
     def get_state(self) -> dict:
         """Copies of everything that changes as the core runs: numpy arrays, dicts of arrays, Python scalars and the
         generator's state (a dict of ints). `set_state` on a core built with the same arguments continues exactly
-        where this one is; `encoders.save_checkpoint` can store the dict (arrays become tensors)."""
+        where this one is; `experiment.save_checkpoint` can store the dict (arrays become tensors)."""
         state = {}
         for k, v in vars(self).items():
             if k in self._FIXED or k in self._VIEWS:

@@ -32,12 +32,20 @@ PIECES = RESULTS / "walk_forward"
 STEPS = 1_000_000  # symbol-steps per fold
 # name -> (file in the backtesting package, folds, extra flags, what the costs are)
 DATA = {
-    "goog": ("GOOG.csv", 4, [], "equity costs (7.5 bps commission + 1 bp spread a side, square-root impact on the "
-             "reported volume)"),
-    "eurusd": ("EURUSD.csv", 3, ["--env.commission-bps", "0.5", "--env.volume-free-cost-bps", "1.0"],
-               "FX costs: 0.5 bp commission + 1 bp flat slippage a side; the file's volume column (tick counts, not "
-               "traded notional) is set to 0, so no impact model applies"),
-}  # fmt: skip
+    "goog": (
+        "GOOG.csv",
+        4,
+        [],
+        "equity costs (7.5 bps commission + 1 bp spread a side, square-root impact on the reported volume)",
+    ),
+    "eurusd": (
+        "EURUSD.csv",
+        3,
+        ["--env.commission-bps", "0.5", "--env.volume-free-cost-bps", "1.0"],
+        "FX costs: 0.5 bp commission + 1 bp flat slippage a side; the file's volume column (tick counts, not "
+        "traded notional) is set to 0, so no impact model applies",
+    ),
+}
 
 
 def source_file(name: str, folder: Path) -> Path:
@@ -58,8 +66,17 @@ def run_piece(name: str, steps: int = STEPS) -> Path:
     _, folds, extra, costs = DATA[name]
     with tempfile.TemporaryDirectory(prefix="bench_walk_forward_") as tmp:
         src = source_file(name, Path(tmp))
-        flags = ["--data.source", str(src), "--walk-forward", str(folds), "--total-timesteps", str(steps),
-                 "--exp-name", f"walk_forward_{name}", *extra]  # fmt: skip
+        flags = [
+            "--data.source",
+            str(src),
+            "--walk-forward",
+            str(folds),
+            "--total-timesteps",
+            str(steps),
+            "--exp-name",
+            f"walk_forward_{name}",
+            *extra,
+        ]
         cmd = [sys.executable, str(SCRIPT), *flags, "--run-dir", tmp]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
@@ -74,15 +91,20 @@ def run_piece(name: str, steps: int = STEPS) -> Path:
         daily = pd.read_parquet(parent / "walk_forward_daily_returns.parquet")
     shown = "--data.source " + (f"<backtesting>/test/{DATA[name][0]}" if name != "eurusd" else "EURUSD.csv")
     record = {
-        "benchmark": "walk_forward_piece", "data": name, "costs": costs, "folds": folds, "steps_per_fold": steps,
-        "command": f"python ppo_symbol_agent.py {shown} " + " ".join(flags[2:]), "wall_s": time.time() - t0,
+        "benchmark": "walk_forward_piece",
+        "data": name,
+        "costs": costs,
+        "folds": folds,
+        "steps_per_fold": steps,
+        "command": f"python ppo_symbol_agent.py {shown} " + " ".join(flags[2:]),
+        "wall_s": time.time() - t0,
         "walk_forward": report,
         "stress": [s["stress"] for s in summaries],
         "best_val_sharpe": [s["best_val_sharpe"] for s in summaries],
         "rule": [s["rule"] for s in summaries],
         "daily_returns": {"dates": [str(d.date()) for d in daily.index]} | {k: daily[k].tolist() for k in daily},
         "machine": machine_info(),
-    }  # fmt: skip
+    }
     path = PIECES / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
@@ -110,21 +132,31 @@ def tables(pieces: list[dict]) -> str:
         for f in wf["folds"]:
             se = num(f["sharpe_se"])
             cells = " | ".join(f"{f['sharpe'].get(n, float('nan')):.2f}" for n in names)
-            lines.append(f"| {f['fold']} | {f['test_start']} .. {f['test_end']} | {f['days']} | "
-                         f"{f['sharpe'][key]:.2f} ({se}) | {cells} |")  # fmt: skip
+            lines.append(
+                f"| {f['fold']} | {f['test_start']} .. {f['test_end']} | {f['days']} | "
+                f"{f['sharpe'][key]:.2f} ({se}) | {cells} |"
+            )
         st = wf["stitched"]
         cells = " | ".join(f"{st[n]['sharpe']:.2f}" for n in names)
         a = st[key]
-        lines.append(f"| stitched | {wf['folds'][0]['test_start']} .. {wf['folds'][-1]['test_end']} | {a['days']} | "
-                     f"**{a['sharpe']:.2f}** ({num(a['sharpe_se'])}) | {cells} |")  # fmt: skip
-        lines += ["", f"Stitched agent: PSR {num(a['psr'])}, DSR {num(a.get('dsr'))} over "
-                  f"{a.get('dsr_trials', 1)} validation sweeps, total return {a['total_return']:+.1%}, exposure "
-                  f"{np.mean([f['exposure'] for f in wf['folds']]):.3f}; the seed's Phase-3 check (best validation "
-                  f"Sharpe > 0.3) per fold: " + ", ".join(num(v) for v in p["best_val_sharpe"]), ""]  # fmt: skip
+        lines.append(
+            f"| stitched | {wf['folds'][0]['test_start']} .. {wf['folds'][-1]['test_end']} | {a['days']} | "
+            f"**{a['sharpe']:.2f}** ({num(a['sharpe_se'])}) | {cells} |"
+        )
+        lines += [
+            "",
+            f"Stitched agent: PSR {num(a['psr'])}, DSR {num(a.get('dsr'))} over "
+            f"{a.get('dsr_trials', 1)} validation sweeps, total return {a['total_return']:+.1%}, exposure "
+            f"{np.mean([f['exposure'] for f in wf['folds']]):.3f}; the seed's Phase-3 check (best validation "
+            f"Sharpe > 0.3) per fold: " + ", ".join(num(v) for v in p["best_val_sharpe"]),
+            "",
+        ]
         scen = [row["scenario"] for row in p["stress"][0] if not row["scenario"].startswith("without_")]
         strategies = list(p["stress"][0][0]["reports"])
-        lines += ["| stress (mean Sharpe over folds) | " + " | ".join(strategies) + " |",
-                  "|---" * (len(strategies) + 1) + "|"]  # fmt: skip
+        lines += [
+            "| stress (mean Sharpe over folds) | " + " | ".join(strategies) + " |",
+            "|---" * (len(strategies) + 1) + "|",
+        ]
         for s in scen:
             rows = [next(r for r in fold if r["scenario"] == s) for fold in p["stress"]]
             cells = " | ".join(f"{np.mean([r['reports'][n]['sharpe'] for r in rows]):.2f}" for n in strategies)
@@ -151,8 +183,11 @@ def main() -> None:
         pieces = [json.loads((PIECES / f"{n}.json").read_text()) for n in DATA if (PIECES / f"{n}.json").exists()]
         if not pieces:
             p.error(f"no pieces under {PIECES}: run --data or --all first")
-        record = {"benchmark": "walk_forward", "tables": tables(pieces),
-                  "pieces": [f"benchmarks/results/walk_forward/{q['data']}.json" for q in pieces]}  # fmt: skip
+        record = {
+            "benchmark": "walk_forward",
+            "tables": tables(pieces),
+            "pieces": [f"benchmarks/results/walk_forward/{q['data']}.json" for q in pieces],
+        }
         write_json(RESULTS / "walk_forward.json", record)
         print(record["tables"])
 

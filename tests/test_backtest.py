@@ -30,8 +30,10 @@ def test_performance_metrics():
 
 
 def test_daily_returns_compound_the_bars_of_each_day():
-    ts = np.array(["2024-01-01T14", "2024-01-01T15", "2024-01-01T16", "2024-01-02T14", "2024-01-02T15",
-                   "2024-01-03T14"], dtype="datetime64[ns]")  # fmt: skip
+    ts = np.array(
+        ["2024-01-01T14", "2024-01-01T15", "2024-01-01T16", "2024-01-02T14", "2024-01-02T15", "2024-01-03T14"],
+        dtype="datetime64[ns]",
+    )
     equity = np.array([100.0, 101.0, 99.0, 104.0, 102.0, 103.0])
     dates, r = bt.daily_returns(equity, ts)
     np.testing.assert_array_equal(dates, np.array(["2024-01-01", "2024-01-02", "2024-01-03"], "datetime64[D]"))
@@ -125,9 +127,15 @@ def test_run_backtest_books_the_sweep(mode):
         return np.array([te.NEUTRAL_DIRECTIVE])
 
     report = bt.run_backtest(
-        bt.random_policy(0), market, "val", config, seed=0, mode=mode,
-        master=directive if mode == "portfolio" else None, interval=7,
-    )  # fmt: skip
+        bt.random_policy(0),
+        market,
+        "val",
+        config,
+        seed=0,
+        mode=mode,
+        master=directive if mode == "portfolio" else None,
+        interval=7,
+    )
     book = config.initial_capital * (3 if mode == "independent" else 1)
     curve, n = report["curve"], report["agent"]["bars"]
     assert n == 260 - 230 - 1 and curve[0] == book and len(curve) == n + 1  # the last bar is never decided on
@@ -178,10 +186,18 @@ def test_master_baselines_share_policy_capital_and_match_exposure():
 
     market = make_synthetic_prepared(num_symbols=3, years=0.5, seed=1)
     defensive = int(np.ravel_multi_index((0, 0, 0), te.DIRECTIVE_SHAPE))
-    reports, results = bt.master_backtests(cycling_policy, bt.fixed_directive(defensive), market, "test",
-                                           te.EnvConfig(), seed=0, interval=7)  # fmt: skip
-    assert set(reports) == {"master", "neutral", "neutral_matched", "vol_target", "defensive", "benchmark_bh",
-                            "equal_weight_bh"}  # fmt: skip
+    reports, results = bt.master_backtests(
+        cycling_policy, bt.fixed_directive(defensive), market, "test", te.EnvConfig(), seed=0, interval=7
+    )
+    assert set(reports) == {
+        "master",
+        "neutral",
+        "neutral_matched",
+        "vol_target",
+        "defensive",
+        "benchmark_bh",
+        "equal_weight_bh",
+    }
     book = results["neutral"]["curve"][0]
     assert all(r["curve"][0] == pytest.approx(book) for r in results.values())  # the same capital
     assert all(len(r["curve"]) == len(results["neutral"]["curve"]) for r in results.values())  # the same bars

@@ -6,10 +6,12 @@ experiment.py's (test_experiment.py)."""
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import encoders
 from encoders import (
     NUM_DIRECTIVES,
     EncoderConfig,
@@ -256,6 +258,12 @@ def test_unravel_directive():
     assert coords.shape == (48, 3)
     assert coords.amax(0).tolist() == [3, 3, 2]
     assert len({tuple(c) for c in coords.tolist()}) == 48
+    # the networks' grid is the environment's (encoders.py imports no environment code, so both write it out)
+    import trading_env
+
+    assert encoders.DIRECTIVE_SHAPE == trading_env.DIRECTIVE_SHAPE and NUM_DIRECTIVES == trading_env.NUM_DIRECTIVES
+    expected = np.stack(np.unravel_index(np.arange(NUM_DIRECTIVES), trading_env.DIRECTIVE_SHAPE), 1)
+    np.testing.assert_array_equal(coords.numpy(), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -365,14 +365,26 @@ def test_a_symbol_that_ends_early_is_named_in_a_warning(tmp_path, missing):
 
 
 def test_equal_weight_benchmark_is_a_basket_bought_once_and_held():
-    close = np.array([[np.nan, np.nan, np.nan], [100.0, 50.0, np.nan], [110.0, 45.0, 10.0], [121.0, np.nan, 11.0],
-                      [np.nan, 54.0, 12.0]])  # fmt: skip
+    close = np.array(
+        [
+            [np.nan, np.nan, np.nan],
+            [100.0, 50.0, np.nan],
+            [110.0, 45.0, 10.0],
+            [121.0, np.nan, 11.0],
+            [np.nan, 54.0, 12.0],
+        ]
+    )
     index = md.equal_weight_index(close)
     # independently: $50 in each of A and B at bar 1 (C lists later and never enters), held; a bar without a price
     # keeps the symbol at its last close, so A's 121 stands at the end
     shares = {"A": 50.0 / 100.0, "B": 50.0 / 50.0}
-    value = [100.0, 100.0, shares["A"] * 110 + shares["B"] * 45, shares["A"] * 121 + shares["B"] * 45,
-             shares["A"] * 121 + shares["B"] * 54]  # fmt: skip
+    value = [
+        100.0,
+        100.0,
+        shares["A"] * 110 + shares["B"] * 45,
+        shares["A"] * 121 + shares["B"] * 45,
+        shares["A"] * 121 + shares["B"] * 54,
+    ]
     np.testing.assert_allclose(index, value)
 
 
@@ -642,8 +654,9 @@ def test_downturn_warning_marks_the_bull_days_before_each_onset():
     folds=st.integers(1, 6),
     window=st.sampled_from(["expanding", "rolling"]),
 )
-def test_walk_forward_folds_never_train_or_select_on_a_graded_bar(T, warmup, train_frac, val_frac, embargo, folds,
-                                                                   window):  # fmt: skip
+def test_walk_forward_folds_never_train_or_select_on_a_graded_bar(
+    T, warmup, train_frac, val_frac, embargo, folds, window
+):
     """Every fold's train and validation bars end at least `embargo` bars before its test block; the test blocks
     tile the out-of-sample region in order, so every bar there is graded by exactly one fold; a rolling window keeps
     the first fold's train length."""

@@ -764,17 +764,35 @@ def test_trading_environment_episode_and_errors(market):
         env.step(1.5)
 
 
-def test_maskable_ppo_trains_on_trading_environment(market):
+def test_maskable_ppo_reads_the_masks_at_every_step_of_training(market):
+    """MaskablePPO learns on the gymnasium env through action_masks(): over 256 training steps the env records no
+    masked attempt, where uniformly random actions on the same env hit masked ones (so the count can fail)."""
     import sb3_contrib  # a dev requirement: a missing install fails here
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class CountMaskedAttempts(BaseCallback):
+        steps = attempts = 0
+
+        def _on_step(self) -> bool:
+            self.steps += 1
+            self.attempts += sum(int(info["masked_attempt"]) for info in self.locals["infos"])
+            return True
 
     env = te.TradingEnvironment(market, symbol=0, config=te.EnvConfig(episode_length=64))
     model = sb3_contrib.MaskablePPO(
         "MultiInputPolicy", env, n_steps=128, batch_size=64, n_epochs=1, seed=0, verbose=0, device="cpu"
     )
-    model.learn(total_timesteps=256)
-    obs, _ = env.reset(seed=0)
-    action, _ = model.predict(obs, action_masks=env.action_masks(), deterministic=True)
-    assert env.action_masks()[int(action)]
+    counter = CountMaskedAttempts()
+    model.learn(total_timesteps=256, callback=counter)
+    assert counter.steps == 256 and counter.attempts == 0
+    env.reset(seed=0)
+    rng, random_attempts = np.random.default_rng(0), 0
+    for _ in range(256):
+        _, _, term, trunc, info = env.step(int(rng.integers(te.NUM_ACTIONS)))
+        random_attempts += int(info["masked_attempt"])
+        if term or trunc:
+            env.reset()
+    assert random_attempts > 0
 
 
 def test_vector_env_shapes_and_same_step_autoreset(market):

@@ -857,11 +857,32 @@ def format_deciles(rows: list[dict], name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Pictures of a backtest (matplotlib, imported on first use): equity, drawdown, action mix, per-symbol contribution
 # ---------------------------------------------------------------------------------------------------------------------
-def backtest_figures(curves: dict[str, np.ndarray], series: dict, symbols: list[str], title: str) -> dict:
-    """Figures of a backtest, x-axis in the data's timestamps: "equity" (every curve normalised to 1), "drawdown"
-    (the agent's beside the buy-and-holds'), "actions" (share of HOLD / increase / decrease among the executed
-    actions, one trading day rolling), "contribution" (each symbol's cumulative PnL as a fraction of the book).
-    curves: name -> equity (N+1,) with "agent" among them; series: run_backtest's series of the agent."""
+# One colour per strategy in every picture (the agent or master always blue and drawn thickest).
+COLOURS = {
+    "agent": "tab:blue", "master": "tab:blue", "always_hold": "tab:gray", "random": "tab:olive",
+    "rule_ceiling": "tab:green", "benchmark_bh": "tab:red", "equal_weight_bh": "tab:purple",
+    "benchmark_bh_matched": "tab:orange", "equal_weight_bh_matched": "tab:pink", "neutral": "tab:brown",
+    "neutral_matched": "tab:orange", "vol_target": "tab:cyan", "defensive": "tab:gray",
+}  # fmt: skip
+# Strategies on the agent's own scale: its exposure (matched buy-and-holds) or its trades (random), and cash.
+MATCHED = ("agent", "master", "always_hold", "random", "benchmark_bh_matched", "equal_weight_bh_matched",
+           "neutral_matched")  # fmt: skip
+
+
+def _plot_curve(ax, x, y, name: str, lead: str = "agent") -> None:
+    mine = name == lead
+    ax.plot(x, y, lw=2.2 if mine else 1.0, label=name, color=COLOURS.get(name), zorder=3 if mine else 2)
+
+
+def backtest_figures(curves: dict[str, np.ndarray], series: dict, symbols: list[str], title: str,
+                     lead: str = "agent") -> dict:  # fmt: skip
+    """Figures of a backtest, x-axis in the data's timestamps: "equity" (every curve normalised to 1, and below
+    them the strategies on the agent's own scale: cash, the random policy at its trade rate and the buy-and-holds
+    scaled to its exposure, so that a small book stays legible), "drawdown" (every strategy's), "actions" (share of
+    HOLD / increase / decrease among the executed actions, a trading day's centred rolling mean), "contribution"
+    (each symbol's cumulative PnL as a fraction of the book). One colour per strategy in every picture (COLOURS).
+    curves: name -> equity (N+1,) with `lead` (the agent, or the master) among them; series: run_backtest's series
+    of the lead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -869,36 +890,41 @@ def backtest_figures(curves: dict[str, np.ndarray], series: dict, symbols: list[
 
     ts = np.asarray(series["timestamps"]).astype("datetime64[ns]")
     figs = {}
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(3, 2))
     for name, curve in curves.items():
-        agent = name == "agent"
-        ax.plot(ts, curve / curve[0], lw=2.0 if agent else 1.0, label=name, zorder=3 if agent else 2)
+        _plot_curve(ax, ts, curve / curve[0], name, lead)
     ax.set_ylabel("equity / initial")
     ax.set_title(f"{title}: equity")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3)
+    for name in (n for n in MATCHED if n in curves):
+        _plot_curve(ax2, ts, curves[name] / curves[name][0], name, lead)
+    ax2.set_ylabel("equity / initial")
+    ax2.set_title(f"on the {lead}'s scale: cash, random at its trade rate, buy-and-hold at its exposure", fontsize=9)
+    ax2.legend(fontsize=7, ncol=3)
     figs["equity"] = fig
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    for name in ("agent", "benchmark_bh", "equal_weight_bh", "benchmark_bh_matched"):
-        if name in curves:
-            curve = curves[name]
-            ax.plot(ts, curve / np.maximum.accumulate(curve) - 1.0, lw=1.5 if name == "agent" else 1.0, label=name)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, curve in curves.items():
+        _plot_curve(ax, ts, curve / np.maximum.accumulate(curve) - 1.0, name, lead)
     ax.set_ylabel("drawdown")
     ax.set_title(f"{title}: drawdown")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=3)
     figs["drawdown"] = fig
     ex = np.asarray(series["executed"])  # (N, S)
     classes = {"HOLD": ex == HOLD, "increase": np.isin(ex, INCREASE_ACTIONS)}
     classes["decrease"] = np.isin(ex, (SELL_PARTIAL, SELL_ALL))
     window = min(7, max(len(ex), 1))  # one trading day of hourly bars
     fig, ax = plt.subplots(figsize=(10, 3.5))
-    shares = [np.convolve(c.mean(1), np.ones(window) / window, mode="same") for c in classes.values()]
-    ax.stackplot(ts[1:], *shares, labels=list(classes), alpha=0.8)
+    # a centred rolling mean over the bars that exist (near the edges, fewer): the three shares always sum to 1
+    shares = [
+        pd.Series(c.mean(1)).rolling(window, center=True, min_periods=1).mean().to_numpy() for c in classes.values()
+    ]
+    ax.stackplot(ts[1:], *shares, labels=list(classes), colors=("tab:gray", "tab:green", "tab:red"), alpha=0.8)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"share of executed actions ({window}-bar mean)")
     ax.set_title(f"{title}: action mix")
     ax.legend(fontsize=7, loc="upper right")
     figs["actions"] = fig
-    book = float(curves["agent"][0])
+    book = float(curves[lead][0])
     cum = np.cumsum(np.asarray(series["pnl"]), axis=0) / book  # (N, S)
     order = np.argsort(cum[-1]) if len(cum) else np.arange(len(symbols))
     show = order if len(symbols) <= 12 else np.r_[order[:5], order[-5:]]
@@ -925,12 +951,12 @@ def decile_figure(rows: list[dict], name: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([r["decile"] for r in rows], [r["p_increase"] for r in rows], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([r["decile"] for r in rows], [r["p_increase"] for r in rows], color=COLOURS["agent"])
     ax.set_xticks([r["decile"] for r in rows])
     ax.set_xlabel(f"decile of {name} at the decision (1 = lowest)")
     ax.set_ylabel("P(increase exposure)")
-    ax.set_title(f"{title}: P(increase exposure | decile of {name})")
+    ax.set_title(f"{title}\nP(increase exposure | decile of {name})", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -1091,14 +1117,7 @@ def walk_forward_figure(stitched: pd.DataFrame, starts: list[str], key: str, tit
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name in stitched.columns:
-        mine = name == key
-        ax.plot(
-            stitched.index,
-            np.cumprod(1.0 + stitched[name].to_numpy()),
-            lw=2.0 if mine else 1.0,
-            label=name,
-            zorder=3 if mine else 2,
-        )
+        _plot_curve(ax, stitched.index, np.cumprod(1.0 + stitched[name].to_numpy()), name, key)
     for start in starts[1:]:
         ax.axvline(pd.Timestamp(start), color="grey", ls=":", lw=1)
     ax.set_ylabel("equity / initial (each fold's test block, compounded)")

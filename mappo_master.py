@@ -712,9 +712,7 @@ if __name__ == "__main__":
             stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top])
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master"))
         print(format_go_criterion(go))
-        figures = backtest_figures(
-            curves | {"agent": curves["master"]}, results["master"]["series"], envs.symbols, title
-        )
+        figures = backtest_figures(curves, results["master"]["series"], envs.symbols, title, lead="master")
         figures["directives"] = directive_figure(results["master"]["series"], market, title)
         writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,

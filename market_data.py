@@ -37,7 +37,8 @@ class DataConfig:
     """Where the bars come from and how they are turned into observations (nested as `data` in every script)."""
 
     source: str = "synthetic"
-    """"synthetic", a folder of per-symbol parquet/CSV files, or one long-format parquet with a symbol column."""
+    """"synthetic"; one bar file (.csv or .parquet; the file name is the symbol); a folder of per-symbol bar
+files (.csv or .parquet; other files there are ignored); or one long-format bar file with a symbol column"""
     num_symbols: int = 10
     """Synthetic only: number of symbols in the universe."""
     years: float = 10.0
@@ -411,7 +412,15 @@ class DataValidationError(UserInputError):
     """Bad user data: the message names the file, the row and the problem, and says how to fix it."""
 
 
+DATA_SUFFIXES = (".csv", ".parquet")  # the bar files --data.source accepts (a folder's other files are ignored)
+
+
 def _read_table(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise DataValidationError(
+            f"{path}: a {path.suffix or 'suffix-less'} file; bar files are CSV (.csv) or parquet (.parquet). "
+            "Rename or convert it."
+        )
     try:
         if path.suffix.lower() == ".parquet":
             return pd.read_parquet(path)
@@ -455,7 +464,15 @@ def _standardize(df: pd.DataFrame, where: str, cfg: DataConfig, need_symbol: boo
                 f"{where}: missing column '{name}' (case-insensitive; aliases {list(_ALIASES[name])}); found "
                 f"columns {list(df.columns)}. Add the column or rename it."
             )
-        out[name] = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
+        values = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
+        text = values.isna() & df[col].notna()  # present but not a number: "$100.06", "1,234", "n/a"
+        if text.any():
+            row = int(np.flatnonzero(text.to_numpy())[0]) + 1
+            raise DataValidationError(
+                f"{where}: column '{col}' is not numeric (row {row}: {df[col].iloc[row - 1]!r}); store plain numbers "
+                "(no currency signs, thousands separators or text) and reload."
+            )
+        out[name] = values
     if cfg.adjusted:
         col = _find_column(columns, "adj_close")
         if col is None:
@@ -569,7 +586,7 @@ def _user_frames(cfg: DataConfig) -> dict[str, tuple[str, pd.DataFrame]]:
     path = Path(cfg.source)
     frames = {}
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".parquet", ".csv") and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
         if not files:
             raise DataValidationError(
                 f"The data folder {path} holds no .parquet or .csv files; put one file per symbol there "

@@ -65,7 +65,8 @@ class Args:
     """torch intra-op threads (0: torch's default); small batches gain little from more, and spinning threads slow
 a busy machine (docs/training.md)"""
     track: bool = False
-    """if toggled, the metrics are also sent to MLflow (local ./mlruns; needs mlflow-skinny or mlflow)"""
+    """if toggled, the metrics are also sent to MLflow: the tracking URI in MLFLOW_TRACKING_URI, else a local ./mlruns
+store (needs mlflow-skinny or mlflow)"""
     save_model: bool = False
     """if toggled, runs/<run>/checkpoint.pt is written at every evaluation and at the end (resumable)"""
     resume: str | None = None
@@ -373,6 +374,10 @@ if __name__ == "__main__":
     xp.require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps "
             f"({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * world_size = "
             f"{args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout")  # fmt: skip
+    steps = args.num_iterations * args.batch_size * args.world_size
+    if rank == 0 and args.num_iterations and steps != args.total_timesteps:  # say so: a rollout is indivisible
+        print(f"--total-timesteps {args.total_timesteps} runs {steps} symbol-steps: {args.num_iterations} whole "
+              f"rollout(s) of {args.batch_size * args.world_size}")  # fmt: skip
     env_cfg = args.env
 
     # encoder: an MLP by default on CPU (--encoder-preset; the transformer is much slower there, docs/training.md)

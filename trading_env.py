@@ -1594,6 +1594,7 @@ if _SB3VecEnv is not None:
         ):
             self.core = VecTradingCore(market, num_envs, split, "independent", config, seed, symbols=symbols)
             num_slots = self.core.num_envs * self.core.num_symbols
+            self.render_mode = None  # the slots do not render; SB3's VecEnv reads it through get_attr
             super().__init__(num_slots, slot_observation_space(self.core), spaces.Discrete(NUM_ACTIONS))
             self._actions = np.zeros(self.num_envs, dtype=np.int64)
             self._returns = np.zeros(self.num_envs)

@@ -178,6 +178,23 @@ def test_bad_bar_raises_naming_file_row_and_problem(tmp_path, column, value, pro
     assert str(pd.Timestamp(df.loc[10, "Timestamp"])) in msg
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_prices_stored_as_text_are_named_as_not_numeric(tmp_path, suffix):
+    df = _bars()
+    df["Close"] = [f"${x:.2f}" for x in df["Close"]]  # currency-formatted strings, as some exports write them
+    _write(tmp_path / "d", "TXT" + suffix, df)
+    with pytest.raises(md.DataValidationError, match=r"TXT.* column 'Close' is not numeric \(row 1: '\$"):
+        md.load_user_market(_cfg(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("content", ["timestamp,open,high,low,close,volume\n", "Some notes about the data.\n"])
+def test_a_bar_file_must_be_csv_or_parquet(tmp_path, content):
+    path = tmp_path / "SPY.txt"
+    path.write_text(content)
+    with pytest.raises(md.DataValidationError, match=r"SPY.txt: a .txt file; bar files are CSV \(.csv\) or parquet"):
+        md.load_user_market(_cfg(path))
+
+
 def test_duplicate_timestamp_raises(tmp_path):
     df = _bars()
     df.loc[20, "Timestamp"] = df.loc[19, "Timestamp"]

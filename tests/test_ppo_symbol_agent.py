@@ -457,3 +457,8 @@ def test_walk_forward_on_real_bars_grades_each_fold_on_unseen_bars(tmp_path):
 def test_walk_forward_flag_combinations_are_refused(tmp_path, flags, message):
     proc = run_script(PPO, tmp_path, *TINY, *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_total_that_is_not_whole_rollouts_is_announced(tmp_path):
+    proc = run_script(PPO, tmp_path, *TINY, "--total-timesteps", str(ITER + 5), "--eval-interval", "0", "--no-stress")
+    assert f"--total-timesteps {ITER + 5} runs {ITER} symbol-steps: 1 whole rollout(s) of {ITER}" in proc.stdout

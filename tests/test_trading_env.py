@@ -850,11 +850,15 @@ def test_gymnasium_make_builds_the_registered_env(market):
 
 def test_maskable_ppo_trains_on_the_sb3_vec_env_over_the_core(market):
     """Every (env, symbol) slot is one SB3 env; MaskablePPO reads the masks through env_method."""
+    import warnings
+
     import sb3_contrib
     from sb3_contrib.common.maskable.utils import get_action_masks
 
-    venv = te.SB3VecEnv(market, num_envs=2, config=te.EnvConfig(episode_length=40), seed=0)
-    assert venv.num_envs == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constructing it warns about nothing (SB3 once warned about render_mode)
+        venv = te.SB3VecEnv(market, num_envs=2, config=te.EnvConfig(episode_length=40), seed=0)
+    assert venv.num_envs == 8 and venv.render_mode is None
     venv.reset()
     masks = get_action_masks(venv)
     assert masks.shape == (8, 7) and masks[:, te.HOLD].all()

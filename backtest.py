@@ -455,13 +455,15 @@ def worst_drawdown_window(market: PreparedMarket) -> tuple[int, int]:
     return lo + peak, lo + max(trough + 1, peak + 2)
 
 
-def stress_tests(run, market: PreparedMarket, split: str, config: EnvConfig, drop: list[int]) -> list[dict]:
+def stress_tests(
+    run, market: PreparedMarket, split: str, config: EnvConfig, drop: list[int], progress=None
+) -> list[dict]:
     """The final report's stress table: run(market, split, config, wrap) -> name -> metrics backtests a strategy
     and its baselines with every policy passed through wrap (identity for most rows). Scenarios: the graded split
     with costs (commission and spread, and any flat cost) x2 and x3; square-root impact x5; every order one bar
     late; the data's worst benchmark drawdown replayed alone (its window may lie in the training split: the row says
     so); the graded split without each symbol of `drop` (the largest contributors). Returns one row per scenario:
-    {"scenario", "description", "reports"}."""
+    {"scenario", "description", "reports"}. progress(message), when given, hears each row as it starts."""
     same = lambda policy: policy  # noqa: E731
 
     def costs(k: float) -> EnvConfig:
@@ -505,10 +507,12 @@ def stress_tests(run, market: PreparedMarket, split: str, config: EnvConfig, dro
                 lambda policy, j=j: without_symbol(policy, j),
             )
         )
-    return [
-        {"scenario": name, "description": text, "reports": run(m, s, cfg, wrap)}
-        for name, text, m, s, cfg, wrap in scenarios
-    ]
+    rows = []
+    for n, (name, text, m, s, cfg, wrap) in enumerate(scenarios, 1):
+        if progress is not None:
+            progress(f"stress test {n}/{len(scenarios)}: {name}")
+        rows.append({"scenario": name, "description": text, "reports": run(m, s, cfg, wrap)})
+    return rows
 
 
 def agent_stress(
@@ -520,6 +524,7 @@ def agent_stress(
     seed: int,
     top: int = 5,
     contribution: np.ndarray | None = None,
+    progress=None,
 ) -> list[dict]:
     """stress_tests for an independent-mode agent's argmax `policy`: each row backtests the agent, a random policy at
     its trade rate under that stress, the rule ceiling and buy-and-hold of the benchmark and the equal-weight basket
@@ -541,7 +546,8 @@ def agent_stress(
 
     S = len(market.data.symbols)
     order = np.argsort(-np.abs(contribution)) if contribution is not None else np.arange(S)
-    return stress_tests(run, market, split, config, [int(j) for j in order[: min(top, S)]] if S > 1 else [])
+    drop = [int(j) for j in order[: min(top, S)]] if S > 1 else []
+    return stress_tests(run, market, split, config, drop, progress)
 
 
 def format_stress(rows: list[dict]) -> str:

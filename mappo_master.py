@@ -699,6 +699,7 @@ if __name__ == "__main__":
     if rank == 0:
         t_eval = time.time()
         title = f"{run_dir.name}, {args.test_split} split"
+        print(f"final backtest on the {args.test_split} split: the master and every fixed and rule-based master")
         reports, results = master_backtests(argmax_policy(agent, device), master_policy(agent, master, device), market,
                                             args.test_split, env_cfg, args.seed, I)  # fmt: skip
         go = master_go_criterion(reports)
@@ -714,7 +715,7 @@ if __name__ == "__main__":
                 chooser = master_policy(agent, master, device)
                 return master_backtests(wrap(argmax_policy(agent, device)), chooser, m, split, cfg, args.seed, I)[0]
 
-            stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top])
+            stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top], print)
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master"))
         print(format_go_criterion(go))
         figures = backtest_figures(curves, results["master"]["series"], envs.symbols, title, lead="master")

@@ -1088,7 +1088,7 @@ def _predict(model, technical, bars: np.ndarray, L: int) -> np.ndarray:
 
 
 def fit_signals(
-    technical: np.ndarray, data: MarketData, splits: dict[str, tuple[int, int]], cfg: DataConfig
+    technical: np.ndarray, data: MarketData, splits: dict[str, tuple[int, int]], cfg: DataConfig, progress=None
 ) -> tuple[np.ndarray, dict]:
     """The MLP, LSTM and GRU classifiers' (T, S, 3) probabilities for every bar (0.5 before the warm-up and on missing
     bars) and their metrics {"mlp": {"train_auc", "val_auc", "val_f1", ...}, "lstm": ..., "gru": ...}.
@@ -1099,6 +1099,7 @@ def fit_signals(
     max(lookback, sl_horizon) bars of fold j (an embargo on both sides: no window or label of a training sample
     overlaps the fold). So train observations look like test observations, and train_auc (out of fold) is comparable
     with val_auc: with in-sample train probabilities a policy learns to trust a feature that vanishes out of sample.
+    progress(message), when given, hears each fit with the time so far and an estimate of the time left.
     """
     from encoders import SignalGRU, SignalLSTM, SignalMLP
 
@@ -1133,6 +1134,16 @@ def fit_signals(
     torch.set_num_threads(max(1, cfg.sl_threads))
     probs = np.full((T, S, 3), 0.5, dtype=np.float32)
     metrics = {}
+    fits, done, t0 = len(SL_MODELS) * (cfg.sl_folds + 1), 0, time.time()
+
+    def tick(name: str) -> None:  # one fit done: say how far, and about how long is left
+        nonlocal done
+        done += 1
+        if progress is not None:
+            spent = time.time() - t0
+            left = spent / done * (fits - done)
+            progress(f"data: signal classifiers {done}/{fits} ({name}), {spent:.0f} s, ~{left:.0f} s left")
+
     try:
         for k, (name, cls) in enumerate(zip(SL_MODELS, (SignalMLP, SignalLSTM, SignalGRU), strict=True)):
             seed = cfg.seed + 97 * k
@@ -1140,7 +1151,9 @@ def fit_signals(
                 keep = (tr_t < lo - embargo) | (tr_t >= hi + embargo)
                 model = _fit_classifier(cls, technical, labels, tr_t[keep], tr_s[keep], cfg, seed + j + 1, L, F)
                 probs[lo:hi, :, k] = _predict(model, technical, np.arange(lo, hi), L)
+                tick(name)
             model = _fit_classifier(cls, technical, labels, tr_t, tr_s, cfg, seed, L, F)  # the whole train split
+            tick(name)
             probs[tr_hi:, :, k] = _predict(model, technical, np.arange(tr_hi, T), L)
             probs[~data.tradable, k] = 0.5
             probs[:first, :, k] = 0.5
@@ -1385,7 +1398,7 @@ def build_prepared(data: MarketData, cfg: DataConfig, progress=None) -> Prepared
     say(f"data: features of {T} bars x {S} symbols in {time.time() - t0:.1f} s")
     if cfg.sl_signals:
         t0 = time.time()
-        sl_probs, sl_metrics = fit_signals(technical, data, splits, cfg)
+        sl_probs, sl_metrics = fit_signals(technical, data, splits, cfg, progress)
         auc = ", ".join(f"{k} {m['train_auc']:.3f} / {m['val_auc']:.3f}" for k, m in sl_metrics.items())
         say(f"data: signal classifiers (train out-of-fold / validation AUC: {auc}) in {time.time() - t0:.1f} s")
     else:

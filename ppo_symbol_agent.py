@@ -632,6 +632,8 @@ if __name__ == "__main__":
         if selected:  # model selection on the validation split
             tested.load_state_dict(best_state)
         make_policy = lambda sample_seed, record: agent_policy(tested, device, sample_seed, record)  # noqa: E731
+        print(f"final backtest on the {args.test_split} split: the agent (argmax and {args.eval_samples} sampled), "
+              "every baseline and the rule ceiling", flush=True)  # fmt: skip
         tests = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
         reports, curves, rule, deciles = tests["reports"], tests["curves"], tests["rule"], tests["deciles"]
         title = f"{run_dir.name}, {args.test_split} split"
@@ -641,7 +643,7 @@ if __name__ == "__main__":
         if args.stress:  # the final weights under harsher conditions, beside the same baselines
             pnl_by_symbol = tests["series"]["pnl"].sum(0)  # (S,)
             stress = agent_stress(make_policy(None, None), rule, market, args.test_split, env_cfg, args.seed,
-                                  contribution=pnl_by_symbol)  # fmt: skip
+                                  contribution=pnl_by_symbol, progress=print)  # fmt: skip
         timestamps = tests["series"]["timestamps"]
         print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress))
         print(format_deciles(deciles, "ret_1"))

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -70,6 +71,8 @@ def check_run_args(args) -> None:
         not args.track or importlib.util.find_spec("mlflow") is not None,
         "--track logs to MLflow, which is not installed: `pip install mlflow-skinny` (or drop --track)",
     )
+    if args.track:
+        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
     require(args.walk_forward >= 0, f"--walk-forward {args.walk_forward}: the number of folds, 0 (off) or more")
     require(
         not args.walk_forward or not (args.resume or args.eval_checkpoint),
@@ -140,7 +143,9 @@ def run_walk_forward(script: str, args, key: str = "agent") -> Path:
 def report_user_errors() -> None:
     """From now on an uncaught UserInputError (a bad file, a bad flag, flags that contradict each other) ends the
     process with its one-line message on stderr and exit status 2, without a traceback: bad input is the user's to
-    fix, not a crash. Any other exception keeps Python's traceback."""
+    fix, not a crash. Ctrl-C outside the training loop (preparing the data, fitting the classifiers, the final
+    backtest; the loop itself stops at the end of its rollout, see stop_on_sigint) ends it with one line and exit
+    status 130. Any other exception keeps Python's traceback."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
@@ -148,6 +153,10 @@ def report_user_errors() -> None:
             sys.stdout.flush()
             print(f"error: {value}", file=sys.stderr, flush=True)
             os._exit(2)
+        if issubclass(kind, KeyboardInterrupt):
+            sys.stdout.flush()
+            print("interrupted (Ctrl-C); a run folder it had started stays marked incomplete", file=sys.stderr)
+            os._exit(130)
         default(kind, value, tb)
 
     sys.excepthook = hook
@@ -276,6 +285,106 @@ def check_market_matches(saved: dict, market: PreparedMarket, what: str) -> None
             )
 
 
+# Settings that a resumed run may change: where and how fast it runs, how long it trains, what it records, how the
+# final report is cut, and the run mode itself. Every other flag (--seed, --data.*, --env.*, --encoder.*, the
+# algorithm's) shapes what is learned and must equal the checkpoint's run (resume_run). The encoder is compared as
+# resolved (--encoder-preset applied), so the preset itself is free; so is mappo_master.py's --symbol-checkpoint,
+# which only initialises weights that the resumed checkpoint replaces.
+RUN_MODE = frozenset({"resume", "resume_allow_mismatch", "eval_checkpoint", "walk_forward"})
+RESUME_FREE = RUN_MODE | {
+    "symbol_checkpoint",
+    "exp_name",
+    "run_dir",
+    "cuda",
+    "torch_threads",
+    "torch_deterministic",
+    "track",
+    "save_model",
+    "total_timesteps",
+    "encoder_preset",
+    "stress",
+    "eval_samples",
+    "data.cache",
+    "data.cache_dir",
+    "data.sl_threads",
+}
+# The --data.* settings that shape the observations beyond what the market fingerprint holds (universe, lookback,
+# feature names): an agent evaluated with other values reads inputs it never saw. sl_horizon and sl_threshold define
+# the signals' label, so they count only where the signals are on.
+FEATURE_FLAGS = ("sl_signals", "sl_horizon", "sl_threshold", "normalization", "norm_window", "feature_clip")
+
+
+def setting_flag(name: str, value) -> str:
+    """How a setting is typed on the command line: ("data.seed", 7) -> "--data.seed 7", ("data.sl_signals", False)
+    -> "--data.no-sl-signals", ("data.symbols", ["A", "B"]) -> "--data.symbols A B"."""
+    *groups, last = name.replace("_", "-").split(".")
+    prefix = "--" + "".join(f"{g}." for g in groups)
+    if isinstance(value, bool):
+        return prefix + ("" if value else "no-") + last
+    shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+    return f"{prefix}{last} {shown}"
+
+
+def setting_differences(saved: dict, args, free: frozenset | set = RESUME_FREE) -> list[str]:
+    """The flags of args (the init fields of its dataclasses, nested groups dotted) whose value differs from `saved`
+    (a checkpoint's args), each as "--flag NOW here, --flag SAVED in its run"; names in `free` and the
+    ones the checkpoint lacks (it predates them) are skipped."""
+    out = []
+
+    def walk(obj, saved: dict, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            name = prefix + f.name
+            if not f.init or name in free or not isinstance(saved, dict) or f.name not in saved:
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, saved[f.name], name + ".")
+            elif _plain(value) != saved[f.name]:
+                was, now = setting_flag(name, saved[f.name]), setting_flag(name, value)
+                out.append(f"{now} here, {was} in its run")
+
+    walk(args, saved, "")
+    return out
+
+
+def data_differences(saved: dict, market: PreparedMarket) -> list[str]:
+    """How this market differs from a checkpoint's market fingerprint beyond universe, lookback and features (which
+    check_market_matches refuses outright): another source, calendar, splits, or other bars or features (hash)."""
+    now = market_fingerprint(market)
+    keys = ("source", "benchmark", "bars", "first_bar", "last_bar", "bars_per_year", "splits")
+    diffs = [f"{k} {saved[k]!r} vs {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
+    if "sha256" in saved and saved["sha256"] != now["sha256"]:
+        diffs.append(f"bars and features hash {saved['sha256']} vs {now['sha256']}")
+    if not diffs:
+        return []
+    return [f"the data ({', '.join(diffs)}: other files or other --data.* flags than its run's)"]
+
+
+def feature_differences(saved: dict, market: PreparedMarket, data: DataConfig | None = None) -> list[str]:
+    """The FEATURE_FLAGS whose value in a checkpoint's args["data"] (`saved`) differs from `data`, the --data.*
+    settings the market was prepared with; without them, what the market itself shows (whether the supervised
+    signals were fitted)."""
+    now = {"sl_signals": bool(market.sl_metrics)} if data is None else {k: getattr(data, k) for k in FEATURE_FLAGS}
+    sl_on = saved.get("sl_signals") and now["sl_signals"]
+    keys = [k for k in FEATURE_FLAGS if k in now and k in saved and (sl_on or k not in ("sl_horizon", "sl_threshold"))]
+    return [
+        f"{setting_flag('data.' + k, now[k])} here, {setting_flag('data.' + k, saved[k])} in its run"
+        for k in keys
+        if saved[k] != now[k]
+    ]
+
+
+def check_features_match(flag: str, path: str, saved_args: dict, market: PreparedMarket, data=None) -> None:
+    """A UserInputError naming each --data.* flag of FEATURE_FLAGS whose value differs from the one the checkpoint
+    `path` (passed with `flag`) was trained with (feature_differences)."""
+    changes = feature_differences(saved_args.get("data") or {}, market, data)
+    if changes:
+        raise UserInputError(
+            f"{flag} {path} was trained on another feature set: {'; '.join(changes)}. Give the --data.* flags of its "
+            "run (its summary.json holds its command line), so that the agent reads the inputs it learned from"
+        )
+
+
 def run_metadata(args, device) -> dict:
     """What reproduces a run: the command line, the git commit and whether the tree was dirty, the versions of the
     packages that shape the numbers, torch's threads and the device."""
@@ -320,6 +429,8 @@ def open_run(run_dir: Path, args, global_step: int, market: PreparedMarket, devi
     with --track, an MLflow run. Returns (writer, mlflow or None)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    params = flat_params(args)
+    mlflow = start_mlflow(args, run_dir.name, params) if args.track else None  # first: a failing store leaves no folder
     run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(
         run_dir,
@@ -330,9 +441,8 @@ def open_run(run_dir: Path, args, global_step: int, market: PreparedMarket, devi
         data=market_fingerprint(market),
     )
     writer = SummaryWriter(str(run_dir))
-    params = flat_params(args)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in params.items()))
-    return writer, start_mlflow(args, run_dir.name, params) if args.track else None
+    return writer, mlflow
 
 
 def flat_params(args) -> dict[str, str]:
@@ -351,17 +461,56 @@ def flat_params(args) -> dict[str, str]:
     return out
 
 
+# MLflow's database stores (a scheme, optionally +driver): they need SQLAlchemy and Alembic; mlflow-skinny lacks both.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def tracking_store(uri: str) -> str:
+    """The kind of store an MLFLOW_TRACKING_URI names: "file" (unset: ./mlruns; a plain path, relative or absolute;
+    a file: URI), "database" (sqlite:///..., postgresql://..., each scheme optionally +driver) or "server"
+    (http(s)://..., databricks, ...)."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("", "file") or len(scheme) == 1:  # one letter: a Windows drive (C:\mlruns), a path too
+        return "file"
+    return "database" if scheme.split("+", 1)[0] in DATABASE_SCHEMES else "server"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """--track's store works with the installed MLflow: a database store needs the full `mlflow` package (the
+    mlflow-skinny client has no SQLAlchemy). Checked with the flags, before the data is prepared and any run folder
+    is made."""
+    missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+    require(
+        tracking_store(uri) != "database" or not missing,
+        f"MLFLOW_TRACKING_URI={uri} is a database store, which needs {' and '.join(missing)} (mlflow-skinny lacks "
+        "them): `pip install mlflow`, or set MLFLOW_TRACKING_URI to a folder (a file store) or an http(s):// server, "
+        "or drop --track",
+    )
+
+
 def start_mlflow(args, run_name: str, params: dict[str, str]):
-    """An MLflow run on the server of MLFLOW_TRACKING_URI, or without it a local ./mlruns file store (MLflow 3 keeps
-    that store behind an opt-in, which a CleanRL-style --track without a server needs), every setting a param."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    """An MLflow run in the store of MLFLOW_TRACKING_URI (a folder, a file: URI, a database or a server), or without
+    it in a local ./mlruns file store, every setting a param. MLflow 3 keeps file stores behind an opt-in
+    (MLFLOW_ALLOW_FILE_STORE=true), which a CleanRL-style --track without a server needs: it is given for every file
+    store the environment does not decide on itself. A store that cannot start the run (a server that does not
+    answer, a folder that cannot be written) is a UserInputError naming the store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking_store(uri) == "file":
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
-    mlflow.set_experiment(args.exp_name)
-    mlflow.start_run(run_name=run_name)
+    try:
+        if not uri:
+            mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+        mlflow.set_experiment(args.exp_name)
+        mlflow.start_run(run_name=run_name)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        where = f"MLFLOW_TRACKING_URI={uri}" if uri else "./mlruns"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserInputError(
+            f"--track could not start an MLflow run in {where} ({reason}); check the store (a server that answers, "
+            "a folder you can write) or drop --track"
+        ) from err
     items = list(params.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(items[i : i + 100]))
@@ -541,6 +690,15 @@ def load_checkpoint(
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint (format {CHECKPOINT_FORMAT}).")
+    load_states(payload, path, model, optimizer)
+    if restore_rng:
+        set_rng_states(payload["rng"])
+    return payload
+
+
+def load_states(payload: dict, path, model: nn.Module | None = None, optimizer=None) -> None:
+    """Load a checkpoint's payload (read by load_checkpoint from `path`) into model and optimizer; a ValueError lists
+    the model's missing, unexpected and mis-shaped keys, or says why the optimizer state does not fit."""
     if model is not None:
         saved, own = payload["model"], model.state_dict()
         missing = sorted(set(own) - set(saved))
@@ -564,9 +722,6 @@ def load_checkpoint(
             optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError) as e:
             raise ValueError(f"The optimizer state in {path} does not fit this optimizer: {e}") from e
-    if restore_rng:
-        set_rng_states(payload["rng"])
-    return payload
 
 
 def load_user_checkpoint(flag: str, path: str, *args, **kwargs) -> dict:
@@ -594,12 +749,25 @@ def save_run_checkpoint(run_dir: Path, model, optimizer, args, global_step: int,
 
 
 def resume_run(
-    path: str, model, optimizer, device, rank: int, world_size: int, market: PreparedMarket, num_iterations: int
+    path: str,
+    model,
+    optimizer,
+    device,
+    rank: int,
+    world_size: int,
+    market: PreparedMarket,
+    num_iterations: int,
+    args=None,
+    allow_mismatch: bool | None = None,
 ) -> tuple[int, dict, dict, Path]:
     """Load a checkpoint of save_run_checkpoint into model and optimizer and restore this rank's RNG states.
     Returns the global step, the checkpoint's extra, this rank's saved state and the run folder to continue in.
-    A run that already reached num_iterations, another market or another number of processes is a clear error."""
-    ckpt = load_user_checkpoint("--resume", path, model, optimizer, map_location=device)
+    A run that already reached num_iterations, another universe, lookback or feature set, or another number of
+    processes is a clear error. So are other settings (args against the checkpoint's args, except RESUME_FREE) and
+    other data (the market's fingerprint against the checkpoint's): the run would go on as another experiment in
+    the same folder. allow_mismatch continues anyway and prints each difference; None: args.resume_allow_mismatch
+    (the scripts' flag), False where args has none."""
+    ckpt = load_user_checkpoint("--resume", path, map_location=device)
     extra = ckpt["extra"]
     if extra["iteration"] >= num_iterations:
         raise UserInputError(
@@ -608,20 +776,68 @@ def resume_run(
             f"further, or evaluate it with --eval-checkpoint {path}."
         )
     check_market_matches(extra.get("market", {}), market, path)
+    changes = [] if args is None else setting_differences(ckpt.get("args") or {}, args)
+    if not any(c.startswith("--data.") for c in changes):  # a data flag that differs explains the data already
+        changes += data_differences(extra.get("market", {}), market)
+    flag = hasattr(args, "resume_allow_mismatch")  # the scripts' override, where they have it
+    if allow_mismatch is None:
+        allow_mismatch = flag and args.resume_allow_mismatch
+    if changes and not allow_mismatch:
+        anyway = ", or pass --resume-allow-mismatch to continue it anyway" if flag else ""
+        raise UserInputError(
+            f"--resume {path}: this command differs from the checkpoint's run: {'; '.join(changes)}. Resuming would "
+            "continue another experiment in its folder: give the run's settings (its summary.json holds its command "
+            f"line) or start a new run{anyway}"
+        )
+    if changes and rank == 0:
+        print(f"warning: --resume-allow-mismatch: continuing {path} with {'; '.join(changes)}", flush=True)
     if len(extra["ranks"]) != world_size:
         raise UserInputError(
             f"{path} was written by {len(extra['ranks'])} process(es); resume it with as many (got {world_size})"
         )
+    try:
+        load_states(ckpt, path, model, optimizer)
+    except ValueError as err:
+        raise UserInputError(f"--resume {path}: {err}") from err
     own = extra["ranks"][rank]
     set_rng_states(own["rng"])
     return ckpt["global_step"], extra, own, Path(path).resolve().parent
 
 
-def load_for_evaluation(path: str, market: PreparedMarket, script: str) -> dict:
+def resume_defaults(cls, argv: list[str]):
+    """With --resume PATH in argv: an instance of the script's Args (`cls`) that holds the settings of PATH's run,
+    for `tyro.cli(Args, default=...)`, so that a resumed run takes its run's settings unless a flag says otherwise
+    (and resume_run then names each flag that does). None without --resume. The run mode (--resume,
+    --eval-checkpoint, --walk-forward, --resume-allow-mismatch) is not taken from the run."""
+    path = next((b for a, b in itertools.pairwise(argv) if a == "--resume"), None)
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), path)
+    if path is None:
+        return None
+    saved = load_user_checkpoint("--resume", path).get("args") or {}
+
+    def build(kind, saved: dict, prefix: str):
+        obj = kind()
+        for f in dataclasses.fields(kind):
+            name = prefix + f.name
+            if not f.init or name in RUN_MODE or f.name not in saved:
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                if isinstance(saved[f.name], dict):
+                    setattr(obj, f.name, build(type(value), saved[f.name], name + "."))
+            else:
+                setattr(obj, f.name, saved[f.name])  # checkpoints keep lists, tuples, numbers and strings as they were
+        return obj
+
+    return build(cls, saved, "")
+
+
+def load_for_evaluation(path: str, market: PreparedMarket, script: str, data: DataConfig | None = None) -> dict:
     """A checkpoint (checkpoint.pt or best.pt) of `script` ("ppo_symbol_agent.py" or "mappo_master.py") to evaluate
     on `market`: its payload (args, model weights, global step), after checking that the market has the universe,
-    lookback and features it was trained on, plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file,
-    or the other script's checkpoint, is a clear error."""
+    lookback and feature set it was trained on (FEATURE_FLAGS against `data`, the --data.* settings of this command;
+    without them, what the market shows), plus its "encoder" (EncoderConfig). A missing, corrupt or foreign file,
+    the other script's checkpoint or another feature set is a clear error."""
     payload = load_user_checkpoint("--eval-checkpoint", path)
     if not isinstance(payload.get("args"), dict) or "encoder" not in payload["args"]:
         raise UserInputError(
@@ -635,25 +851,32 @@ def load_for_evaluation(path: str, market: PreparedMarket, script: str) -> dict:
             "training script); evaluate it with that script."
         )
     check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
+    check_features_match("--eval-checkpoint", path, payload["args"], market, data)
     payload["encoder"] = encoder_config_from_dict(payload["args"]["encoder"])  # the network it was saved with
     return payload
 
 
 def load_symbol_agents(
-    path: str, num_symbols: int, directive_dim: int = 4, market: PreparedMarket | None = None
+    path: str,
+    num_symbols: int,
+    directive_dim: int = 4,
+    market: PreparedMarket | None = None,
+    data: DataConfig | None = None,
 ) -> tuple[SymbolPolicy, EncoderConfig]:
     """Symbol agents initialised from a ppo_symbol_agent.py checkpoint (independent mode, no directive input).
 
     The checkpoint's encoder settings and head layout are used. The directives are extra inputs of the heads' first
     layers: their weight rows start at zero, so the loaded agents act exactly as the checkpoint did until the MAPPO
     updates teach them to read the master's orders. With `market`, the checkpoint must have been trained on its
-    universe, lookback and features. Every misfit is a UserInputError naming the file."""
+    universe, lookback and feature set (see load_for_evaluation for `data`). Every misfit is a UserInputError naming
+    the file."""
     payload = load_user_checkpoint("--symbol-checkpoint", path)
     saved, saved_args = payload["model"], payload["args"] or {}
     if "encoder" not in saved_args or "actor.weights.0" not in saved:
         raise UserInputError(f"{path} is not a ppo_symbol_agent.py checkpoint (no encoder args or symbol heads in it).")
     if market is not None:
         check_market_matches((payload.get("extra") or {}).get("market", {}), market, path)
+        check_features_match("--symbol-checkpoint", path, saved_args, market, data)
     encoder = encoder_config_from_dict(saved_args["encoder"])
     heads = saved["actor.weights.0"].shape[0]
     if heads not in (1, num_symbols):

@@ -14,6 +14,7 @@ de-leveraging alone cannot meet (`trading_env.master_go_criterion`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ store (needs mlflow-skinny or mlflow)"""
     resume: str | None = None
     """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
 step)"""
+    resume_allow_mismatch: bool = False
+    """if toggled, --resume continues its run even where this command's settings or data differ from the run's (each
+difference is printed); without it such a resume is refused"""
     eval_checkpoint: str | None = None
     """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
 the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
@@ -341,8 +345,9 @@ def master_policy(agent, master, device):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
+    defaults = xp.resume_defaults(Args, sys.argv[1:])  # --resume: the run's own settings, unless a flag says otherwise
+    args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
     T, E, I = args.num_steps, args.num_envs, args.master_interval
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
     xp.require(not (args.walk_forward and args.symbol_checkpoint), "--walk-forward trains every fold's agents "
@@ -376,13 +381,17 @@ if __name__ == "__main__":
     xp.seed_everything(args.seed + rank, args.torch_threads, args.torch_deterministic)
 
     envs = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
-    saved = xp.load_for_evaluation(args.eval_checkpoint, market, "mappo_master.py") if args.eval_checkpoint else None
+    saved = (
+        xp.load_for_evaluation(args.eval_checkpoint, market, "mappo_master.py", data=args.data)
+        if args.eval_checkpoint
+        else None
+    )
     if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
         args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
         shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
         agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
     elif args.symbol_checkpoint:
-        agent, args.encoder = xp.load_symbol_agents(args.symbol_checkpoint, S, market=market)
+        agent, args.encoder = xp.load_symbol_agents(args.symbol_checkpoint, S, market=market, data=args.data)
         preset = f"from {args.symbol_checkpoint}"
     else:
         args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
@@ -406,7 +415,7 @@ if __name__ == "__main__":
     fingerprint = xp.market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     if args.resume:
         resumed = xp.resume_run(
-            args.resume, model, optimizer, device, rank, args.world_size, market, args.num_iterations
+            args.resume, model, optimizer, device, rank, args.world_size, market, args.num_iterations, args
         )
         global_step, extra, own, run_dir = resumed
         start_iteration = extra["iteration"] + 1

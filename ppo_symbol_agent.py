@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ store (needs mlflow-skinny or mlflow)"""
     resume: str | None = None
     """path of a checkpoint.pt of this script to continue from (networks, optimiser, controllers, RNG, envs, global
 step)"""
+    resume_allow_mismatch: bool = False
+    """if toggled, --resume continues its run even where this command's settings or data differ from the run's (each
+difference is printed); without it such a resume is refused"""
     eval_checkpoint: str | None = None
     """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
 the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
@@ -355,8 +359,9 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
+    defaults = xp.resume_defaults(Args, sys.argv[1:])  # --resume: the run's own settings, unless a flag says otherwise
+    args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
     T, E = args.num_steps, args.num_envs
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
@@ -389,7 +394,9 @@ if __name__ == "__main__":
     envs = VecTradingCore(market, E, split=args.split, mode="independent", config=env_cfg, seed=args.seed + rank)
     fingerprint = xp.market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     saved = (
-        xp.load_for_evaluation(args.eval_checkpoint, market, "ppo_symbol_agent.py") if args.eval_checkpoint else None
+        xp.load_for_evaluation(args.eval_checkpoint, market, "ppo_symbol_agent.py", data=args.data)
+        if args.eval_checkpoint
+        else None
     )
     if saved:  # a saved agent keeps its own network
         args.encoder, args.shared_heads = saved["encoder"], saved["args"]["shared_heads"]
@@ -406,7 +413,7 @@ if __name__ == "__main__":
 
     if args.resume:
         resumed = xp.resume_run(
-            args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations
+            args.resume, agent, optimizer, device, rank, args.world_size, market, args.num_iterations, args
         )
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]

@@ -1,8 +1,10 @@
-"""Tests of experiment.py, the run bookkeeping: checkpoints (round trip, mismatches, bad files) and the layout rule
-that the shared modules import no script. The run folder, logging, resume, SIGINT and torchrun are exercised by
-running the scripts (test_ppo_symbol_agent.py, test_mappo_master.py, test_reliability.py)."""
+"""Tests of experiment.py, the run bookkeeping: checkpoints (round trip, mismatches, bad files), what --resume and
+--eval-checkpoint accept, every form of MLFLOW_TRACKING_URI that --track meets, and the layout rule that the shared
+modules import no script. The run folder, logging, resume, SIGINT and torchrun are exercised by running the scripts
+(test_ppo_symbol_agent.py, test_mappo_master.py, test_reliability.py)."""
 
 import dataclasses
+import importlib.util
 import random
 import subprocess
 import sys
@@ -11,12 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import script_env
 from test_encoders import cfg, make_obs
 
 from encoders import SymbolPolicy
 from experiment import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+# 4 symbols x 2 envs x 32 steps = 256 symbol-steps a rollout, 2 rollouts; no SL fit, no cache, a short final report
+TINY = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "1", "--eval-interval"]
+TINY += ["0", "--data.no-sl-signals", "--data.no-cache", "--data.num-symbols", "4", "--data.years", "0.5"]
+TINY += ["--no-stress", "--eval-samples", "1", "--total-timesteps", "512"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,3 +141,204 @@ def test_help_has_no_hard_line_breaks_inside_field_docstrings():
                     where = f"{script.__name__}: {cls.__name__}.{field.target.id}"
                     assert line[:1].isalpha(), f"{where}: a line of its docstring starts with {line[:1]!r}: {line!r}"
     assert checked > 100  # every script's Args and the configs they nest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --track and MLFLOW_TRACKING_URI: every form a user sets, without the test opting in to MLflow's file store
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def track(tmp_path: Path, uri: str) -> subprocess.CompletedProcess:
+    """ppo_symbol_agent.py --track in tmp_path with MLFLOW_TRACKING_URI=uri, in an environment that does not set
+    MLflow's file-store opt-in (the script has to), and no retries of an unanswered server."""
+    env = {k: v for k, v in script_env().items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    env |= {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    cmd = [sys.executable, str(ROOT / "ppo_symbol_agent.py"), *TINY, "--track"]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_back(monkeypatch, uri: str) -> None:
+    """The run's metrics and params, read with MlflowClient (the test process opts in to read a file store)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "ppo_symbol_agent"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "policy_action_entropy_mean")
+    assert len(history) == 2  # one point per iteration
+    assert run.data.params["data.num_symbols"] == "4"
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: "), error
+    for word in words:
+        assert word in error, f"the error does not name {word!r}: {error}"
+
+
+@pytest.mark.parametrize("form", ["path", "file:"])
+def test_track_writes_a_file_store_named_by_a_path_or_a_file_uri(tmp_path, monkeypatch, form):
+    """A relative folder or a file: URI (the form `file:/tmp/mlruns_x` once crashed after the run folder was made:
+    MLflow 3 refuses file stores without its opt-in)."""
+    store = tmp_path / "store"
+    done = track(tmp_path, "store" if form == "path" else f"file:{store}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    read_back(monkeypatch, store.as_uri())
+
+
+def test_track_with_a_database_uri_logs_or_says_to_install_mlflow(tmp_path, monkeypatch):
+    """sqlite:///: with the full mlflow package the run is logged there; with mlflow-skinny (no SQLAlchemy) one line
+    names the URI and the fix, before the data is prepared and any run folder made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = track(tmp_path, uri)
+    if all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic")):
+        assert done.returncode == 0, done.stderr[-3000:]
+        read_back(monkeypatch, uri)
+    else:
+        assert_one_line_error(done, uri, "pip install mlflow")
+        assert not (tmp_path / "runs").exists() and "data:" not in done.stdout
+
+
+def test_track_with_a_server_that_does_not_answer_fails_clearly(tmp_path):
+    """An http:// server that is down: one line naming the URI, exit 2, and no run folder left incomplete."""
+    done = track(tmp_path, "http://127.0.0.1:9")
+    assert_one_line_error(done, "MLFLOW_TRACKING_URI=http://127.0.0.1:9", "--track")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What --resume and --eval-checkpoint accept: the run's settings, data and feature set
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def market():
+    from market_data import make_synthetic_prepared
+
+    return make_synthetic_prepared(num_symbols=3, years=0.25, seed=0)
+
+
+def run_checkpoint(path: Path, args, market, iteration: int = 1):
+    """A checkpoint as save_run_checkpoint writes it for one process: the model, optimiser, args, the market's
+    fingerprint and the RNG states. Returns the model and optimizer (for resume_run to load into)."""
+    import experiment as xp
+
+    model = SymbolPolicy(3, cfg("mlp"))
+    optimizer = torch.optim.Adam(model.parameters())
+    extra = {"iteration": iteration, "market": xp.market_fingerprint(market), "ranks": [{"rng": xp.rng_states()}]}
+    save_checkpoint(path, model, optimizer, args=args, global_step=256 * iteration, extra=extra)
+    return model, optimizer
+
+
+def test_resume_names_every_changed_setting_and_refuses_it(tmp_path, market):
+    import experiment as xp
+    import ppo_symbol_agent as ppo
+    from market_data import UserInputError
+
+    saved = ppo.Args()
+    model, optimizer = run_checkpoint(tmp_path / "checkpoint.pt", saved, market)
+    path = str(tmp_path / "checkpoint.pt")
+
+    def resume(args, allow=None):
+        return xp.resume_run(path, model, optimizer, "cpu", 0, 1, market, 4, args=args, allow_mismatch=allow)
+
+    # The bookkeeping flags may change: a longer run, another folder, MLflow, threads, the report's cut.
+    free = dataclasses.replace(saved, total_timesteps=10**7, run_dir="elsewhere", track=True, torch_threads=4)
+    free.stress, free.eval_samples, free.resume = False, 1, path
+    free.data = dataclasses.replace(saved.data, cache=False, sl_threads=2)
+    step, _, _, run_dir = resume(free)
+    assert step == 256 and run_dir == tmp_path
+
+    reward = dataclasses.replace(saved.env.reward, pnl_weight=0.5)
+    other = dataclasses.replace(saved, learning_rate=1e-3, env=dataclasses.replace(saved.env, reward=reward))
+    other.data = dataclasses.replace(saved.data, seed=7, sl_signals=False)
+    with pytest.raises(UserInputError) as err:
+        resume(other)
+    message = str(err.value)
+    for words in (
+        "--data.seed 7 here, --data.seed 0 in its run",
+        "--learning-rate 0.001 here, --learning-rate 0.0003 in its run",
+        "--data.no-sl-signals here, --data.sl-signals in its run",
+        "--env.reward.pnl-weight 0.5 here, --env.reward.pnl-weight 0.75 in its run",
+    ):
+        assert words in message, message
+    assert "\n" not in message and "--total-timesteps" not in message
+    # The error offers the override only to a script whose Args has it.
+    assert ("--resume-allow-mismatch" in message) == hasattr(saved, "resume_allow_mismatch")
+    assert "--resume-allow-mismatch" not in str(pytest.raises(UserInputError, resume, _Args(seed=2)).value)
+
+    @dataclasses.dataclass
+    class WithOverride(ppo.Args):
+        resume_allow_mismatch: bool = False
+
+    assert "--resume-allow-mismatch" in str(pytest.raises(UserInputError, resume, WithOverride(seed=2)).value)
+    assert resume(WithOverride(seed=2, resume_allow_mismatch=True))[0] == 256  # the flag continues
+    assert resume(other, allow=True)[0] == 256  # so does the parameter
+
+
+def test_resume_refuses_other_data_even_without_the_settings(tmp_path, market, capsys):
+    """Without args (or with equal data flags) the market's fingerprint still tells another market apart."""
+    import experiment as xp
+    from market_data import UserInputError, make_synthetic_prepared
+
+    model, optimizer = run_checkpoint(tmp_path / "checkpoint.pt", {"seed": 1}, market)
+    other = make_synthetic_prepared(num_symbols=3, years=0.25, seed=7)
+    with pytest.raises(UserInputError, match=r"the data \(bars and features hash [0-9a-f]+ vs [0-9a-f]+"):
+        xp.resume_run(str(tmp_path / "checkpoint.pt"), model, optimizer, "cpu", 0, 1, other, 4)
+    xp.resume_run(str(tmp_path / "checkpoint.pt"), model, optimizer, "cpu", 0, 1, other, 4, allow_mismatch=True)
+    assert "warning: --resume-allow-mismatch" in capsys.readouterr().out
+    with pytest.raises(UserInputError, match="already finished"):
+        xp.resume_run(str(tmp_path / "checkpoint.pt"), model, optimizer, "cpu", 0, 1, market, 1)
+
+
+def test_resume_defaults_are_the_runs_settings(tmp_path, market):
+    """The settings a resumed run gets when it takes its run's by default: the saved ones, each flag given on the
+    command line over them, so that only those are compared (and refused)."""
+    import tyro
+
+    import experiment as xp
+    import ppo_symbol_agent as ppo
+
+    saved = ppo.Args(seed=5, total_timesteps=4096, learning_rate=1e-3, split="val", test_split="train")
+    saved.data = dataclasses.replace(saved.data, seed=3, symbols=["SYN000", "SYN001"], sl_signals=False)
+    saved.encoder = dataclasses.replace(saved.encoder, kind="mlp", d_model=64)
+    run_checkpoint(tmp_path / "checkpoint.pt", saved, market)
+    argv = ["--resume", str(tmp_path / "checkpoint.pt"), "--num-envs", "8"]
+    assert xp.resume_defaults(ppo.Args, argv[2:]) is None
+    args = tyro.cli(ppo.Args, args=argv, default=xp.resume_defaults(ppo.Args, argv))
+    assert (args.seed, args.total_timesteps, args.learning_rate, args.split, args.num_envs) == (5, 4096, 1e-3, "val", 8)
+    assert args.data == saved.data and args.encoder == saved.encoder and args.resume == argv[1]
+    assert xp.setting_differences(xp._plain(saved), args) == [
+        f"--num-envs 8 here, --num-envs {saved.num_envs} in its run"
+    ]
+    assert xp.resume_defaults(ppo.Args, ["--resume=" + argv[1]]).data.seed == 3
+
+
+def test_evaluation_refuses_another_feature_set(tmp_path, market):
+    import experiment as xp
+    import ppo_symbol_agent as ppo
+    from market_data import DataConfig, UserInputError
+
+    saved = ppo.Args()  # trained with the supervised signals and zscore features
+    run_checkpoint(tmp_path / "checkpoint.pt", saved, market)
+    path = str(tmp_path / "checkpoint.pt")
+    same = DataConfig(source="elsewhere", seed=9, years=3.0)  # other bars are what evaluation is for
+    assert xp.load_for_evaluation(path, market, "ppo_symbol_agent.py", data=same)["global_step"] == 256
+    cases = {
+        "--data.normalization minmax here, --data.normalization zscore in its run": {"normalization": "minmax"},
+        "--data.no-sl-signals here, --data.sl-signals in its run": {"sl_signals": False},
+        "--data.norm-window 70 here, --data.norm-window 140 in its run": {"norm_window": 70},
+        "--data.sl-horizon 3 here, --data.sl-horizon 1 in its run": {"sl_horizon": 3},
+    }
+    for words, change in cases.items():
+        with pytest.raises(UserInputError) as err:
+            xp.load_for_evaluation(path, market, "ppo_symbol_agent.py", data=DataConfig(**change))
+        assert words in str(err.value) and str(err.value).startswith(f"--eval-checkpoint {path} was trained on another")
+    # Without the --data.* settings, the market shows whether the signals were fitted (this one has none).
+    with pytest.raises(UserInputError, match="--data.no-sl-signals here, --data.sl-signals in its run"):
+        xp.load_for_evaluation(path, market, "ppo_symbol_agent.py")
+    with pytest.raises(UserInputError, match="--symbol-checkpoint .* another feature set: --data.normalization"):
+        xp.load_symbol_agents(path, 3, market=market, data=DataConfig(normalization="robust"))

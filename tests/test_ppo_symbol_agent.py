@@ -147,13 +147,14 @@ def test_track_logs_metrics_params_and_artifacts_to_mlflow(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
 
     store = tmp_path / ("elsewhere" if where == "MLFLOW_TRACKING_URI" else "mlruns")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the script opts in to MLflow's file store itself
     if where == "MLFLOW_TRACKING_URI":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     else:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_script(PPO, tmp_path, *TINY, "--track", "--save-model", "--total-timesteps", str(2 * ITER))
     assert store.is_dir() and (where == "./mlruns" or not (tmp_path / "mlruns").exists())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this process reads the file store back
     client = MlflowClient(tracking_uri=store.as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "ppo_symbol_agent"]
     (run,) = client.search_runs([experiment.experiment_id])

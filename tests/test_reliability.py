@@ -3,7 +3,8 @@
 - determinism: the same seed and settings give the same summary.json on CPU (wall-clock fields aside);
 - bad input at every entry point fails with a sentence naming the input, before any training, and leaves no run
   folder that looks complete;
-- SIGINT during training leaves a loadable checkpoint and a run folder marked incomplete, and --resume finishes it.
+- SIGINT during training leaves a loadable checkpoint and a run folder marked incomplete, and --resume finishes it;
+- --resume refuses to continue a run on other data, and --eval-checkpoint refuses another feature set.
 """
 
 import json
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_script, script_env
+from test_experiment import assert_one_line_error
 
 import validate_stage5 as gate
 
@@ -202,3 +204,66 @@ def test_sigint_leaves_a_resumable_incomplete_run(tmp_path):
     assert ckpt_step >= interrupted_at, (
         f"the checkpoint is from step {ckpt_step}, before the interrupt at {interrupted_at}"
     )
+
+
+# A run with the supervised signals fitted (tiny fits), so that a feature set has something to differ in
+SAVED = [*SYNTHETIC, "--data.sl-signals", "--data.sl-epochs", "1", "--data.sl-max-samples", "256", "--data.sl-folds"]
+SAVED += ["2", "--no-stress", "--eval-samples", "1", "--save-model"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The folder it runs in and the run folder of a finished 2-iteration run with a checkpoint."""
+    tmp = tmp_path_factory.mktemp("saved")
+    done = train(tmp, *SAVED, "--total-timesteps", "512")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = run_folders(tmp)
+    return tmp, run
+
+
+def test_resume_refuses_other_data_and_continues_the_same(saved_run):
+    """--data.seed 7 on a d0 run's checkpoint once continued on another market inside the d0 run's folder."""
+    tmp, run = saved_run
+    checkpoint = run / "checkpoint.pt"
+    before = checkpoint.read_bytes(), (run / "summary.json").read_text()
+    other = train(tmp, *SAVED, "--total-timesteps", "768", "--data.seed", "7", "--resume", str(checkpoint))
+    # "--data.": the data differ; a script that passes its settings to resume_run names the flag itself (--data.seed)
+    assert_one_line_error(other, "--resume", str(checkpoint), "--data.")
+    assert "iter " not in other.stdout
+    assert (checkpoint.read_bytes(), (run / "summary.json").read_text()) == before, (
+        "the refused resume wrote to the run"
+    )
+
+    same = train(tmp, *SAVED, "--total-timesteps", "768", "--resume", str(checkpoint))
+    assert same.returncode == 0, same.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 768
+
+
+def test_evaluation_refuses_another_feature_set(saved_run):
+    """--data.no-sl-signals on a checkpoint trained with the signals once evaluated it with exit 0 and no warning."""
+    tmp, run = saved_run
+    checkpoint = str(run / "checkpoint.pt")
+    other = train(tmp, *SAVED, "--data.no-sl-signals", "--eval-checkpoint", checkpoint, runs="eval")
+    assert_one_line_error(other, "--eval-checkpoint", "--data.no-sl-signals here, --data.sl-signals in its run")
+    assert not run_folders(tmp, "eval")
+
+    same = train(tmp, *SAVED, "--eval-checkpoint", checkpoint, runs="eval")
+    assert same.returncode == 0, same.stderr[-2000:]
+    (evaluation,) = run_folders(tmp, "eval")
+    assert json.loads((evaluation / "summary.json").read_text())["status"] == "complete"
+
+
+def test_ctrl_c_while_the_data_is_prepared_is_one_line(tmp_path):
+    """SIGINT while the signal classifiers are fitted (a phase outside the training loop): exit status 130, one
+    line on stderr, no traceback."""
+    cmd = [sys.executable, str(SCRIPT), *SYNTHETIC, "--data.no-cache", "--run-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("data: signal classifiers 1/"):  # the classifiers are being fitted
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-1000:], err[-2000:])
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err

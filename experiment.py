@@ -442,7 +442,29 @@ def open_run(run_dir: Path, args, global_step: int, market: PreparedMarket, devi
     )
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in params.items()))
+    add_hparams(writer, args)
     return writer, mlflow
+
+
+def add_hparams(writer, args) -> None:
+    """Every setting in tensorboard's HParams tab, in this run's own event file (SummaryWriter.add_hparams would
+    open a sub-run), with the final backtest's trading/<test split>_sharpe and _max_drawdown as its metrics (logged
+    as scalars by finish_run). Numbers and booleans keep their type; anything else is its text."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {}
+
+    def walk(prefix: str, obj) -> None:
+        for k, v in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj).items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                values[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+
+    walk("", args)
+    metrics = {f"trading/{args.test_split}_{name}": 0.0 for name in ("sharpe", "max_drawdown")}
+    for summary in hparams(values, metrics):
+        writer.file_writer.add_summary(summary)
 
 
 def flat_params(args) -> dict[str, str]:

@@ -253,6 +253,25 @@ def test_tensorboard_tags(full_run):
     assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
 
 
+def test_hyperparameters_reach_the_hparams_tab(full_run):
+    """The run's event file holds tensorboard's HParams session: every setting (nested ones dotted, numbers as
+    numbers) and the final backtest's Sharpe as the metric, which is also logged as a scalar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, run = full_run
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert {m.name.tag for m in experiment.metric_infos} == {"trading/test_sharpe", "trading/test_max_drawdown"}
+    assert start.hparams["learning_rate"].number_value == pytest.approx(3e-4)
+    assert start.hparams["env.reward.pnl_weight"].number_value > 0 and start.hparams["data.source"].string_value
+    assert "trading/test_sharpe" in acc.Tags()["scalars"]
+
+
 def test_resume_equals_uninterrupted(full_run, workdir):
     _, run = full_run
     first = workdir / "split"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
@@ -157,7 +158,8 @@ def run_backtest(
     independent mode: the S accounts form one equal-capital book (S x initial capital); portfolio mode: one account.
     master(obs, core, last_policy_actions) -> (1,) directive index is called every `interval` bars (none: the
     neutral directive throughout). Returns {"agent": metrics, "curve": book equity (N+1,), "series": per-bar arrays
-    (timestamps (N+1,), exposure, holdings, per-symbol PnL (N, S), executed actions (N, S), directives)}. The metrics
+    (timestamps (N+1,), exposure (N,), and per bar and symbol (N, S): PnL, executed actions, holdings' value, filled
+    shares (negative: sold), fill prices and costs; directives)}. The metrics
     are performance_metrics plus exposure (mean holdings / equity), trades (filled orders), orders cancelled and
     shrunk, round trips and win rate (share of round trips with a positive realised PnL net of all their costs),
     stop-out and delisting liquidations, annualised turnover (traded notional over the mean book equity), costs and,
@@ -168,17 +170,13 @@ def run_backtest(
         )
     core = VecTradingCore(market, 1, split=split, mode=mode, config=config, seed=seed, sequential=True, symbols=symbols)
     obs = core.reset(seed=seed)
-    start, n, A, K, S = (
-        int(core.t[0]),
-        int(core.end[0] - core.t[0]),
-        core.accounts_per_env,
-        core.symbols_per_account,
-        core.num_symbols,
-    )
+    start, n, S = int(core.t[0]), int(core.end[0] - core.t[0]), core.num_symbols
+    A, K = core.accounts_per_env, core.symbols_per_account  # (S, 1) in independent mode, (1, S) in portfolio mode
     book = float(config.initial_capital) * A
     equity, exposure = np.empty(n + 1), np.empty(n)
     equity[0] = book
     pnl, executed, used = np.zeros((n, S)), np.zeros((n, S), np.int8), np.zeros(NUM_DIRECTIVES)
+    holdings, shares, price, paid = (np.zeros((n, S)) for _ in range(4))  # per bar and symbol: value, fills, costs
     directives = np.full(n, -1, dtype=np.int64)
     last_actions = np.zeros((1, S), np.int64)
     counts = dict.fromkeys(("trades", "cancelled", "shrunk", "round_trips", "wins", "liquidations"), 0)
@@ -194,7 +192,8 @@ def run_backtest(
         last_actions = info["policy_action"].copy()
         equity[i + 1] = info["equity"][0, ::K].sum()  # the book, before any reset at the sweep's end
         exposure[i] = info["holdings"][0].sum() / equity[i + 1]
-        pnl[i], executed[i] = info["pnl"][0], info["executed_action"][0]
+        pnl[i], executed[i], holdings[i] = info["pnl"][0], info["executed_action"][0], info["holdings"][0]
+        shares[i], price[i], paid[i] = info["traded_shares"][0], info["fill_price"][0], info["cost"][0]
         counts["trades"] += int((info["traded_shares"][0] != 0).sum())  # filled orders
         for key, flag in (
             ("cancelled", "order_cancelled"),
@@ -238,6 +237,8 @@ def run_backtest(
         "executed": executed,
         "directives": directives,
         "start": start,
+        "holdings": holdings,
+        "fills": {"shares": shares, "price": price, "cost": paid},
     }
     return {"agent": metrics, "curve": equity, "series": series}
 
@@ -372,7 +373,8 @@ def baseline_backtests(
     """The baselines of an independent-mode agent backtest `agent` (run_backtest's result), each on the same split,
     capital and costs: always-HOLD; random at the agent's trade rate; the rule ceiling (when a fit_rule rule is
     given); buy-and-hold of the benchmark and of the equal-weight basket, at full exposure and scaled to the agent's
-    average exposure. Returns name -> {"agent": metrics with exposure, "curve": equity}."""
+    average exposure. Returns name -> {"agent": metrics with exposure, "curve": equity, "series": run_backtest's
+    series, or for buy-and-hold only the exposure (N,)}."""
     out = {
         "always_hold": run_backtest(hold_policy, market, split, config, seed),
         "random": run_backtest(random_policy(seed + 1, agent["agent"]["trade_rate"]), market, split, config, seed),
@@ -385,7 +387,7 @@ def baseline_backtests(
         for name, (curve, expo) in buy_and_hold(market, start, n, book, config, fraction).items():
             metrics = performance_metrics(curve, agent["series"]["timestamps"], *calendar)
             metrics |= {"exposure": float(expo.mean()), "trades": None}
-            out[f"{name}_bh{suffix}"] = {"agent": metrics, "curve": curve}
+            out[f"{name}_bh{suffix}"] = {"agent": metrics, "curve": curve, "series": {"exposure": expo}}
     return out
 
 
@@ -402,7 +404,8 @@ def agent_backtests(
     argmax policy (sample_seed None; with `record`, a list it fills with (ret_1, P(increase), increase allowed) each
     bar) and the sampled one. Returns "reports" (name -> metrics: the agent argmax, the mean over `samples` sampled
     runs, every baseline and the rule ceiling fitted on `train_split`), "curves" (name -> equity), "series" (the
-    argmax run's), "rule" and "deciles" (P(increase exposure) by decile of ret_1)."""
+    argmax run's), "every_series" (name -> run_backtest's series of each strategy; buy-and-hold: its exposure),
+    "rule" and "deciles" (P(increase exposure) by decile of ret_1)."""
     record: list = []
     full = run_backtest(make_policy(None, record), market, split, config, seed)
     sampled = [run_backtest(make_policy(seed + k, None), market, split, config, seed)["agent"] for k in range(samples)]
@@ -411,8 +414,10 @@ def agent_backtests(
     reports = {"agent": full["agent"], "agent_sampled": mean_metrics(sampled) if sampled else None}
     reports = {k: v for k, v in reports.items() if v is not None} | {name: b["agent"] for name, b in base.items()}
     curves = {"agent": full["curve"]} | {name: b["curve"] for name, b in base.items()}
+    every = {"agent": full["series"]} | {name: b["series"] for name, b in base.items()}
     deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
-    return {"reports": reports, "curves": curves, "series": full["series"], "rule": rule, "deciles": deciles}
+    return {"reports": reports, "curves": curves, "series": full["series"], "every_series": every, "rule": rule,
+            "deciles": deciles}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -732,6 +737,35 @@ def format_report(reports: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def write_bar_files(run_dir, split: str, curves: dict, every_series: dict, timestamps, symbols: list[str]) -> None:
+    """Per-bar files of a final backtest, in long format (one row per bar and strategy, or per bar, strategy and
+    symbol), for pandas, quantstats, pyfolio or alphalens: <split>_bars.parquet (equity, bar return and exposure of
+    every strategy), <split>_positions.parquet (the value held in each symbol, where not 0) and <split>_fills.parquet
+    (every filled order: shares, negative when sold, fill price, notional and the costs it paid) of every strategy
+    that trades through the environment (buy-and-hold's one entry is in its curve, not listed as a fill)."""
+    bar_times = pd.DatetimeIndex(timestamps[1:], name="timestamp")  # bar i's outcome is known at the next bar's time
+    bars, positions, fills = [], [], []
+    for name, curve in curves.items():
+        series = every_series.get(name, {})
+        bars.append(pd.DataFrame({"timestamp": bar_times, "strategy": name, "equity": curve[1:],
+                                  "return": curve[1:] / curve[:-1] - 1.0,
+                                  "exposure": series.get("exposure", np.full(len(bar_times), np.nan))}))  # fmt: skip
+        if "holdings" not in series:
+            continue
+        t, s = np.nonzero(series["holdings"])
+        positions.append(pd.DataFrame({"timestamp": bar_times[t], "strategy": name, "symbol": np.take(symbols, s),
+                                       "value": series["holdings"][t, s]}))  # fmt: skip
+        f = series["fills"]
+        t, s = np.nonzero(f["shares"])
+        fills.append(pd.DataFrame({"timestamp": bar_times[t], "strategy": name, "symbol": np.take(symbols, s),
+                                   "shares": f["shares"][t, s], "price": f["price"][t, s],
+                                   "notional": np.abs(f["shares"][t, s]) * f["price"][t, s],
+                                   "cost": f["cost"][t, s]}))  # fmt: skip
+    for stem, frames in (("bars", bars), ("positions", positions), ("fills", fills)):
+        if frames:
+            pd.concat(frames, ignore_index=True).to_parquet(Path(run_dir) / f"{split}_{stem}.parquet")
+
+
 def verdict(reports: dict[str, dict], where: str, agent: str = "agent") -> str:
     """One sentence on what the figures mean: the strategy's Sharpe with its robust error, P(Sharpe > 0), the DSR
     when selection had trials, beside the best baseline (buy-and-hold, random, cash, fixed directives) and the
@@ -771,11 +805,13 @@ def save_backtest(
     timestamps: np.ndarray,
     stress: list[dict] | None = None,
     agent: str = "agent",
+    every_series: dict | None = None,
 ) -> str:
     """Write the final backtest: reports as run_dir/backtest.json; backtest.md with the verdict sentence, the
     format_report table and the stress table (when given); every equity curve (N+1,) marked at `timestamps` as
     <split>_equity.parquet (one column per strategy) and its daily returns as <split>_daily_returns.parquet, so that
-    any analysis library (or a new metric) can re-score the run; each curve (normalised to 1) to tensorboard as
+    any analysis library (or a new metric) can re-score the run; with `every_series` (name -> run_backtest's series,
+    or just {"exposure"}), the per-bar files of write_bar_files; each curve (normalised to 1) to tensorboard as
     equity/<split>_<name> by bar. Returns the text to print."""
     for name, curve in curves.items():
         for i, value in enumerate(curve / curve[0]):
@@ -787,6 +823,8 @@ def save_backtest(
     pd.DataFrame({name: r for name, (_, r) in daily.items()}, index=dates).to_parquet(
         run_dir / f"{split}_daily_returns.parquet"
     )
+    if every_series is not None:
+        write_bar_files(run_dir, split, curves, every_series, timestamps, list(market.data.symbols))
     days = market.data.bars_per_year / market.data.bars_per_day
     head = (
         f"backtest on the {split} split ({market.data.benchmark_name} benchmark; Sharpe and Sortino from daily "

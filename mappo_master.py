@@ -725,7 +725,12 @@ if __name__ == "__main__":
                 return master_backtests(wrap(argmax_policy(agent, device)), chooser, m, split, cfg, args.seed, I)[0]
 
             stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top], print)
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master"))
+        every = {name: r["series"] for name, r in results.items() if "series" in r}
+        print(
+            save_backtest(
+                run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master", every
+            )
+        )
         print(format_go_criterion(go))
         figures = backtest_figures(curves, results["master"]["series"], envs.symbols, title, lead="master")
         figures["directives"] = directive_figure(results["master"]["series"], market, title)

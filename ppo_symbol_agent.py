@@ -652,7 +652,10 @@ if __name__ == "__main__":
             stress = agent_stress(make_policy(None, None), rule, market, args.test_split, env_cfg, args.seed,
                                   contribution=pnl_by_symbol, progress=print)  # fmt: skip
         timestamps = tests["series"]["timestamps"]
-        print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress))
+        every = tests["every_series"]
+        print(
+            save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "agent", every)
+        )
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)

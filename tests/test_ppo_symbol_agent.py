@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_real_png, only_run, run_script
@@ -207,6 +208,22 @@ def test_run_folder_summary_and_backtest(full_run):
         assert set(row["reports"]) == {"agent", "random", "rule_ceiling", "benchmark_bh_matched",
                                        "equal_weight_bh_matched"}  # fmt: skip
     assert (run / "test_equity.parquet").is_file() and (run / "test_daily_returns.parquet").is_file()
+    # the per-bar files reconcile with the report: trades, costs, exposure, return, and positions with exposure
+    import pandas as pd
+
+    bars, fills = pd.read_parquet(run / "test_bars.parquet"), pd.read_parquet(run / "test_fills.parquet")
+    positions = pd.read_parquet(run / "test_positions.parquet")
+    for name in ("agent", "random", "rule_ceiling", "always_hold"):
+        mine, own = fills[fills.strategy == name], bars[bars.strategy == name]
+        assert len(mine) == backtest[name]["trades"], name
+        assert mine["cost"].sum() == pytest.approx(backtest[name]["costs"], rel=1e-9, abs=1e-9), name
+        assert own["exposure"].mean() == pytest.approx(backtest[name]["exposure"], rel=1e-9, abs=1e-12), name
+        assert (1 + own["return"]).prod() - 1 == pytest.approx(backtest[name]["total_return"], abs=1e-12), name
+    agent = bars[bars.strategy == "agent"].set_index("timestamp")
+    held = positions[positions.strategy == "agent"].groupby("timestamp")["value"].sum()
+    held = held.reindex(agent.index, fill_value=0.0)
+    np.testing.assert_allclose(held / agent["equity"], agent["exposure"], atol=1e-12)
+    assert set(bars.strategy) == set(backtest) - {"agent_sampled"}
     assert (run / "checkpoint.pt").is_file() and (run / "best.pt").is_file()
     repro = summary["reproduce"]
     assert repro["command"][1].endswith("ppo_symbol_agent.py") and repro["packages"]["torch"].startswith("2.")

@@ -291,6 +291,8 @@ def check_market_matches(saved: dict, market: PreparedMarket, what: str) -> None
 # resolved (--encoder-preset applied), so the preset itself is free; so is mappo_master.py's --symbol-checkpoint,
 # which only initialises weights that the resumed checkpoint replaces.
 RUN_MODE = frozenset({"resume", "resume_allow_mismatch", "eval_checkpoint", "walk_forward"})
+# Where this command writes and how it logs: never taken from a saved run (resume_defaults).
+OWN_BOOKKEEPING = frozenset({"run_dir", "track", "save_model", "cuda", "torch_threads"})
 RESUME_FREE = RUN_MODE | {
     "symbol_checkpoint",
     "exp_name",
@@ -827,21 +829,25 @@ def resume_run(
 
 
 def resume_defaults(cls, argv: list[str]):
-    """With --resume PATH in argv: an instance of the script's Args (`cls`) that holds the settings of PATH's run,
-    for `tyro.cli(Args, default=...)`, so that a resumed run takes its run's settings unless a flag says otherwise
-    (and resume_run then names each flag that does). None without --resume. The run mode (--resume,
-    --eval-checkpoint, --walk-forward, --resume-allow-mismatch) is not taken from the run."""
-    path = next((b for a, b in itertools.pairwise(argv) if a == "--resume"), None)
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), path)
-    if path is None:
+    """With --resume PATH or --eval-checkpoint PATH in argv: an instance of the script's Args (`cls`) that holds the
+    settings of PATH's run, for `tyro.cli(Args, default=...)`, so that a resumed run, or an evaluation, takes the
+    run's settings (its seed, its data) unless a flag says otherwise (resume_run then names each flag that does).
+    None without either. The run mode (--resume, --eval-checkpoint, --walk-forward, --resume-allow-mismatch) is not
+    taken from the run."""
+    for flag in ("--resume", "--eval-checkpoint"):  # training resumed, or a saved agent evaluated: its settings
+        path = next((b for a, b in itertools.pairwise(argv) if a == flag), None)
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"{flag}=")), path)
+        if path is not None:
+            break
+    else:
         return None
-    saved = load_user_checkpoint("--resume", path).get("args") or {}
+    saved = load_user_checkpoint(flag, path).get("args") or {}
 
     def build(kind, saved: dict, prefix: str):
         obj = kind()
         for f in dataclasses.fields(kind):
             name = prefix + f.name
-            if not f.init or name in RUN_MODE or f.name not in saved:
+            if not f.init or name in RUN_MODE or name in OWN_BOOKKEEPING or f.name not in saved:
                 continue
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):

@@ -432,11 +432,15 @@ if __name__ == "__main__":
     writer, mlflow = None, None
     if rank == 0:
         writer, mlflow = xp.open_run(run_dir, args, global_step, market, device)
-        print(
-            f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
-            f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
-            f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
-        )
+        if saved:  # evaluation: no training, so no rollout sizes
+            print(f"run {run_dir} | evaluating {args.eval_checkpoint} ({S} symbols, step {global_step}) | "
+                  f"{args.encoder.kind} on {device}")  # fmt: skip
+        else:
+            print(
+                f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
+                f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
+                f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
+            )
 
     # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py; master level (M, E, ...).
     obs = {

@@ -429,12 +429,15 @@ if __name__ == "__main__":
     writer, mlflow = None, None
     if rank == 0:
         writer, mlflow = xp.open_run(run_dir, args, global_step, market, device)
-        print(
-            f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
-            f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
-            f"encoder preset {preset}: {args.encoder.kind} (d_model {args.encoder.d_model}, output_dim "
-            f"{args.encoder.output_dim}) on {device}"
-        )
+        net = f"{args.encoder.kind} (d_model {args.encoder.d_model}, output_dim {args.encoder.output_dim}) on {device}"
+        if saved:  # evaluation: no training, so no rollout sizes
+            print(f"run {run_dir} | evaluating {args.eval_checkpoint} ({S} symbols, step {global_step}) | {net}")
+        else:
+            print(
+                f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
+                f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
+                f"encoder preset {preset}: {net}"
+            )
 
     # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
     obs = {

@@ -247,7 +247,14 @@ def test_a_saved_agent_is_evaluated_without_training(full_run, workdir):
     summary = json.loads((evaluated / "summary.json").read_text())
     assert evaluated.name.endswith("__eval") and summary["status"] == "complete"
     assert "backtest on the val split" in proc.stdout and "iter " not in proc.stdout  # no training
+    assert "evaluating" in proc.stdout and "iterations" not in proc.stdout  # the header names no training sizes
     assert (evaluated / "val_equity.png").is_file()
+    # without flags, evaluation takes the checkpoint's seed and data settings
+    bare = workdir / "eval_bare"
+    bare.mkdir()
+    run_script(PPO, bare, "--eval-checkpoint", str(run / "best.pt"), "--no-stress")
+    trained, evaluated = (json.loads((r / "summary.json").read_text())["args"] for r in (run, only_run(bare / "runs")))
+    assert evaluated["seed"] == trained["seed"] and evaluated["data"] == trained["data"]
     other = run_script(PPO, cwd, *TINY, "--data.num-symbols", "4", "--eval-checkpoint", str(run / "best.pt"),
                        check=False)  # fmt: skip
     assert other.returncode == 2 and "another universe" in other.stderr and "Traceback" not in other.stderr

@@ -4,7 +4,6 @@ modules import no script. The run folder, logging, resume, SIGINT and torchrun a
 (test_ppo_symbol_agent.py, test_mappo_master.py, test_reliability.py)."""
 
 import dataclasses
-import importlib.util
 import random
 import subprocess
 import sys
@@ -189,17 +188,31 @@ def test_track_writes_a_file_store_named_by_a_path_or_a_file_uri(tmp_path, monke
     read_back(monkeypatch, store.as_uri())
 
 
-def test_track_with_a_database_uri_logs_or_says_to_install_mlflow(tmp_path, monkeypatch):
-    """sqlite:///: with the full mlflow package the run is logged there; with mlflow-skinny (no SQLAlchemy) one line
-    names the URI and the fix, before the data is prepared and any run folder made."""
+def test_track_with_a_database_uri_logs_there(tmp_path, monkeypatch):
+    """sqlite:///: the run is logged in the database and read back (SQLAlchemy and Alembic are dev requirements, so
+    mlflow-skinny can use a database store)."""
+    import alembic  # noqa: F401  a dev requirement: a missing install fails here
+    import sqlalchemy  # noqa: F401
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = track(tmp_path, uri)
-    if all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic")):
-        assert done.returncode == 0, done.stderr[-3000:]
-        read_back(monkeypatch, uri)
-    else:
-        assert_one_line_error(done, uri, "pip install mlflow")
-        assert not (tmp_path / "runs").exists() and "data:" not in done.stdout
+    assert done.returncode == 0, done.stderr[-3000:]
+    read_back(monkeypatch, uri)
+
+
+def test_a_database_store_without_sqlalchemy_is_one_line_naming_the_fix(monkeypatch):
+    """With mlflow-skinny alone (no SQLAlchemy or Alembic) a database URI is refused before any work, naming the URI
+    and the fix; file stores and servers need neither."""
+    import experiment as xp
+
+    real = xp.importlib.util.find_spec
+    monkeypatch.setattr(xp.importlib.util, "find_spec", lambda m: None if m in ("sqlalchemy", "alembic") else real(m))
+    with pytest.raises(
+        xp.UserInputError, match=r"MLFLOW_TRACKING_URI=sqlite:///x.db is a database store.*pip install mlflow"
+    ):
+        xp.check_tracking_uri("sqlite:///x.db")
+    xp.check_tracking_uri("file:/tmp/mlruns")
+    xp.check_tracking_uri("http://127.0.0.1:5000")
 
 
 def test_track_with_a_server_that_does_not_answer_fails_clearly(tmp_path):

@@ -1014,6 +1014,12 @@ def stop_on_sigint() -> dict:
     return stop
 
 
+def stop_at_once_on_sigint() -> None:
+    """Past the training loop (the final backtest, the report): Ctrl-C stops at once, as one line and exit status 130
+    (report_user_errors), instead of asking for the end of an iteration that will not come."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def exit_interrupted(writer, run_dir: Path, global_step: int, saved: bool, rank: int, world_size: int) -> None:
     """After a Ctrl-C: no final backtest, the run folder stays marked incomplete, exit status 130."""
     if rank == 0:

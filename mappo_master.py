@@ -707,6 +707,7 @@ if __name__ == "__main__":
 
     if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
         xp.exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
+    xp.stop_at_once_on_sigint()
 
     # final backtest on the test split: the learned master beside fixed, exposure-matched and rule-based masters
     if rank == 0:

@@ -633,6 +633,7 @@ if __name__ == "__main__":
 
     if stopping:  # interrupted: no backtest, the folder stays marked incomplete, exit status 130
         xp.exit_interrupted(writer, run_dir, global_step, args.save_model, rank, args.world_size)
+    xp.stop_at_once_on_sigint()
 
     # final backtest on the test split: the agent (argmax and sampled) beside every baseline and the rule ceiling
     if rank == 0:

@@ -267,3 +267,21 @@ def test_ctrl_c_while_the_data_is_prepared_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out[-1000:], err[-2000:])
     assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err
+
+
+def test_ctrl_c_during_the_final_backtest_is_one_line(tmp_path):
+    """SIGINT after training, while the final backtest and its stress tests run: exit status 130 at once, one line
+    on stderr, no traceback, the run folder left incomplete."""
+    flags = [*TINY, "--data.num-symbols", "6", "--data.years", "2", "--total-timesteps", "384"]
+    cmd = [sys.executable, str(SCRIPT), *flags, "--run-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("final backtest on the test split"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-1000:], err[-2000:])
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err
+    (run,) = run_folders(tmp_path)
+    assert json.loads((run / "summary.json").read_text())["status"] == "incomplete"

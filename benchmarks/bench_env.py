@@ -11,11 +11,15 @@ values)."""
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from common import peak_rss_mib, repeat_timed, summarize, write_json
+from common import ROOT, peak_rss_mib, repeat_timed, summarize, write_json
 
 import trading_env as te
 from market_data import PreparedMarket, random_walk_market
@@ -87,11 +91,44 @@ def bench_finrl() -> dict:
     return {"status": "installed but not measured by this script"}
 
 
+CHILD = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
+import bench_env
+market = bench_env.random_market(8000, 143)
+print(json.dumps(bench_env.bench_core(market, 16, 143, 400, 3)["symbol_steps_per_s"]))
+"""
+
+
+def compare(other: str, rounds: int) -> dict:
+    """VecTradingCore at (16, 143) in this checkout and in `other` (another checkout of the repo, e.g. a git worktree
+    of an earlier commit), alternating, each run in a fresh process with one thread: medians and the paired ratios
+    (this / other), which a noisy machine disturbs less than the medians."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"this": [], "other": []}
+    for i in range(rounds):
+        for name in ("this", "other") if i % 2 == 0 else ("other", "this"):
+            root = str(ROOT) if name == "this" else str(Path(other).resolve())
+            out = subprocess.run([sys.executable, "-c", CHILD, root], cwd=root, env=env, capture_output=True,
+                                 text=True, check=True)  # fmt: skip
+            runs[name].append(float(out.stdout.strip().splitlines()[-1]))
+            print(f"round {i + 1}: {name} {runs[name][-1]:,.0f} symbol-steps/s", flush=True)
+    ratios = [a / b for a, b in zip(runs["this"], runs["other"], strict=True)]
+    return {"benchmark": "env_compare", "other": other, "rounds": rounds, "runs": runs,
+            "median_this": statistics.median(runs["this"]), "median_other": statistics.median(runs["other"]),
+            "paired_ratios": ratios, "median_paired_ratio": statistics.median(ratios)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats (under a minute)")
     p.add_argument("--json", default=None, help="write the record to this path")
+    p.add_argument("--compare", default=None, help="another checkout: the core's speed here against there, A/B")
+    p.add_argument("--rounds", type=int, default=5, help="with --compare: alternations")
     args = p.parse_args()
+    if args.compare:
+        write_json(args.json, compare(args.compare, args.rounds))
+        return
     steps_big, steps_small, steps_single, repeats = (100, 1000, 3000, 3) if args.quick else (400, 5000, 20000, 5)
     t0 = time.perf_counter()
     market = random_market(T=4000 if args.quick else 8000, S=143)

@@ -197,7 +197,7 @@ def test_torchrun_two_processes(tmp_path):
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["args"]["world_size"] == 2
     assert summary["global_step"] == 168  # two ranks, one iteration each
-    assert proc.stdout.count("backtest on the test split") == 1  # rank 0 alone reports
+    assert proc.stdout.count("final backtest on the test split") == 1  # rank 0 alone reports
 
 
 def test_bad_master_interval_fails_before_any_run_folder(tmp_path):

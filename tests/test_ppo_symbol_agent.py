@@ -328,7 +328,7 @@ def test_torchrun_two_processes(workdir):
     summary = json.loads((only_run(cwd / "runs") / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["args"]["world_size"] == 2
     assert summary["global_step"] == 4 * ITER  # two ranks, two iterations each
-    assert proc.stdout.count("backtest on the test split") == 1  # rank 0 alone reports
+    assert proc.stdout.count("final backtest on the test split") == 1  # rank 0 alone reports
 
 
 def sample(policy, obs, action=None, deterministic=False):
@@ -493,13 +493,14 @@ def test_walk_forward_on_real_bars_grades_each_fold_on_unseen_bars(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--walk-forward", "2", "--resume", "x.pt"], "trains every fold from scratch"),
+        (["--walk-forward", "2", "--resume", "CHECKPOINT"], "trains every fold from scratch"),
         (["--walk-forward", "2", "--data.folds", "3"], "sets --data.folds and --data.fold itself"),
         (["--data.folds", "2", "--data.fold", "2"], "--data.fold 2 must lie in 0"),
     ],
 )
-def test_walk_forward_flag_combinations_are_refused(tmp_path, flags, message):
-    proc = run_script(PPO, tmp_path, *TINY, *flags, check=False)
+def test_walk_forward_flag_combinations_are_refused(full_run, tmp_path, flags, message):
+    checkpoint = str(full_run[1] / "checkpoint.pt")  # a real one: resume reads its settings first
+    proc = run_script(PPO, tmp_path, *TINY, *[checkpoint if f == "CHECKPOINT" else f for f in flags], check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -94,9 +94,9 @@ def go_piece(foresight: float, seed: int) -> Path:
     with tempfile.TemporaryDirectory(prefix="bench_mappo_go_") as tmp:
         steps = [
             [ROOT / "ppo_symbol_agent.py", *data, "--seed", str(seed), "--total-timesteps", str(GO_SYMBOL_STEPS),
-             "--save-model", "--run-dir", f"{tmp}/symbols"],
+             "--save-model", "--no-stress", "--run-dir", f"{tmp}/symbols"],
             [SCRIPT, *data, "--seed", str(seed), "--total-timesteps", str(GO_MASTER_STEPS), "--freeze-symbols",
-             "--run-dir", f"{tmp}/master"],
+             "--no-stress", "--run-dir", f"{tmp}/master"],
         ]  # fmt: skip
         for i, cmd in enumerate(steps):
             if i == 1:

@@ -1029,6 +1029,31 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
     return fig
 
 
+def master_final_report(symbols_policy, make_master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
+                        interval: int, stress: bool, run_dir, writer) -> dict:  # fmt: skip
+    """mappo_master.py's final backtest on `split`: the master (make_master() -> a fresh directive chooser) beside its
+    baselines (master_backtests), the go criterion, the directive analysis against the hidden regime (after the fact
+    only), the DSR (one trial), the stress table when `stress` (the 5 largest contributors dropped), all saved and
+    printed by save_backtest. Returns {"reports", "results", "go", "why", "stress"}."""
+    reports, results = master_backtests(symbols_policy, make_master(), market, split, config, seed, interval)
+    series = results["master"]["series"]
+    curves = {name: r["curve"] for name, r in results.items()}
+    reports["master"] |= deflated_sharpe(curves["master"], series["timestamps"], market, [])
+    rows = None
+    if stress:  # the final weights under harsher conditions, beside the same fixed and rule-based masters
+        S = len(market.data.symbols)
+        top = [int(j) for j in np.argsort(-np.abs(series["pnl"].sum(0)))[: min(5, S)]] if S > 1 else []
+
+        def stressed(m, s, cfg, wrap):
+            return master_backtests(wrap(symbols_policy), make_master(), m, s, cfg, seed, interval)[0]
+
+        rows = stress_tests(stressed, market, split, config, top, print)
+    every = {name: r["series"] for name, r in results.items() if "series" in r}
+    print(save_backtest(run_dir, writer, reports, curves, split, market, series["timestamps"], rows, "master", every))
+    go = master_go_criterion(reports)
+    return {"reports": reports, "results": results, "go": go, "why": directive_analysis(series, market), "stress": rows}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Walk-forward: the folds' test blocks stitched into one out-of-sample record
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,15 +28,10 @@ import tyro
 import experiment as xp
 from backtest import (
     backtest_figures,
-    deflated_sharpe,
-    directive_analysis,
     directive_figure,
     format_go_criterion,
-    master_backtests,
-    master_go_criterion,
+    master_final_report,
     run_backtest,
-    save_backtest,
-    stress_tests,
 )
 from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from market_data import DataConfig
@@ -714,28 +709,11 @@ if __name__ == "__main__":
         t_eval = time.time()
         title = f"{run_dir.name}, {args.test_split} split"
         print(f"final backtest on the {args.test_split} split: the master and every fixed and rule-based master")
-        reports, results = master_backtests(argmax_policy(agent, device), master_policy(agent, master, device), market,
-                                            args.test_split, env_cfg, args.seed, I)  # fmt: skip
-        go = master_go_criterion(reports)
-        why = directive_analysis(results["master"]["series"], market)  # hidden labels: after the fact only
+        symbols_policy, make_master = argmax_policy(agent, device), lambda: master_policy(agent, master, device)
+        final = master_final_report(symbols_policy, make_master, market, args.test_split, env_cfg, args.seed, I,
+                                    args.stress, run_dir, writer)  # fmt: skip
+        reports, results, go, why, stress = (final[k] for k in ("reports", "results", "go", "why", "stress"))
         curves = {name: r["curve"] for name, r in results.items()}
-        timestamps = results["master"]["series"]["timestamps"]
-        reports["master"] |= deflated_sharpe(curves["master"], timestamps, market, [])
-        stress = None
-        if args.stress:  # the final weights under harsher conditions, beside the same fixed and rule-based masters
-            top = np.argsort(-np.abs(results["master"]["series"]["pnl"].sum(0)))[: min(5, S)] if S > 1 else []
-
-            def stressed(m, split, cfg, wrap):
-                chooser = master_policy(agent, master, device)
-                return master_backtests(wrap(argmax_policy(agent, device)), chooser, m, split, cfg, args.seed, I)[0]
-
-            stress = stress_tests(stressed, market, args.test_split, env_cfg, [int(j) for j in top], print)
-        every = {name: r["series"] for name, r in results.items() if "series" in r}
-        print(
-            save_backtest(
-                run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "master", every
-            )
-        )
         print(format_go_criterion(go))
         figures = backtest_figures(curves, results["master"]["series"], envs.symbols, title, lead="master")
         figures["directives"] = directive_figure(results["master"]["series"], market, title)

@@ -91,6 +91,21 @@ def check_run_args(args) -> None:
     check_data_config(args.data)
 
 
+def rollout_iterations(args, rank: int) -> int:
+    """args.num_iterations from --total-timesteps and the rollout (args.batch_size symbol-steps a rank): at least one
+    unless a checkpoint is only evaluated; a total that is not whole rollouts is announced (rank 0)."""
+    per_rollout = args.batch_size * args.world_size
+    args.num_iterations = args.total_timesteps // per_rollout
+    require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps ({args.total_timesteps}) "
+            f"is below one rollout of num_steps * num_envs * num_symbols * world_size = {per_rollout} symbol-steps; "
+            "raise it or shrink the rollout")  # fmt: skip
+    steps = args.num_iterations * per_rollout
+    if rank == 0 and args.num_iterations and steps != args.total_timesteps:  # say so: a rollout is indivisible
+        print(f"--total-timesteps {args.total_timesteps} runs {steps} symbol-steps: {args.num_iterations} whole "
+              f"rollout(s) of {per_rollout}")  # fmt: skip
+    return args.num_iterations
+
+
 def without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """argv without the flags `names` (each with one value, as `--name value` or `--name=value`)."""
     out, skip = [], False

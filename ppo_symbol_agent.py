@@ -375,14 +375,7 @@ if __name__ == "__main__":
     S = args.num_symbols = len(market.data.symbols)
     args.batch_size = T * E * S
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // (args.batch_size * args.world_size)
-    xp.require(args.num_iterations >= 1 or args.eval_checkpoint is not None, f"--total-timesteps "
-            f"({args.total_timesteps}) is below one rollout of num_steps * num_envs * num_symbols * world_size = "
-            f"{args.batch_size * args.world_size} symbol-steps; raise it or shrink the rollout")  # fmt: skip
-    steps = args.num_iterations * args.batch_size * args.world_size
-    if rank == 0 and args.num_iterations and steps != args.total_timesteps:  # say so: a rollout is indivisible
-        print(f"--total-timesteps {args.total_timesteps} runs {steps} symbol-steps: {args.num_iterations} whole "
-              f"rollout(s) of {args.batch_size * args.world_size}")  # fmt: skip
+    xp.rollout_iterations(args, rank)  # whole rollouts; a total that is not is announced
     env_cfg = args.env
 
     # encoder: an MLP by default on CPU (--encoder-preset; the transformer is much slower there, docs/training.md)

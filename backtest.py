@@ -2,8 +2,11 @@
 costs, the rule ceiling, the master's baselines and go criterion, the report and the pictures.
 
 Layout of this file: metrics (daily returns, Sharpe with its robust error, PSR / DSR) -> run_backtest (one sequential
-sweep of a split with trading_env's VecTradingCore) -> symbol-agent baselines and the rule ceiling -> master
-baselines, the go criterion and the directive analysis -> the report (stdout, JSON, Markdown, parquet) -> pictures.
+sweep of a split with trading_env's VecTradingCore) -> symbol-agent baselines and the rule ceiling -> stress tests ->
+the master's baselines: sweep_backtests (many masters in one lockstep sweep), the constant directives, threshold
+rules on the cross-section and the volatility target fitted on train, the oracle ceiling on the hidden edge state,
+master_backtests, the go criterion with its paired Sharpe margin, the directive analysis -> the report (stdout, JSON,
+Markdown, parquet) -> pictures -> walk-forward stitching.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from trading_env import (
     INCREASE_ACTIONS,
     NEUTRAL_DIRECTIVE,
     NUM_DIRECTIVES,
+    REGIME_MODES,
     RISK_MULTIPLIERS,
     SELL_ALL,
     SELL_PARTIAL,
@@ -237,6 +241,7 @@ def run_backtest(
         "executed": executed,
         "directives": directives,
         "start": start,
+        "interval": interval,
         "holdings": holdings,
         "fills": {"shares": shares, "price": price, "cost": paid},
     }
@@ -565,6 +570,281 @@ def format_stress(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The master's baselines: lockstep sweeps of many directive choosers, the rules fitted on train, the oracle ceiling,
+# the go criterion and the directive analysis
+# ---------------------------------------------------------------------------------------------------------------------
+# A chooser (a master) is choose(obs, core, last_policy_actions) -> (E,) directive indices, called at the decision
+# bar core.t (E,); it may read a causal signal at index core.t and nothing later. The rules and the oracle are one
+# kind of chooser (switch_chooser): per env, directive `on` while direction x signal[t] > threshold, else `off`.
+DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))  # risk 0.5, cap 5%, defensive regime
+RULE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the threshold rules' candidate thresholds (train quantiles)
+CORR_FEATURE, REACTIVE_FEATURE = "avg_corr_2d", "xs_autocorr_1d"  # market_data.CROSS_SECTION_NAMES
+GO_BASELINES = ("best_constant", "vol_target", "corr_rule", "reactive_rule")  # the master must match each's Sharpe
+
+
+def sweep_backtests(
+    policy, market: PreparedMarket, split: str, config: EnvConfig, seed: int, interval: int, chooser, num_envs: int
+) -> dict:
+    """run_backtest in portfolio mode for num_envs masters at once: one sequential VecTradingCore whose envs all
+    start at the split's first bar after the lookback and step in lockstep to its last bar, policy(obs) -> (E, S)
+    actions for every env each bar, chooser(obs, core, last_policy_actions) -> (E,) directives every `interval` bars
+    (each env its own). Env e's curve is run_backtest's for a master that picks what the chooser picks for env e
+    (a test checks it). Returns {"curves": book equity (E, N+1), "exposure": holdings / equity (E, N),
+    "directives": the directive in force at each bar (E, N), totals per env (E,): "costs", "trades" (filled orders),
+    "traded" (filled notional); "timestamps" (N+1,), "start": the first bar}."""
+    core = VecTradingCore(market, num_envs, split, "portfolio", config, seed, sequential=True)
+    obs = core.reset(seed=seed)
+    E, S, start, n = core.num_envs, core.num_symbols, int(core.t[0]), int(core.end[0] - core.t[0])
+    if start != core.split_start or (core.t != start).any() or (core.end != core.split_last).any():
+        raise RuntimeError("sweep_backtests: the sequential envs do not all run from the split's first to last bar.")
+    curves, exposure = np.empty((E, n + 1)), np.empty((E, n))
+    curves[:, 0] = float(config.initial_capital)
+    directives = np.empty((E, n), dtype=np.int64)
+    costs, trades, traded = np.zeros(E), np.zeros(E, dtype=np.int64), np.zeros(E)
+    last_actions = np.zeros((E, S), np.int64)
+    for i in range(n):
+        if i % interval == 0:
+            core.set_directives(np.asarray(chooser(obs, core, last_actions), dtype=np.int64))
+        directives[:, i] = core.directive_index
+        obs, _, terminated, truncated, info = core.step(policy(obs))
+        last_actions = info["policy_action"].copy()
+        curves[:, i + 1] = info["equity"][:, 0]  # the account's equity, before any reset at the sweep's end
+        exposure[:, i] = info["holdings"].sum(1) / curves[:, i + 1]
+        costs += info["cost"].sum(1)
+        trades += (info["traded_shares"] != 0).sum(1)
+        traded += (np.abs(info["traded_shares"]) * info["fill_price"]).sum(1)
+        in_step = not truncated.any() if i < n - 1 else bool((terminated | truncated).any(1).all())
+        if not in_step:
+            raise RuntimeError(f"sweep_backtests: the sweep of {split!r} ended out of step at {i + 1} of {n}; a bug.")
+    timestamps = market.data.timestamps[start : start + n + 1]
+    return {"curves": curves, "exposure": exposure, "directives": directives, "costs": costs, "trades": trades,
+            "traded": traded, "timestamps": timestamps, "start": start}  # fmt: skip
+
+
+def sweep_metrics(sweep: dict, market: PreparedMarket) -> list[dict]:
+    """Each env of a sweep_backtests result -> performance_metrics plus exposure (mean holdings / equity), trades,
+    annualised turnover and costs, as run_backtest reports them (one call per env, after the sweep)."""
+    calendar = (market.data.bars_per_year, market.data.bars_per_day)
+    n = sweep["exposure"].shape[1]
+    out = []
+    for e, curve in enumerate(sweep["curves"]):
+        m = performance_metrics(curve, sweep["timestamps"], *calendar)
+        m.update(
+            exposure=float(sweep["exposure"][e].mean()),
+            trades=int(sweep["trades"][e]),
+            turnover=float(sweep["traded"][e] / curve.mean() * calendar[0] / n),
+            costs=float(sweep["costs"][e]),
+            costs_frac=float(sweep["costs"][e] / curve[0]),
+        )
+        out.append(m)
+    return out
+
+
+def fixed_directive(index: int):
+    """A master that always picks directive `index`."""
+    return lambda obs, core, last_actions: np.full(core.num_envs, index)
+
+
+def switch_chooser(signals: np.ndarray, column, direction, threshold, on, off):
+    """A master that switches between two directives on a causal signal read at the decision bar t = core.t:
+    on[e] where direction[e] x signals[t, column[e]] > threshold[e], else off[e] (a NaN signal: off). signals
+    (T, k); the other arguments (E,) arrays, one rule per env, or scalars, one rule for every env. The threshold
+    rules and the oracle (its signal the hidden label, 1 in R, threshold 0.5) are such masters."""
+    signals = np.asarray(signals, dtype=np.float64)
+    direction, threshold = np.asarray(direction, dtype=np.float64), np.asarray(threshold, dtype=np.float64)
+    on, off, column = (np.asarray(x, dtype=np.int64) for x in (on, off, column))
+
+    def choose(obs, core, last_actions):
+        return np.where(direction * signals[core.t, column] > threshold, on, off)
+
+    return choose
+
+
+def stack_choosers(choosers: list):
+    """One master for a sweep of len(choosers) envs: env e follows choosers[e] (each is asked for every env and
+    its answer for env e is kept; a loop over the few baselines at decision bars only)."""
+
+    def choose(obs, core, last_actions):
+        return np.array([int(np.asarray(c(obs, core, last_actions))[e]) for e, c in enumerate(choosers)])
+
+    return choose
+
+
+def cross_section_signals(market: PreparedMarket, features: dict | None = None) -> dict[str, np.ndarray]:
+    """The cross-sectional state the threshold rules read: name -> (T,) feature, by default
+    market_data.cross_section_features(market.data) under market_data.CROSS_SECTION_NAMES (avg_corr_2d,
+    dispersion_1d, xs_autocorr_1d); `features` (name -> (T,)) replaces it (tests, other signals)."""
+    if features is None:
+        from market_data import CROSS_SECTION_NAMES, cross_section_features
+
+        features = dict(zip(CROSS_SECTION_NAMES, np.asarray(cross_section_features(market.data)).T, strict=True))
+    T = len(market.data.timestamps)
+    for name, x in features.items():
+        if np.shape(x) != (T,):
+            raise ValueError(f"cross-section feature {name!r} has shape {np.shape(x)}; it needs one a bar, ({T},).")
+    return {name: np.asarray(x, dtype=np.float64) for name, x in features.items()}
+
+
+def edge_labels(market: PreparedMarket) -> np.ndarray | None:
+    """The synthetic market's hidden daily edge state (T,), 0 = M (the symbol agents earn), 1 = R (they lose), or
+    None where the data has none. Never part of an observation: only the oracle and the analysis read it."""
+    labels = getattr(market.data, "edge_labels", None)
+    if labels is not None and np.shape(labels) != (len(market.data.timestamps),):
+        raise ValueError(f"market.data.edge_labels has shape {np.shape(labels)}; it needs one label a bar.")
+    return labels
+
+
+def _decision_bars(market: PreparedMarket, split: str, config: EnvConfig, interval: int) -> np.ndarray:
+    """The bars at which a sweep of `split` asks its master, as sweep_backtests and run_backtest do."""
+    core = VecTradingCore(market, 1, split, "portfolio", config, 0, sequential=True)
+    return np.arange(core.split_start, core.split_last, interval)
+
+
+def _candidate_sweep(policy, market, split, config, seed, interval, signals: np.ndarray, spec: dict) -> list[dict]:
+    """Train metrics of one switch_chooser rule per env (spec: column, direction, threshold, on, off, each (E,))."""
+    sweep = sweep_backtests(policy, market, split, config, seed, interval, switch_chooser(signals, **spec),
+                            len(spec["on"]))  # fmt: skip
+    return sweep_metrics(sweep, market)
+
+
+def fit_fixed_directive(
+    policy, market: PreparedMarket, config: EnvConfig, seed: int, interval: int, split: str = "train"
+) -> dict:
+    """Every constant directive on `split`, in one sweep of 48 envs: "best" the one with the best daily Sharpe (the
+    best constant), "defensive" the one with the least exposure (the low end of the threshold rules), and each
+    directive's Sharpe, exposure and max drawdown."""
+    sweep = sweep_backtests(policy, market, split, config, seed, interval,
+                            lambda obs, core, last_actions: np.arange(NUM_DIRECTIVES), NUM_DIRECTIVES)  # fmt: skip
+    metrics = sweep_metrics(sweep, market)
+    sharpes = [m["sharpe"] for m in metrics]
+    exposures = [m["exposure"] for m in metrics]
+    best, defensive = int(np.argmax(sharpes)), int(np.argmin(exposures))
+    return {"best": best, "best_sharpe": sharpes[best], "best_exposure": exposures[best], "defensive": defensive,
+            "defensive_sharpe": sharpes[defensive], "defensive_exposure": exposures[defensive], "sharpes": sharpes,
+            "exposures": exposures, "max_drawdowns": [m["max_drawdown"] for m in metrics], "split": split,
+            "interval": interval}  # fmt: skip
+
+
+def _threshold_candidates(x: np.ndarray, column: int, fixed: dict) -> tuple[list[dict], dict]:
+    """The threshold rule's candidates on the feature's values at the decision bars x (n,): each direction (+1:
+    low while the feature is above the threshold, -1: below), thresholds at the RULE_QUANTILES of direction x x."""
+    finite = x[np.isfinite(x)]
+    if len(finite) == 0:
+        raise ValueError("fit_threshold_rule: the feature has no finite value at the decision bars of the split.")
+    rows = [
+        {"direction": d, "quantile": q, "threshold": float(theta)}
+        for d in (1.0, -1.0)
+        for q, theta in zip(RULE_QUANTILES, np.quantile(d * finite, RULE_QUANTILES), strict=True)
+    ]
+    k = len(rows)
+    spec = {"column": np.full(k, column), "direction": np.array([r["direction"] for r in rows]),
+            "threshold": np.array([r["threshold"] for r in rows]), "on": np.full(k, fixed["defensive"]),
+            "off": np.full(k, fixed["best"])}  # fmt: skip
+    return rows, spec
+
+
+def _pick_threshold(name: str, rows: list[dict], metrics: list[dict], fixed: dict, split: str, interval: int) -> dict:
+    for row, m in zip(rows, metrics, strict=True):
+        row |= {"sharpe": m["sharpe"], "exposure": m["exposure"]}
+    best = max(range(len(rows)), key=lambda k: rows[k]["sharpe"])  # the first of equals
+    return {"feature": name, **{k: rows[best][k] for k in ("direction", "quantile", "threshold", "sharpe", "exposure")},
+            "on": fixed["defensive"], "off": fixed["best"], "candidates": rows, "split": split,
+            "interval": interval}  # fmt: skip
+
+
+def fit_threshold_rule(
+    policy,
+    market: PreparedMarket,
+    config: EnvConfig,
+    seed: int,
+    interval: int,
+    feature_name: str,
+    split: str = "train",
+    fixed: dict | None = None,
+    features: dict | None = None,
+) -> dict:
+    """A one-feature threshold rule for the master, fitted on `split`: the defensive directive (fixed["defensive"],
+    the least-exposure constant) while the cross-section feature `feature_name` at the decision bar crosses a
+    threshold, the best constant (fixed["best"]) otherwise. Candidates: thresholds at the split's RULE_QUANTILES of
+    the feature at the decision bars, both directions ("direction" +1: defensive above the threshold, -1: below),
+    all in one sweep; the best daily Sharpe on the split wins. fixed: fit_fixed_directive's result on the same
+    split (fitted here when None); features: cross_section_signals' argument."""
+    fixed = fit_fixed_directive(policy, market, config, seed, interval, split) if fixed is None else fixed
+    signals = cross_section_signals(market, features)
+    if feature_name not in signals:
+        raise ValueError(f"fit_threshold_rule: no cross-section feature {feature_name!r}; there are {list(signals)}.")
+    x = signals[feature_name][:, None]  # (T, 1)
+    rows, spec = _threshold_candidates(x[_decision_bars(market, split, config, interval), 0], 0, fixed)
+    metrics = _candidate_sweep(policy, market, split, config, seed, interval, x, spec)
+    return _pick_threshold(feature_name, rows, metrics, fixed, split, interval)
+
+
+def threshold_chooser(rule: dict, features: dict[str, np.ndarray]):
+    """fit_threshold_rule's rule as a master; features: cross_section_signals(market)."""
+    x = features[rule["feature"]][:, None]
+    return switch_chooser(x, 0, rule["direction"], rule["threshold"], rule["on"], rule["off"])
+
+
+def _oracle_spec(labels: np.ndarray, fixed: dict) -> tuple[np.ndarray, dict]:
+    """The oracle's coordinate search as switch_chooser rules on the label (1 in R): envs 0..47 play directive k in
+    R and the best constant in M; envs 48..95 the best constant in R and k in M."""
+    k, best = np.arange(NUM_DIRECTIVES), np.full(NUM_DIRECTIVES, fixed["best"])
+    spec = {"column": np.zeros(2 * NUM_DIRECTIVES, np.int64), "direction": np.ones(2 * NUM_DIRECTIVES),
+            "threshold": np.full(2 * NUM_DIRECTIVES, 0.5), "on": np.r_[k, best], "off": np.r_[best, k]}  # fmt: skip
+    return np.asarray(labels, dtype=np.float64)[:, None], spec
+
+
+def _pick_oracle(policy, market, split, config, seed, interval, labels, fixed: dict, metrics: list[dict]) -> dict:
+    """The oracle from its coordinate search's metrics (see fit_oracle), with the pair (d_M, d_R) checked."""
+    sharpe_r = [m["sharpe"] for m in metrics[:NUM_DIRECTIVES]]  # d_R = k, M at the best constant
+    sharpe_m = [m["sharpe"] for m in metrics[NUM_DIRECTIVES:]]  # d_M = k, R at the best constant
+    d_r, d_m, best = int(np.argmax(sharpe_r)), int(np.argmax(sharpe_m)), fixed["best"]
+    signals = np.asarray(labels, dtype=np.float64)[:, None]
+    pair = {"column": [0], "direction": [1.0], "threshold": [0.5], "on": [d_r], "off": [d_m]}
+    pair_sharpe = _candidate_sweep(policy, market, split, config, seed, interval, signals, pair)[0]["sharpe"]
+    candidates = [  # (d_M, d_R, train Sharpe): the start, each coordinate's move, both moves
+        (best, best, fixed["best_sharpe"]), (best, d_r, sharpe_r[d_r]), (d_m, best, sharpe_m[d_m]),
+        (d_m, d_r, pair_sharpe),
+    ]  # fmt: skip
+    pick_m, pick_r, sharpe = max(candidates, key=lambda c: c[2])  # the first of equals: the fewest moves
+    return {"d_M": pick_m, "d_R": pick_r, "sharpe": sharpe, "start": best, "d_R_search": d_r, "d_M_search": d_m,
+            "pair_sharpe": pair_sharpe, "sharpes_R": sharpe_r, "sharpes_M": sharpe_m, "split": split,
+            "interval": interval,
+            "search": "one round of coordinate search from the best constant d*: the 48 directives in R with d* in "
+                      "M, the 48 in M with d* in R (one sweep), then the pair; the best train Sharpe of d*, the "
+                      "two single moves and the pair"}  # fmt: skip
+
+
+def fit_oracle(
+    policy,
+    market: PreparedMarket,
+    config: EnvConfig,
+    seed: int,
+    interval: int,
+    split: str = "train",
+    fixed: dict | None = None,
+) -> dict:
+    """The ceiling of a master, not a baseline: the best directive per hidden edge state, d_M in M and d_R in R, fitted
+    on `split` with the hidden label (market.data.edge_labels) that no observation holds. One round of coordinate
+    search from the best constant d* (fit_fixed_directive): the 48 directives in R while M keeps d*, and the 48 in
+    M while R keeps d* (one sweep of 96 envs) give d_R and d_M by train Sharpe; the pair (d_M, d_R) is then checked
+    (one more env) and the best of d* alone, each single move and the pair is kept, so the oracle's train Sharpe is
+    at least the best constant's. Its chooser (oracle_chooser) reads the label at the decision bar."""
+    labels = edge_labels(market)
+    if labels is None:
+        raise ValueError("fit_oracle: the market has no hidden edge labels (market.data.edge_labels); no oracle.")
+    fixed = fit_fixed_directive(policy, market, config, seed, interval, split) if fixed is None else fixed
+    signals, spec = _oracle_spec(labels, fixed)
+    metrics = _candidate_sweep(policy, market, split, config, seed, interval, signals, spec)
+    return _pick_oracle(policy, market, split, config, seed, interval, labels, fixed, metrics)
+
+
+def oracle_chooser(oracle: dict, labels: np.ndarray):
+    """fit_oracle's result as a master: d_R where the hidden label at the decision bar core.t is R (1), else d_M."""
+    return switch_chooser(np.asarray(labels, dtype=np.float64)[:, None], 0, 1.0, 0.5, oracle["d_R"], oracle["d_M"])
+
+
 def fit_vol_target(market: PreparedMarket, split: str = "train") -> dict:
     """The volatility-targeting rule for the master, fitted on `split`: the risk multiplier is proportional to
     target / realised benchmark volatility (the regime feature vol_level, known at the decision), with the target the
@@ -587,81 +867,234 @@ def vol_target_directive(rule: dict, vol_index: int = 0):
     return choose
 
 
-def fixed_directive(index: int):
-    """A master that always picks directive `index`."""
-    return lambda obs, core, last_actions: np.full(core.num_envs, index)
+def fit_master_baselines(
+    policy,
+    market: PreparedMarket,
+    config: EnvConfig,
+    seed: int,
+    interval: int,
+    split: str = "train",
+    features: dict | None = None,
+) -> dict:
+    """Every baseline of the master fitted on `split` (the train split: nothing of the graded split is read), as
+    plain JSON: "fixed" (fit_fixed_directive: the best constant and the least-exposure one), "vol_target"
+    (fit_vol_target), "corr_rule" and "reactive_rule" (fit_threshold_rule on avg_corr_2d and on xs_autocorr_1d),
+    and "oracle" (fit_oracle, only where the data has hidden edge labels). Three sweeps: the 48 constants; both rules'
+    candidates and the oracle's coordinate search together (120 envs); the oracle's pair."""
+    fixed = fit_fixed_directive(policy, market, config, seed, interval, split)
+    signals = cross_section_signals(market, features)
+    names = list(signals)
+    columns = np.column_stack([signals[n] for n in names])  # (T, k)
+    t = _decision_bars(market, split, config, interval)
+    parts, specs = {}, []
+    for key, name in (("corr_rule", CORR_FEATURE), ("reactive_rule", REACTIVE_FEATURE)):
+        if name not in signals:
+            raise ValueError(f"fit_master_baselines: no cross-section feature {name!r}; there are {names}.")
+        rows, spec = _threshold_candidates(columns[t, names.index(name)], names.index(name), fixed)
+        parts[key] = (name, rows)
+        specs.append(spec)
+    labels = edge_labels(market)
+    if labels is not None:
+        columns = np.column_stack([columns, np.asarray(labels, dtype=np.float64)])
+        oracle_spec = _oracle_spec(labels, fixed)[1] | {"column": np.full(2 * NUM_DIRECTIVES, len(names))}
+        specs.append(oracle_spec)
+    spec = {k: np.concatenate([s[k] for s in specs]) for k in specs[0]}
+    metrics = _candidate_sweep(policy, market, split, config, seed, interval, columns, spec)
+    fitted = {"split": split, "interval": interval, "fixed": fixed, "vol_target": fit_vol_target(market, split)}
+    k = 0
+    for key, (name, rows) in parts.items():
+        fitted[key] = _pick_threshold(name, rows, metrics[k : k + len(rows)], fixed, split, interval)
+        k += len(rows)
+    if labels is not None:
+        fitted["oracle"] = _pick_oracle(policy, market, split, config, seed, interval, labels, fixed, metrics[k:])
+    return fitted
+
+
+def baseline_choosers(fitted: dict, market: PreparedMarket, features: dict | None = None) -> dict:
+    """fit_master_baselines' result as masters on `market` (any split): name -> chooser, "best_constant", "neutral",
+    "vol_target", "corr_rule", "reactive_rule" and "oracle" when it was fitted (it needs the market's edge labels).
+    features: cross_section_signals' argument."""
+    signals = cross_section_signals(market, features)
+    out = {
+        "best_constant": fixed_directive(fitted["fixed"]["best"]),
+        "neutral": fixed_directive(NEUTRAL_DIRECTIVE),
+        "vol_target": vol_target_directive(fitted["vol_target"], market.regime_names.index("vol_level")),
+        "corr_rule": threshold_chooser(fitted["corr_rule"], signals),
+        "reactive_rule": threshold_chooser(fitted["reactive_rule"], signals),
+    }
+    if "oracle" in fitted:
+        labels = edge_labels(market)
+        if labels is None:
+            raise ValueError("baseline_choosers: the oracle was fitted, but this market has no edge labels to read.")
+        out["oracle"] = oracle_chooser(fitted["oracle"], labels)
+    return out
+
+
+def _exposure_matched(curve: np.ndarray, lev: float) -> np.ndarray:
+    """A book's bar returns times lev, compounded from the same capital: plain de- (or re-) leveraging."""
+    return curve[0] * np.r_[1.0, np.cumprod(1.0 + lev * np.diff(curve) / curve[:-1])]
 
 
 def master_backtests(
-    policy, master, market: PreparedMarket, split: str, config: EnvConfig, seed: int, interval: int
-) -> tuple[dict, dict]:
-    """The master's backtest in portfolio mode beside its baselines, all on the same symbol-agent policy, capital and
-    costs: the fixed neutral directive, the neutral book scaled to the master's average exposure (its bar returns
-    times the exposure ratio: plain de-leveraging), the volatility-targeting rule fitted on the train split, the
-    fixed defensive directive, and buy-and-hold. Returns (reports, results): reports name -> metrics, results name
-    -> run_backtest's result (curve, series)."""
-    defensive = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))
-    vol_target = vol_target_directive(fit_vol_target(market), market.regime_names.index("vol_level"))
-    masters = {"master": master, "neutral": fixed_directive(NEUTRAL_DIRECTIVE), "defensive": fixed_directive(defensive)}
-    masters["vol_target"] = vol_target
-    results = {
-        n: run_backtest(policy, market, split, config, seed, "portfolio", m, interval) for n, m in masters.items()
-    }
+    policy,
+    master,
+    market: PreparedMarket,
+    split: str,
+    config: EnvConfig,
+    seed: int,
+    interval: int,
+    fitted: dict | None = None,
+    features: dict | None = None,
+    wrap=None,
+) -> tuple[dict, dict, dict]:
+    """The master's backtest in portfolio mode beside its baselines, all on the same symbol-agent policy, split,
+    capital and costs: the master by run_backtest (its full series); in one sweep_backtests every master of
+    baseline_choosers (the best constant, neutral, volatility target, correlation and reactive threshold rules, the
+    oracle ceiling where fitted) and the fixed (0, 0, 0) "defensive" directive (kept for the go benchmark's table);
+    the best constant and the neutral book scaled to the master's average exposure ("best_constant_matched",
+    "neutral_matched": their bar returns times the exposure ratio, plain de-leveraging); buy-and-hold. fitted:
+    fit_master_baselines' result (fitted here on the train split when None); features: cross_section_signals'
+    argument; wrap(policy) -> policy, applied afresh to each run (a stateful stress wrapper must not carry state from
+    one run into the next). Returns (reports name -> metrics, results name -> {"agent", "curve", "series"} (series:
+    run_backtest's for the master, timestamps, exposure and directives for a swept baseline, none for the scaled and
+    buy-and-hold books), fitted)."""
+    wrap = (lambda p: p) if wrap is None else wrap
+    if fitted is None:
+        fitted = fit_master_baselines(policy, market, config, seed, interval, features=features)
+    results = {"master": run_backtest(wrap(policy), market, split, config, seed, "portfolio", master, interval)}
+    choosers = baseline_choosers(fitted, market, features) | {"defensive": fixed_directive(DEFENSIVE_DIRECTIVE)}
+    together = stack_choosers(list(choosers.values()))
+    sweep = sweep_backtests(wrap(policy), market, split, config, seed, interval, together, len(choosers))
+    for e, (name, metrics) in enumerate(zip(choosers, sweep_metrics(sweep, market), strict=True)):
+        series = {"timestamps": sweep["timestamps"], "start": sweep["start"], "interval": interval,
+                  "exposure": sweep["exposure"][e], "directives": sweep["directives"][e]}  # fmt: skip
+        results[name] = {"agent": metrics, "curve": sweep["curves"][e], "series": series}
     reports = {name: r["agent"] for name, r in results.items()}
-    neutral, timestamps = results["neutral"]["curve"], results["neutral"]["series"]["timestamps"]
+    timestamps = results["master"]["series"]["timestamps"]
     calendar = (market.data.bars_per_year, market.data.bars_per_day)
-    lev = reports["master"]["exposure"] / max(reports["neutral"]["exposure"], 1e-12)
-    scaled = neutral[0] * np.r_[1.0, np.cumprod(1.0 + lev * np.diff(neutral) / neutral[:-1])]
-    results["neutral_matched"] = {"curve": scaled}
-    reports["neutral_matched"] = performance_metrics(scaled, timestamps, *calendar) | {
-        "exposure": reports["neutral"]["exposure"] * lev
-    }
-    start, n = results["master"]["series"]["start"], reports["master"]["bars"]
-    for name, (curve, expo) in buy_and_hold(market, start, n, float(neutral[0]), config).items():
-        results[f"{name}_bh"] = {"curve": curve}
-        reports[f"{name}_bh"] = performance_metrics(curve, timestamps, *calendar) | {"exposure": float(expo.mean())}
-    return reports, results
+    for name in ("neutral", "best_constant"):
+        lev = reports["master"]["exposure"] / max(reports[name]["exposure"], 1e-12)
+        scaled = _exposure_matched(results[name]["curve"], lev)
+        metrics = performance_metrics(scaled, timestamps, *calendar) | {"exposure": reports[name]["exposure"] * lev}
+        results[f"{name}_matched"], reports[f"{name}_matched"] = {"agent": metrics, "curve": scaled}, metrics
+    start, book = results["master"]["series"]["start"], float(results["master"]["curve"][0])
+    for name, (curve, expo) in buy_and_hold(market, start, reports["master"]["bars"], book, config).items():
+        metrics = performance_metrics(curve, timestamps, *calendar) | {"exposure": float(expo.mean())}
+        results[f"{name}_bh"], reports[f"{name}_bh"] = {"agent": metrics, "curve": curve}, metrics
+    return reports, results, fitted
 
 
-def master_go_criterion(reports: dict[str, dict], drawdown_cut: float = 0.15) -> dict:
-    """A go criterion that de-leveraging alone cannot meet: the master's max drawdown at least `drawdown_cut` below
-    that of the neutral book scaled to the master's exposure, and its Sharpe at least that book's and the
-    volatility-targeting rule's. Also reported: the seeds' original criterion (seed 003: more than 15% less
-    drawdown than the neutral directive, which a master meets by trading less), and whether the master's Sharpe is
-    at least the fixed defensive directive's (a constant directive that is not neutral can pass the criterion
-    without reading the regime; beating the fixed directives is the stricter test of skill)."""
-    master, matched, neutral, vol = (reports[k] for k in ("master", "neutral_matched", "neutral", "vol_target"))
+def paired_sharpe_margin(curve_a: np.ndarray, curve_b: np.ndarray, timestamps: np.ndarray, market) -> tuple:
+    """Sharpe(a) - Sharpe(b) of two books on the same bars (equity (N+1,) at timestamps), annualised from daily
+    returns as performance_metrics, and its standard error from the daily pairs: with d_t = r_a,t / sd(r_a) -
+    r_b,t / sd(r_b) (sd with ddof 1; a book without risk contributes 0), mean(d) is the margin per day, and the
+    error is the Newey-West (Bartlett kernel, sharpe_hac_se's lags) standard error of that mean, annualised the same
+    way. An approximation: it treats the two standard deviations as known, dropping the delta-method terms of their
+    sampling error (Jobson and Korkie 1981, Ledoit and Wolf 2008), which are second order for Sharpes near 0 and
+    partly cancel for two books that hold the same symbols; the pairing itself (the books' common noise) is kept.
+    market: anything with data.bars_per_year and data.bars_per_day. Returns (margin, se); se None under 3 days."""
+    ra, rb = (daily_returns(c, timestamps)[1] for c in (curve_a, curve_b))
+    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
+    n = len(ra)
+    if n < 2:
+        return 0.0, None
+    z = [r / r.std(ddof=1) if r.std(ddof=1) > 1e-15 else np.zeros_like(r) for r in (ra, rb)]
+    d = z[0] - z[1]
+    margin = float(d.mean() * ann)
+    if n < 3:
+        return margin, None
+    u = d - d.mean()
+    lags = min(int(4 * (n / 100) ** (2 / 9)), n - 1)
+    lrv = u @ u / n + 2.0 * sum((1.0 - lag / (lags + 1)) * (u[lag:] @ u[:-lag]) / n for lag in range(1, lags + 1))
+    return margin, float(np.sqrt(max(lrv, 0.0) / n) * ann)
+
+
+def master_go_criterion(
+    reports: dict[str, dict], curves: dict[str, np.ndarray], timestamps: np.ndarray, market, drawdown_cut: float = 0.15
+) -> dict:
+    """The master's go criterion on the graded split: "go" (also "passed") when (a) its Sharpe >= that of each of
+    GO_BASELINES (the best constant, the volatility target, the correlation and the reactive threshold rules, all
+    fitted on train), and (b) its max drawdown is at least `drawdown_cut` below that of the best constant scaled to
+    its exposure ("best_constant_matched": de-leveraging alone cannot pass). Reported beside it, from the paired
+    daily returns (paired_sharpe_margin): "margin_vs_best_constant" = Sharpe(master) - Sharpe(best constant) with
+    its standard error; where the oracle exists, its gain over the best constant with the same error, the master's
+    share of that gain, and "oracle_preflight_ok" = gain >= 1 standard error (is there timing skill to find at
+    all?). Also the figures of the earlier criterion (drawdown cut vs the exposure-matched neutral book, its Sharpe
+    and the volatility target's) and, where present, whether the master beats the fixed defensive directive.
+    curves: name -> equity (N+1,) on `timestamps`, holding the master, the best constant and the oracle if any."""
+    missing = [k for k in ("master", "best_constant_matched", "neutral_matched", *GO_BASELINES) if k not in reports]
+    if missing:
+        raise ValueError(f"master_go_criterion: the reports lack {missing}; run master_backtests first.")
+    master = reports["master"]
 
     def cut(other: dict) -> float:
         return 1.0 - abs(master["max_drawdown"]) / abs(other["max_drawdown"]) if other["max_drawdown"] < 0 else 0.0
 
-    parts = {
-        "drawdown_cut_vs_matched_neutral": cut(matched),
-        "sharpe_master": master["sharpe"],
-        "sharpe_matched_neutral": matched["sharpe"],
-        "sharpe_vol_target": vol["sharpe"],
+    parts = {"sharpe_master": master["sharpe"], "sharpe_baselines": {k: reports[k]["sharpe"] for k in GO_BASELINES}}
+    parts["sharpe_passed"] = bool(all(master["sharpe"] >= s for s in parts["sharpe_baselines"].values()))
+    parts["drawdown_cut_vs_matched_best_constant"] = cut(reports["best_constant_matched"])
+    parts["drawdown_passed"] = bool(parts["drawdown_cut_vs_matched_best_constant"] >= drawdown_cut)
+    parts["go"] = parts["passed"] = parts["sharpe_passed"] and parts["drawdown_passed"]
+    margin, se = paired_sharpe_margin(curves["master"], curves["best_constant"], timestamps, market)
+    parts |= {"margin_vs_best_constant": margin, "margin_se": se}
+    parts |= dict.fromkeys(("oracle_gain", "oracle_gain_se", "master_share_of_oracle_gain", "oracle_preflight_ok"))
+    if "oracle" in curves:
+        gain, gain_se = paired_sharpe_margin(curves["oracle"], curves["best_constant"], timestamps, market)
+        parts |= {"oracle_gain": gain, "oracle_gain_se": gain_se,
+                  "master_share_of_oracle_gain": margin / gain if gain > 0 else None,
+                  "oracle_preflight_ok": bool(gain_se is not None and gain >= gain_se)}  # fmt: skip
+    parts |= {
         "exposure_master": master["exposure"],
-        "exposure_neutral": neutral["exposure"],
+        "exposure_best_constant": reports["best_constant"]["exposure"],
+        "drawdown_cut_vs_matched_neutral": cut(reports["neutral_matched"]),
+        "sharpe_matched_neutral": reports["neutral_matched"]["sharpe"],
+        "sharpe_vol_target": reports["vol_target"]["sharpe"],
     }
-    parts["drawdown_passed"] = bool(parts["drawdown_cut_vs_matched_neutral"] >= drawdown_cut)
-    parts["sharpe_passed"] = bool(master["sharpe"] >= matched["sharpe"] and master["sharpe"] >= vol["sharpe"])
-    parts["passed"] = parts["drawdown_passed"] and parts["sharpe_passed"]
-    parts["seed_criterion_drawdown_cut_vs_neutral"] = cut(neutral)
-    parts["seed_criterion_passed"] = bool(cut(neutral) > drawdown_cut)
-    parts["sharpe_defensive"] = reports["defensive"]["sharpe"]
-    parts["beats_defensive"] = bool(master["sharpe"] >= reports["defensive"]["sharpe"])
+    if "defensive" in reports:
+        parts["sharpe_defensive"] = reports["defensive"]["sharpe"]
+        parts["beats_defensive"] = bool(master["sharpe"] >= reports["defensive"]["sharpe"])
     parts["criterion"] = (
-        f"max drawdown >= {drawdown_cut:.0%} below the exposure-matched neutral book's, and Sharpe >= both the "
-        "exposure-matched neutral book's and the volatility-targeting rule's"
+        f"Sharpe >= each of {', '.join(GO_BASELINES)} (fitted on train), and max drawdown >= {drawdown_cut:.0%} "
+        "below the exposure-matched best constant's"
     )
     return parts
 
 
+def format_go_criterion(go: dict) -> str:
+    """One line: the master go criterion, passed or missed, with its figures, the paired margin and the oracle."""
+    baselines = ", ".join(f"{k} {v:.2f}" for k, v in go["sharpe_baselines"].items())
+    se = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+    text = (
+        f"go criterion ({go['criterion']}): {'passed' if go['go'] else 'missed'}; Sharpe {go['sharpe_master']:.2f} vs "
+        f"{baselines}; drawdown cut vs the exposure-matched best constant "
+        f"{go['drawdown_cut_vs_matched_best_constant']:.1%}; margin over the best constant "
+        f"{go['margin_vs_best_constant']:+.2f} (se {se(go['margin_se'])})"
+    )
+    if go["oracle_gain"] is not None:
+        share = go["master_share_of_oracle_gain"]
+        text += (
+            f"; oracle gain {go['oracle_gain']:+.2f} (se {se(go['oracle_gain_se'])}, preflight "
+            f"{'ok' if go['oracle_preflight_ok'] else 'failed'}), the master's share "
+            f"{f'{share:.0%}' if share is not None else '-'}"
+        )
+    return text
+
+
+def _is_defensive(directives: np.ndarray) -> np.ndarray:
+    """A directive is defensive when its risk multiplier is below 1.0 or its regime mode is defensive."""
+    coords = np.unravel_index(directives, DIRECTIVE_SHAPE)
+    return (np.take(RISK_MULTIPLIERS, coords[0]) < 1.0) | (coords[2] == REGIME_MODES.index("defensive"))
+
+
 def directive_analysis(series: dict, market: PreparedMarket) -> dict:
     """Why the master chose what it chose, after the fact and for analysis only (nothing here reaches an
-    observation): the correlation of the chosen risk multiplier with each regime feature at the decision bars, and,
-    where the data has them (the synthetic market), the mean risk multiplier, regime mode (-1 defensive, +1
-    aggressive) and exposure under each hidden regime label and on the downturn-warning days."""
+    observation): the correlation of the chosen risk multiplier with each regime feature over the bars, and, where
+    the data has them (the synthetic market), the mean risk multiplier, regime mode (-1 defensive, +1 aggressive)
+    and exposure under each hidden regime label and on the downturn-warning days. Where the data has hidden edge
+    labels, "by_edge_state" (M, R): P(defensive) over the decision bars of that state (every series["interval"]-th
+    bar, the label read at the decision bar; defensive: risk multiplier below 1.0 or the defensive regime mode),
+    and the mean risk multiplier and exposure over the bars of that state; "p_defensive_given_R" and
+    "p_defensive_given_M" repeat the first."""
     d = np.asarray(series["directives"])
     keep = d >= 0
     t = (series["start"] + np.arange(len(d)))[keep]  # the decision bar of each step
@@ -673,6 +1106,22 @@ def directive_analysis(series: dict, market: PreparedMarket) -> dict:
         x = market.regime[t, j]
         corr[name] = float(np.corrcoef(risk, x)[0, 1]) if risk.std() > 0 and x.std() > 0 else 0.0
     out = {"bars": int(keep.sum()), "risk_multiplier_corr": corr, "by_regime": {}}
+    edges = edge_labels(market)
+    if edges is not None and keep.any():
+        step = np.arange(len(d))[keep]
+        decision = step % int(series.get("interval", 1)) == 0
+        defensive = _is_defensive(d[keep])
+        out["by_edge_state"] = {}
+        for k, name in enumerate(("M", "R")):
+            g, gd = edges[t] == k, (edges[t] == k) & decision
+            out["by_edge_state"][name] = {
+                "bars": int(g.sum()),
+                "decisions": int(gd.sum()),
+                "p_defensive": float(defensive[gd].mean()) if gd.any() else None,
+                "risk_multiplier": float(risk[g].mean()) if g.any() else None,
+                "exposure": float(exposure[g].mean()) if g.any() else None,
+            }
+            out[f"p_defensive_given_{name}"] = out["by_edge_state"][name]["p_defensive"]
     labels = market.data.regime_labels
     if labels is None or not keep.any():
         return out
@@ -687,16 +1136,9 @@ def directive_analysis(series: dict, market: PreparedMarket) -> dict:
     return out
 
 
-def format_go_criterion(go: dict) -> str:
-    """One line: the master go criterion, passed or missed, with its figures."""
-    return (
-        f"go criterion ({go['criterion']}): {'passed' if go['passed'] else 'missed'}; drawdown cut vs the "
-        f"exposure-matched neutral book {go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} "
-        f"vs {go['sharpe_matched_neutral']:.2f} (matched neutral) and {go['sharpe_vol_target']:.2f} (vol target); "
-        f"{'above' if go['beats_defensive'] else 'below'} the fixed defensive directive ({go['sharpe_defensive']:.2f})"
-    )
-
-
+# ---------------------------------------------------------------------------------------------------------------------
+# The report: stdout, JSON, Markdown, parquet
+# ---------------------------------------------------------------------------------------------------------------------
 REPORT_KEYS = (
     "total_return",
     "cagr",
@@ -766,12 +1208,16 @@ def write_bar_files(run_dir, split: str, curves: dict, every_series: dict, times
             pd.concat(frames, ignore_index=True).to_parquet(Path(run_dir) / f"{split}_{stem}.parquet")
 
 
+CEILINGS = ("rule_ceiling", "oracle")  # what no strategy is expected to reach: reported, never a baseline
+
+
 def verdict(reports: dict[str, dict], where: str, agent: str = "agent") -> str:
     """One sentence on what the figures mean: the strategy's Sharpe with its robust error, P(Sharpe > 0), the DSR
     when selection had trials, beside the best baseline (buy-and-hold, random, cash, fixed directives) and the
-    rule ceiling, and whether luck, selection or the baselines explain it."""
+    ceilings (the one-feature rule, the master's oracle; never counted as baselines), and whether luck, selection or
+    the baselines explain it."""
     me = reports[agent]
-    others = {k: v for k, v in reports.items() if k != agent and not k.startswith(agent) and k != "rule_ceiling"}
+    others = {k: v for k, v in reports.items() if k != agent and not k.startswith(agent) and k not in CEILINGS}
     best = max(others, key=lambda k: others[k]["sharpe"]) if others else None
     se, psr, dsr = me.get("sharpe_se"), me.get("psr"), me.get("dsr")
     parts = [f"The {agent}'s Sharpe on the {where} is {me['sharpe']:.2f}"]
@@ -784,6 +1230,8 @@ def verdict(reports: dict[str, dict], where: str, agent: str = "agent") -> str:
         parts.append(f", against {others[best]['sharpe']:.2f} for the best baseline ({best})")
     if "rule_ceiling" in reports:
         parts.append(f" and {reports['rule_ceiling']['sharpe']:.2f} for the one-feature rule ceiling")
+    if "oracle" in reports:
+        parts.append(f" and {reports['oracle']['sharpe']:.2f} for the oracle that reads the hidden edge state")
     confident = (dsr if dsr is not None and me.get("dsr_trials", 1) > 1 else psr) or 0.0
     margin = me["sharpe"] - (others[best]["sharpe"] if best is not None else 0.0)
     if confident >= 0.95 and se is not None and margin > 2 * se:
@@ -906,11 +1354,12 @@ COLOURS = {
     "agent": "tab:blue", "master": "tab:blue", "always_hold": "tab:gray", "random": "tab:olive",
     "rule_ceiling": "tab:green", "benchmark_bh": "tab:red", "equal_weight_bh": "tab:purple",
     "benchmark_bh_matched": "tab:orange", "equal_weight_bh_matched": "tab:pink", "neutral": "tab:brown",
-    "neutral_matched": "tab:orange", "vol_target": "tab:cyan", "defensive": "tab:gray",
+    "neutral_matched": "tab:orange", "vol_target": "tab:cyan", "defensive": "tab:gray", "best_constant": "tab:olive",
+    "best_constant_matched": "tab:pink", "corr_rule": "tab:purple", "reactive_rule": "tab:red", "oracle": "black",
 }  # fmt: skip
 # Strategies on the agent's own scale: its exposure (matched buy-and-holds) or its trades (random), and cash.
 MATCHED = ("agent", "master", "always_hold", "random", "benchmark_bh_matched", "equal_weight_bh_matched",
-           "neutral_matched")  # fmt: skip
+           "neutral_matched", "best_constant_matched")  # fmt: skip
 
 
 def _plot_curve(ax, x, y, name: str, lead: str = "agent") -> None:
@@ -1007,7 +1456,9 @@ def decile_figure(rows: list[dict], name: str, title: str):
 
 def directive_figure(series: dict, market: PreparedMarket, title: str):
     """The master's directives over a backtest (risk multiplier and regime mode, by the data's timestamps) against
-    the benchmark's drawdown from its running peak over the same bars."""
+    the benchmark's drawdown from its running peak over the same bars. Where the data has hidden edge labels, the
+    R periods (the state at each step's decision bar, known only after the fact) are shaded behind the directives,
+    so the picture shows the chosen risk level against the hidden edge state."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1018,6 +1469,11 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
     start = series["start"]
     bench = market.data.benchmark[start + 1 : start + 1 + len(ts)]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    edges = edge_labels(market)
+    if edges is not None:
+        hidden_r = np.asarray(edges[start : start + len(ts)]) == 1
+        ax.fill_between(ts, 0, 1, where=hidden_r, step="post", transform=ax.get_xaxis_transform(), color="tab:red",
+                        alpha=0.15, lw=0, label="hidden state R (after the fact)")  # fmt: skip
     ax.step(ts, np.take(RISK_MULTIPLIERS, coords[0]), where="post", lw=1.0, label="risk multiplier")
     ax.step(ts, coords[2] - 1.0, where="post", lw=1.0, label="regime mode (-1 defensive, 1 aggressive)")
     ax.set_title(f"{title}: the master's directives")
@@ -1030,12 +1486,18 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
 
 
 def master_final_report(symbols_policy, make_master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
-                        interval: int, stress: bool, run_dir, writer) -> dict:  # fmt: skip
+                        interval: int, stress: bool, run_dir, writer, fitted: dict | None = None) -> dict:  # fmt: skip
     """mappo_master.py's final backtest on `split`: the master (make_master() -> a fresh directive chooser) beside its
-    baselines (master_backtests), the go criterion, the directive analysis against the hidden regime (after the fact
-    only), the DSR (one trial), the stress table when `stress` (the 5 largest contributors dropped), all saved and
-    printed by save_backtest. Returns {"reports", "results", "go", "why", "stress"}."""
-    reports, results = master_backtests(symbols_policy, make_master(), market, split, config, seed, interval)
+    baselines (master_backtests, fitted on the train split once: fit_master_baselines, unless `fitted` is given),
+    the go criterion, the directive analysis against the hidden regime and edge state (after the fact only), the DSR
+    (one trial), the stress table when `stress` (the 5 largest contributors dropped; every row reuses the same
+    fitted baselines, nothing is refitted), all saved and printed by save_backtest, the fitted baselines also as
+    run_dir/master_baselines.json. Returns {"reports", "results",
+    "go", "why", "stress", "fitted"}."""
+    if fitted is None:
+        fitted = fit_master_baselines(symbols_policy, market, config, seed, interval)
+    reports, results, fitted = master_backtests(symbols_policy, make_master(), market, split, config, seed, interval,
+                                                fitted)  # fmt: skip
     series = results["master"]["series"]
     curves = {name: r["curve"] for name, r in results.items()}
     reports["master"] |= deflated_sharpe(curves["master"], series["timestamps"], market, [])
@@ -1045,13 +1507,15 @@ def master_final_report(symbols_policy, make_master, market: PreparedMarket, spl
         top = [int(j) for j in np.argsort(-np.abs(series["pnl"].sum(0)))[: min(5, S)]] if S > 1 else []
 
         def stressed(m, s, cfg, wrap):
-            return master_backtests(wrap(symbols_policy), make_master(), m, s, cfg, seed, interval)[0]
+            return master_backtests(symbols_policy, make_master(), m, s, cfg, seed, interval, fitted, wrap=wrap)[0]
 
         rows = stress_tests(stressed, market, split, config, top, print)
     every = {name: r["series"] for name, r in results.items() if "series" in r}
     print(save_backtest(run_dir, writer, reports, curves, split, market, series["timestamps"], rows, "master", every))
-    go = master_go_criterion(reports)
-    return {"reports": reports, "results": results, "go": go, "why": directive_analysis(series, market), "stress": rows}
+    (run_dir / "master_baselines.json").write_text(json.dumps(fitted, indent=2, default=float) + "\n")
+    go = master_go_criterion(reports, curves, series["timestamps"], market)
+    why = directive_analysis(series, market)
+    return {"reports": reports, "results": results, "go": go, "why": why, "stress": rows, "fitted": fitted}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1121,7 +1585,7 @@ def walk_forward_report(fold_dirs: list, out_dir, key: str = "agent") -> str:
         }
     fold_sharpes = np.array([f["sharpe"][key] for f in folds])
     best = [
-        max(v for n, v in f["sharpe"].items() if n != key and not n.startswith(key) and n != "rule_ceiling")
+        max(v for n, v in f["sharpe"].items() if n != key and not n.startswith(key) and n not in CEILINGS)
         for f in folds
     ]
     summary = {

@@ -506,6 +506,13 @@ DIRECTIVE_SHAPE = (4, 4, 3)  # risk multiplier x (position cap, open-position li
 NUM_DIRECTIVES = math.prod(DIRECTIVE_SHAPE)  # 48
 
 
+def joint_logprobs(head_logits: torch.Tensor) -> torch.Tensor:
+    """Logits of the three directive heads concatenated (..., 4 + 4 + 3) -> joint log-probabilities (..., 48),
+    row-major over DIRECTIVE_SHAPE: log p(risk) + log p(concentration) + log p(mode) (independent heads)."""
+    r, c, m = (torch.log_softmax(h.float(), -1) for h in torch.split(head_logits, DIRECTIVE_SHAPE, -1))
+    return (r[..., :, None, None] + c[..., None, :, None] + m[..., None, None, :]).flatten(-3)
+
+
 def unravel_directive(index: torch.Tensor) -> torch.Tensor:
     """Joint directive index (...) -> grid coordinates (..., 3), row-major over DIRECTIVE_SHAPE."""
     return torch.stack(torch.unravel_index(index.long(), DIRECTIVE_SHAPE), dim=-1)
@@ -534,10 +541,14 @@ class MasterNetwork(nn.Module):
           centralised critic; the actor never sees it;
       symbol_mask (B, S) bool, optional: symbols to pool over (e.g. tradable ones); all by default.
 
-    The symbols are pooled by mean and max over S, so one network serves any universe size. The actor is a joint
-    Categorical(48) over the grid rather than three factorised heads: 48 logits are cheap, the distribution is
-    exact (no independence assumption between, say, a low risk multiplier and the defensive mode), and PPO's
-    ratio and entropy stay those of one categorical. unravel_directive maps an index to grid coordinates.
+    The symbols are pooled by mean and max over S, so one network serves any universe size. The actor is factored:
+    three independent heads (risk 4, concentration 4, regime mode 3 logits), and the joint log-probability of a
+    directive is the sum of its three coordinates' log-probabilities (`joint_logprobs`). forward() returns those
+    joint log-probabilities (B, 48), which are valid logits for one Categorical(48): sampling, PPO's ratio and the
+    masked-policy helper stay those of one categorical, while each coordinate learns from every decision (a joint
+    48-way softmax spreads ~2,000 decisions over 48 arms) and has an entropy of its own (`head_entropies`, for an
+    entropy target per head). factored=False keeps the joint 48-way actor. unravel_directive maps an index to grid
+    coordinates.
     """
 
     def __init__(
@@ -547,12 +558,12 @@ class MasterNetwork(nn.Module):
         state_dim: int = 0,
         hidden: tuple[int, ...] = (256, 256),
         actor_gain: float = 0.01,
-        num_directives: int = NUM_DIRECTIVES,
+        factored: bool = True,
     ):
         super().__init__()
-        self.embed_dim, self.global_dim, self.state_dim = embed_dim, global_dim, state_dim
+        self.embed_dim, self.global_dim, self.state_dim, self.factored = embed_dim, global_dim, state_dim, factored
         pooled = 2 * embed_dim + global_dim
-        self.actor = _mlp([pooled, *hidden, num_directives], out_gain=actor_gain)
+        self.actor = _mlp([pooled, *hidden, sum(DIRECTIVE_SHAPE) if factored else NUM_DIRECTIVES], out_gain=actor_gain)
         self.critic = _mlp([pooled + state_dim, *hidden, 1], out_gain=1.0)
 
     def _pool(self, emb: torch.Tensor, global_features: torch.Tensor, symbol_mask: torch.Tensor | None):
@@ -582,9 +593,22 @@ class MasterNetwork(nn.Module):
         return torch.cat([pooled, state.to(pooled.dtype)], dim=-1)
 
     def forward(self, symbol_embeddings, global_features, state=None, symbol_mask=None):
-        """Directive logits (B, 48) and value (B,)."""
+        """Directive logits (B, 48) (factored: the joint log-probabilities) and value (B,)."""
         pooled = self._pool(symbol_embeddings, global_features, symbol_mask)
-        return self.actor(pooled), self.critic(self._critic_input(pooled, state)).squeeze(-1)
+        logits = self.actor(pooled)
+        if self.factored:
+            logits = joint_logprobs(logits)
+        return logits, self.critic(self._critic_input(pooled, state)).squeeze(-1)
+
+    def head_entropies(self, symbol_embeddings, global_features, symbol_mask=None) -> torch.Tensor:
+        """Factored actor only: each head's entropy normalised by log(its size) (B, 3), risk, concentration, mode
+        (1 = uniform, 0 = one choice)."""
+        heads = torch.split(
+            self.actor(self._pool(symbol_embeddings, global_features, symbol_mask)), DIRECTIVE_SHAPE, -1
+        )
+        return torch.stack(
+            [torch.distributions.Categorical(logits=h).entropy() / math.log(h.shape[-1]) for h in heads], -1
+        )
 
     def get_value(self, symbol_embeddings, global_features, state=None, symbol_mask=None) -> torch.Tensor:
         pooled = self._pool(symbol_embeddings, global_features, symbol_mask)

@@ -253,7 +253,9 @@ def summary_telemetry(metrics: dict) -> dict:
 def data_tag(cfg: DataConfig) -> str:
     """What the run trains on, for its folder name: synthetic-s0.3-10y-10sym or the data file's / folder's name."""
     if cfg.source == "synthetic":
-        foresight = f"-f{cfg.regime_foresight:g}" if cfg.regime_foresight else ""
+        foresight = (f"-f{cfg.regime_foresight:g}" if cfg.regime_foresight else "") + (
+            f"-e{cfg.edge_regime}" if cfg.edge_regime != "off" else ""
+        )
         tag = f"synthetic-s{cfg.signal_strength:g}{foresight}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
     else:
         tag = Path(cfg.source).stem.replace("__", "_") or "data"

@@ -2,13 +2,16 @@
 
 The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the
 master picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in
-`VecTradingCore`); the symbol agents act every bar under it (it enters their observation, sizes and masks). Both
-levels use PPO-clip: the symbol agents as in ppo_symbol_agent.py (optionally from its checkpoint, optionally
-frozen), the master on pooled symbol embeddings and portfolio features with a centralised critic that also reads
-`VecTradingCore.state()`. The master's reward is `trading_env.master_reward`. The final test-split backtest compares
-the learned master with the neutral and defensive directives, the neutral book scaled to the master's exposure, a
-volatility-targeting rule and buy-and-hold (`trading_env.master_backtests`), and reports a go criterion that
-de-leveraging alone cannot meet (`trading_env.master_go_criterion`).
+`VecTradingCore`) from three factored heads; the symbol agents act every bar under it (it enters their observation,
+sizes and masks). Both levels use PPO-clip: the symbol agents as in ppo_symbol_agent.py (optionally from its
+checkpoint, optionally frozen, then acting by argmax: the book the backtest tests), the master on pooled symbol
+embeddings, portfolio features and the market's regime and cross-sectional state (`market_state`, read from the
+market whether or not the symbol agents see it), with a centralised critic that also reads `VecTradingCore.state()`.
+The master's reward (`master_reward`) is paired: its account's utility minus that of a shadow account that trades
+the same symbol agents on the neutral directive over the same bars. The final test-split backtest
+(`backtest.master_final_report`) compares the learned master with every baseline fitted on the train split (the
+best constant directive, the volatility target, a correlation-threshold and a reactive rule) and, on markets with a
+hidden edge state, the oracle that reads it (a ceiling), and reports the go criterion and the paired margins.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from backtest import (
     run_backtest,
 )
 from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
-from market_data import DataConfig
+from market_data import DataConfig, cross_section_features
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
@@ -87,7 +90,11 @@ d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
-    """if toggled, the symbol agents are not updated: only the master learns"""
+    """if toggled, the symbol agents are not updated: only the master learns (the symbol level's rollout buffers, GAE
+and update are skipped)"""
+    frozen_sampling: bool = False
+    """if toggled, frozen symbol agents sample their actions in the master's rollouts; default: argmax, the book that
+the backtest tests (a sampled book trades differently and earns less)"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,12 +119,14 @@ a whole number of master decisions)"""
 and without each of the 5 largest contributors"""
 
     # --- algorithm (symbol agents, CleanRL's names) ---
-    total_timesteps: int = 600_000
-    """total symbol-steps of the experiment (all ranks together)"""
+    total_timesteps: int = 14_336_000
+    """total symbol-steps of the experiment (all ranks together); the default is 80 iterations at 10 symbols, 204,800
+master decisions"""
     learning_rate: float = 3e-4
     """the learning rate of the symbol agents' optimizer"""
-    num_envs: int = 16
-    """the number of parallel environments per rank (each one account trading all symbols)"""
+    num_envs: int = 256
+    """the number of parallel environments per rank (each one account trading all symbols); 256 envs x 70 bars give
+2,560 master decisions per update"""
     num_steps: int = 70
     """the number of bars per environment per rollout (a multiple of master_interval)"""
     anneal_lr: bool = True
@@ -127,7 +136,8 @@ and without each of the 5 largest contributors"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation of the symbol agents"""
     num_minibatches: int = 4
-    """the number of mini-batches of both levels (split over env-steps; each keeps all S symbols)"""
+    """the number of mini-batches of both levels (split over env-steps, each keeping all S symbols, and over master
+decisions: 640 a minibatch by default)"""
     update_epochs: int = 4
     """the K epochs to update the policies"""
     norm_adv: bool = True
@@ -148,22 +158,37 @@ and without each of the 5 largest contributors"""
     # --- algorithm (master) ---
     master_learning_rate: float = 3e-4
     """the learning rate of the master network"""
-    master_gamma: float = 0.95
-    """discount per master decision (per trading day)"""
-    master_gae_lambda: float = 0.95
+    master_gamma: float = 0.8
+    """discount per master decision (per trading day): a directive's effect on the book fades within about a day"""
+    master_gae_lambda: float = 0.8
     """GAE lambda over master decisions"""
     master_ent_coef: float = 0.01
-    """entropy coefficient of the master's directive distribution"""
+    """initial entropy coefficient of each directive head (risk, concentration, mode), adapted toward
+--master-ent-target"""
+    master_ent_target: float = 0.2
+    """target of each head's entropy, normalised by log(head size) (1 = uniform): a head below it gets a larger
+coefficient, one above it a smaller one (log-coefficient step --master-ent-lr x the shortfall per iteration)"""
+    master_ent_lr: float = 1.0
+    """step of the log entropy coefficients per iteration; 0 keeps --master-ent-coef fixed"""
     value_norm: bool = True
     """normalise the centralised critic's targets by a running mean / std of the returns (PopArt-lite)"""
-    risk_coef: float = 0.5
-    """master reward: weight of the realised volatility subtracted from the return"""
-    div_coef: float = 0.05
-    """master reward: weight of the diversification term"""
+    master_reward: Literal["paired", "seed"] = "paired"
+    """paired: the master account's utility minus that of a shadow account on the neutral directive over the same
+bars (the market and the book's noise cancel), and a thresholded drawdown penalty, also paired; seed: the seed's four
+components (risk-adjusted return, diversification, drawdown, excess over the benchmark); see master_reward"""
+    risk_aversion: float = 50.0
+    """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best leverage of a book with bar
+mean mu and variance s2 is mu / (lambda s2), interior and moving with the state)"""
     dd_coef: float = 2.0
-    """master reward: weight of the drawdown penalty (new losses below the episode peak)"""
+    """master reward: weight of the drawdown penalty (each increase of the drawdown beyond --dd-threshold)"""
+    dd_threshold: float = 0.05
+    """master reward: drawdown from the episode peak below which nothing is charged (0: the seed's penalty)"""
+    risk_coef: float = 0.5
+    """seed reward: weight of the realised volatility subtracted from the return"""
+    div_coef: float = 0.05
+    """seed reward: weight of the diversification term"""
     excess_coef: float = 0.5
-    """master reward: weight of the return in excess of the benchmark"""
+    """seed reward: weight of the return in excess of the benchmark"""
 
     # --- filled in at runtime (not flags) ---
     num_symbols: int = field(default=0, init=False)
@@ -275,21 +300,42 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, cl
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the master's reward and inputs (unit-tested in tests/test_mappo_master.py)
 # ---------------------------------------------------------------------------------------------------------------
-MASTER_REWARD_COMPONENTS = ("risk_adjusted", "diversification", "drawdown", "excess")
+HEAD_NAMES = ("risk", "concentration", "mode")  # the factored directive heads, in DIRECTIVE_SHAPE order
+INGREDIENTS = ("ret", "ret_sq", "shadow_ret", "shadow_ret_sq", "dd_up", "shadow_dd_up", "bench", "div", "bars")
+MASTER_REWARD_COMPONENTS = {
+    "paired": ("paired_utility", "paired_drawdown"),
+    "seed": ("risk_adjusted", "diversification", "drawdown", "excess"),
+}
 
 
 def master_reward(sums: dict, args, num_symbols: int) -> dict:
     """Components (E,) of the master's reward from `sums`, one decision's ingredients (E,) each summed over the bars
-    to the next decision (or the episode's end): ret (account bar returns r), ret_sq (r^2), bench (benchmark bar
-    returns b), dd_up (increases of the drawdown dd from the episode peak), div (1 - Herfindahl of the position
-    weights w, 0 when flat), bars (bars counted); args: the weights risk_coef, div_coef, dd_coef, excess_coef (this
-    script's Args). Percent units (x 100):
+    to the next decision (or the episode's end): ret, ret_sq (the account's bar returns r and r^2), shadow_ret,
+    shadow_ret_sq (the same for the shadow account: the same symbol agents on the neutral directive over the same
+    bars), dd_up and shadow_dd_up (increases of max(0, dd - dd_threshold), dd the drawdown from the episode peak),
+    bench (benchmark bar returns b), div (1 - Herfindahl of the position weights w, 0 when flat), bars (bars
+    counted); args: this script's Args. Percent units (x 100).
 
+    paired (default; lambda = risk_aversion):
+        paired_utility  = 100 * sum [(r - lambda/2 r^2) - (r_shadow - lambda/2 r_shadow^2)]
+        paired_drawdown = -dd_coef * 100 * (sum dd_up - sum shadow_dd_up)
+    The difference cancels what the master cannot change (the market's and the book's moves are in both accounts),
+    and the concave utility makes the best leverage interior: a book whose edge is the same in every state has one
+    best directive, a book whose edge flips sign has a different one in each state (tests/test_mappo_master.py).
+    seed (the seed's four components; --dd-threshold 0 for its drawdown term):
         risk_adjusted   = 100 * (sum r - risk_coef * sqrt(sum r^2))        return minus realised volatility
         diversification = div_coef * mean over bars of (1 - sum w^2) / (1 - 1/S)
-        drawdown        = -dd_coef * 100 * sum max(0, dd_t - dd_{t-1})         every new loss below the peak
-        excess          = excess_coef * 100 * (sum r - sum b)                   return over the benchmark
+        drawdown        = -dd_coef * 100 * sum dd_up                         every new loss beyond the threshold
+        excess          = excess_coef * 100 * (sum r - sum b)                return over the benchmark
+    The seed's terms are linear in leverage, so their optimum is a constant corner whatever the state (DESIGN.md §2).
     """
+    if args.master_reward == "paired":
+        lam = args.risk_aversion
+        utility = (sums["ret"] - 0.5 * lam * sums["ret_sq"]) - (sums["shadow_ret"] - 0.5 * lam * sums["shadow_ret_sq"])
+        return {
+            "paired_utility": 100.0 * utility,
+            "paired_drawdown": -args.dd_coef * 100.0 * (sums["dd_up"] - sums["shadow_dd_up"]),
+        }
     div_max = 1.0 - 1.0 / num_symbols if num_symbols > 1 else 1.0
     return {
         "risk_adjusted": 100.0 * (sums["ret"] - args.risk_coef * np.sqrt(sums["ret_sq"])),
@@ -307,12 +353,21 @@ def herfindahl_complement(holdings: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 1.0 - (share * share).sum(1), 0.0)
 
 
-def global_features(obs: dict, directive_index: np.ndarray, last_actions: np.ndarray) -> np.ndarray:
-    """The master actor's portfolio-level input (E, 36): the account's portfolio features (8), the regime (10), the
+def market_state(market) -> np.ndarray:
+    """(T, 13) float32: what the master reads of the market at each bar, whether or not the symbol agents see it:
+    the regime block (10, market_data.REGIME_NAMES) and the cross-sectional state (3, CROSS_SECTION_NAMES: average
+    pairwise correlation over two days, dispersion and the pooled lag-1 autocorrelation over the last day), all
+    causal (a value at bar t uses bars <= t)."""
+    return np.concatenate([market.regime, cross_section_features(market.data)], axis=1).astype(np.float32)
+
+
+def global_features(obs: dict, directive_index, last_actions, state_now: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """The master actor's portfolio-level input (E, 40): the account's portfolio features (8), the market state at
+    the observation bar (13, market_state), the book's return over the last decision interval (1, recent), the
     current directive as one-hot grid coordinates (4 + 4 + 3), and the share of symbols whose last policy action was
     each of the 7 actions (the symbol agents' intents)."""
     E = len(directive_index)
-    parts = [obs["portfolio"][:, 0], obs["regime"][:, 0]]
+    parts = [obs["portfolio"][:, 0], state_now, np.asarray(recent, np.float32).reshape(E, 1)]
     for coord, n in zip(np.unravel_index(directive_index, DIRECTIVE_SHAPE), DIRECTIVE_SHAPE, strict=True):
         one_hot = np.zeros((E, n), np.float32)
         one_hot[np.arange(E), coord] = 1.0
@@ -321,22 +376,32 @@ def global_features(obs: dict, directive_index: np.ndarray, last_actions: np.nda
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def master_inputs(agent, obs: dict, directive_index, last_actions, state, device):
+def master_inputs(agent, obs: dict, glob: np.ndarray, state, device):
     """The master network's three inputs as tensors: symbol embeddings (E, S, D) from the symbol agents' shared
-    encoder (no gradient: the master does not train the encoder), global features (E, 36), global state (E, .)."""
+    encoder (no gradient: the master does not train the encoder), global features (E, 40), global state (E, .)."""
     with torch.no_grad():
         emb = agent.embed(to_torch(obs, device))
-    glob = torch.as_tensor(global_features(obs, directive_index, last_actions), device=device)
-    return emb, glob, torch.as_tensor(state, device=device)
+    return emb, torch.as_tensor(glob, device=device), torch.as_tensor(state, device=device)
 
 
-def master_policy(agent, master, device):
+def master_policy(agent, master, device, states: np.ndarray, interval: int):
+    """The learned master as a directive chooser for run_backtest (argmax of its directive distribution)."""
+
     def choose(obs, core, last_actions):
-        emb, glob, state = master_inputs(agent, obs, core.directive_index, last_actions, core.state(), device)
+        glob = global_features(
+            obs, core.directive_index, last_actions, states[core.t], core.recent_return(interval)[:, 0]
+        )
+        emb, glob, state = master_inputs(agent, obs, glob, core.state(), device)
         with torch.no_grad():
             return masked_policy(master(emb, glob, state)[0], deterministic=True)[0].cpu().numpy()
 
     return choose
+
+
+def symbol_actions(agent, obs: dict, device, deterministic: bool) -> np.ndarray:
+    """Actions (E, S) of frozen symbol agents: argmax (the tested book) or sampled."""
+    with torch.no_grad():
+        return masked_policy(agent.get_logits(to_torch(obs, device)), deterministic=deterministic)[0].cpu().numpy()
 
 
 if __name__ == "__main__":
@@ -385,8 +450,11 @@ if __name__ == "__main__":
         args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
         agent = SymbolPolicy(S, args.encoder, directive_dim=4)
     agent = agent.to(device).requires_grad_(not args.freeze_symbols)
-    global_dim = global_features(envs.obs, envs.directive_index, np.zeros((E, S), np.int64)).shape[1]
+    states = market_state(market)  # (T, 13): the master reads the market itself (the symbol agents may not see it)
+    global_dim = global_features(envs.obs, envs.directive_index, np.zeros((E, S), np.int64), states[envs.t],
+                                 np.zeros(E)).shape[1]  # fmt: skip
     master = MasterNetwork(args.encoder.output_dim, global_dim, state_dim=envs.state_dim).to(device)
+    log_ent_coef = np.full(len(DIRECTIVE_SHAPE), np.log(args.master_ent_coef))  # per head: risk, concentration, mode
     value_norm = ValueNorm().to(device)
     model = nn.ModuleDict({"symbols": agent, "master": master, "value_norm": value_norm})  # one checkpoint
     xp.broadcast_parameters(model, args.world_size)  # identical initial weights on every rank
@@ -397,8 +465,13 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(groups, eps=1e-5)
     global_step, start_iteration = 0, 1
     next_obs_np = envs.reset(seed=args.seed + rank)
-    track = {"dd": np.zeros(E)}  # master reward tracker per env: the last drawdown; and the symbols' last actions
+    # the paired reward's shadow account: the same symbol agents on the neutral directive over the same bars (the two
+    # cores draw the same episode starts from the same seed, and a stopped-out account restarts at the same clock)
+    shadow = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
+    shadow_obs = shadow.reset(seed=args.seed + rank)
+    track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
+    sampled = not args.freeze_symbols or args.frozen_sampling  # trained symbol agents sample (PPO is on-policy)
 
     fingerprint = xp.market_fingerprint(market)  # stored with every checkpoint: what the weights were trained on
     if args.resume:
@@ -408,6 +481,8 @@ if __name__ == "__main__":
         global_step, extra, own, run_dir = resumed
         start_iteration = extra["iteration"] + 1
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
+        shadow.set_state(own["shadow"])
+        log_ent_coef = own["log_ent_coef"].numpy()
         track = {k: v.numpy() for k, v in own["track"].items()}
         last_actions = own["last_actions"].numpy()
     else:
@@ -430,10 +505,12 @@ if __name__ == "__main__":
                 f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
             )
 
-    # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py; master level (M, E, ...).
+    # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py (frozen agents: the masks
+    # only, for the telemetry); master level (M, E, ...).
     obs = {
         k: torch.zeros((T, E, S) + tuple(shape), dtype=torch.int8 if k == "action_mask" else torch.float32)
         for k, shape in envs.observation_shapes.items()
+        if k == "action_mask" or not args.freeze_symbols
     }
     obs = {k: v.to(device) for k, v in obs.items()}
     actions = torch.zeros((T, E, S), dtype=torch.long, device=device)
@@ -452,11 +529,12 @@ if __name__ == "__main__":
     start_time, start_step = time.time(), global_step
     last_eval, last_telemetry, stop, stopping, sps = {}, {}, xp.stop_on_sigint(), False, 0
 
-    def master_value(o, rows):
-        """Denormalised centralised value (len(rows),) of the observation dict o at env rows `rows`."""
+    def master_value(o, rows, bars, recent):
+        """Denormalised centralised value (len(rows),) of the observation dict o (of bars `bars`) at env rows `rows`,
+        with the book's recent returns `recent` (len(rows),)."""
         sub = {k: v[rows] for k, v in o.items()}
-        state = envs.state(o)[rows]
-        emb, glob, st = master_inputs(agent, sub, envs.directive_index[rows], last_actions[rows], state, device)
+        glob = global_features(sub, envs.directive_index[rows], last_actions[rows], states[bars[rows]], recent)
+        emb, glob, st = master_inputs(agent, sub, glob, envs.state(o)[rows], device)
         with torch.no_grad():
             v = master.get_value(emb, glob, st)
         return value_norm.denormalize(v) if args.value_norm else v
@@ -473,9 +551,11 @@ if __name__ == "__main__":
             global_step += E * S * args.world_size
             k = step // I
             if step % I == 0:  # ALGO LOGIC: the master decides; the directive rewrites this bar's masks at once
-                emb, glob, state = master_inputs(
-                    agent, next_obs_np, envs.directive_index, last_actions, envs.state(), device
-                )
+                if (shadow.t != envs.t).any():
+                    raise RuntimeError("the shadow account's clock left the master account's; this is a bug.")
+                recent = envs.recent_return(I)[:, 0]  # (E,) the book's return over the last decision interval
+                glob = global_features(next_obs_np, envs.directive_index, last_actions, states[envs.t], recent)
+                emb, glob, state = master_inputs(agent, next_obs_np, glob, envs.state(), device)
                 with torch.no_grad():
                     m_logits, raw_value = master(emb, glob, state)
                     directive, logprob, _, _ = masked_policy(m_logits)
@@ -483,17 +563,21 @@ if __name__ == "__main__":
                 m_actions[k], m_logprobs[k], m_raw_values[k] = directive, logprob, raw_value
                 m_values[k] = value_norm.denormalize(raw_value) if args.value_norm else raw_value
                 envs.set_directives(directive.cpu().numpy())
-                sums = {key: np.zeros(E) for key in ("ret", "ret_sq", "bench", "dd_up", "div", "bars")}
+                sums = {key: np.zeros(E) for key in INGREDIENTS}
                 alive = np.ones(E, dtype=bool)
                 m_terms[k], m_truncs[k], m_final_values[k] = False, False, 0.0
             for key, v in obs.items():
                 v[step].copy_(torch.as_tensor(next_obs_np[key]))
-            step_obs = {key: v[step] for key, v in obs.items()}
-            with torch.no_grad():
-                logits, value = agent(step_obs)
-                action, logprob, entropy, choice = masked_policy(logits)
-            actions[step], logprobs[step], values[step] = action, logprob, value
-            policy_entropy += choice_mean(entropy, choice).item() / T
+            if args.freeze_symbols:  # frozen agents: argmax by default, the book the backtest tests
+                action = torch.as_tensor(symbol_actions(agent, next_obs_np, device, deterministic=not sampled))
+            else:
+                step_obs = {key: v[step] for key, v in obs.items()}
+                with torch.no_grad():
+                    logits, value = agent(step_obs)
+                    action, logprob, entropy, choice = masked_policy(logits)
+                actions[step], logprobs[step], values[step] = action, logprob, value
+                policy_entropy += choice_mean(entropy, choice).item() / T
+            shadow_obs, _, _, _, shadow_info = shadow.step(symbol_actions(agent, shadow_obs, device, not sampled))
 
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, device=device)
@@ -501,7 +585,7 @@ if __name__ == "__main__":
             truncateds[step] = torch.as_tensor(truncated, device=device)
             bootstrap = truncated & ~terminated  # (E, S): value of the ended episode's last observation
             final_values[step] = 0.0
-            if bootstrap.any():
+            if bootstrap.any() and not args.freeze_symbols:
                 rows = bootstrap.any(1)
                 with torch.no_grad():
                     v_final = agent.get_value(to_torch({key: a[rows] for key, a in info["final_obs"].items()}, device))
@@ -511,20 +595,26 @@ if __name__ == "__main__":
             # ALGO LOGIC: master reward ingredients of this bar, counted until the episode ends
             done_env = (terminated | truncated).any(1)
             r, dd, bar = info["account_return"][:, 0], info["drawdown"][:, 0], info["bar"]  # before any restart
-            bench = bench_close[bar] / bench_close[bar - 1] - 1.0
-            ingredients = {"ret": r, "ret_sq": r * r, "bench": bench, "dd_up": np.maximum(dd - track["dd"], 0.0)}
-            ingredients |= {"div": herfindahl_complement(info["holdings"]), "bars": np.ones(E)}
+            r_sh, dd_sh = shadow_info["account_return"][:, 0], shadow_info["drawdown"][:, 0]
+            beyond = lambda x: np.maximum(x - args.dd_threshold, 0.0)  # noqa: E731  (the thresholded drawdown)
+            ingredients = {
+                "ret": r, "ret_sq": r * r, "shadow_ret": r_sh, "shadow_ret_sq": r_sh * r_sh,
+                "dd_up": np.maximum(beyond(dd) - beyond(track["dd"]), 0.0),
+                "shadow_dd_up": np.maximum(beyond(dd_sh) - beyond(track["shadow_dd"]), 0.0),
+                "bench": bench_close[bar] / bench_close[bar - 1] - 1.0, "div": herfindahl_complement(info["holdings"]),
+                "bars": np.ones(E),
+            }  # fmt: skip
             for key, x in ingredients.items():
                 sums[key] += np.where(alive, x, 0.0)
             m_terms[k] |= torch.as_tensor(alive & terminated.any(1), device=device)
             ended_by_time = alive & truncated.any(1)
             if ended_by_time.any():
                 m_final_values[k][torch.as_tensor(ended_by_time, device=device)] = master_value(
-                    info["final_obs"], ended_by_time
+                    info["final_obs"], ended_by_time, bar, sums["ret"][ended_by_time]
                 )
                 m_truncs[k] |= torch.as_tensor(ended_by_time, device=device)
             alive &= ~done_env
-            track["dd"] = np.where(done_env, 0.0, dd)
+            track["dd"], track["shadow_dd"] = np.where(done_env, 0.0, dd), np.where(done_env, 0.0, dd_sh)
             if step % I == I - 1:
                 parts = master_reward(sums, args, S)
                 m_rewards[k] = torch.as_tensor(sum(parts.values()), dtype=torch.float32, device=device)
@@ -539,11 +629,12 @@ if __name__ == "__main__":
         # ALGO LOGIC: advantages with bootstrap at truncation, for both levels
         t_update = time.time()
         with torch.no_grad():
-            next_value = agent.get_value(to_torch(next_obs_np, device))
-            advantages, returns = compute_gae(
-                rewards, values, terminateds, truncateds, final_values, next_value, args.gamma, args.gae_lambda
-            )
-            m_next_value = master_value(next_obs_np, np.ones(E, dtype=bool))
+            if not args.freeze_symbols:
+                next_value = agent.get_value(to_torch(next_obs_np, device))
+                advantages, returns = compute_gae(
+                    rewards, values, terminateds, truncateds, final_values, next_value, args.gamma, args.gae_lambda
+                )
+            m_next_value = master_value(next_obs_np, np.ones(E, dtype=bool), envs.t, envs.recent_return(I)[:, 0])
             m_advantages, m_returns = compute_gae(
                 m_rewards, m_values, m_terms, m_truncs, m_final_values, m_next_value, args.master_gamma,
                 args.master_gae_lambda,
@@ -555,12 +646,13 @@ if __name__ == "__main__":
             m_targets = value_norm.normalize(m_returns) if args.value_norm else m_returns
 
         # ALGO LOGIC: symbol agents, PPO-clip over (T * E) env-steps that keep the symbol axis
-        b_obs = {key: v.reshape((T * E,) + v.shape[2:]) for key, v in obs.items()}
-        b_logprobs, b_actions = logprobs.reshape(T * E, S), actions.reshape(T * E, S)
-        b_advantages, b_returns, b_values = (x.reshape(T * E, S) for x in (advantages, returns, values))
-        b_inds = np.arange(T * E)
-        mb_rows = (T * E) // args.num_minibatches
         clipfracs, pg_loss, v_loss, entropy_loss, approx_kl, old_approx_kl = [], *(torch.zeros(()),) * 5
+        if not args.freeze_symbols:
+            b_obs = {key: v.reshape((T * E,) + v.shape[2:]) for key, v in obs.items()}
+            b_logprobs, b_actions = logprobs.reshape(T * E, S), actions.reshape(T * E, S)
+            b_advantages, b_returns, b_values = (x.reshape(T * E, S) for x in (advantages, returns, values))
+            b_inds = np.arange(T * E)
+            mb_rows = (T * E) // args.num_minibatches
         for _epoch in range(0 if args.freeze_symbols else args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, T * E, mb_rows):
@@ -594,7 +686,8 @@ if __name__ == "__main__":
         mb_act, mb_logp, mb_adv, mb_tgt, mb_old = map(
             flat, (m_actions, m_logprobs, m_advantages, m_targets, m_raw_values)
         )
-        m_clipfracs = []
+        m_clipfracs, head_entropy = [], np.zeros(len(DIRECTIVE_SHAPE))
+        ent_coef = torch.as_tensor(np.exp(log_ent_coef), dtype=torch.float32, device=device)  # (3,) per head
         for _epoch in range(args.update_epochs):
             np.random.shuffle(mb_inds_all)
             for idx in np.array_split(mb_inds_all, min(args.num_minibatches, M * E)):
@@ -606,8 +699,10 @@ if __name__ == "__main__":
                     args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
                 m_clipfracs.append(clipfrac)
-                m_entropy = entropy.mean()
-                loss = m_pg_loss - args.master_ent_coef * m_entropy + m_v_loss * args.vf_coef
+                m_entropy = entropy.mean()  # of the joint directive, normalised by log(48)
+                heads = master.head_entropies(mb_emb[j], mb_glob[j]).mean(0)  # (3,) normalised, per head
+                head_entropy += heads.detach().cpu().numpy() / (args.update_epochs * min(args.num_minibatches, M * E))
+                loss = m_pg_loss - (ent_coef * heads).sum() + m_v_loss * args.vf_coef
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -616,9 +711,12 @@ if __name__ == "__main__":
                 nn.utils.clip_grad_norm_(master.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        # entropy target per head: the log coefficient moves toward more bonus when a head is below the target
+        log_ent_coef = np.clip(log_ent_coef + args.master_ent_lr * (args.master_ent_target - head_entropy), -12, 0)
+        explained_var = np.nan
+        if not args.freeze_symbols:
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
         m_pred, m_true = m_values.cpu().numpy(), m_returns.cpu().numpy()
         m_explained_var = np.nan if np.var(m_true) == 0 else 1 - np.var(m_true - m_pred) / np.var(m_true)
         update_seconds = time.time() - t_update
@@ -628,7 +726,8 @@ if __name__ == "__main__":
         # checkpoint: every rank's envs (next observation included), RNG and trackers, gathered on rank 0
         periodic = iteration % max(args.eval_interval, 1) == 0 or iteration == args.num_iterations
         if args.save_model and (periodic or stopping):
-            own = {"core": envs.get_state(), "last_actions": last_actions, "track": track}
+            own = {"core": envs.get_state(), "shadow": shadow.get_state(), "last_actions": last_actions,
+                   "track": track, "log_ent_coef": log_ent_coef}  # fmt: skip
             extra = {"iteration": iteration, "market": fingerprint}
             xp.save_run_checkpoint(run_dir, model, optimizer, args, global_step, own, extra, rank)
         if rank != 0:
@@ -660,6 +759,8 @@ if __name__ == "__main__":
             "master/directive_concentration_level": float(coords[:, 1].mean()),
             "master/directive_regime_level": float(coords[:, 2].mean()),
             "master/unique_directives": float(len(np.unique(m_actions.cpu().numpy()))),
+            **{f"master/entropy_{h}": float(v) for h, v in zip(HEAD_NAMES, head_entropy, strict=True)},
+            **{f"master/ent_coef_{h}": float(np.exp(v)) for h, v in zip(HEAD_NAMES, log_ent_coef, strict=True)},
             "master_reward/total": m_rewards.mean().item(),
             "reward/total": rewards.mean().item(),
             "perf/rollout_seconds": rollout_seconds,
@@ -673,7 +774,7 @@ if __name__ == "__main__":
             metrics.update({f"trading/episode_{key}": float(np.mean(v)) for key, v in episodes.items()})
         if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             t_eval = time.time()
-            chooser, policy = master_policy(agent, master, device), argmax_policy(agent, device)
+            chooser, policy = master_policy(agent, master, device, states, I), argmax_policy(agent, device)
             report = run_backtest(policy, market, args.eval_split, env_cfg, args.seed, "portfolio", chooser, I)
             last_eval = {key: v for key, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{key}": v for key, v in last_eval.items()})
@@ -702,7 +803,10 @@ if __name__ == "__main__":
         t_eval = time.time()
         title = f"{run_dir.name}, {args.test_split} split"
         print(f"final backtest on the {args.test_split} split: the master and every fixed and rule-based master")
-        symbols_policy, make_master = argmax_policy(agent, device), lambda: master_policy(agent, master, device)
+        symbols_policy, make_master = (
+            argmax_policy(agent, device),
+            lambda: master_policy(agent, master, device, states, I),
+        )
         final = master_final_report(symbols_policy, make_master, market, args.test_split, env_cfg, args.seed, I,
                                     args.stress, run_dir, writer)  # fmt: skip
         reports, results, go, why, stress = (final[k] for k in ("reports", "results", "go", "why", "stress"))
@@ -710,7 +814,8 @@ if __name__ == "__main__":
         print(format_go_criterion(go))
         figures = backtest_figures(curves, results["master"]["series"], envs.symbols, title, lead="master")
         figures["directives"] = directive_figure(results["master"]["series"], market, title)
-        writer.add_scalar("trading/drawdown_cut_vs_matched_neutral", go["drawdown_cut_vs_matched_neutral"], global_step)
+        writer.add_scalar("trading/drawdown_cut_vs_matched_best_constant", go["drawdown_cut_vs_matched_best_constant"],
+                          global_step)  # fmt: skip
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["master"], global_step, t_eval,
                    encoder=args.encoder.kind, sps=sps, backtest=reports, go_criterion=go, directive_analysis=why,
                    val=last_eval, telemetry=last_telemetry, stress=stress)  # fmt: skip

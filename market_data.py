@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 # Bumped by hand when the meaning of a cached array changes; the cache key also hashes this file's source.
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 
 
 class UserInputError(ValueError):
@@ -57,6 +57,14 @@ per bar held is below the round-trip cost); 0 is pure noise (the placebo)"""
 regime begins, the sector and idiosyncratic volatility rise by (1 + 2 x foresight) while the market factor does not:
 the cross-section disperses (the `dispersion` regime feature) before the benchmark falls. 0: no warning (the
 master's placebo); the regime label itself is never observed"""
+    edge_regime: Literal["off", "flip", "placebo-a", "placebo-b"] = "off"
+    """Synthetic only: a hidden daily edge state to time, momentum M or reversal R (a Markov chain, R ~20% of days in
+spells of ~10). "flip": the planted autocorrelation is +signal_strength on M days and -signal_strength on R days,
+and R is announced (from 3 days before it begins to its end) by sector and idiosyncratic volatility x0.5 under an
+unchanged market factor, so symbols move together (average correlation ~0.3 -> ~0.5) while the benchmark does
+not change. "placebo-a": the flips without the announcement (it follows an independent copy of the chain);
+"placebo-b": the announcement without the flips. "off" (default): today's market, byte for byte. The state is
+MarketData.edge_labels, never observed"""
     symbols: list[str] | None = None
     """User data: keep only these symbols (default: every file / every symbol in the long parquet)."""
     benchmark: str | None = None
@@ -135,6 +143,10 @@ class MarketData:
     """From the data's own calendar (hourly US equities: 7 * 252)."""
     regime_labels: np.ndarray | None = None
     """Synthetic only: (T,) int8 hidden regime, 0 bull, 1 bear, 2 crisis (never part of the observation)."""
+    edge_labels: np.ndarray | None = None
+    """Synthetic with --data.edge-regime other than off: (T,) int8 hidden daily edge state, 0 momentum (M), 1 reversal
+    (R), the chain that drives the flips (placebo-b: the announcement). Never part of the observation; None when off
+    and for user data."""
     source: str = "synthetic"
     """Where the bars came from (for reports)."""
 
@@ -184,6 +196,16 @@ class PreparedMarket:
 # > 0, sector and idiosyncratic volatility rise on the last WARNING_DAYS bull days before a downturn (a warning in
 # the cross-section, not in the benchmark). Volume grows with |x|; the first bar of a day carries an overnight gap
 # (part of its return happens between close and open).
+# Edge regime (edge_regime != "off"): a hidden daily state e(d) in {M = 0 momentum, R = 1 reversal}, a Markov chain
+# independent of the volatility regimes, P(M -> R) = 0.025, P(R -> M) = 0.10, starting in M (R on 20% of days, mean
+# spells 40 and 10 days), drawn from its own generator default_rng([seed, 7]) so that "off" changes no other draw:
+#   flip       x[t, s] = rho_t * x[t-1, s] + sqrt(1 - rho^2) * w[t, s], rho_t = +rho on M days, -rho on R days
+#              (var x = 1 and |lag-1 autocorrelation| = rho in both states), announced: on R days and on the
+#              ANNOUNCE_DAYS days before each M -> R onset, sd_f and sd_e x ANNOUNCE_SCALE (0.5), sd_m unchanged, so
+#              the average pairwise correlation of returns rises from ~0.3 to ~0.5 and the benchmark does not move
+#   placebo-a  the flips of e; the announcement follows an independent copy of the chain (same law, own draws)
+#   placebo-b  the announcement of e; no flips (rho_t = rho everywhere)
+# The announcement's factor multiplies the foresight warning's (1 + 2 x foresight). cross_section_features reads it.
 
 REGIME_NAMES_SYNTH = ("bull", "bear", "crisis")
 _REGIME_TRANSITIONS = np.array([[0.990, 0.008, 0.002], [0.030, 0.960, 0.010], [0.060, 0.040, 0.900]])
@@ -200,6 +222,19 @@ SHOCK_CLIP = 8.0
 GARCH_H_MAX = 9.0
 _SYNTH_DAYS_PER_YEAR = 252
 WARNING_DAYS = 5  # regime foresight: days of rising dispersion before a downturn
+EDGE_REGIMES = ("off", "flip", "placebo-a", "placebo-b")
+_EDGE_TRANSITIONS = np.array([[0.975, 0.025], [0.10, 0.90]])  # M, R: stationary R share 0.025 / 0.125 = 0.2
+ANNOUNCE_DAYS = 3  # edge regime: days before an M -> R onset on which the announcement already shows
+ANNOUNCE_SCALE = 0.5  # edge regime: sector and idiosyncratic volatility factor on announced days
+
+
+def _daily_chain(u: np.ndarray, transitions: np.ndarray) -> np.ndarray:
+    """(D,) int8 Markov chain started in state 0, driven by uniforms u (D,) (u[0] unused). One loop over days."""
+    cum = np.cumsum(transitions, axis=1)
+    chain = np.zeros(len(u), dtype=np.int8)
+    for d in range(1, len(u)):
+        chain[d] = np.searchsorted(cum[chain[d - 1]], u[d], side="right")
+    return chain
 
 
 def downturn_warning(day_regime: np.ndarray, days: int = WARNING_DAYS) -> np.ndarray:
@@ -209,6 +244,16 @@ def downturn_warning(day_regime: np.ndarray, days: int = WARNING_DAYS) -> np.nda
     for d in onset:
         warn[max(d - days, 0) : d] = True
     return warn & (day_regime == 0)
+
+
+def edge_announcement(day_edge: np.ndarray, days: int = ANNOUNCE_DAYS) -> np.ndarray:
+    """(D,) bool: the R days of a daily edge chain (D,) plus the `days` days before each M -> R onset."""
+    onset = np.zeros(len(day_edge), dtype=bool)
+    onset[1:] = (day_edge[1:] == 1) & (day_edge[:-1] == 0)
+    announced = day_edge == 1
+    for k in range(1, days + 1):  # day d is announced if an onset comes k days later
+        announced[:-k] |= onset[k:]
+    return announced
 
 
 def synthetic_symbol_names(num_symbols: int) -> list[str]:
@@ -265,7 +310,9 @@ def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90, h_max: f
     return out
 
 
-def check_synthetic_flags(signal_strength: float, gap_rate: float, regime_foresight: float) -> None:
+def check_synthetic_flags(
+    signal_strength: float, gap_rate: float, regime_foresight: float, edge_regime: str = "off"
+) -> None:
     """The synthetic market's own settings, checked before any work (a UserInputError names the flag)."""
     if not 0.0 <= signal_strength < 1.0:
         raise UserInputError(f"--data.signal-strength {signal_strength} must lie in [0, 1); 0 is pure noise.")
@@ -273,6 +320,8 @@ def check_synthetic_flags(signal_strength: float, gap_rate: float, regime_foresi
         raise UserInputError(f"--data.gap-rate {gap_rate} must lie in [0, 0.5).")
     if not 0.0 <= regime_foresight <= 1.0:
         raise UserInputError(f"--data.regime-foresight {regime_foresight} must lie in [0, 1]; 0 gives no warning.")
+    if edge_regime not in EDGE_REGIMES:
+        raise UserInputError(f"--data.edge-regime {edge_regime!r}: use one of {EDGE_REGIMES} (off: no edge regime).")
 
 
 def generate_synthetic_market(
@@ -283,11 +332,13 @@ def generate_synthetic_market(
     gap_rate: float = 0.0,
     num_sectors: int = 11,
     regime_foresight: float = 0.0,
+    edge_regime: str = "off",
 ) -> MarketData:
-    """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays."""
+    """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays; edge_regime
+    "off" gives the same arrays as before the edge regime existed (its chain has its own generator)."""
     if num_symbols < 1:
         raise UserInputError(f"--data.num-symbols {num_symbols}: the synthetic market needs at least 1 symbol.")
-    check_synthetic_flags(signal_strength, gap_rate, regime_foresight)
+    check_synthetic_flags(signal_strength, gap_rate, regime_foresight, edge_regime)
     rng = np.random.default_rng(seed)
     ts = _synthetic_calendar(years)
     T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
@@ -295,14 +346,22 @@ def generate_synthetic_market(
 
     # hidden daily regime chain, repeated over the bars of each day
     n_days = T // _SYNTH_BARS_PER_DAY
-    u_reg = rng.random(n_days)
-    cum = np.cumsum(_REGIME_TRANSITIONS, axis=1)
-    day_reg = np.zeros(n_days, dtype=np.int8)
-    for d in range(1, n_days):
-        day_reg[d] = np.searchsorted(cum[day_reg[d - 1]], u_reg[d], side="right")
+    day_reg = _daily_chain(rng.random(n_days), _REGIME_TRANSITIONS)
     regime = np.repeat(day_reg, _SYNTH_BARS_PER_DAY)  # (T,)
     hour = np.tile(np.arange(_SYNTH_BARS_PER_DAY), n_days)  # (T,)
     warning = np.repeat(downturn_warning(day_reg), _SYNTH_BARS_PER_DAY)  # (T,) bull bars shortly before a downturn
+
+    # hidden daily edge state (M / R) from its own generator, so that "off" leaves rng's draws as they were
+    edge_day = None
+    flip = np.ones(T)  # (T,) sign of the planted autocorrelation
+    announce = np.zeros(T, dtype=bool)  # (T,) bars with sector and idiosyncratic volatility x ANNOUNCE_SCALE
+    if edge_regime != "off":
+        u_edge = np.random.default_rng([seed, 7]).random((2, n_days))  # the chain and placebo-a's independent copy
+        edge_day = _daily_chain(u_edge[0], _EDGE_TRANSITIONS)
+        if edge_regime != "placebo-b":
+            flip = np.where(np.repeat(edge_day, _SYNTH_BARS_PER_DAY) == 1, -1.0, 1.0)
+        herald = _daily_chain(u_edge[1], _EDGE_TRANSITIONS) if edge_regime == "placebo-a" else edge_day
+        announce = np.repeat(edge_announcement(herald), _SYNTH_BARS_PER_DAY)
 
     # static symbol parameters
     sector = np.arange(S) % K
@@ -317,6 +376,7 @@ def generate_synthetic_market(
     g = _garch_unit(z)  # (T, C) conditional sd
     reg_m = _REGIME_MARKET_VOL[regime] * _INTRADAY_VOL[hour]  # (T,)
     reg_o = _REGIME_OTHER_VOL[regime] * _INTRADAY_VOL[hour] * (1.0 + 2.0 * regime_foresight * warning)
+    reg_o = reg_o * np.where(announce, ANNOUNCE_SCALE, 1.0)  # x1.0 exactly when nothing is announced
     sd_m = market_scale * reg_m * g[:, 0]  # (T,)
     sd_f = sector_scale * reg_o[:, None] * g[:, 1 : 1 + K]  # (T, K)
     sd_e = idio_scale[None, :] * reg_o[:, None] * g[:, 1 + K :]  # (T, S)
@@ -326,13 +386,14 @@ def generate_synthetic_market(
     sd = np.sqrt((beta[None, :] * sd_m[:, None]) ** 2 + (gamma[None, :] * sd_f[:, sector]) ** 2 + sd_e**2)
     w = u / sd
 
-    # planted predictable component: AR(1) in standardised returns
+    # planted predictable component: AR(1) in standardised returns, its coefficient's sign flipped on R bars
     rho = float(signal_strength)
+    rho_t = rho * flip  # (T,)
     x = np.empty_like(w)
     prev = np.zeros(S)
     scale = np.sqrt(1.0 - rho**2)
     for t in range(T):
-        prev = rho * prev + scale * w[t]
+        prev = rho_t[t] * prev + scale * w[t]
         x[t] = prev
     drift = (_REGIME_DRIFT[regime] / bpy)[:, None] * beta[None, :]  # (T, S)
     r = drift + sd * x
@@ -382,6 +443,7 @@ def generate_synthetic_market(
         bars_per_day=float(_SYNTH_BARS_PER_DAY),
         bars_per_year=float(bpy),
         regime_labels=regime.astype(np.int8),
+        edge_labels=None if edge_day is None else np.repeat(edge_day, _SYNTH_BARS_PER_DAY).astype(np.int8),
         source="synthetic",
     )
 
@@ -942,6 +1004,57 @@ def compute_regime(data: MarketData) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
 
+CROSS_SECTION_NAMES = ("avg_corr_2d", "dispersion_1d", "xs_autocorr_1d")
+
+
+def cross_section_features(data: MarketData) -> np.ndarray:
+    """(T, 3) float32 cross-sectional features in CROSS_SECTION_NAMES order, for the master agent (mappo_master.py);
+    not part of the regime block, so the observation shapes do not change. Causal (bar t uses bars <= t), finite, 0
+    before feature_warmup(). r is the bar log return; a missing bar's return is missing and enters no sum; z[t, s] =
+    r[t, s] / std(r[t-70 : t, s]) (at least 35 returns) standardises each symbol by what was known before the bar.
+      avg_corr_2d     average pairwise correlation over the last 14 bars: sum_t sum_{i != j} z_i z_j divided by
+                      sum_{i != j} sqrt(Q_i Q_j), Q_i = sum_t z_i^2 (compute_regime's identity, uncentred; in [-1, 1])
+      dispersion_1d   mean over the last 7 bars of the cross-sectional std of r (2 or more symbols) divided by its
+                      140-bar mean: scale-free, ~1 in a steady market
+      xs_autocorr_1d  pooled lag-1 autocorrelation over the last 7 bars and all symbols: sum z[t] z[t-1] /
+                      sum z[t-1]^2 over the pairs where both returns exist (+rho under momentum, -rho under reversal)
+    On the edge-regime market the announcement raises avg_corr_2d and lowers dispersion_1d; xs_autocorr_1d measures
+    the flip itself, a day late."""
+    miss = ~np.isfinite(data.close)
+    r = np.log(pd.DataFrame(data.close).ffill()).diff().to_numpy().copy()  # (T, S)
+    r[miss] = np.nan
+    sd = pd.DataFrame(r).rolling(70, min_periods=35).std().shift(1).to_numpy()  # (T, S) std of r[t-70 : t]
+    valid = np.isfinite(r) & (sd > 0)  # (T, S); a NaN sd compares False
+    z = np.where(valid, r / np.where(valid, sd, 1.0), 0.0)  # (T, S), 0 where missing: it adds nothing to the sums
+
+    # average pairwise correlation: (sum_i z_i)^2 - sum_i z_i^2 = sum_{i != j} z_i z_j on each bar
+    cross = pd.Series(z.sum(1) ** 2 - (z**2).sum(1)).rolling(14).sum().to_numpy()  # (T,)
+    q = pd.DataFrame(z**2).rolling(14).sum().to_numpy()  # (T, S)
+    q_sum = q.sum(1)
+    pairs = np.sqrt(q).sum(1) ** 2 - q_sum  # (T,) sum_{i != j} sqrt(Q_i Q_j); rounding only when < 2 symbols
+    avg_corr = _safe_div(cross, np.where(pairs > 1e-9 * q_sum, pairs, 0.0))
+
+    # dispersion relative to its own recent level
+    counts = np.isfinite(r).sum(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without returns (the first bar) give NaN
+        xs_std = pd.Series(np.where(counts >= 2, np.nanstd(r, axis=1), np.nan))  # (T,)
+    dispersion = _safe_div(xs_std.rolling(7, min_periods=4).mean().to_numpy(),
+                           xs_std.rolling(140, min_periods=70).mean().to_numpy())  # fmt: skip
+
+    # pooled lag-1 autocorrelation: the AR(1) coefficient of z fitted over the last day's bars and all symbols
+    pair = np.zeros_like(valid)
+    pair[1:] = valid[1:] & valid[:-1]  # (T, S) bar t and bar t-1 both have a return
+    z_prev = np.vstack([np.zeros((1, z.shape[1])), z[:-1]])
+    num = pd.Series(np.where(pair, z * z_prev, 0.0).sum(1)).rolling(7).sum().to_numpy()
+    den = pd.Series(np.where(pair, z_prev**2, 0.0).sum(1)).rolling(7).sum().to_numpy()
+    xs_autocorr = _safe_div(num, den)
+
+    out = np.stack([avg_corr, dispersion, xs_autocorr], axis=-1)  # (T, 3)
+    out[: feature_warmup()] = 0.0
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
 def valuation_close(data: MarketData) -> np.ndarray:
     """(T, S) close forward-filled, and back-filled before a symbol's first bar: only for marking positions."""
     return pd.DataFrame(data.close).ffill().bfill().to_numpy()
@@ -1226,7 +1339,8 @@ def write_cache(p: PreparedMarket, folder: Path, key: str) -> None:
         "bars": {k: getattr(d, k) for k in ("open", "high", "low", "close", "volume", "tradable")}
         | {"valuation_close": p.valuation_close},
         "series": {"timestamp": d.timestamps, "benchmark": d.benchmark}
-        | ({"regime_label": d.regime_labels} if d.regime_labels is not None else {}),
+        | ({"regime_label": d.regime_labels} if d.regime_labels is not None else {})
+        | ({"edge_label": d.edge_labels} if d.edge_labels is not None else {}),
         "technical": {n: p.technical[..., i] for i, n in enumerate(p.feature_names)},
         "regime": {n: p.regime[:, i] for i, n in enumerate(p.regime_names)},
         "sl_probs": {n: p.sl_probs[..., i] for i, n in enumerate(SL_MODELS)},
@@ -1298,6 +1412,7 @@ def read_cache(folder: Path, key: str) -> PreparedMarket:
             bars_per_day=meta["bars_per_day"],
             bars_per_year=meta["bars_per_year"],
             regime_labels=series.get("regime_label"),
+            edge_labels=series.get("edge_label"),
             source=meta["source"],
         )
         stack = lambda name, n: np.stack([cols[name][k] for k in n], axis=-1)  # noqa: E731
@@ -1339,7 +1454,7 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.source == "synthetic":
         if cfg.num_symbols < 1 or cfg.years <= 0:
             raise UserInputError(f"--data.num-symbols {cfg.num_symbols} and --data.years {cfg.years} must be positive.")
-        check_synthetic_flags(cfg.signal_strength, cfg.gap_rate, cfg.regime_foresight)
+        check_synthetic_flags(cfg.signal_strength, cfg.gap_rate, cfg.regime_foresight, cfg.edge_regime)
     elif not Path(cfg.source).exists():
         raise UserInputError(
             f"--data.source {cfg.source}: no such file or folder. Pass synthetic, one bar file (CSV or parquet; the "
@@ -1374,6 +1489,7 @@ def load_market(cfg: DataConfig) -> MarketData:
             cfg.signal_strength,
             cfg.gap_rate,
             regime_foresight=cfg.regime_foresight,
+            edge_regime=cfg.edge_regime,
         )
     return load_user_market(cfg)
 

@@ -223,6 +223,9 @@ filling at close[t] would need the close before it is printed)"""
     """an account whose equity falls below this fraction of its initial capital is stopped out"""
     max_drawdown: float = 0.3
     """an account whose drawdown from its episode peak reaches this is stopped out (a breached risk limit)"""
+    symbol_regime: bool = True
+    """the symbol agents observe the market-regime block (obs["regime"]); off: that block is zeros, so reading the
+cross-section is left to the master (mappo_master.py reads the regime from the market itself)"""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """reward weights and units"""
 
@@ -861,7 +864,8 @@ class VecTradingCore:
         rows = np.add(t[:, None, None], self._tech_base, out=self._tech_idx)  # (E, S, L)
         np.take(self._tech_rows, rows, axis=0, out=o["technical"], mode="clip")  # (E, S, L, F); rows are in range
         np.take(self._sl, t, axis=0, out=o["sl_probs"])
-        o["regime"][:] = self._regime[t][:, None, :]
+        if self.config.symbol_regime:
+            o["regime"][:] = self._regime[t][:, None, :]
         mark = self._valuation_close[t]  # (E, S)
         holding, cash_frac, exposure, pos_frac = self._holding_and_fractions()
         position = o["position"]  # (E, S, 5)
@@ -1404,6 +1408,15 @@ class VecTradingCore:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._rebuild_views()
+
+    def recent_return(self, bars: int) -> np.ndarray:
+        """(E, A) sum of each account's last `bars` bar returns (at most risk_window; 0 for bars before the episode
+        began): the book's recent PnL as a fraction of its equity, known at the current bar."""
+        W = self.config.risk_window
+        if not 1 <= bars <= W:
+            raise ValueError(f"recent_return: bars must lie in [1, risk_window = {W}], got {bars}.")
+        last = (self._ret_pos - 1 - np.arange(bars)) % W  # ring positions of the last `bars` returns
+        return self._ret_ring[:, :, last].sum(-1)
 
     # ------------------------------------------------------------------ centralised critic
     @property

@@ -11,13 +11,22 @@ the timed loop.
     python benchmarks/bench_mappo.py --go --jobs 2          # pieces under results/mappo_go/, then mappo_go.json
     python benchmarks/bench_mappo.py --by-regime            # where the symbol level earns: mappo_by_regime.json
 
---go: per seed and per market (the regime market, whose downturns are announced by a dispersing cross-section,
---data.regime-foresight 0.5, and its placebo without warning, 0), symbol agents trained by ppo_symbol_agent.py
-(default settings, GO_SYMBOL_STEPS symbol-steps, --save-model), then a master trained on top of them, frozen, by
-mappo_master.py (GO_MASTER_STEPS symbol-steps). Each (market, seed) is one piece in its own processes that writes its
-own JSON; the summary reads every piece: per seed the master, every baseline (neutral, exposure-matched neutral,
-volatility target, defensive, buy-and-hold), exposure, drawdown and Sharpe, the go criterion and the directive
-analysis against the hidden regime. 10-year markets: test splits of ~2,600 bars.
+--oracle (the preflight, before any master is trained): per market and seed, the frozen symbol agents (argmax)
+under every fixed directive and under the oracle (the best directive per hidden edge state, fitted on the train
+split with the hidden label: a ceiling), on the test split; prints the oracle's gain over the best constant
+directive with its paired standard error. Where that gain is under one standard error, no master can show timing
+skill there, and --go says so instead of calling its result a skill test.
+
+--go: per seed (1-5) and per market, symbol agents trained by ppo_symbol_agent.py (GO_SYMBOL_STEPS, the market
+block withheld from them: --env.no-symbol-regime), then a master on top of them, frozen, by mappo_master.py with its
+default settings. Markets (GO_MARKETS): the edge-regime market (--data.edge-regime flip: momentum turns to reversal
+on hidden R days, announced by a rise of the cross-sectional correlation), placebo B (the announcement without the
+flip: nothing to time), placebo A (the flip with an unrelated announcement) and the old regime-foresight market
+(--data.regime-foresight 0.5). Each (market, seed) is one piece in its own processes that writes its own JSON under
+results/mappo_go/; the symbol runs are kept under .cache/bench_mappo/ for --oracle. The summary reads every piece:
+per seed the master, every baseline, the oracle, the paired margin and the go flag; per market the count of seeds
+where the master beats every baseline, the mean margin over the best constant with its 95% interval, the mean share
+of the oracle's gain and the drawdown criterion. 10-year markets: test splits of ~2,600 bars.
 """
 
 from __future__ import annotations
@@ -25,22 +34,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from common import ROOT, machine_info, write_json
 
 SCRIPT = ROOT / "mappo_master.py"
 GO_DIR = ROOT / "benchmarks" / "results" / "mappo_go"
-GO_FORESIGHT = (0.5, 0.0)
-GO_SEEDS = (1, 2, 3)
+SYMBOL_DIR = ROOT / ".cache" / "bench_mappo"
+GO_MARKETS = {
+    "flip": ["--data.edge-regime", "flip"],
+    "placebo-b": ["--data.edge-regime", "placebo-b"],
+    "placebo-a": ["--data.edge-regime", "placebo-a"],
+    "foresight": ["--data.regime-foresight", "0.5"],
+}
+GO_SEEDS = (1, 2, 3, 4, 5)
 GO_SYMBOL_STEPS = 2_000_000
-GO_MASTER_STEPS = 1_000_000
-REGIMES = ("bull", "bear", "crisis", "warning")  # hidden labels, for the after-the-fact analysis
-GO_NAMES = ("master", "neutral", "neutral_matched", "vol_target", "defensive", "benchmark_bh", "equal_weight_bh")
+GO_BASELINES = ("best_constant", "vol_target", "corr_rule", "reactive_rule")
+GO_NAMES = ("master", *GO_BASELINES, "neutral", "oracle")
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}  # Student t, 97.5%, by sample size
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -87,82 +106,213 @@ def measure(num_symbols: int, num_envs: int, num_steps: int, iterations: int, th
     }
 
 
-def go_piece(foresight: float, seed: int) -> Path:
+def data_flags(market: str, seed: int) -> list[str]:
+    return ["--data.years", "10", "--data.seed", str(seed), *GO_MARKETS[market]]
+
+
+def symbol_run(market: str, seed: int) -> Path:
+    """The piece's symbol agents (ppo_symbol_agent.py, the market block withheld), trained once and kept."""
+    folder = SYMBOL_DIR / f"{market}_seed{seed}"
+    done = [p for p in folder.glob("*/summary.json") if json.loads(p.read_text()).get("status") == "complete"]
+    if done:
+        return done[0].parent
+    cmd = [sys.executable, ROOT / "ppo_symbol_agent.py", *data_flags(market, seed), "--seed", str(seed),
+           "--env.no-symbol-regime", "--total-timesteps", str(GO_SYMBOL_STEPS), "--save-model", "--no-stress",
+           "--run-dir", folder]  # fmt: skip
+    shutil.rmtree(folder, ignore_errors=True)
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"ppo_symbol_agent.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return next(folder.iterdir())
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def go_piece(market: str, seed: int) -> Path:
     """Symbol agents, then a master on top of them, on one market and seed; writes the piece's JSON."""
-    data = ["--data.years", "10", "--data.regime-foresight", str(foresight), "--data.seed", str(seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    symbols_dir = symbol_run(market, seed)
     with tempfile.TemporaryDirectory(prefix="bench_mappo_go_") as tmp:
-        steps = [
-            [ROOT / "ppo_symbol_agent.py", *data, "--seed", str(seed), "--total-timesteps", str(GO_SYMBOL_STEPS),
-             "--save-model", "--no-stress", "--run-dir", f"{tmp}/symbols"],
-            [SCRIPT, *data, "--seed", str(seed), "--total-timesteps", str(GO_MASTER_STEPS), "--freeze-symbols",
-             "--no-stress", "--run-dir", f"{tmp}/master"],
-        ]  # fmt: skip
-        for i, cmd in enumerate(steps):
-            if i == 1:
-                cmd += ["--symbol-checkpoint", str(next(Path(tmp, "symbols").iterdir()) / "checkpoint.pt")]
-            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        symbols = json.loads(next(Path(tmp, "symbols").iterdir()).joinpath("summary.json").read_text())
-        master = json.loads(next(Path(tmp, "master").iterdir()).joinpath("summary.json").read_text())
+        cmd = [sys.executable, SCRIPT, *data_flags(market, seed), "--seed", str(seed), "--env.no-symbol-regime",
+               "--freeze-symbols", "--no-stress", "--eval-interval", "0", "--run-dir", f"{tmp}/master",
+               "--symbol-checkpoint", symbols_dir / "checkpoint.pt"]  # fmt: skip
+        t0 = time.time()
+        proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"mappo_master.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        seconds = time.time() - t0
+        run = next(Path(tmp, "master").iterdir())
+        master = json.loads((run / "summary.json").read_text())
+        fitted = json.loads((run / "master_baselines.json").read_text())
+        daily = pd.read_parquet(run / "test_daily_returns.parquet")
+    symbols = json.loads((symbols_dir / "summary.json").read_text())
+    flags = " ".join(data_flags(market, seed))
     record = {
         "benchmark": "mappo_go_piece",
-        "foresight": foresight,
+        "market": market,
         "seed": seed,
-        "commands": [f"python ppo_symbol_agent.py {' '.join(map(str, steps[0][1:-2]))}",
-                     f"python mappo_master.py {' '.join(map(str, steps[1][1:-4]))} --symbol-checkpoint <that run>"],
+        "commands": [f"python ppo_symbol_agent.py {flags} --seed {seed} --env.no-symbol-regime --total-timesteps "
+                     f"{GO_SYMBOL_STEPS} --save-model --no-stress",
+                     f"python mappo_master.py {flags} --seed {seed} --env.no-symbol-regime --freeze-symbols "
+                     "--no-stress --eval-interval 0 --symbol-checkpoint <that run>/checkpoint.pt"],
         "symbol_agents_test": symbols["backtest"]["agent"],
-        "backtest": {k: master["backtest"][k] for k in GO_NAMES},
+        "backtest": master["backtest"],
         "go_criterion": master["go_criterion"],
         "directive_analysis": master["directive_analysis"],
+        "fitted": {k: ({"best": v["best"], "defensive": v["defensive"]} if k == "fixed" else v)
+                   for k, v in fitted.items()},
+        "daily_returns": {"dates": [str(d.date()) for d in daily.index],
+                          **{k: daily[k].tolist() for k in daily.columns}},
+        "master_seconds": seconds,
         "machine": machine_info(),
     }  # fmt: skip
-    path = GO_DIR / f"{foresight:g}_seed{seed}.json"
+    path = GO_DIR / f"{market}_seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     go = record["go_criterion"]
-    print(f"foresight {foresight:g} seed {seed}: go {'passed' if go['passed'] else 'missed'} (drawdown cut vs matched "
-          f"{go['drawdown_cut_vs_matched_neutral']:.1%}, Sharpe {go['sharpe_master']:.2f} vs matched "
-          f"{go['sharpe_matched_neutral']:.2f}, vol target {go['sharpe_vol_target']:.2f})", flush=True)  # fmt: skip
+    print(f"{market} seed {seed}: go {go['go']}, master {go['sharpe_master']:.2f}, margin over the best constant "
+          f"{go['margin_vs_best_constant']:+.2f} (se {go['margin_se']:.2f}), oracle gain "
+          f"{go['oracle_gain'] if go['oracle_gain'] is None else round(go['oracle_gain'], 2)}", flush=True)  # fmt: skip
     return path
 
 
+def interval95(values: list[float]) -> tuple[float, list[float] | None]:
+    """Mean and Student-t 95% interval over seeds."""
+    n, mean = len(values), float(np.mean(values)) if values else float("nan")
+    if n < 2:
+        return mean, None
+    half = T_975.get(n, 1.96) * float(np.std(values, ddof=1)) / np.sqrt(n)
+    return mean, [mean - half, mean + half]
+
+
+def market_summary(pieces: list[dict]) -> dict:
+    """Per market, over its seeds: the go counts, the mean paired margin over the best constant with its 95%
+    interval, the oracle's mean gain and whether it clears one standard error across seeds (else no skill test),
+    the master's mean share of the oracle's gain and the drawdown criterion."""
+    out = {}
+    for market in GO_MARKETS:
+        ps = [p for p in pieces if p["market"] == market]
+        if not ps:
+            continue
+        gos = [p["go_criterion"] for p in ps]
+        margin, margin_ci = interval95([g["margin_vs_best_constant"] for g in gos])
+        gains = [g["oracle_gain"] for g in gos if g["oracle_gain"] is not None]
+        gain, gain_ci = interval95(gains)
+        gain_se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None
+        shares = [g["master_share_of_oracle_gain"] for g in gos if g["master_share_of_oracle_gain"] is not None]
+        out[market] = {
+            "seeds": len(ps),
+            "beats_every_baseline": sum(g["sharpe_passed"] for g in gos),
+            "drawdown_passed": sum(g["drawdown_passed"] for g in gos),
+            "go": sum(g["go"] for g in gos),
+            "margin_mean": margin,
+            "margin_ci95": margin_ci,
+            "oracle_gain_mean": gain if gains else None,
+            "oracle_gain_ci95": gain_ci,
+            "skill_test": bool(gains) and gain_se is not None and gain >= gain_se,
+            "master_share_of_oracle_gain_mean": float(np.mean(shares)) if shares else None,
+        }
+    return out
+
+
 def go_table(pieces: list[dict]) -> str:
-    """One row per piece: each strategy's test Sharpe / max drawdown / exposure, the go criterion, whether the master
-    also beats the fixed defensive directive, and its mean risk multiplier under each hidden regime (after the fact:
-    equal values mean the master ignored the regime)."""
-    head = "| foresight | seed | " + " | ".join(GO_NAMES) + " | drawdown cut vs matched | go | beats defensive |"
-    head += " risk multiplier: bull / bear / crisis / warning |"
-    lines = [head, "|" + "---|" * (len(GO_NAMES) + 6)]
-    for p in sorted(pieces, key=lambda p: (-p["foresight"], p["seed"])):
-        b, go, by = p["backtest"], p["go_criterion"], p["directive_analysis"].get("by_regime", {})
-        cells = [f"{b[k]['sharpe']:.2f} / {b[k]['max_drawdown']:.1%} / {b[k]['exposure']:.3f}" for k in GO_NAMES]
-        verdict = "passed" if go["passed"] else "missed"
-        beats = "yes" if b["master"]["sharpe"] >= b["defensive"]["sharpe"] else "no"
-        risk = " / ".join(f"{by[r]['risk_multiplier']:.2f}" if r in by else "-" for r in REGIMES)
-        lines.append(f"| {p['foresight']:g} | {p['seed']} | " + " | ".join(cells)
-                     + f" | {go['drawdown_cut_vs_matched_neutral']:.1%} | {verdict} | {beats} | {risk} |")  # fmt: skip
+    """One row per piece: test Sharpe of the master, each baseline and the oracle; the paired margin over the best
+    constant (se), the oracle's gain (se), the master's exposure beside the best constant's, the drawdown cut vs the
+    exposure-matched best constant, P(defensive | R) / P(defensive | M) (after the fact), and go."""
+    head = "| market | seed | " + " | ".join(GO_NAMES) + " | margin (se) | oracle gain (se) | exposure master / const |"
+    head += " drawdown cut | P(def. \\| R) / P(def. \\| M) | go |"
+    lines = [head, "|" + "---|" * (len(GO_NAMES) + 8)]
+    order = list(GO_MARKETS)
+    for p in sorted(pieces, key=lambda p: (order.index(p["market"]), p["seed"])):
+        b, g, why = p["backtest"], p["go_criterion"], p["directive_analysis"]
+        cells = [f"{b[k]['sharpe']:.2f}" if k in b else "-" for k in GO_NAMES]
+        gain = "-" if g["oracle_gain"] is None else f"{g['oracle_gain']:+.2f} ({g['oracle_gain_se']:.2f})"
+        pdef = "-"
+        if why.get("p_defensive_given_R") is not None:
+            pdef = f"{why['p_defensive_given_R']:.2f} / {why['p_defensive_given_M']:.2f}"
+        lines.append(f"| {p['market']} | {p['seed']} | " + " | ".join(cells)
+                     + f" | {g['margin_vs_best_constant']:+.2f} ({g['margin_se']:.2f}) | {gain} | "
+                     f"{g['exposure_master']:.3f} / {g['exposure_best_constant']:.3f} | "
+                     f"{g['drawdown_cut_vs_matched_best_constant']:.1%} | {pdef} | {'yes' if g['go'] else 'no'} |"
+                     )  # fmt: skip
     return "\n".join(lines)
 
 
-def go(jobs: int) -> None:
+def summary_table(summary: dict) -> str:
+    lines = ["| market | seeds | master >= every baseline | drawdown cut >= 15% | go | margin over best constant, "
+             "mean [95% CI] | oracle gain, mean [95% CI] | skill test | master's share of the oracle gain |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ci = lambda m, c: f"{m:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]" if c else f"{m:+.2f}"  # noqa: E731
+    for market, m in summary.items():
+        gain = "-" if m["oracle_gain_mean"] is None else ci(m["oracle_gain_mean"], m["oracle_gain_ci95"])
+        share = "-" if m["master_share_of_oracle_gain_mean"] is None else f"{m['master_share_of_oracle_gain_mean']:.0%}"
+        test = "yes" if m["skill_test"] else "no (oracle gain < 1 se)"
+        lines.append(f"| {market} | {m['seeds']} | {m['beats_every_baseline']} | {m['drawdown_passed']} | {m['go']} | "
+                     f"{ci(m['margin_mean'], m['margin_ci95'])} | {gain} | {test} | {share} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def go(jobs: int, markets: list[str], seeds: tuple[int, ...]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [(f, k) for f in GO_FORESIGHT for k in GO_SEEDS if not (GO_DIR / f"{f:g}_seed{k}.json").exists()]
+    todo = [(m, k) for m in markets for k in seeds if not (GO_DIR / f"{m}_seed{k}.json").exists()]
     print(f"{len(todo)} pieces to run, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(go_piece, f, k) for f, k in todo]:
+        for future in [pool.submit(go_piece, m, k) for m, k in todo]:
             future.result()
     pieces = [json.loads(f.read_text()) for f in sorted(GO_DIR.glob("*.json"))]
-    passed = {f"{f:g}": sum(p["go_criterion"]["passed"] for p in pieces if p["foresight"] == f) for f in GO_FORESIGHT}
-    beats = {f"{f:g}": sum(p["backtest"]["master"]["sharpe"] >= p["backtest"]["defensive"]["sharpe"] for p in pieces
-                           if p["foresight"] == f) for f in GO_FORESIGHT}  # fmt: skip
-    record = {"benchmark": "mappo_go", "passed_by_foresight": passed, "beats_defensive_by_foresight": beats,
-              "table": go_table(pieces),
-              "symbol_steps": GO_SYMBOL_STEPS, "master_steps": GO_MASTER_STEPS, "pieces": pieces}  # fmt: skip
+    summary = market_summary(pieces)
+    record = {"benchmark": "mappo_go", "markets": summary, "summary_table": summary_table(summary),
+              "table": go_table(pieces), "symbol_steps": GO_SYMBOL_STEPS, "pieces": pieces}  # fmt: skip
     write_json(ROOT / "benchmarks" / "results" / "mappo_go.json", record)
-    print(record["table"])
+    print(record["summary_table"] + "\n\n" + record["table"])
+
+
+def oracle(markets: list[str], seeds: tuple[int, ...]) -> None:
+    """The preflight: the oracle's gain over the best constant directive on the test split, per market and seed, on
+    the frozen symbol agents of --go (trained here when missing)."""
+    import torch
+
+    import backtest as bt
+    import experiment as xp
+    import market_data as md
+    import trading_env as te
+
+    torch.set_num_threads(1)
+    rows = []
+    for market in markets:
+        for seed in seeds:
+            run = symbol_run(market, seed)
+            cfg = md.DataConfig(years=10.0, seed=seed, edge_regime=GO_MARKETS[market][1] if "edge" in
+                                GO_MARKETS[market][0] else "off",
+                                regime_foresight=0.5 if market == "foresight" else 0.0)  # fmt: skip
+            prepared = md.prepare_market(cfg)
+            agent, _ = xp.load_symbol_agents(str(run / "checkpoint.pt"), len(prepared.data.symbols), market=prepared)
+            agent.eval()
+            policy = bt.argmax_symbol_policy(agent)
+            env_cfg = te.EnvConfig(symbol_regime=False)
+            fitted = bt.fit_master_baselines(policy, prepared, env_cfg, seed, 7)
+            reports, results, _ = bt.master_backtests(policy, bt.fixed_directive(fitted["fixed"]["best"]), prepared,
+                                                      "test", env_cfg, seed, 7, fitted)  # fmt: skip
+            curves = {k: r["curve"] for k, r in results.items()}
+            ts = results["master"]["series"]["timestamps"]
+            row = {"market": market, "seed": seed, "best_constant": fitted["fixed"]["best"],
+                   "sharpe": {k: reports[k]["sharpe"] for k in reports}}  # fmt: skip
+            if "oracle" in curves:
+                gain, se = bt.paired_sharpe_margin(curves["oracle"], curves["best_constant"], ts, prepared)
+                row |= {
+                    "oracle": fitted["oracle"],
+                    "oracle_gain": gain,
+                    "oracle_gain_se": se,
+                    "preflight_ok": gain >= se,
+                }
+                print(
+                    f"{market} seed {seed}: oracle gain over the best constant {gain:+.2f} (se {se:.2f}): "
+                    f"{'a skill test is possible' if gain >= se else 'under one se: no skill test'}",
+                    flush=True,
+                )
+            rows.append(row)
+    write_json(ROOT / "benchmarks" / "results" / "mappo_oracle.json", {"benchmark": "mappo_oracle", "rows": rows})
 
 
 def by_regime(seeds: tuple[int, ...]) -> None:
@@ -170,8 +320,6 @@ def by_regime(seeds: tuple[int, ...]) -> None:
     of the regime market (foresight 0.5) in portfolio mode, its book's mean return per bar and annualised Sharpe under
     each hidden regime label, beside the benchmark's. If the edge earns as much in bear and crisis bars as in bull
     ones, a master has nothing to gain by de-risking ahead of a downturn."""
-    import numpy as np
-
     import backtest as bt
     import market_data as md
     import trading_env as te
@@ -185,7 +333,7 @@ def by_regime(seeds: tuple[int, ...]) -> None:
         bars = report["series"]["start"] + np.arange(len(report["series"]["exposure"]))
         label, curve, bench = market.data.regime_labels[bars], report["curve"], market.data.benchmark
         r, b = np.diff(curve) / curve[:-1], bench[bars + 1] / bench[bars] - 1.0
-        for k, name in enumerate(REGIMES[:3]):
+        for k, name in enumerate(md.REGIME_NAMES_SYNTH):
             m = label == k
             if m.any():
                 sharpe = float(r[m].mean() / r[m].std() * np.sqrt(market.data.bars_per_year)) if r[m].std() > 0 else 0.0
@@ -200,6 +348,9 @@ def by_regime(seeds: tuple[int, ...]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--go", action="store_true", help="the go-criterion benchmark (pieces, then mappo_go.json)")
+    parser.add_argument("--oracle", action="store_true", help="the preflight: the oracle's gain per market and seed")
+    parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
     parser.add_argument("--by-regime", action="store_true", help="the rule ceiling's earnings by hidden regime")
     parser.add_argument("--jobs", type=int, default=2, help="--go: pieces run at once (one process each)")
     parser.add_argument("--quick", action="store_true", help="fewer envs and iterations (about a minute)")
@@ -209,9 +360,11 @@ def main() -> None:
     )
     opts = parser.parse_args()
     if opts.go:
-        return go(opts.jobs)
+        return go(opts.jobs, opts.markets, tuple(opts.seeds))
+    if opts.oracle:
+        return oracle(opts.markets, tuple(opts.seeds))
     if opts.by_regime:
-        return by_regime(GO_SEEDS)
+        return by_regime((1, 2, 3))
     iterations = 3 if opts.quick else 5
     sizes = [(10, 8 if opts.quick else 16), (143, 2 if opts.quick else 4)]
     results = {}

@@ -3,8 +3,10 @@ baselines, the go criterion and the directive analysis, each against a hand comp
 
 from __future__ import annotations
 
+import json
 import math
 from statistics import NormalDist
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ import pytest
 
 import backtest as bt
 import trading_env as te
-from market_data import make_synthetic_prepared
+from market_data import CROSS_SECTION_NAMES, make_synthetic_prepared
 from market_data import random_walk_market as make_market
 
 
@@ -152,28 +154,12 @@ def test_run_backtest_books_the_sweep(mode):
     assert table.startswith("| val | agent |") and "| win_rate |" in table and "| sharpe_se |" in table
 
 
-def test_go_criterion_by_hand():
-    reports = {
-        "neutral": {"sharpe": 1.0, "max_drawdown": -0.20, "exposure": 0.16},
-        "neutral_matched": {"sharpe": 1.0, "max_drawdown": -0.05, "exposure": 0.04},
-        "vol_target": {"sharpe": 1.2, "max_drawdown": -0.15, "exposure": 0.15},
-        "defensive": {"sharpe": 1.5, "max_drawdown": -0.05, "exposure": 0.08},
-        "master": {"sharpe": 1.3, "max_drawdown": -0.04, "exposure": 0.04},
-    }
-    go = bt.master_go_criterion(reports)
-    assert go["drawdown_cut_vs_matched_neutral"] == pytest.approx(1 - 0.04 / 0.05)  # 20% below the matched book
-    assert go["drawdown_passed"] and go["sharpe_passed"] and go["passed"]
-    assert not go["beats_defensive"] and go["sharpe_defensive"] == 1.5  # reported beside it: the stricter test
-    assert "below the fixed defensive directive (1.50)" in bt.format_go_criterion(go)
-    assert go["seed_criterion_drawdown_cut_vs_neutral"] == pytest.approx(0.8) and go["seed_criterion_passed"]
-    # de-leveraging alone: the master is the matched book. The seeds' criterion passes, ours does not.
-    reports["master"] = dict(reports["neutral_matched"])
-    go = bt.master_go_criterion(reports)
-    assert go["seed_criterion_passed"] and not go["drawdown_passed"] and not go["passed"]
-    # less drawdown but a worse Sharpe than the volatility rule fails too
-    reports["master"] = {"sharpe": 1.1, "max_drawdown": -0.03, "exposure": 0.04}
-    go = bt.master_go_criterion(reports)
-    assert go["drawdown_passed"] and not go["sharpe_passed"] and not go["passed"]
+def feature_policy(obs):
+    """Deterministic symbol agents: BUY_SMALL while technical feature 0 > 0 (when allowed), else SELL_ALL (when
+    allowed), else HOLD."""
+    x, mask = obs["technical"][..., -1, 0], obs["action_mask"]
+    buy = np.where(mask[..., te.BUY_SMALL] == 1, te.BUY_SMALL, te.HOLD)
+    return np.where(x > 0, buy, np.where(mask[..., te.SELL_ALL] == 1, te.SELL_ALL, te.HOLD))
 
 
 def cycling_policy(obs):
@@ -182,32 +168,218 @@ def cycling_policy(obs):
     return np.where(mask[..., te.BUY_SMALL], te.BUY_SMALL, np.where(mask[..., te.SELL_ALL], te.SELL_ALL, te.HOLD))
 
 
-def test_master_baselines_share_policy_capital_and_match_exposure():
+def master_market(T: int = 300, seed: int = 1):
+    """A 3-symbol random-walk market with what the master's baselines read: a vol_level regime feature, hand-made
+    cross-section features (name -> (T,)) and hidden edge labels in whole days of 7 bars whose first bar is a
+    decision bar of the train sweep (it starts at bar 30)."""
+    market = make_market(T=T, S=3, seed=seed)
+    market.regime_names = ["vol_level"] + [f"regime_{k}" for k in range(9)]
+    rng = np.random.default_rng(seed)
+    features = {name: rng.normal(size=T) for name in CROSS_SECTION_NAMES}
+    day = (np.arange(T) + 5) // 7  # a new day at bars 2, 9, ..., 30, 37, ...
+    market.data.edge_labels = (rng.random(day[-1] + 1) < 0.4)[day].astype(np.int8)
+    return market, features
 
-    market = make_synthetic_prepared(num_symbols=3, years=0.5, seed=1)
-    defensive = int(np.ravel_multi_index((0, 0, 0), te.DIRECTIVE_SHAPE))
-    reports, results = bt.master_backtests(
-        cycling_policy, bt.fixed_directive(defensive), market, "test", te.EnvConfig(), seed=0, interval=7
-    )
-    assert set(reports) == {
-        "master",
-        "neutral",
-        "neutral_matched",
-        "vol_target",
-        "defensive",
-        "benchmark_bh",
-        "equal_weight_bh",
-    }
-    book = results["neutral"]["curve"][0]
+
+def test_sweep_backtests_match_run_backtest_env_by_env():
+    """One lockstep sweep of 5 masters (4 constant directives and a switching rule) gives, env by env, run_backtest's
+    curve, exposure, directives, trades, costs and metrics with that master alone; every env starts at the split's
+    first bar and runs to its last."""
+    market, features = master_market()
+    config = te.EnvConfig()
+    switch = bt.switch_chooser(features["avg_corr_2d"][:, None], 0, 1.0, 0.0, 3, 40)
+    masters = [bt.fixed_directive(k) for k in (0, 17, te.NEUTRAL_DIRECTIVE, 47)] + [switch]
+    sweep = bt.sweep_backtests(feature_policy, market, "train", config, 0, 7, bt.stack_choosers(masters), 5)
+    core = te.VecTradingCore(market, 1, "train", "portfolio", config, sequential=True)
+    n = core.split_last - core.split_start
+    assert sweep["start"] == core.split_start and sweep["curves"].shape == (5, n + 1)
+    assert sweep["exposure"].shape == sweep["directives"].shape == (5, n)
+    metrics = bt.sweep_metrics(sweep, market)
+    for e, master in enumerate(masters):
+        one = bt.run_backtest(feature_policy, market, "train", config, 0, "portfolio", master, 7)
+        np.testing.assert_allclose(sweep["curves"][e], one["curve"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(sweep["exposure"][e], one["series"]["exposure"], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(sweep["directives"][e], one["series"]["directives"])
+        assert sweep["trades"][e] == one["agent"]["trades"]
+        for key in ("sharpe", "max_drawdown", "exposure", "turnover", "costs"):
+            assert metrics[e][key] == pytest.approx(one["agent"][key], rel=1e-9, abs=1e-12), key
+    np.testing.assert_array_equal(sweep["timestamps"], one["series"]["timestamps"])
+    assert set(np.unique(sweep["directives"][4])) == {3, 40}  # the rule did switch
+    assert len(np.unique(sweep["curves"][:4, -1])) == 4  # the constant directives differ in effect
+
+
+def perturb(market, features: dict, bars: np.ndarray, seed: int = 9) -> None:
+    """Change every price, volume and observed array, every cross-section feature and the hidden label on `bars`."""
+    rng = np.random.default_rng(seed)
+    d = market.data
+    scale = rng.uniform(0.8, 1.2, size=(len(bars), 1))
+    for x in (d.open, d.high, d.low, d.close, market.valuation_close):
+        x[bars] *= scale
+    d.benchmark[bars] *= scale[:, 0]
+    d.volume[bars] *= 2.0
+    market.technical[bars] = -market.technical[bars]
+    market.regime[bars] = np.abs(rng.normal(size=market.regime[bars].shape))
+    for x in features.values():
+        x[bars] = rng.normal(size=len(bars))
+    d.edge_labels[bars] = 1 - d.edge_labels[bars]
+
+
+def test_master_baselines_are_fitted_on_the_train_split_only():
+    """fit_master_baselines (the constants, both threshold rules, the volatility target, the oracle) reads nothing
+    after the train split: changing every later bar, feature and label leaves its JSON unchanged; changing the train
+    bars changes it. Without costs, on this market, the best constant is not the least-exposure one: the threshold
+    rules do switch."""
+    config = te.EnvConfig(commission_bps=0.0, spread_bps=0.0, impact_coef=0.0)
+    market, features = master_market(seed=2)
+    fitted = bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features)
+    assert json.loads(json.dumps(fitted)) == fitted  # plain JSON
+    assert fitted["fixed"]["best"] != fitted["fixed"]["defensive"]
+    assert set(fitted) == {"split", "interval", "fixed", "vol_target", "corr_rule", "reactive_rule", "oracle"}
+    assert fitted["corr_rule"]["feature"] == "avg_corr_2d" and fitted["reactive_rule"]["feature"] == "xs_autocorr_1d"
+    assert len(fitted["fixed"]["sharpes"]) == te.NUM_DIRECTIVES and len(fitted["corr_rule"]["candidates"]) == 12
+    fixed = fitted["fixed"]
+    assert fixed["sharpes"][fixed["best"]] == max(fixed["sharpes"])
+    assert fixed["exposures"][fixed["defensive"]] == min(fixed["exposures"])
+    assert fitted["oracle"]["sharpe"] >= fixed["best_sharpe"]  # d* itself is one of the oracle's candidates
+    hi = market.splits["train"][1]
+    perturb(market, features, np.arange(hi, 300))
+    assert bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features) == fitted
+    perturb(market, features, np.arange(30, hi))
+    assert bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features) != fitted
+    # each fit alone agrees with the combined one
+    rule = bt.fit_threshold_rule(feature_policy, market, config, 0, 7, "avg_corr_2d", features=features)
+    refit = bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features)
+    assert rule == refit["corr_rule"]
+    assert bt.fit_oracle(feature_policy, market, config, 0, 7, fixed=refit["fixed"]) == refit["oracle"]
+    market.data.edge_labels = None
+    assert "oracle" not in bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features)
+
+
+def test_oracle_and_rules_read_the_decision_bar():
+    """The oracle plays d_R where the hidden label at the decision bar is R and d_M elsewhere, and holds it until the
+    next decision; a threshold rule reads its feature at the decision bar."""
+    market, features = master_market()
+    labels = market.data.edge_labels = (np.random.default_rng(3).random(300) < 0.5).astype(np.int8)  # bar by bar
+    choose = bt.oracle_chooser({"d_M": 40, "d_R": 2}, labels)
+    sweep = bt.sweep_backtests(feature_policy, market, "train", te.EnvConfig(), 0, 7, choose, 2)
+    n = sweep["directives"].shape[1]
+    steps = np.arange(0, n, 7)
+    decided = np.where(labels[sweep["start"] + steps] == 1, 2, 40)
+    np.testing.assert_array_equal(sweep["directives"], np.broadcast_to(np.repeat(decided, 7)[:n], (2, n)))
+    rule = {"feature": "avg_corr_2d", "direction": -1.0, "threshold": 0.5, "on": 0, "off": 28}
+    core = SimpleNamespace(t=np.array([40, 41, 42]), num_envs=3)
+    x = features["avg_corr_2d"][[40, 41, 42]]
+    np.testing.assert_array_equal(bt.threshold_chooser(rule, features)(None, core, None), np.where(-x > 0.5, 0, 28))
+
+
+def edge_market(T: int = 700, mu: float = 0.004, seed: int = 0):
+    """3 symbols that trend up in state M and down in state R (spells of 3 days starting at decision bars): a policy
+    long half of the time earns in M and loses in R. Its avg_corr_2d is the label plus noise (it announces R)."""
+    rng = np.random.default_rng(seed)
+    market = make_market(T=T, S=3, seed=seed, splits={"train": (30, 520), "val": (544, 600), "test": (624, T)})
+    market.regime_names = ["vol_level"] + [f"regime_{k}" for k in range(9)]
+    spell = (np.arange(T) + 12) // 21  # a new spell at bars 30, 51, ...
+    labels = (rng.random(spell[-1] + 1) < 0.4)[spell].astype(np.int8)
+    r = np.where(labels == 1, -mu, mu)[:, None] + 0.002 * rng.normal(size=(T, 3))
+    close = 100.0 * np.exp(np.cumsum(r, axis=0))
+    d = market.data
+    d.close, d.open = close, np.r_[close[:1], close[:-1]]  # open[t+1] = close[t]
+    d.high, d.low = np.maximum(d.open, close) * 1.001, np.minimum(d.open, close) * 0.999
+    d.benchmark, d.edge_labels, market.valuation_close = close.mean(1), labels, close.copy()
+    features = {name: rng.normal(size=T) for name in CROSS_SECTION_NAMES}
+    features["avg_corr_2d"] = labels + 0.3 * rng.normal(size=T)
+    return market, features
+
+
+def test_oracle_cuts_exposure_in_the_state_where_the_agents_lose():
+    market, features = edge_market()
+    config = te.EnvConfig(commission_bps=0.0, spread_bps=0.0, impact_coef=0.0)
+    fixed = bt.fit_fixed_directive(cycling_policy, market, config, 0, 7)
+    oracle = bt.fit_oracle(cycling_policy, market, config, 0, 7, fixed=fixed)
+    exposure = fixed["exposures"]
+    assert exposure[oracle["d_R"]] < exposure[oracle["d_M"]] and oracle["sharpe"] > fixed["best_sharpe"]
+    assert oracle["sharpes_R"][oracle["d_R_search"]] == max(oracle["sharpes_R"]) and oracle["start"] == fixed["best"]
+    # the correlation rule on a feature that announces R turns defensive above its threshold
+    assert fixed["best"] != fixed["defensive"]
+    rule = bt.fit_threshold_rule(cycling_policy, market, config, 0, 7, "avg_corr_2d", fixed=fixed, features=features)
+    assert rule["direction"] == 1.0 and rule["sharpe"] > fixed["best_sharpe"]
+    assert (rule["on"], rule["off"]) == (fixed["defensive"], fixed["best"])
+
+
+def test_master_backtests_share_policy_capital_and_match_exposure():
+    market, features = master_market()
+    config = te.EnvConfig()
+    fitted = bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features)
+    master = bt.fixed_directive(bt.DEFENSIVE_DIRECTIVE)
+    reports, results, same = bt.master_backtests(feature_policy, master, market, "test", config, 0, 7, fitted, features)
+    assert same is fitted
+    assert set(reports) == set(results) == {
+        "master", "best_constant", "neutral", "vol_target", "corr_rule", "reactive_rule", "oracle", "defensive",
+        "best_constant_matched", "neutral_matched", "benchmark_bh", "equal_weight_bh",
+    }  # fmt: skip
+    book = results["master"]["curve"][0]
     assert all(r["curve"][0] == pytest.approx(book) for r in results.values())  # the same capital
-    assert all(len(r["curve"]) == len(results["neutral"]["curve"]) for r in results.values())  # the same bars
-    # the defensive directive trades smaller than the neutral one: the matched book is the neutral one scaled down
-    lev = reports["master"]["exposure"] / reports["neutral"]["exposure"]
-    assert 0 < lev < 1 and reports["neutral_matched"]["exposure"] == pytest.approx(reports["master"]["exposure"])
-    neutral, matched = results["neutral"]["curve"], results["neutral_matched"]["curve"]
-    np.testing.assert_allclose(np.diff(matched) / matched[:-1], lev * np.diff(neutral) / neutral[:-1], rtol=1e-9)
-    assert reports["master"] == reports["defensive"]  # the same fixed directive gives the same backtest
+    assert all(len(r["curve"]) == len(results["master"]["curve"]) for r in results.values())  # the same bars
+    # the master (run_backtest) and the same directive in the sweep give the same book
+    np.testing.assert_allclose(results["defensive"]["curve"], results["master"]["curve"], rtol=0, atol=1e-9)
+    for name in ("neutral", "best_constant"):  # scaled to the master's exposure: plain de-leveraging
+        lev = reports["master"]["exposure"] / reports[name]["exposure"]
+        assert reports[f"{name}_matched"]["exposure"] == pytest.approx(reports["master"]["exposure"])
+        base, matched = results[name]["curve"], results[f"{name}_matched"]["curve"]
+        np.testing.assert_allclose(np.diff(matched) / matched[:-1], lev * np.diff(base) / base[:-1], rtol=1e-9)
     assert reports["master"]["costs"] > 0 and reports["neutral"]["costs"] > reports["master"]["costs"]
+    assert "exposure" in results["oracle"]["series"] and "series" not in results["best_constant_matched"]
+    # fitted inside on the train split when not given: the same baselines
+    assert bt.master_backtests(feature_policy, master, market, "test", config, 0, 7, None, features)[2] == fitted
+
+
+def test_go_criterion_by_hand():
+    """Three daily books that share most of their noise: the go criterion, the paired Sharpe margin against a plain
+    loop of the Newey-West formula, and the oracle's preflight."""
+    rng = np.random.default_rng(0)
+    n = 500
+    ts = (np.datetime64("2024-01-01", "D") + np.arange(n + 1)).astype("datetime64[ns]")
+    calendar = SimpleNamespace(data=SimpleNamespace(bars_per_year=252.0, bars_per_day=1.0))
+    common = 0.01 * rng.normal(size=n)
+    book = lambda mu, sd: 100.0 * np.r_[1.0, np.cumprod(1.0 + mu + common + sd * rng.normal(size=n))]  # noqa: E731
+    curves = {"best_constant": book(0.0004, 0.001), "master": book(0.0008, 0.002), "oracle": book(0.0015, 0.001)}
+    reports = {name: bt.performance_metrics(c, ts, 252.0, 1.0) | {"exposure": 0.1} for name, c in curves.items()}
+    dd = reports["master"]["max_drawdown"]
+    reports |= {name: {"sharpe": 0.0, "max_drawdown": -0.5, "exposure": 0.1}
+                for name in ("vol_target", "corr_rule", "reactive_rule", "neutral_matched")}  # fmt: skip
+    reports["best_constant_matched"] = {"sharpe": 0.0, "max_drawdown": dd / 0.8, "exposure": 0.1}  # 20% deeper
+    go = bt.master_go_criterion(reports, curves, ts, calendar)
+    assert go["go"] and go["passed"] and go["sharpe_passed"] and go["drawdown_passed"]
+    assert go["drawdown_cut_vs_matched_best_constant"] == pytest.approx(0.2)
+    margin = reports["master"]["sharpe"] - reports["best_constant"]["sharpe"]
+    assert go["margin_vs_best_constant"] == pytest.approx(margin)
+    _, ra = bt.daily_returns(curves["master"], ts)
+    _, rb = bt.daily_returns(curves["best_constant"], ts)
+    d = ra / ra.std(ddof=1) - rb / rb.std(ddof=1)
+    u, lags = d - d.mean(), int(4 * (n / 100) ** (2 / 9))
+    lrv = sum(u[t] ** 2 for t in range(n)) / n
+    for lag in range(1, lags + 1):
+        lrv += 2 * (1 - lag / (lags + 1)) * sum(u[t] * u[t - lag] for t in range(lag, n)) / n
+    assert go["margin_se"] == pytest.approx(math.sqrt(lrv / n) * math.sqrt(252))
+    # pairing removes the shared noise: far below the error of two independent Sharpes
+    assert go["margin_se"] < 0.5 * math.hypot(reports["master"]["sharpe_se"], reports["best_constant"]["sharpe_se"])
+    gain = reports["oracle"]["sharpe"] - reports["best_constant"]["sharpe"]
+    assert go["oracle_gain"] == pytest.approx(gain) and go["oracle_gain_se"] > 0
+    assert go["oracle_preflight_ok"] == (gain >= go["oracle_gain_se"]) and go["oracle_preflight_ok"]
+    assert go["master_share_of_oracle_gain"] == pytest.approx(go["margin_vs_best_constant"] / gain)
+    assert "passed" in bt.format_go_criterion(go) and "preflight ok" in bt.format_go_criterion(go)
+    # a threshold rule above the master fails (a); the exposure-matched best constant itself fails (b); no oracle
+    reports["corr_rule"]["sharpe"] = reports["master"]["sharpe"] + 0.01
+    go = bt.master_go_criterion(reports, curves, ts, calendar)
+    assert not go["sharpe_passed"] and go["drawdown_passed"] and not go["go"]
+    reports["corr_rule"]["sharpe"] = 0.0
+    reports["best_constant_matched"]["max_drawdown"] = dd
+    go = bt.master_go_criterion(reports, {k: v for k, v in curves.items() if k != "oracle"}, ts, calendar)
+    assert go["sharpe_passed"] and not go["drawdown_passed"] and not go["go"]
+    assert go["oracle_gain"] is None and go["oracle_preflight_ok"] is None
+    assert "oracle" not in bt.format_go_criterion(go)
+    with pytest.raises(ValueError, match="corr_rule"):
+        bt.master_go_criterion({k: v for k, v in reports.items() if k != "corr_rule"}, curves, ts, calendar)
 
 
 def test_vol_target_rule_cuts_risk_when_volatility_rises():
@@ -238,6 +410,74 @@ def test_directive_analysis_groups_by_the_hidden_regime():
     assert downturn and all(why["by_regime"][k]["risk_multiplier"] == 0.5 for k in downturn)
     assert why["by_regime"]["bull"]["exposure"] == pytest.approx(0.2)
     assert "warning" in why["by_regime"] and set(why["risk_multiplier_corr"]) == set(market.regime_names)
+
+
+def test_directive_analysis_by_hidden_edge_state():
+    """P(defensive | R) and P(defensive | M) over the decision bars (defensive: risk below 1.0 or the defensive
+    regime mode), and the mean risk multiplier and exposure per edge state; nothing of it without edge labels."""
+    market, _ = master_market()
+    lo, hi = market.splits["train"]
+    n = hi - 1 - lo
+    labels = market.data.edge_labels  # whole days that start at decision bars: the state is constant between them
+    state = labels[lo + np.arange(n)]
+    cautious = int(np.ravel_multi_index((2, 1, 0), te.DIRECTIVE_SHAPE))  # risk 1.0, but the defensive regime mode
+    decided = np.where(labels[lo + np.arange(0, n, 7)] == 1, bt.DEFENSIVE_DIRECTIVE, te.NEUTRAL_DIRECTIVE)
+    series = {"directives": np.repeat(decided, 7)[:n], "start": lo, "interval": 7,
+              "exposure": np.where(state == 1, 0.05, 0.2)}  # fmt: skip
+    why = bt.directive_analysis(series, market)
+    by = why["by_edge_state"]
+    assert why["p_defensive_given_R"] == 1.0 and why["p_defensive_given_M"] == 0.0
+    assert by["R"]["decisions"] + by["M"]["decisions"] == len(decided) and by["R"]["bars"] == (state == 1).sum()
+    assert by["R"]["risk_multiplier"] == 0.5 and by["M"]["risk_multiplier"] == 1.0
+    assert by["R"]["exposure"] == pytest.approx(0.05) and by["M"]["exposure"] == pytest.approx(0.2)
+    series["directives"] = np.where(series["directives"] == te.NEUTRAL_DIRECTIVE, cautious, bt.DEFENSIVE_DIRECTIVE)
+    assert bt.directive_analysis(series, market)["p_defensive_given_M"] == 1.0
+    market.data.edge_labels = None
+    assert "by_edge_state" not in bt.directive_analysis(series, market)
+
+
+def test_directive_figure_shades_the_hidden_R_periods():
+    market, _ = master_market()
+    lo, n = market.splits["train"][0], 50
+    series = {"timestamps": market.data.timestamps[lo : lo + n + 1], "start": lo,
+              "directives": np.full(n, te.NEUTRAL_DIRECTIVE)}  # fmt: skip
+    shade = "hidden state R (after the fact)"
+    fig = bt.directive_figure(series, market, "test")
+    assert shade in [c.get_label() for c in fig.axes[0].collections]
+    market.data.edge_labels = None
+    fig2 = bt.directive_figure(series, market, "test")
+    assert shade not in [c.get_label() for c in fig2.axes[0].collections]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(fig2)
+
+
+def test_master_final_report_fits_once_and_the_stress_rows_reuse_it(tmp_path, monkeypatch):
+    """The baselines are fitted once on the train split and every stress row (the latency row included: its
+    stateful wrapper starts afresh in each run) reuses them; a given `fitted` is never refitted."""
+    market, features = master_market()
+    calls, fit = [], bt.fit_master_baselines
+
+    def counted(*args, **kwargs):
+        calls.append(args[4:])
+        return fit(*args, **kwargs | {"features": features})
+
+    monkeypatch.setattr(bt, "fit_master_baselines", counted)
+    monkeypatch.setattr(bt, "cross_section_signals", lambda m, f=None: features)
+    writer = SimpleNamespace(add_scalar=lambda *args: None)
+    make_master = lambda: bt.fixed_directive(0)  # noqa: E731
+    out = bt.master_final_report(feature_policy, make_master, market, "test", te.EnvConfig(), 0, 7, True, tmp_path,
+                                 writer)  # fmt: skip
+    assert len(calls) == 1 and set(out) == {"reports", "results", "go", "why", "stress", "fitted"}
+    assert "oracle" in out["fitted"] and out["go"]["oracle_gain"] is not None and "by_edge_state" in out["why"]
+    rows = out["stress"]
+    assert [r["scenario"] for r in rows][:5] == ["costs_x2", "costs_x3", "impact_x5", "latency_1_bar", "crisis_replay"]
+    assert all({"master", "best_constant", "corr_rule", "oracle"} <= set(r["reports"]) for r in rows)
+    assert (tmp_path / "backtest.json").is_file() and (tmp_path / "test_bars.parquet").is_file()
+    again = bt.master_final_report(feature_policy, make_master, market, "test", te.EnvConfig(), 0, 7, False, tmp_path,
+                                   writer, fitted=out["fitted"])  # fmt: skip
+    assert len(calls) == 1 and again["reports"] == out["reports"]
 
 
 def test_the_last_bar_of_a_sweep_records_its_exposure():

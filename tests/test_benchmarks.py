@@ -43,14 +43,31 @@ def test_summary_interval_table_and_picture(tmp_path):
     assert_real_png(tmp_path / "learning.png")
 
 
-def test_go_table_flags_a_master_that_ignores_the_regime():
-    """A master whose go criterion passes with one constant directive: the table shows the same risk multiplier in
-    every hidden regime and that the fixed defensive directive beats it."""
+def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: bool) -> dict:
     backtest = {name: {"sharpe": 1.0, "max_drawdown": -0.1, "exposure": 0.5} for name in bm.GO_NAMES}
-    backtest["master"] = {"sharpe": 2.0, "max_drawdown": -0.02, "exposure": 0.1}
-    backtest["defensive"] = {"sharpe": 2.5, "max_drawdown": -0.02, "exposure": 0.12}
-    constant = {r: {"risk_multiplier": 0.5, "regime_mode": -1.0, "exposure": 0.1} for r in ("bull", "bear", "crisis")}
-    piece = {"foresight": 0.5, "seed": 1, "backtest": backtest, "directive_analysis": {"by_regime": constant},
-             "go_criterion": {"passed": True, "drawdown_cut_vs_matched_neutral": 0.8}}  # fmt: skip
-    row = bm.go_table([piece]).splitlines()[2]
-    assert "| 2.00 / -2.0% / 0.100 |" in row and "| 80.0% | passed | no | 0.50 / 0.50 / 0.50 / - |" in row
+    backtest["master"]["sharpe"] = 1.0 + margin
+    go = {"go": passed, "sharpe_passed": passed, "drawdown_passed": False, "margin_vs_best_constant": margin,
+          "margin_se": 0.1, "oracle_gain": gain, "oracle_gain_se": None if gain is None else 0.2,
+          "master_share_of_oracle_gain": None if not gain else margin / gain, "exposure_master": 0.3,
+          "exposure_best_constant": 0.1, "drawdown_cut_vs_matched_best_constant": 0.05}  # fmt: skip
+    why = {"p_defensive_given_R": 0.7, "p_defensive_given_M": 0.1} if gain is not None else {}
+    return {"market": market, "seed": seed, "backtest": backtest, "go_criterion": go, "directive_analysis": why}
+
+
+def test_go_summary_counts_intervals_and_refuses_a_skill_test_without_an_oracle_gain():
+    pieces = [go_piece("flip", k, m, 1.0, m > 0) for k, m in enumerate([0.2, 0.4, 0.6], 1)]
+    pieces += [go_piece("placebo-b", k, m, g, False) for k, (m, g) in enumerate([(0.1, 0.1), (-0.1, -0.1)], 1)]
+    pieces += [go_piece("foresight", 1, 0.0, None, False)]
+    summary = bm.market_summary(pieces)
+    flip = summary["flip"]
+    half = 4.303 * np.std([0.2, 0.4, 0.6], ddof=1) / np.sqrt(3)  # Student t, 2 degrees of freedom
+    assert flip["seeds"] == 3 and flip["go"] == 3 and flip["beats_every_baseline"] == 3
+    assert flip["margin_mean"] == pytest.approx(0.4) and flip["margin_ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+    assert flip["skill_test"] and flip["master_share_of_oracle_gain_mean"] == pytest.approx(0.4)
+    assert not summary["placebo-b"]["skill_test"]  # the oracle's mean gain is under one standard error
+    assert summary["foresight"]["oracle_gain_mean"] is None and not summary["foresight"]["skill_test"]
+    text = bm.summary_table(summary)
+    assert "| flip | 3 | 3 | 0 | 3 | +0.40 [" in text and "no (oracle gain < 1 se)" in text
+    rows = bm.go_table(pieces).splitlines()
+    assert rows[2].startswith("| flip | 1 | 1.20 | 1.00 |") and "| +0.20 (0.10) | +1.00 (0.20) |" in rows[2]
+    assert "| 0.300 / 0.100 | 5.0% | 0.70 / 0.10 | yes |" in rows[2]

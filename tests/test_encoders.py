@@ -283,3 +283,29 @@ def test_encoders_imports_networks_only():
         elif isinstance(node, ast.ImportFrom):
             names.add(node.module)
     assert names <= {"__future__", "copy", "math", "dataclasses", "typing", "torch", "torch.nn"}, names
+
+
+def test_factored_master_head_log_probabilities_sum_correctly():
+    """The joint log-probabilities of the factored head are the sum of its three heads' log-probabilities: they
+    normalise over the 48 directives, their marginals are the heads' softmaxes, and the joint entropy is the sum of
+    the heads' entropies."""
+    torch.manual_seed(0)
+    heads = torch.randn(5, sum(encoders.DIRECTIVE_SHAPE)) * 3.0
+    joint = encoders.joint_logprobs(heads)  # (5, 48)
+    torch.testing.assert_close(joint.exp().sum(-1), torch.ones(5))
+    p = joint.exp().reshape(5, *encoders.DIRECTIVE_SHAPE)
+    r, c, m = torch.split(heads, encoders.DIRECTIVE_SHAPE, -1)
+    torch.testing.assert_close(p.sum((2, 3)), torch.softmax(r, -1))
+    torch.testing.assert_close(p.sum((1, 3)), torch.softmax(c, -1))
+    torch.testing.assert_close(p.sum((1, 2)), torch.softmax(m, -1))
+    index = encoders.unravel_directive(torch.tensor(23))  # risk 1, level 3, mode 2
+    expected = sum(torch.log_softmax(h, -1)[:, int(i)] for h, i in zip((r, c, m), index, strict=True))
+    torch.testing.assert_close(joint[:, 23], expected)
+    entropy = torch.distributions.Categorical(logits=joint).entropy()
+    heads_entropy = sum(torch.distributions.Categorical(logits=h).entropy() for h in (r, c, m))
+    torch.testing.assert_close(entropy, heads_entropy)
+    master = MasterNetwork(embed_dim=8, global_dim=3)
+    logits, _ = master(torch.randn(4, 6, 8), torch.randn(4, 3))
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(4))
+    h = master.head_entropies(torch.randn(4, 6, 8), torch.randn(4, 3))
+    assert h.shape == (4, 3) and ((h > 0.9) & (h <= 1.0 + 1e-6)).all()  # small initial logits: near uniform heads

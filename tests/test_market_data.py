@@ -4,7 +4,7 @@ future) and the supervised signals (AUC/F1 helpers, chance-level AUC on noise, a
 fitting on the train split only)."""
 
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -688,3 +688,218 @@ def test_walk_forward_folds_never_train_or_select_on_a_graded_bar(
             assert tr_hi - tr_lo == splits[0]["train"][1] - splits[0]["train"][0]
     graded = np.concatenate([np.arange(*s["test"]) for s in splits])
     assert len(np.unique(graded)) == len(graded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edge regime (--data.edge-regime): a hidden momentum / reversal state, its announcement, the placebos, and the
+# cross-sectional features that read it. One 4-symbol, 4-year market per mode (~0.06 s each).
+# ---------------------------------------------------------------------------------------------------------------
+EDGE = dict(num_symbols=4, years=4.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def edge_markets():
+    return {mode: md.generate_synthetic_market(**EDGE, edge_regime=mode) for mode in md.EDGE_REGIMES}
+
+
+def _announced(data: md.MarketData) -> np.ndarray:
+    """(T,) bool bars of the announcement that follows data.edge_labels (flip and placebo-b)."""
+    return np.repeat(md.edge_announcement(data.edge_labels[::7]), 7)
+
+
+def _standardised(data: md.MarketData) -> np.ndarray:
+    """(T-1, S) returns over a causal 70-bar std (the std of the bars before), NaN where undefined."""
+    r = np.diff(np.log(data.close), axis=0)
+    return r / pd.DataFrame(r).rolling(70, min_periods=35).std().shift(1).to_numpy()
+
+
+def _pooled_ac1(data: md.MarketData, label: int) -> float:
+    """sum z[t] z[t-1] / sum z[t-1]^2 over all symbols and the bars t whose edge label is `label`."""
+    z = np.nan_to_num(_standardised(data))
+    on = data.edge_labels[2:] == label  # the label of the later bar of each pair
+    return (z[1:] * z[:-1])[on].sum() / (z[:-1] ** 2)[on].sum()
+
+
+def _avg_corr(data: md.MarketData, bars: np.ndarray) -> float:
+    """Average pairwise correlation of the standardised returns on the return bars selected by bars (T,)."""
+    z = _standardised(data)
+    z = z[bars[1:] & np.isfinite(z).all(1)]
+    c = np.corrcoef(z.T)
+    return c[~np.eye(len(c), dtype=bool)].mean()
+
+
+def test_edge_regime_off_is_todays_market():
+    """With "off" nothing is drawn from the market's generator: the arrays equal a call without the argument (which
+    the other generator tests pin down); the modes share one chain, the regimes and the benchmark."""
+    kw = dict(num_symbols=5, years=0.5, seed=3, gap_rate=0.02, regime_foresight=0.5)
+    base, off = md.generate_synthetic_market(**kw), md.generate_synthetic_market(**kw, edge_regime="off")
+    for name in ("timestamps", "open", "high", "low", "close", "volume", "tradable", "benchmark", "regime_labels"):
+        np.testing.assert_array_equal(getattr(off, name), getattr(base, name))
+    assert base.edge_labels is None and off.edge_labels is None
+    flip = md.generate_synthetic_market(**kw, edge_regime="flip")
+    assert not np.array_equal(flip.close, base.close, equal_nan=True)
+    np.testing.assert_array_equal(flip.benchmark, base.benchmark)  # the market factor is never touched
+    np.testing.assert_array_equal(flip.regime_labels, base.regime_labels)
+    for mode in ("placebo-a", "placebo-b"):
+        same_chain = md.generate_synthetic_market(**kw, edge_regime=mode).edge_labels
+        np.testing.assert_array_equal(same_chain, flip.edge_labels)
+
+
+def test_edge_labels_are_a_daily_chain_with_r_on_a_fifth_of_the_days():
+    data = md.generate_synthetic_market(num_symbols=1, years=10.0, seed=0, edge_regime="flip")
+    labels = data.edge_labels
+    assert labels.dtype == np.int8 and labels.shape == data.timestamps.shape and set(np.unique(labels)) == {0, 1}
+    days = labels.reshape(-1, 7)
+    assert np.all(days == days[:, :1]), "the state changes only between days"
+    day = days[:, 0]
+    assert day[0] == 0 and 0.12 < day.mean() < 0.3
+    onsets = np.sum((day[1:] == 1) & (day[:-1] == 0))
+    assert 5 < day.sum() / onsets < 17, "R spells last ~10 days"
+
+
+def test_edge_announcement_marks_r_days_and_the_days_before_each_onset():
+    days = np.array([0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0])
+    want = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    np.testing.assert_array_equal(md.edge_announcement(days, days=3), want)
+
+
+def test_flip_reverses_the_planted_autocorrelation_on_r_days(edge_markets):
+    """rho_t = +rho on M days and -rho on R days (flip and placebo-a); placebo-b keeps +rho everywhere."""
+    for mode in ("flip", "placebo-a"):
+        m, r = _pooled_ac1(edge_markets[mode], 0), _pooled_ac1(edge_markets[mode], 1)
+        assert m > 0.2 and r < -0.2, (mode, m, r)
+    m, r = _pooled_ac1(edge_markets["placebo-b"], 0), _pooled_ac1(edge_markets["placebo-b"], 1)
+    assert m > 0.2 and r > 0.2, (m, r)
+
+
+def test_the_announcement_moves_symbols_together_but_not_the_benchmark(edge_markets):
+    """On announced bars sector and idiosyncratic volatility halve: the average correlation rises (flip and
+    placebo-b, whose announcement follows the chain); the benchmark is the off market's, bar for bar."""
+    for mode in ("flip", "placebo-b"):
+        data = edge_markets[mode]
+        ann = _announced(data)
+        on, elsewhere = _avg_corr(data, ann), _avg_corr(data, ~ann)
+        assert on > 0.4 and elsewhere < 0.35 and on - elsewhere > 0.15, (mode, on, elsewhere)
+        np.testing.assert_array_equal(data.benchmark, edge_markets["off"].benchmark)
+    # the benchmark's bar returns are as large on announced bars as elsewhere (bull bars; median |return|, which
+    # the market factor's volatility clustering disturbs less than the std)
+    data = md.generate_synthetic_market(num_symbols=1, years=10.0, seed=1, edge_regime="flip")
+    ann, bull = _announced(data)[1:], data.regime_labels[1:] == 0
+    rb = np.abs(np.diff(np.log(data.benchmark)))
+    assert 0.85 < np.median(rb[ann & bull]) / np.median(rb[~ann & bull]) < 1.15
+
+
+def test_placebo_a_announces_nothing(edge_markets):
+    """placebo-a's announcement follows an independent copy of the chain: on R days the symbols are no more
+    correlated than elsewhere, although the flips are there (test above)."""
+    data = edge_markets["placebo-a"]
+    r_days = data.edge_labels == 1
+    assert abs(_avg_corr(data, r_days) - _avg_corr(data, ~r_days)) < 0.1
+    assert _avg_corr(edge_markets["flip"], r_days) - _avg_corr(edge_markets["flip"], ~r_days) > 0.15
+
+
+def test_edge_labels_are_hidden_from_the_observation():
+    """The label lives in MarketData only: no PreparedMarket array is named for it, and changing it changes no
+    feature (technical, regime, sl_probs, cross-section): they are functions of the bars alone."""
+    cfg = md.DataConfig(num_symbols=3, years=0.5, seed=2, edge_regime="flip", sl_signals=False, cache=False)
+    data = md.load_market(cfg)
+    assert data.edge_labels is not None and data.edge_labels.any()
+    base = md.build_prepared(data, cfg)
+    assert not [f.name for f in fields(md.PreparedMarket) if "edge" in f.name]
+    other = replace(data, edge_labels=(1 - data.edge_labels).astype(np.int8), regime_labels=None)
+    changed = md.build_prepared(other, cfg)
+    for name in ("technical", "regime", "sl_probs", "valuation_close"):
+        np.testing.assert_array_equal(getattr(changed, name), getattr(base, name))
+    np.testing.assert_array_equal(md.cross_section_features(other), md.cross_section_features(data))
+
+
+def test_cache_round_trip_keeps_edge_labels(tmp_path):
+    cfg = md.DataConfig(num_symbols=3, years=0.4, edge_regime="placebo-b", sl_signals=False, cache_dir=str(tmp_path))
+    built = md.prepare_market(cfg)
+    cached = md.prepare_market(cfg)
+    _assert_same(built, cached)
+    assert cached.data.edge_labels.dtype == np.int8
+    np.testing.assert_array_equal(cached.data.edge_labels, built.data.edge_labels)
+    np.testing.assert_array_equal(cached.data.regime_labels, built.data.regime_labels)
+    off = replace(cfg, edge_regime="off")
+    assert md.cache_key(off) != md.cache_key(cfg) and md.prepare_market(off).data.edge_labels is None
+
+
+def test_a_bad_edge_regime_is_named():
+    with pytest.raises(md.UserInputError, match=r"--data.edge-regime 'flop': use one of"):
+        md.check_synthetic_flags(0.3, 0.0, 0.0, "flop")
+    with pytest.raises(md.UserInputError, match=r"--data.edge-regime"):
+        md.check_data_config(md.DataConfig(edge_regime="sometimes"))
+    with pytest.raises(md.UserInputError, match=r"--data.edge-regime"):
+        md.generate_synthetic_market(3, 0.5, edge_regime="on")
+    md.check_synthetic_flags(0.3, 0.0, 0.0)  # the three-argument call sites keep working
+
+
+# cross_section_features ----------------------------------------------------------------------------------------
+def _cross_section_loop(data: md.MarketData) -> np.ndarray:
+    """cross_section_features written as plain loops over bars, symbols and pairs."""
+    T, S = data.close.shape
+    c = pd.DataFrame(data.close).ffill().to_numpy()
+    r = np.full((T, S), np.nan)
+    r[1:] = np.log(c[1:] / c[:-1])
+    r[~np.isfinite(data.close)] = np.nan
+    z = np.full((T, S), np.nan)
+    for t in range(T):
+        for s in range(S):
+            past = r[max(t - 70, 0) : t, s]
+            past = past[np.isfinite(past)]
+            if len(past) >= 35 and past.std(ddof=1) > 0:
+                z[t, s] = r[t, s] / past.std(ddof=1)
+    xs = np.array([np.nanstd(row) if np.isfinite(row).sum() >= 2 else np.nan for row in r])
+    out = np.zeros((T, 3))
+    for t in range(md.feature_warmup(), T):
+        win = np.nan_to_num(z[t - 13 : t + 1])
+        q = (win**2).sum(0)
+        num = sum((win[:, i] * win[:, j]).sum() for i in range(S) for j in range(S) if i != j)
+        den = sum(np.sqrt(q[i] * q[j]) for i in range(S) for j in range(S) if i != j)
+        out[t, 0] = num / den if den > 0 else 0.0
+        fast, slow = xs[t - 6 : t + 1], xs[max(t - 139, 0) : t + 1]
+        if np.isfinite(fast).sum() >= 4 and np.isfinite(slow).sum() >= 70:
+            out[t, 1] = np.nanmean(fast) / np.nanmean(slow)
+        num = den = 0.0
+        for u in range(t - 6, t + 1):
+            for s in range(S):
+                if np.isfinite(z[u, s]) and np.isfinite(z[u - 1, s]):
+                    num, den = num + z[u, s] * z[u - 1, s], den + z[u - 1, s] ** 2
+        out[t, 2] = num / den if den > 0 else 0.0
+    return out
+
+
+def test_cross_section_features_match_a_plain_loop():
+    data = md.generate_synthetic_market(num_symbols=3, years=0.3, seed=4, gap_rate=0.03, edge_regime="flip")
+    assert (~data.tradable).any()
+    np.testing.assert_allclose(md.cross_section_features(data), _cross_section_loop(data), rtol=1e-5, atol=1e-5)
+
+
+def test_cross_section_features_are_causal_finite_and_scale_free(market):
+    full = md.cross_section_features(market)
+    T = len(market.timestamps)
+    assert full.shape == (T, len(md.CROSS_SECTION_NAMES)) == (T, 3) and full.dtype == np.float32
+    assert np.isfinite(full).all() and np.all(full[: md.feature_warmup()] == 0)
+    assert np.all(full[md.feature_warmup() :].std(0) > 0)
+    for t in (md.feature_warmup(), T // 3, T - 2):
+        np.testing.assert_allclose(md.cross_section_features(_cut(market, t + 1)), full[: t + 1], rtol=0, atol=1e-6)
+    other = md.generate_synthetic_market(num_symbols=3, years=0.6, seed=99, gap_rate=0.05)
+    t = T // 2
+    spliced = md.cross_section_features(_splice(market, other, t))
+    np.testing.assert_array_equal(spliced[: t + 1], full[: t + 1])
+    assert not np.array_equal(spliced[t + 1 :], full[t + 1 :]), "the splice should change the future"
+    doubled = replace(market, close=market.close**2)  # every log return x2: the features do not change
+    np.testing.assert_allclose(md.cross_section_features(doubled), full, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_section_features_read_the_edge_regime(edge_markets):
+    """xs_autocorr_1d follows the flip (M > 0 > R); avg_corr_2d and dispersion_1d follow the announcement."""
+    w = md.feature_warmup()
+    for mode in ("flip", "placebo-b"):
+        data = edge_markets[mode]
+        f, r_bars, ann = md.cross_section_features(data)[w:], data.edge_labels[w:] == 1, _announced(data)[w:]
+        assert f[~r_bars, 2].mean() > 0.15
+        assert (f[r_bars, 2].mean() < -0.15) if mode == "flip" else (f[r_bars, 2].mean() > 0.15)
+        assert f[ann, 0].mean() > f[~ann, 0].mean() + 0.15
+        assert f[ann, 1].mean() < 0.85 * f[~ann, 1].mean()

@@ -125,8 +125,8 @@ master decisions"""
     learning_rate: float = 3e-4
     """the learning rate of the symbol agents' optimizer"""
     num_envs: int = 256
-    """the number of parallel environments per rank (each one account trading all symbols); 256 envs x 70 bars give
-2,560 master decisions per update"""
+    """the number of parallel environments per rank (each one account trading all symbols); 256 envs x 70 bars
+give 2,560 master decisions per update"""
     num_steps: int = 70
     """the number of bars per environment per rollout (a multiple of master_interval)"""
     anneal_lr: bool = True
@@ -163,11 +163,11 @@ decisions: 640 a minibatch by default)"""
     master_gae_lambda: float = 0.8
     """GAE lambda over master decisions"""
     master_ent_coef: float = 0.01
-    """initial entropy coefficient of each directive head (risk, concentration, mode), adapted toward
---master-ent-target"""
+    """initial entropy coefficient of each directive head (risk, concentration, mode), adapted toward the
+target --master-ent-target"""
     master_ent_target: float = 0.2
     """target of each head's entropy, normalised by log(head size) (1 = uniform): a head below it gets a larger
-coefficient, one above it a smaller one (log-coefficient step --master-ent-lr x the shortfall per iteration)"""
+coefficient, one above it a smaller one (log-coefficient step: --master-ent-lr x the shortfall per iteration)"""
     master_ent_lr: float = 1.0
     """step of the log entropy coefficients per iteration; 0 keeps --master-ent-coef fixed"""
     value_norm: bool = True

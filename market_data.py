@@ -59,11 +59,11 @@ the cross-section disperses (the `dispersion` regime feature) before the benchma
 master's placebo); the regime label itself is never observed"""
     edge_regime: Literal["off", "flip", "placebo-a", "placebo-b"] = "off"
     """Synthetic only: a hidden daily edge state to time, momentum M or reversal R (a Markov chain, R ~20% of days in
-spells of ~10). "flip": the planted autocorrelation is +signal_strength on M days and -signal_strength on R days,
+spells of ~10). flip: the planted autocorrelation is +signal_strength on M days and -signal_strength on R days,
 and R is announced (from 3 days before it begins to its end) by sector and idiosyncratic volatility x0.5 under an
 unchanged market factor, so symbols move together (average correlation ~0.3 -> ~0.5) while the benchmark does
-not change. "placebo-a": the flips without the announcement (it follows an independent copy of the chain);
-"placebo-b": the announcement without the flips. "off" (default): today's market, byte for byte. The state is
+not change. placebo-a: the flips without the announcement (it follows an independent copy of the chain);
+placebo-b: the announcement without the flips; off (default): today's market, byte for byte. The state is
 MarketData.edge_labels, never observed"""
     symbols: list[str] | None = None
     """User data: keep only these symbols (default: every file / every symbol in the long parquet)."""

@@ -49,11 +49,11 @@ from common import ROOT, machine_info, write_json
 SCRIPT = ROOT / "mappo_master.py"
 GO_DIR = ROOT / "benchmarks" / "results" / "mappo_go"
 SYMBOL_DIR = ROOT / ".cache" / "bench_mappo"
-GO_MARKETS = {
-    "flip": ["--data.edge-regime", "flip"],
-    "placebo-b": ["--data.edge-regime", "placebo-b"],
-    "placebo-a": ["--data.edge-regime", "placebo-a"],
-    "foresight": ["--data.regime-foresight", "0.5"],
+GO_MARKETS = {  # market -> its DataConfig fields (10-year synthetic markets, signal 0.3)
+    "flip": {"edge_regime": "flip"},
+    "placebo-b": {"edge_regime": "placebo-b"},
+    "placebo-a": {"edge_regime": "placebo-a"},
+    "foresight": {"regime_foresight": 0.5},
 }
 GO_SEEDS = (1, 2, 3, 4, 5)
 GO_SYMBOL_STEPS = 2_000_000
@@ -107,18 +107,22 @@ def measure(num_symbols: int, num_envs: int, num_steps: int, iterations: int, th
 
 
 def data_flags(market: str, seed: int) -> list[str]:
-    return ["--data.years", "10", "--data.seed", str(seed), *GO_MARKETS[market]]
+    flags = ["--data.years", "10", "--data.seed", str(seed)]
+    for key, value in GO_MARKETS[market].items():
+        flags += [f"--data.{key.replace('_', '-')}", str(value)]
+    return flags
 
 
-def symbol_run(market: str, seed: int) -> Path:
-    """The piece's symbol agents (ppo_symbol_agent.py, the market block withheld), trained once and kept."""
-    folder = SYMBOL_DIR / f"{market}_seed{seed}"
+def symbol_run(market: str, seed: int, see_block: bool = False) -> Path:
+    """The piece's symbol agents (ppo_symbol_agent.py, the market block withheld unless see_block), trained once and
+    kept."""
+    folder = SYMBOL_DIR / f"{market}{'_visible' if see_block else ''}_seed{seed}"
     done = [p for p in folder.glob("*/summary.json") if json.loads(p.read_text()).get("status") == "complete"]
     if done:
         return done[0].parent
     cmd = [sys.executable, ROOT / "ppo_symbol_agent.py", *data_flags(market, seed), "--seed", str(seed),
-           "--env.no-symbol-regime", "--total-timesteps", str(GO_SYMBOL_STEPS), "--save-model", "--no-stress",
-           "--run-dir", folder]  # fmt: skip
+           *([] if see_block else ["--env.no-symbol-regime"]), "--total-timesteps", str(GO_SYMBOL_STEPS),
+           "--save-model", "--no-stress", "--run-dir", folder]  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -268,28 +272,69 @@ def go(jobs: int, markets: list[str], seeds: tuple[int, ...]) -> None:
     print(record["summary_table"] + "\n\n" + record["table"])
 
 
+def prepared_market(market: str, seed: int):
+    import market_data as md
+
+    cfg = md.DataConfig(years=10.0, seed=seed, cache_dir=str(ROOT / ".cache" / "market"), **GO_MARKETS[market])
+    return md.prepare_market(cfg), cfg
+
+
+def frozen_argmax(run: Path, prepared, cfg):
+    """The symbol agents of a ppo_symbol_agent.py run as an argmax policy (mappo_master.py's argmax_policy)."""
+    import torch
+
+    import experiment as xp
+
+    torch.set_num_threads(1)
+    agent, _ = xp.load_symbol_agents(str(run / "checkpoint.pt"), len(prepared.data.symbols), market=prepared, data=cfg)
+    agent.eval()
+
+    def policy(obs):
+        with torch.no_grad():
+            return agent.get_logits({k: torch.as_tensor(v) for k, v in obs.items()}).argmax(-1).numpy()
+
+    return policy
+
+
+def block_finding(seeds: tuple[int, ...]) -> None:
+    """Do symbol agents that see the market-regime block learn the flip themselves? On the flip market, per seed,
+    agents trained with the block withheld (the --go runs) and with it visible: the book of each (argmax, portfolio
+    mode, neutral directive, test split) and its mean return in basis points per bar on the hidden M and R days, and
+    its exposure there. An agent that learned the flip would stop losing on R days."""
+    import backtest as bt
+    import trading_env as te
+
+    rows = []
+    for seed in seeds:
+        prepared, cfg = prepared_market("flip", seed)
+        for see in (False, True):
+            policy = frozen_argmax(symbol_run("flip", seed, see_block=see), prepared, cfg)
+            report = bt.run_backtest(policy, prepared, "test", te.EnvConfig(symbol_regime=see), seed, "portfolio")
+            bars = report["series"]["start"] + np.arange(len(report["series"]["exposure"]))
+            r, label = np.diff(report["curve"]) / report["curve"][:-1], prepared.data.edge_labels[bars]
+            row = {"seed": seed, "sees_block": see, "sharpe": report["agent"]["sharpe"]}
+            for k, state in enumerate(("M", "R")):
+                row[f"bps_per_bar_{state}"] = float(1e4 * r[label == k].mean())
+                row[f"exposure_{state}"] = float(report["series"]["exposure"][label == k].mean())
+            rows.append(row)
+            print(f"seed {seed} block {'visible' if see else 'withheld'}: Sharpe {row['sharpe']:.2f}, M "
+                  f"{row['bps_per_bar_M']:+.3f} bps/bar at exposure {row['exposure_M']:.3f}, R "
+                  f"{row['bps_per_bar_R']:+.3f} bps/bar at exposure {row['exposure_R']:.3f}", flush=True)  # fmt: skip
+    write_json(ROOT / "benchmarks" / "results" / "mappo_block_finding.json",
+               {"benchmark": "mappo_block_finding", "symbol_steps": GO_SYMBOL_STEPS, "rows": rows})  # fmt: skip
+
+
 def oracle(markets: list[str], seeds: tuple[int, ...]) -> None:
     """The preflight: the oracle's gain over the best constant directive on the test split, per market and seed, on
     the frozen symbol agents of --go (trained here when missing)."""
-    import torch
-
     import backtest as bt
-    import experiment as xp
-    import market_data as md
     import trading_env as te
 
-    torch.set_num_threads(1)
     rows = []
     for market in markets:
         for seed in seeds:
-            run = symbol_run(market, seed)
-            cfg = md.DataConfig(years=10.0, seed=seed, edge_regime=GO_MARKETS[market][1] if "edge" in
-                                GO_MARKETS[market][0] else "off",
-                                regime_foresight=0.5 if market == "foresight" else 0.0)  # fmt: skip
-            prepared = md.prepare_market(cfg)
-            agent, _ = xp.load_symbol_agents(str(run / "checkpoint.pt"), len(prepared.data.symbols), market=prepared)
-            agent.eval()
-            policy = bt.argmax_symbol_policy(agent)
+            prepared, cfg = prepared_market(market, seed)
+            policy = frozen_argmax(symbol_run(market, seed), prepared, cfg)
             env_cfg = te.EnvConfig(symbol_regime=False)
             fitted = bt.fit_master_baselines(policy, prepared, env_cfg, seed, 7)
             reports, results, _ = bt.master_backtests(policy, bt.fixed_directive(fitted["fixed"]["best"]), prepared,
@@ -304,7 +349,7 @@ def oracle(markets: list[str], seeds: tuple[int, ...]) -> None:
                     "oracle": fitted["oracle"],
                     "oracle_gain": gain,
                     "oracle_gain_se": se,
-                    "preflight_ok": gain >= se,
+                    "preflight_ok": bool(gain >= se),
                 }
                 print(
                     f"{market} seed {seed}: oracle gain over the best constant {gain:+.2f} (se {se:.2f}): "
@@ -349,6 +394,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--go", action="store_true", help="the go-criterion benchmark (pieces, then mappo_go.json)")
     parser.add_argument("--oracle", action="store_true", help="the preflight: the oracle's gain per market and seed")
+    parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
     parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
     parser.add_argument("--by-regime", action="store_true", help="the rule ceiling's earnings by hidden regime")
@@ -363,6 +409,8 @@ def main() -> None:
         return go(opts.jobs, opts.markets, tuple(opts.seeds))
     if opts.oracle:
         return oracle(opts.markets, tuple(opts.seeds))
+    if opts.block_finding:
+        return block_finding(tuple(opts.seeds))
     if opts.by_regime:
         return by_regime((1, 2, 3))
     iterations = 3 if opts.quick else 5

@@ -32,6 +32,7 @@ import experiment as xp
 from backtest import (
     backtest_figures,
     directive_figure,
+    fit_fixed_directive,
     format_go_criterion,
     master_final_report,
     run_backtest,
@@ -41,6 +42,7 @@ from market_data import DataConfig, cross_section_features
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
+    NEUTRAL_DIRECTIVE,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
@@ -176,6 +178,12 @@ coefficient, one above it a smaller one (log-coefficient step: --master-ent-lr x
     """paired: the master account's utility minus that of a shadow account on the neutral directive over the same
 bars (the market and the book's noise cancel), and a thresholded drawdown penalty, also paired; seed: the seed's four
 components (risk-adjusted return, diversification, drawdown, excess over the benchmark); see master_reward"""
+    master_anchor: Literal["neutral", "best_constant"] = "neutral"
+    """the directive the shadow account trades and the master starts from: neutral, or the best constant directive
+fitted on the train split (backtest.fit_fixed_directive on the frozen symbol agents), from which the master then
+learns when to depart"""
+    anchor_bias: float = 2.0
+    """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float = 50.0
     """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best leverage of a book with bar
 mean mu and variance s2 is mu / (lambda s2), interior and moving with the state)"""
@@ -410,6 +418,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
     T, E, I = args.num_steps, args.num_envs, args.master_interval
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    xp.require(args.master_anchor == "neutral" or (args.freeze_symbols and args.symbol_checkpoint), "--master-anchor "
+               "best_constant fits the best fixed directive on the frozen symbol agents: add --freeze-symbols and "
+               "--symbol-checkpoint")  # fmt: skip
     xp.require(not (args.walk_forward and args.symbol_checkpoint), "--walk-forward trains every fold's agents "
             "from scratch on its own train split; a --symbol-checkpoint's agents saw other bars: drop it")  # fmt: skip
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
@@ -469,6 +480,14 @@ if __name__ == "__main__":
     # cores draw the same episode starts from the same seed, and a stopped-out account restarts at the same clock)
     shadow = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
     shadow_obs = shadow.reset(seed=args.seed + rank)
+    anchor = NEUTRAL_DIRECTIVE
+    if args.master_anchor == "best_constant" and not saved:  # fitted on train; the actor starts biased toward it
+        anchor = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I)["best"]
+        with torch.no_grad():
+            bias = master.actor[-1].bias  # (4 + 4 + 3,) the factored heads' logits
+            for offset, coord in zip((0, 4, 8), np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
+                bias[offset + coord] += args.anchor_bias
+    shadow.set_directives(np.full(E, anchor))
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
     sampled = not args.freeze_symbols or args.frozen_sampling  # trained symbol agents sample (PPO is on-policy)

@@ -212,6 +212,24 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.stdout.count("final backtest on the test split") == 1  # rank 0 alone reports
 
 
+def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
+    """--master-anchor best_constant: the best fixed directive is fitted on train before training (the shadow trades
+    it), the run completes with argmax frozen symbol agents on the edge-regime market, and the oracle is reported;
+    without frozen agents the flag is refused before any work."""
+    _, _, ckpt = runs
+    flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
+             "flip", "--master-anchor", "best_constant"]  # fmt: skip
+    run_script("mappo_master.py", tmp_path, *flags)
+    summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+    assert "oracle" in summary["backtest"] and summary["go_criterion"]["oracle_gain"] is not None
+    assert "p_defensive_given_R" in summary["directive_analysis"]
+    (tmp_path / "x").mkdir()
+    refused = run_script(
+        "mappo_master.py", tmp_path / "x", *TINY, "84", "--master-anchor", "best_constant", check=False
+    )
+    assert refused.returncode == 2 and "--freeze-symbols" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_bad_master_interval_fails_before_any_run_folder(tmp_path):
     proc = run_script("mappo_master.py", tmp_path, *COMMON, "--num-steps", "10", check=False)
     assert proc.returncode != 0 and "--master-interval" in proc.stderr

@@ -994,7 +994,12 @@ def paired_sharpe_margin(curve_a: np.ndarray, curve_b: np.ndarray, timestamps: n
     partly cancel for two books that hold the same symbols; the pairing itself (the books' common noise) is kept.
     market: anything with data.bars_per_year and data.bars_per_day. Returns (margin, se); se None under 3 days."""
     ra, rb = (daily_returns(c, timestamps)[1] for c in (curve_a, curve_b))
-    ann = np.sqrt(market.data.bars_per_year / market.data.bars_per_day)
+    return paired_daily_margin(ra, rb, market.data.bars_per_year / market.data.bars_per_day)
+
+
+def paired_daily_margin(ra: np.ndarray, rb: np.ndarray, days_per_year: float) -> tuple:
+    """paired_sharpe_margin on two books' daily returns (n,) of the same days: (margin, se)."""
+    ann = np.sqrt(days_per_year)
     n = len(ra)
     if n < 2:
         return 0.0, None

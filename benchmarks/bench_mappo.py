@@ -189,6 +189,15 @@ def interval95(values: list[float]) -> tuple[float, list[float] | None]:
     return mean, [mean - half, mean + half]
 
 
+def margin_over(piece: dict, name: str) -> tuple:
+    """The master's paired Sharpe margin over `name` (backtest.paired_daily_margin) from the piece's daily returns:
+    re-scored from the stored returns, no retraining."""
+    import backtest as bt
+
+    daily = piece["daily_returns"]
+    return bt.paired_daily_margin(np.asarray(daily["master"]), np.asarray(daily[name]), 252.0)
+
+
 def market_summary(pieces: list[dict]) -> dict:
     """Per market, over its seeds: the go counts, the mean paired margin over the best constant with its 95%
     interval, the oracle's mean gain and whether it clears one standard error across seeds (else no skill test),
@@ -204,6 +213,8 @@ def market_summary(pieces: list[dict]) -> dict:
         gain, gain_ci = interval95(gains)
         gain_se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None
         shares = [g["master_share_of_oracle_gain"] for g in gos if g["master_share_of_oracle_gain"] is not None]
+        vs_neutral = [margin_over(p, "neutral")[0] for p in ps if "neutral" in p.get("daily_returns", {})]
+        neutral, neutral_ci = interval95(vs_neutral)
         out[market] = {
             "seeds": len(ps),
             "beats_every_baseline": sum(g["sharpe_passed"] for g in gos),
@@ -215,6 +226,9 @@ def market_summary(pieces: list[dict]) -> dict:
             "oracle_gain_ci95": gain_ci,
             "skill_test": bool(gains) and gain_se is not None and gain >= gain_se,
             "master_share_of_oracle_gain_mean": float(np.mean(shares)) if shares else None,
+            "margin_vs_neutral_mean": neutral if vs_neutral else None,
+            "margin_vs_neutral_ci95": neutral_ci,
+            "master_above_neutral": sum(m > 0 for m in vs_neutral),
         }
     return out
 
@@ -244,15 +258,19 @@ def go_table(pieces: list[dict]) -> str:
 
 def summary_table(summary: dict) -> str:
     lines = ["| market | seeds | master >= every baseline | drawdown cut >= 15% | go | margin over best constant, "
-             "mean [95% CI] | oracle gain, mean [95% CI] | skill test | master's share of the oracle gain |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "mean [95% CI] | oracle gain, mean [95% CI] | skill test | master's share of the oracle gain | "
+             "margin over the neutral directive, mean [95% CI] (seeds above) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ci = lambda m, c: f"{m:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]" if c else f"{m:+.2f}"  # noqa: E731
     for market, m in summary.items():
         gain = "-" if m["oracle_gain_mean"] is None else ci(m["oracle_gain_mean"], m["oracle_gain_ci95"])
         share = "-" if m["master_share_of_oracle_gain_mean"] is None else f"{m['master_share_of_oracle_gain_mean']:.0%}"
         test = "yes" if m["skill_test"] else "no (oracle gain < 1 se)"
+        neutral = "-"
+        if m.get("margin_vs_neutral_mean") is not None:
+            neutral = f"{ci(m['margin_vs_neutral_mean'], m['margin_vs_neutral_ci95'])} ({m['master_above_neutral']})"
         lines.append(f"| {market} | {m['seeds']} | {m['beats_every_baseline']} | {m['drawdown_passed']} | {m['go']} | "
-                     f"{ci(m['margin_mean'], m['margin_ci95'])} | {gain} | {test} | {share} |")  # fmt: skip
+                     f"{ci(m['margin_mean'], m['margin_ci95'])} | {gain} | {test} | {share} | {neutral} |")  # fmt: skip
     return "\n".join(lines)
 
 

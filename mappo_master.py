@@ -428,6 +428,8 @@ if __name__ == "__main__":
         raise SystemExit(0)
     xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
+    xp.require(I <= args.env.risk_window, f"--master-interval ({I}) must be at most --env.risk-window "
+               f"({args.env.risk_window}): the master reads the book's last interval of returns from it")  # fmt: skip
     M = T // I
     args.world_size, rank, device = xp.init_distributed(args.cuda)
 

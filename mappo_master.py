@@ -249,11 +249,7 @@ def choice_mean(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
 def argmax_policy(agent: nn.Module, device):
     """The symbol agents' deterministic (argmax) policy as a function of a numpy observation dict, for run_backtest."""
 
-    def act(obs):
-        with torch.no_grad():
-            return agent.get_logits(to_torch(obs, device)).argmax(-1).cpu().numpy()
-
-    return act
+    return lambda obs: symbol_actions(agent, obs, device, deterministic=True)
 
 
 def compute_gae(rewards, values, terminated, truncated, final_values, next_value, gamma, gae_lambda):

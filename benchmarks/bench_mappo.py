@@ -302,16 +302,11 @@ def frozen_argmax(run: Path, prepared, cfg):
     import torch
 
     import experiment as xp
+    from mappo_master import argmax_policy
 
     torch.set_num_threads(1)
     agent, _ = xp.load_symbol_agents(str(run / "checkpoint.pt"), len(prepared.data.symbols), market=prepared, data=cfg)
-    agent.eval()
-
-    def policy(obs):
-        with torch.no_grad():
-            return agent.get_logits({k: torch.as_tensor(v) for k, v in obs.items()}).argmax(-1).numpy()
-
-    return policy
+    return argmax_policy(agent.eval(), "cpu")
 
 
 def block_finding(seeds: tuple[int, ...]) -> None:

@@ -713,16 +713,19 @@ def fit_fixed_directive(
 ) -> dict:
     """Every constant directive on `split`, in one sweep of 48 envs: "best" the one with the best daily Sharpe (the
     best constant), "defensive" the one with the least exposure (the low end of the threshold rules), and each
-    directive's Sharpe, exposure and max drawdown."""
+    directive's Sharpe, exposure, max drawdown and its book's bar-return mean and mean square (bar_mean, bar_mean_sq:
+    mappo_master.py calibrates its risk aversion on them)."""
     sweep = sweep_backtests(policy, market, split, config, seed, interval,
                             lambda obs, core, last_actions: np.arange(NUM_DIRECTIVES), NUM_DIRECTIVES)  # fmt: skip
     metrics = sweep_metrics(sweep, market)
     sharpes = [m["sharpe"] for m in metrics]
     exposures = [m["exposure"] for m in metrics]
     best, defensive = int(np.argmax(sharpes)), int(np.argmin(exposures))
+    r = np.diff(sweep["curves"], axis=1) / sweep["curves"][:, :-1]  # (48, N) bar returns of each directive's book
     return {"best": best, "best_sharpe": sharpes[best], "best_exposure": exposures[best], "defensive": defensive,
             "defensive_sharpe": sharpes[defensive], "defensive_exposure": exposures[defensive], "sharpes": sharpes,
-            "exposures": exposures, "max_drawdowns": [m["max_drawdown"] for m in metrics], "split": split,
+            "exposures": exposures, "max_drawdowns": [m["max_drawdown"] for m in metrics],
+            "bar_mean": r.mean(1).tolist(), "bar_mean_sq": (r * r).mean(1).tolist(), "split": split,
             "interval": interval}  # fmt: skip
 
 

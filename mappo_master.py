@@ -184,9 +184,12 @@ fitted on the train split (backtest.fit_fixed_directive on the frozen symbol age
 learns when to depart"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
-    risk_aversion: float = 50.0
-    """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best leverage of a book with bar
-mean mu and variance s2 is mu / (lambda s2), interior and moving with the state)"""
+    risk_aversion: float | None = None
+    """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best scale of a book with bar
+mean mu and mean square m2 is mu / (lambda m2), interior and moving with the state). None (default): calibrated on
+the train split to the best constant directive's book, lambda = mu / m2 of the frozen symbol agents under it, so that
+the best scale of that book is itself and a riskier directive pays only if it raises the Sharpe ratio; needs
+--freeze-symbols with --symbol-checkpoint (symbol agents still training have no fixed book), else FALLBACK_RISK_AVERSION"""
     dd_coef: float = 2.0
     """master reward: weight of the drawdown penalty (each increase of the drawdown beyond --dd-threshold)"""
     dd_threshold: float = 0.05
@@ -349,6 +352,20 @@ def master_reward(sums: dict, args, num_symbols: int) -> dict:
     }
 
 
+FALLBACK_RISK_AVERSION = 50.0  # --risk-aversion when it cannot be calibrated (symbol agents that still train)
+
+
+def calibrated_risk_aversion(fixed: dict) -> float:
+    """lambda = mu / m2 of the best constant directive's book on train (fixed: backtest.fit_fixed_directive's result,
+    bar_mean and bar_mean_sq per directive): the utility mean(k r - lambda/2 (k r)^2) of that book scaled by k is
+    best at k = 1. For any book the best-scaled utility is mu^2 / (2 lambda m2), increasing in its Sharpe ratio, so
+    the calibrated utility ranks directives near the best constant's scale as their Sharpe ratios do."""
+    mu, m2 = fixed["bar_mean"][fixed["best"]], fixed["bar_mean_sq"][fixed["best"]]
+    if not (mu > 0 and m2 > 0):  # no positive edge under any constant: nothing to scale to
+        return FALLBACK_RISK_AVERSION
+    return float(mu / m2)
+
+
 def herfindahl_complement(holdings: np.ndarray) -> np.ndarray:
     """Holdings (E, S), in dollars or as weights (any nonnegative amounts; they are normalised per env) -> 1 - the
     Herfindahl index of the position weights (E,): 0 when flat or in one position, 1 - 1/n for n equal positions."""
@@ -478,9 +495,18 @@ if __name__ == "__main__":
     # cores draw the same episode starts from the same seed, and a stopped-out account restarts at the same clock)
     shadow = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
     shadow_obs = shadow.reset(seed=args.seed + rank)
-    anchor = NEUTRAL_DIRECTIVE
+    anchor, frozen_book = NEUTRAL_DIRECTIVE, args.freeze_symbols and args.symbol_checkpoint and not saved
+    fixed = None  # every constant directive on train (the best constant and each book's bar moments), when needed
+    if frozen_book and (args.risk_aversion is None or args.master_anchor == "best_constant"):
+        fixed = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I)
+    lam_source = "--risk-aversion"
+    if args.risk_aversion is None:  # resolved once and saved with the run's settings (a resumed run keeps it)
+        args.risk_aversion = calibrated_risk_aversion(fixed) if fixed else FALLBACK_RISK_AVERSION
+        lam_source = "calibrated on the best constant's train book" if fixed else "fallback: symbol agents still train"
+        if fixed and args.risk_aversion == FALLBACK_RISK_AVERSION:
+            lam_source = "fallback: the best constant directive lost on train"
     if args.master_anchor == "best_constant" and not saved:  # fitted on train; the actor starts biased toward it
-        anchor = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I)["best"]
+        anchor = fixed["best"]
         with torch.no_grad():
             bias = master.actor[-1].bias  # (4 + 4 + 3,) the factored heads' logits
             for offset, coord in zip((0, 4, 8), np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
@@ -520,6 +546,7 @@ if __name__ == "__main__":
                 f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
                 f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
                 f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
+                + (f" | paired reward, risk aversion {args.risk_aversion:.4g} ({lam_source})" if args.master_reward == "paired" else "")
             )
 
     # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py (frozen agents: the masks

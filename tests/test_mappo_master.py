@@ -219,10 +219,16 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant"]  # fmt: skip
-    run_script("mappo_master.py", tmp_path, *flags)
+    proc = run_script("mappo_master.py", tmp_path, *flags)
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert "oracle" in summary["backtest"] and summary["go_criterion"]["oracle_gain"] is not None
     assert "p_defensive_given_R" in summary["directive_analysis"]
+    fixed = json.loads((only_run(tmp_path / "runs") / "master_baselines.json").read_text())["fixed"]
+    lam = summary["args"]["risk_aversion"]  # calibrated before training on the same train book the report fits
+    assert lam == pytest.approx(mappo.calibrated_risk_aversion(fixed))
+    earned = fixed["bar_mean"][fixed["best"]] > 0  # a tiny run's agents may lose under every directive
+    assert (lam != mappo.FALLBACK_RISK_AVERSION) == earned
+    assert ("calibrated on the best constant's train book" if earned else "best constant directive lost") in proc.stdout
     (tmp_path / "x").mkdir()
     refused = run_script(
         "mappo_master.py", tmp_path / "x", *TINY, "84", "--master-anchor", "best_constant", check=False
@@ -324,12 +330,37 @@ def test_paired_reward_times_a_flipping_edge_and_not_a_constant_one():
     mu, sd = 2e-4, 1.6e-3  # per bar: a bar Sharpe of 0.125, ~5 a year over 1,764 bars
     same = {state: mu + sd * rng.standard_normal((20_000, 7)) for state in ("M", "R")}
     flip = {"M": same["M"], "R": -mu + sd * rng.standard_normal((20_000, 7))}
-    paired, seed = mappo.Args(), mappo.Args(master_reward="seed", dd_threshold=0.0)
+    paired = mappo.Args(risk_aversion=mappo.FALLBACK_RISK_AVERSION)
+    seed = mappo.Args(master_reward="seed", dd_threshold=0.0)
     assert best_leverage(paired, same["M"]) == best_leverage(paired, same["R"])
     assert best_leverage(paired, flip["M"]) > best_leverage(paired, flip["R"]) == min(te.RISK_MULTIPLIERS)
     assert min(te.RISK_MULTIPLIERS) < best_leverage(paired, flip["M"])  # interior or up: exposure pays in M
     corners = (min(te.RISK_MULTIPLIERS), max(te.RISK_MULTIPLIERS))
     assert all(best_leverage(seed, x) in corners for x in (*same.values(), flip["R"], 0.5 * same["M"]))
+
+
+def test_calibrated_risk_aversion_prefers_the_better_sharpe_not_the_bigger_book():
+    """A fixed lambda too small for the book's scale pays for exposure: a directive that quadruples the exposure at a
+    worse Sharpe ratio wins. Calibrated on the best constant's book (lambda = mu / m2), the utility is best at that
+    book's own scale and ranks the two books as their Sharpe ratios do."""
+    rng = np.random.default_rng(3)
+    small = 1e-4 + 5e-4 * rng.standard_normal(200_000)  # low exposure, bar Sharpe 0.2
+    big = 3e-4 + 2.4e-3 * rng.standard_normal(200_000)  # four times the exposure, bar Sharpe 0.125
+    fixed = {"best": 0, "bar_mean": [small.mean(), big.mean()], "bar_mean_sq": [(small**2).mean(), (big**2).mean()]}
+    lam = mappo.calibrated_risk_aversion(fixed)
+    assert lam == pytest.approx(small.mean() / (small**2).mean())
+
+    def utility(x, lam):  # the paired utility against a flat shadow, per bar
+        sums = {"ret": x, "ret_sq": x * x, "shadow_ret": 0 * x, "shadow_ret_sq": 0 * x, "dd_up": 0 * x,
+                "shadow_dd_up": 0 * x}  # fmt: skip
+        return mappo.master_reward(sums, mappo.Args(risk_aversion=lam), 2)["paired_utility"].mean()
+
+    assert utility(big, mappo.FALLBACK_RISK_AVERSION) > utility(small, mappo.FALLBACK_RISK_AVERSION)
+    assert utility(small, lam) > utility(big, lam)
+    scales = np.linspace(0.5, 1.5, 11)
+    assert scales[np.argmax([utility(k * small, lam) for k in scales])] == pytest.approx(1.0)
+    losing = {"best": 0, "bar_mean": [-1e-4], "bar_mean_sq": [1e-6]}
+    assert mappo.calibrated_risk_aversion(losing) == mappo.FALLBACK_RISK_AVERSION
 
 
 def test_frozen_symbol_agents_act_by_argmax():

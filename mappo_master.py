@@ -188,8 +188,8 @@ learns when to depart"""
     """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best scale of a book with bar
 mean mu and mean square m2 is mu / (lambda m2), interior and moving with the state). None (default): calibrated on
 the train split to the best constant directive's book, lambda = mu / m2 of the frozen symbol agents under it, so that
-the best scale of that book is itself and a riskier directive pays only if it raises the Sharpe ratio; needs
---freeze-symbols with --symbol-checkpoint (symbol agents still training have no fixed book), else FALLBACK_RISK_AVERSION"""
+the best scale of that book is itself and a riskier directive pays only if it raises the Sharpe ratio; this needs
+frozen agents from a symbol checkpoint (agents still training have no fixed book), else FALLBACK_RISK_AVERSION (50)"""
     dd_coef: float = 2.0
     """master reward: weight of the drawdown penalty (each increase of the drawdown beyond --dd-threshold)"""
     dd_threshold: float = 0.05
@@ -542,11 +542,12 @@ if __name__ == "__main__":
             print(f"run {run_dir} | evaluating {args.eval_checkpoint} ({S} symbols, step {global_step}) | "
                   f"{args.encoder.kind} on {device}")  # fmt: skip
         else:
+            paired = args.master_reward == "paired"
             print(
                 f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s), {M * E} master "
                 f"decisions per rank and iteration, {args.num_iterations} iterations | encoder preset {preset}: "
                 f"{args.encoder.kind} on {device} | symbol agents {'frozen' if args.freeze_symbols else 'trained'}"
-                + (f" | paired reward, risk aversion {args.risk_aversion:.4g} ({lam_source})" if args.master_reward == "paired" else "")
+                + (f" | paired reward, risk aversion {args.risk_aversion:.4g} ({lam_source})" if paired else "")
             )
 
     # ALGO Logic: Storage setup. Symbol level (T, E, S, ...) as in ppo_symbol_agent.py (frozen agents: the masks

@@ -282,11 +282,19 @@ def go(jobs: int, markets: list[str], seeds: tuple[int, ...]) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for future in [pool.submit(go_piece, m, k) for m, k in todo]:
             future.result()
-    pieces = [json.loads(f.read_text()) for f in sorted(GO_DIR.glob("*.json"))]
+    summarise(GO_DIR)
+
+
+def summarise(folder: Path) -> None:
+    """The go tables from the pieces in `folder` (no training): results/<folder name>.json and stdout."""
+    pieces = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
+    if not pieces:
+        raise SystemExit(f"no go pieces (*.json) in {folder}: run --go first, or name a folder that holds them")
     summary = market_summary(pieces)
-    record = {"benchmark": "mappo_go", "markets": summary, "summary_table": summary_table(summary),
-              "table": go_table(pieces), "symbol_steps": GO_SYMBOL_STEPS, "pieces": pieces}  # fmt: skip
-    write_json(ROOT / "benchmarks" / "results" / "mappo_go.json", record)
+    record = {"benchmark": "mappo_go", "pieces_folder": Path(folder).name, "markets": summary,
+              "summary_table": summary_table(summary), "table": go_table(pieces), "symbol_steps": GO_SYMBOL_STEPS,
+              "pieces": pieces}  # fmt: skip
+    write_json(ROOT / "benchmarks" / "results" / f"{Path(folder).name}.json", record)
     print(record["summary_table"] + "\n\n" + record["table"])
 
 
@@ -407,6 +415,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--go", action="store_true", help="the go-criterion benchmark (pieces, then mappo_go.json)")
     parser.add_argument("--oracle", action="store_true", help="the preflight: the oracle's gain per market and seed")
+    parser.add_argument(
+        "--summarise",
+        metavar="DIR",
+        help="the go tables from the pieces in DIR, no training "
+        "(e.g. benchmarks/results/mappo_go_lambda50, the pieces before the calibrated risk aversion)",
+    )
     parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
     parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
@@ -420,6 +434,8 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.go:
         return go(opts.jobs, opts.markets, tuple(opts.seeds))
+    if opts.summarise:
+        return summarise(Path(opts.summarise))
     if opts.oracle:
         return oracle(opts.markets, tuple(opts.seeds))
     if opts.block_finding:

@@ -6,7 +6,8 @@ sweep of a split with trading_env's VecTradingCore) -> symbol-agent baselines an
 the master's baselines: sweep_backtests (many masters in one lockstep sweep), the constant directives, threshold
 rules on the cross-section and the volatility target fitted on train, the oracle ceiling on the hidden edge state,
 master_backtests, the go criterion with its paired Sharpe margin, the directive analysis -> the report (stdout, JSON,
-Markdown, parquet) -> pictures -> walk-forward stitching.
+Markdown, parquet) -> pictures -> walk-forward stitching -> explanations (--explain: integrated-gradients saliency of
+the chosen action, the agent's direction against the supervised prior's).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 
 from market_data import REGIME_NAMES_SYNTH, PreparedMarket, downturn_warning
 from trading_env import (
+    ACTION_NAMES,
     BUY_LARGE,
     DIRECTIVE_SHAPE,
     HOLD,
@@ -1665,4 +1667,310 @@ def walk_forward_figure(stitched: pd.DataFrame, starts: list[str], key: str, tit
     ax.set_title(f"{title}: walk-forward, out of sample")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Explanations (--explain): integrated-gradients saliency of the chosen action over the technical window, and the
+# agent's direction against the supervised prior's (SL vs RL), on the decisions of one argmax sweep of a split
+# ---------------------------------------------------------------------------------------------------------------------
+IG_STEPS = 64  # trapezoid intervals of the integrated-gradients path integral
+EXPLAIN_DECISIONS = 2048  # about this many decisions get a saliency map: whole bars drawn at random, all S symbols each
+# Direction of each action: +1 adds exposure (BUY_*, ADD), -1 removes it (SELL_*), 0 holds (ppo_symbol_agent's
+# ACTION_DIRECTION, which builds the supervised prior; a test keeps the two equal).
+ACTION_SIGN = np.zeros(len(ACTION_NAMES), dtype=np.int64)
+ACTION_SIGN[INCREASE_ACTIONS], ACTION_SIGN[[SELL_PARTIAL, SELL_ALL]] = 1, -1
+DIRECTION_NAMES = {1: "buy", 0: "hold", -1: "sell"}
+
+
+def integrated_gradients(fn, x, baseline=None, steps: int = IG_STEPS):
+    """Integrated gradients (Sundararajan, Taly and Yan 2017, eq. 1) of fn at x against `baseline` (zeros if None):
+    (x - baseline) times the mean gradient of fn along the straight path from the baseline to x, the path integral
+    taken with the trapezoidal rule over `steps` intervals (steps + 1 forward and backward passes, each batched).
+
+    x: float tensor (*items, *block); fn(x) -> (*items,), each output reading only its own block of x (one backward
+    pass of the sum then gives every item's gradient: the symbol agents' encoder encodes each window on its own).
+    Returns (attributions shaped as x, fn(x) (*items,), fn(baseline) (*items,)), detached. Completeness: the
+    attributions of an item sum to fn(x) - fn(baseline) up to the quadrature error: O(1 / steps^2) for a smooth fn,
+    O(1 / steps) where the gradient jumps (ReLU kinks)."""
+    import torch
+
+    base = torch.zeros_like(x) if baseline is None else torch.broadcast_to(baseline, x.shape).to(x)
+    grad_sum = torch.zeros_like(x)
+    for k, alpha in enumerate(torch.linspace(0.0, 1.0, steps + 1).tolist()):
+        point = (base + alpha * (x - base)).detach().requires_grad_(True)
+        out = fn(point)
+        (grad,) = torch.autograd.grad(out.sum(), point)
+        grad_sum += grad * (0.5 if k in (0, steps) else 1.0)
+        if k == 0:
+            at_base = out.detach()
+    return (x - base) * grad_sum / steps, out.detach(), at_base
+
+
+def decision_saliency(get_logits, obs: dict[str, np.ndarray], device, steps: int = IG_STEPS, windows: int = 512):
+    """Integrated gradients of the chosen action's logit (the argmax of the masked logits) over the technical window of
+    every decision in obs (numpy arrays (B, S, ...) as the env returns them, B bars of S symbols), from a zero window
+    with every other part of the observation held at its value. get_logits: torch obs dict (B, S, ...) -> masked
+    logits (B, S, 7). Bars go through in chunks of about `windows` windows. Returns numpy (attributions (B, S, L, F),
+    chosen actions (B, S), logit at x (B, S), logit at the baseline (B, S))."""
+    import torch
+
+    B, S = obs["technical"].shape[:2]
+    rows = max(1, windows // S)
+    out = []
+    for lo in range(0, B, rows):
+        part = {k: torch.as_tensor(v[lo : lo + rows], device=device) for k, v in obs.items()}
+        with torch.no_grad():
+            action = get_logits(part).argmax(-1)  # (b, S)
+        onehot = torch.nn.functional.one_hot(action, len(ACTION_NAMES)).float()  # a product: no gather in backward
+
+        def chosen_logit(tech, part=part, onehot=onehot):
+            return (get_logits(part | {"technical": tech}) * onehot).sum(-1)  # (b, S)
+
+        attr, at_x, at_base = integrated_gradients(chosen_logit, part["technical"].float(), steps=steps)
+        out.append([a.cpu().numpy() for a in (attr, action, at_x, at_base)])
+    return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
+
+
+def prior_direction(sl_mean: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Direction (+1 buy, 0 hold, -1 sell) of the supervised prior's most likely action among the allowed ones:
+    the prior's logits are temperature x direction x (mean sl_prob - 0.5) (ppo_symbol_agent.sl_prior_logprobs), so
+    buy where the mean probability is over 1/2 and a buy (or ADD) is allowed, sell where it is under 1/2 and a sell is
+    allowed, hold otherwise (at exactly 1/2 every allowed action ties and HOLD, action 0, is taken).
+    sl_mean (...), mask (..., 7) bool -> (...) int64."""
+    logits = np.where(mask, (sl_mean[..., None] - 0.5) * ACTION_SIGN, -np.inf)
+    return ACTION_SIGN[logits.argmax(-1)]
+
+
+def _mean_se(x: np.ndarray) -> tuple[float | None, float | None, int]:
+    """(mean, standard error, count) over the finite values of x; None where there are too few."""
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return None, None, 0
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None, len(x)
+
+
+def _decision_outcomes(sweep: dict, market: PreparedMarket, config: EnvConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What followed each decision of a run_backtest sweep (n bars x S symbols), NaN where the split ends first:
+    the symbol's return from the decision's fill to the next fill, px[t+2] / px[t+1] - 1 with px the fill price
+    (open, or close with fill="close"; fit_rule's convention), and the env's realised PnL of the symbol's account
+    over the bar after the fill (run_backtest's pnl of step i + 1, net of the costs paid on that step), as a fraction
+    of the account's initial capital. Returns (forward return (n, S), next-bar PnL (n, S))."""
+    pnl, start = sweep["series"]["pnl"], sweep["series"]["start"]
+    n = len(pnl)
+    t = start + np.arange(n - 1)  # decisions whose next bar is inside the sweep
+    px = market.data.open if config.fill == "open" else market.data.close
+    fwd, nxt = np.full(pnl.shape, np.nan), np.full(pnl.shape, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fwd[:-1] = px[t + 2] / px[t + 1] - 1.0
+    fwd[~np.isfinite(fwd)] = np.nan
+    nxt[:-1] = pnl[1:] / float(config.initial_capital)
+    return fwd, nxt
+
+
+def sl_vs_rl(action: np.ndarray, mask: np.ndarray, sl_mean: np.ndarray, fwd: np.ndarray, pnl_next: np.ndarray) -> dict:
+    """The agent's directions against the supervised prior's on the decisions with a choice (more than one allowed
+    action): arrays (n, S) of the agent's actions, the mean sl_prob, _decision_outcomes' forward return and
+    next-bar PnL, and the masks (n, S, 7). Returns {"decisions", "agreement" (share), "table" (agent direction ->
+    prior direction -> count), "groups": agree / disagree -> {n, fwd_bp (mean forward return of the symbol, basis
+    points), signed_bp and signed_se_bp (the same signed by the agent's direction: what its choice earned per unit
+    of direction), pnl_bp (the env's next-bar PnL, basis points of the account's capital)}}."""
+    choice = mask.sum(-1) > 1
+    agent, prior = ACTION_SIGN[action][choice], prior_direction(sl_mean, mask)[choice]
+    fwd, pnl_next = fwd[choice], pnl_next[choice]
+    table = {DIRECTION_NAMES[a]: {DIRECTION_NAMES[p]: int(((agent == a) & (prior == p)).sum()) for p in (1, 0, -1)}
+             for a in (1, 0, -1)}  # fmt: skip
+    groups = {}
+    for name, sel in (("agree", agent == prior), ("disagree", agent != prior)):
+        signed, signed_se, _ = _mean_se(1e4 * agent[sel] * fwd[sel])
+        groups[name] = {
+            "n": int(sel.sum()),
+            "fwd_bp": _mean_se(1e4 * fwd[sel])[0],
+            "signed_bp": signed,
+            "signed_se_bp": signed_se,
+            "pnl_bp": _mean_se(1e4 * pnl_next[sel])[0],
+        }
+    n = int(choice.sum())
+    return {"decisions": n, "agreement": float((agent == prior).mean()) if n else None, "table": table,
+            "groups": groups}  # fmt: skip
+
+
+def explain_decisions(
+    get_logits,
+    market: PreparedMarket,
+    split: str,
+    config: EnvConfig,
+    seed: int,
+    device="cpu",
+    decisions: int = EXPLAIN_DECISIONS,
+    steps: int = IG_STEPS,
+) -> dict:
+    """Why an independent-mode agent acts as it does on `split`: one argmax sweep (run_backtest, the same actions as
+    the report's argmax backtest) records every decision; on ceil(decisions / S) bars drawn at random (seed) the
+    chosen action's logit is attributed to the lookback bars and features of its technical window (decision_saliency),
+    and every decision's direction is set against the supervised prior's (sl_vs_rl; None where sl_probs is constant
+    on the split, i.e. the data has no supervised signals). get_logits: torch obs dict (B, S, ...) -> masked logits
+    (B, S, 7). Returns {"saliency": mean |attribution| over the sampled decisions with a choice (L, F), "share": its
+    share of the total (L, F), "feature_names", "decisions", "bars", "symbols", "steps", "completeness_gap" and
+    "completeness_gap_mean" (the largest and the mean |sum of a decision's attributions - (logit(x) -
+    logit(baseline))|), "logit_change" (the mean |logit(x) - logit(baseline)|), "sl" (sl_vs_rl's result or None),
+    "sl_constant" (the constant value or None), "sweep" (per decision (n, S): action, mask, sl_mean, fwd, pnl_next;
+    and start), "total_return" (the sweep's), "split", "seed"}."""
+    import torch
+
+    lo, hi = market.splits[split]
+    S, n = market.technical.shape[1], max(hi - 1 - max(lo, market.lookback - 1), 1)  # the sweep's bars, as the core
+    keep = set(np.random.default_rng(seed).choice(n, size=min(-(-decisions // S), n), replace=False).tolist())
+    record = {"action": [], "mask": [], "sl_mean": []}
+    kept = []
+
+    def act(obs):  # the argmax policy, recording each decision and the whole observation of the sampled bars
+        with torch.no_grad():
+            action = get_logits({k: torch.as_tensor(v, device=device) for k, v in obs.items()}).argmax(-1)
+        action = action.cpu().numpy()  # (1, S)
+        if len(record["action"]) in keep:
+            kept.append({k: v[0].copy() for k, v in obs.items()})  # the env reuses its buffers
+        record["action"].append(action[0])
+        record["mask"].append(obs["action_mask"][0] != 0)
+        record["sl_mean"].append(obs["sl_probs"][0].mean(-1))
+        return action
+
+    sweep = run_backtest(act, market, split, config, seed)
+    rec = {k: np.stack(v) for k, v in record.items()}  # (n, S), mask (n, S, 7)
+    rec["fwd"], rec["pnl_next"] = _decision_outcomes(sweep, market, config)
+    rec["start"] = sweep["series"]["start"]
+
+    obs = {k: np.stack([o[k] for o in kept]) for k in kept[0]}  # (B, S, ...)
+    attr, _, at_x, at_base = decision_saliency(get_logits, obs, device, steps)
+    choice = obs["action_mask"].sum(-1) > 1  # (B, S) decisions with more than one allowed action
+    saliency = np.abs(attr[choice]).mean(0) if choice.any() else np.zeros(attr.shape[2:])  # (L, F)
+    gap = np.abs(attr.sum((-2, -1)) - (at_x - at_base))
+    names = list(market.feature_names) or [f"feature {j}" for j in range(attr.shape[-1])]
+    sl_values = rec["sl_mean"]
+    constant = float(sl_values.flat[0]) if np.ptp(sl_values) == 0 else None
+    sl = None if constant is not None else sl_vs_rl(rec["action"], rec["mask"], sl_values, rec["fwd"], rec["pnl_next"])
+    return {
+        "saliency": saliency,
+        "share": saliency / saliency.sum() if saliency.sum() > 0 else saliency,
+        "feature_names": names,
+        "decisions": int(choice.sum()),
+        "bars": len(kept),
+        "symbols": S,
+        "steps": steps,
+        "completeness_gap": float(gap.max()),
+        "completeness_gap_mean": float(gap.mean()),
+        "logit_change": float(np.abs(at_x - at_base).mean()),
+        "sl": sl,
+        "sl_constant": constant,
+        "sweep": rec,
+        "total_return": sweep["agent"]["total_return"],
+        "split": split,
+        "seed": seed,
+    }
+
+
+def format_explanation(explained: dict, top: int = 10) -> str:
+    """explain_decisions' result as Markdown: the method, the top `top` (lag, feature) cells with their share of
+    the total attribution, the share on ret_1 at the decision bar, the shares by feature, and the SL vs RL section."""
+    share, names, split = explained["share"], explained["feature_names"], explained["split"]
+    L = share.shape[0]
+    order = np.argsort(share, axis=None)[::-1][:top]
+    lines = [
+        f"## Saliency: what the chosen action reads in the technical window ({split} split)",
+        "",
+        f"Integrated gradients (Sundararajan, Taly and Yan 2017) of the chosen action's logit (the argmax of the "
+        f"masked policy) with respect to the technical window ({L} bars x {len(names)} features), from a zero "
+        f"baseline window (each feature at its rolling mean: the features are rolling z-scores) with the rest of the "
+        f"observation held at its value; {explained['steps']} trapezoid steps. Completeness: each decision's "
+        f"attributions sum to logit(x) - logit(baseline) within {explained['completeness_gap']:.2g} (the largest "
+        f"gap; {explained['completeness_gap_mean']:.2g} on average, against a mean |logit(x) - logit(baseline)| "
+        f"of {explained['logit_change']:.3g}; the ReLU kinks of the heads make the quadrature error fall as "
+        "1 / steps).",
+        "",
+        f"Decisions: {explained['decisions']} with a choice (more than one allowed action) on {explained['bars']} "
+        f"bars of the {split} split drawn at random (seed {explained['seed']}), all {explained['symbols']} symbols "
+        f"of each bar; aggregated as the mean |attribution| per (lag, feature), given as shares of the total.",
+        "",
+    ]
+    if "ret_1" in names:
+        lines += [f"Share on ret_1 at the decision bar (lag 0): {share[L - 1, names.index('ret_1')]:.1%}.", ""]
+    lines += ["| rank | lag (bars before the decision) | feature | share |", "|---|---|---|---|"]
+    for rank, cell in enumerate(order, 1):
+        row, col = np.unravel_index(cell, share.shape)
+        lines.append(f"| {rank} | {L - 1 - row} | {names[col]} | {share[row, col]:.1%} |")
+    by_feature = share.sum(0)
+    lines += ["", "By feature (summed over the lags): " + ", ".join(
+        f"{names[j]} {by_feature[j]:.1%}" for j in np.argsort(by_feature)[::-1][:5]) + "."]  # fmt: skip
+    lines += ["", "## SL vs RL: the agent's direction against the supervised prior's", ""]
+    sl = explained["sl"]
+    if sl is None:
+        lines.append(
+            f"No comparison: sl_probs is constant ({explained['sl_constant']:g}) on the {split} split, so the data "
+            "has no supervised signals (as --data.no-sl-signals prepares it) and the prior has no direction."
+        )
+        return "\n".join(lines)
+    lines += [
+        f"Every decision with a choice of the argmax sweep of the {split} split ({sl['decisions']}). The agent's "
+        "direction: buy (BUY_* or ADD), sell (SELL_*) or hold. The prior's: that of its most likely allowed action "
+        "(buy where the mean sl_prob is over 1/2 and a buy is allowed, sell where it is under 1/2 and a sell is "
+        "allowed, hold otherwise). They agree on "
+        + (f"{sl['agreement']:.1%} of the decisions." if sl["agreement"] is not None else "no decision."),
+        "",
+        "| agent \\ prior | buy | hold | sell |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | " + " | ".join(str(c) for c in row.values()) + " |" for a, row in sl["table"].items()]
+    lines += [
+        "",
+        "What followed, after the decision: the symbol's return from the decision's fill (the next bar) to the next "
+        "fill, its mean and signed by the agent's direction (what the choice earned per unit of direction; hold "
+        "counts 0), and the env's realised PnL of the symbol's account over the bar after the fill (net of the "
+        "costs paid on that step), in basis points of the account's capital. The sweep's total return is "
+        f"{explained['total_return']:.4%} (the report's argmax agent).",
+        "",
+        "| decisions | n | forward return (bp) | signed by the agent (bp, +- s.e.) | env PnL next bar (bp) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, g in sl["groups"].items():
+        signed = "n/a" if g["signed_bp"] is None else f"{g['signed_bp']:+.2f}"
+        signed += "" if g["signed_se_bp"] is None else f" +- {g['signed_se_bp']:.2f}"
+        cells = ["n/a" if g[k] is None else f"{g[k]:+.2f}" for k in ("fwd_bp", "pnl_bp")]
+        lines.append(f"| {name} | {g['n']} | {cells[0]} | {signed} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def save_explanation(run_dir, explained: dict) -> str:
+    """Write explain_decisions' result to run_dir: explain.md (format_explanation) and explain.json (the figures,
+    the saliency grid (L, F) by lag from the oldest bar to the decision bar, and the shares). Returns the text."""
+    text = format_explanation(explained)
+    keep = ("feature_names", "decisions", "bars", "symbols", "steps", "completeness_gap", "completeness_gap_mean",
+            "logit_change", "sl", "sl_constant", "total_return", "split", "seed")  # fmt: skip
+    out = {k: explained[k] for k in keep} | {k: explained[k].tolist() for k in ("saliency", "share")}
+    (Path(run_dir) / "explain.json").write_text(json.dumps(out, indent=2) + "\n")
+    (Path(run_dir) / "explain.md").write_text(text + "\n")
+    return "\n" + text
+
+
+def saliency_figure(explained: dict, title: str):
+    """explain_decisions' share grid as a heat map: lags (0 = the decision bar, at the top) by features (named)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share, names = explained["share"], explained["feature_names"]
+    L, F = share.shape
+    fig, ax = plt.subplots(figsize=(12, 7.5), layout="constrained")  # room for the rotated feature names
+    image = ax.imshow(100 * share[::-1], aspect="auto", cmap="viridis")  # row r = lag r
+    ax.set_yticks(range(L))
+    ax.set_yticklabels(range(L), fontsize=7)
+    ax.set_xticks(range(F))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("lag: bars before the decision (0 = the decision bar)")
+    fig.colorbar(image, ax=ax, label="share of the total mean |attribution| (%)")
+    ax.set_title(
+        f"{title}\nintegrated gradients of the chosen action's logit: mean |attribution| over "
+        f"{explained['decisions']} decisions ({explained['steps']} steps, zero baseline)",
+        fontsize=10,
+    )
     return fig

@@ -33,9 +33,12 @@ from backtest import (
     backtest_figures,
     decile_figure,
     deflated_sharpe,
+    explain_decisions,
     format_deciles,
     run_backtest,
+    saliency_figure,
     save_backtest,
+    save_explanation,
 )
 from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
 from market_data import DataConfig
@@ -80,6 +83,10 @@ difference is printed); without it such a resume is refused"""
     """path of a checkpoint.pt (or best.pt) of this script to evaluate: no training, the final backtest and report of
 the saved agents on the test split of the data given by the --data.* flags (which must have the universe and
 features they were trained on), in a new run folder"""
+    explain: bool = False
+    """with --eval-checkpoint: also explain the agent's decisions on the test split: an integrated-gradients saliency
+map of the chosen action over the lookback bars and features (<split>_saliency.png) and its direction against the
+supervised prior's, with what followed (explain.md, explain.json; docs/explain.md)"""
     run_dir: str = "runs"
     """folder that holds the run folders"""
     walk_forward: int = 0
@@ -364,6 +371,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
     T, E = args.num_steps, args.num_envs
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    xp.require(not args.explain or args.eval_checkpoint, "--explain explains a saved agent: add --eval-checkpoint "
+               "runs/<run>/best.pt (or checkpoint.pt), or leave --explain out to train")  # fmt: skip
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
         xp.run_walk_forward(__file__, args, "agent")
         raise SystemExit(0)
@@ -656,6 +665,10 @@ if __name__ == "__main__":
         print(format_deciles(deciles, "ret_1"))
         figures = backtest_figures(curves, tests["series"], envs.symbols, title)
         figures["deciles"] = decile_figure(deciles, "ret_1", title)
+        if args.explain:  # saliency and the SL vs RL decision report (docs/explain.md)
+            explained = explain_decisions(tested.get_logits, market, args.test_split, env_cfg, args.seed, device)
+            print(save_explanation(run_dir, explained))
+            figures["saliency"] = saliency_figure(explained, title)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
                    encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
                    telemetry=last_telemetry, entropy_control=ctl, final_weights="best_val" if selected else "last",

@@ -224,7 +224,7 @@ class PreparedMarket:
 #   x[t, f] = kappa * e[t-1, leader(f)] + sqrt(1 - kappa^2) * w[t, f]     a follower
 # var x = 1 for every symbol, and every symbol's own autocorrelation (and the benchmark's forecast of it) is exactly 0
 # at every lag: the lead term is independent of the follower's past. The leader's whole standardised return w[t-1, l]
-# would not do: it shares the market and sector shocks with w[t-1, f] (correlation c ~0.25), which would give the
+# would not do: it shares the market and sector shocks with w[t-1, f] (correlation c ~0.3), which would give the
 # follower an own lag-1 autocorrelation kappa sqrt(1 - kappa^2) c and the lagged benchmark a forecast. The leader's
 # standardised return predicts the follower's next one with correlation kappa x E[q], q = sd_e / sd the leader's
 # idiosyncratic share of its volatility (~0.8 on average). kappa = 0 is the placebo: the same sectors and draws, x = w.

@@ -374,6 +374,67 @@ def rule_policy(rule: dict):
     return act
 
 
+# The lead-lag market's ceiling (--data.lead-lag): a one-line rule across symbols, the yardstick of a graph module.
+def fit_cross_rule(market: PreparedMarket, config: EnvConfig, split: str = "train", quantile: float = 0.8) -> dict:
+    """The cross rule of the lead-lag market: long a follower for one bar after its leader's ret_1 (the observed,
+    normalised technical feature) lies in the leader's top quintile, flat otherwise. Leaders are never held (their own
+    window has no edge), and there is no short side (the environment is long only). The rule is given the market's
+    hidden leader map (MarketData.leader_map): it knows the structure a learner has to find, and fits only each
+    leader's threshold, the `quantile` of its ret_1 over the decision bars of `split` where it is tradable. Also
+    reported, as a check that the map can be learnt from `split` alone: map_recovered, the share of followers whose
+    best lag-1 predictor on the split (the symbol j != f whose ret_1 at t has the largest correlation with f's
+    return over the bar the rule would hold, px[t+1] -> px[t+2]) is their leader. Its honest figures come from
+    run_backtest(cross_rule_policy(rule), ...) on other splits. config sets the fill price of that check only."""
+    leaders = market.data.leader_map
+    if leaders is None:
+        raise ValueError("fit_cross_rule needs the lead-lag market (--data.lead-lag): this market has no leader map.")
+    leaders = np.asarray(leaders, dtype=np.int64)
+    lo, hi = market.splits[split]
+    t = np.arange(max(lo, market.lookback - 1), hi - 2)
+    feature = market.feature_names.index("ret_1")
+    x = market.technical[t, :, feature].astype(np.float64)  # (n, S)
+    ok = market.data.tradable[t]  # (n, S) missing bars have ret_1 = 0, not a reading
+    thresholds = np.full(len(leaders), np.nan)
+    for s in np.unique(leaders):
+        thresholds[s] = np.quantile(x[ok[:, s], s], quantile)
+    px = market.data.open if config.fill == "open" else market.data.close
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ret = np.log(px[t + 2] / px[t + 1])  # (n, S) the bar a position taken at t holds
+    both = np.isfinite(ret) & ok & market.data.tradable[t + 1]
+    z = np.where(ok, x - np.where(ok, x, 0.0).mean(0), 0.0)
+    y = np.where(both, ret - np.where(both, ret, 0.0).mean(0), 0.0)
+    corr = (z.T @ y) / np.sqrt(np.outer((z**2).sum(0), (y**2).sum(0)))  # (S, S) ret_1 of j at t vs f's next bar
+    np.fill_diagonal(corr, -np.inf)
+    follow = np.flatnonzero(leaders != np.arange(len(leaders)))
+    recovered = corr[:, follow].argmax(0) == leaders[follow]
+    return {
+        "name": "cross_ret_1",
+        "feature": feature,
+        "leader_map": leaders.tolist(),
+        "thresholds": [None if np.isnan(v) else float(v) for v in thresholds],
+        "quantile": float(quantile),
+        "split": split,
+        "map_recovered": float(recovered.mean()) if len(follow) else None,
+    }
+
+
+def cross_rule_policy(rule: dict):
+    """fit_cross_rule's rule as a policy of the env's actions, for an env over the whole universe in its order:
+    BUY_LARGE when a follower's leader's ret_1 crosses its threshold while the follower is flat, SELL_ALL when it does
+    not while the follower is held, HOLD otherwise and always for leaders (masks respected)."""
+    leaders = np.asarray(rule["leader_map"], dtype=np.int64)
+    follower = leaders != np.arange(len(leaders))  # (S,)
+    threshold = np.array([np.inf if v is None else v for v in rule["thresholds"]])[leaders]  # (S,) the leader's
+    trade = rule_policy({"direction": 1.0, "feature": 0, "threshold": threshold})  # its entries and exits
+
+    def act(obs):
+        x = obs["technical"][..., -1, rule["feature"]]  # (E, S)
+        lead = np.where(follower, x[..., leaders], -np.inf)  # the leader's reading in each follower's slot
+        return trade(obs | {"technical": lead[..., None, None]})  # (E, S, 1, 1): rule_policy reads [..., -1, 0]
+
+    return act
+
+
 def baseline_backtests(
     market: PreparedMarket, split: str, config: EnvConfig, seed: int, agent: dict, rule: dict | None = None
 ) -> dict[str, dict]:

@@ -256,6 +256,7 @@ def data_tag(cfg: DataConfig) -> str:
         foresight = (f"-f{cfg.regime_foresight:g}" if cfg.regime_foresight else "") + (
             f"-e{cfg.edge_regime}" if cfg.edge_regime != "off" else ""
         )
+        foresight += f"-l{cfg.lead_lag:g}" if cfg.lead_lag is not None else ""  # the lead-lag market (0: placebo)
         tag = f"synthetic-s{cfg.signal_strength:g}{foresight}-{cfg.years:g}y-{cfg.num_symbols}sym-d{cfg.seed}"
     else:
         tag = Path(cfg.source).stem.replace("__", "_") or "data"

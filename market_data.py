@@ -65,6 +65,13 @@ unchanged market factor, so symbols move together (average correlation ~0.3 -> ~
 not change. placebo-a: the flips without the announcement (it follows an independent copy of the chain);
 placebo-b: the announcement without the flips; off (default): today's market, byte for byte. The state is
 MarketData.edge_labels, never observed"""
+    lead_lag: float | None = None
+    """Synthetic only: kappa of a market where only cross-symbol information pays. Symbols form K = ceil(S / 5)
+sectors, symbol s in sector s mod K, each led by its first symbol; a follower's next standardised return loads kappa
+on its leader's last idiosyncratic shock, and no symbol's own window holds an edge (needs --data.signal-strength 0).
+A one-line cross rule (backtest.fit_cross_rule) earns it; kappa 0.45 clears costs by about the 0.3 market's margin,
+see docs/data.md. Kappa 0 is the placebo: the same sectors and marginals without the lead. None (default): off,
+today's market byte for byte. The map is MarketData.leader_map, never observed"""
     symbols: list[str] | None = None
     """User data: keep only these symbols (default: every file / every symbol in the long parquet)."""
     benchmark: str | None = None
@@ -147,6 +154,10 @@ class MarketData:
     """Synthetic with --data.edge-regime other than off: (T,) int8 hidden daily edge state, 0 momentum (M), 1 reversal
     (R), the chain that drives the flips (placebo-b: the announcement). Never part of the observation; None when off
     and for user data."""
+    leader_map: np.ndarray | None = None
+    """Synthetic with --data.lead-lag: (S,) int64, the index of each symbol's sector leader (a leader maps to itself;
+    the followers are the symbols s with leader_map[s] != s). Never part of the observation; None when lead-lag is
+    off and for user data."""
     source: str = "synthetic"
     """Where the bars came from (for reports)."""
 
@@ -206,6 +217,19 @@ class PreparedMarket:
 #   placebo-a  the flips of e; the announcement follows an independent copy of the chain (same law, own draws)
 #   placebo-b  the announcement of e; no flips (rho_t = rho everywhere)
 # The announcement's factor multiplies the foresight warning's (1 + 2 x foresight). cross_section_features reads it.
+# Lead-lag market (lead_lag = kappa, not None; rho must be 0): K = ceil(S / LEAD_LAG_SECTOR_SIZE) sectors, symbol s in
+# sector s mod K, the leader of sector k its first symbol, k; e[t, s] = the idiosyncratic shock z of symbol s (unit
+# variance, independent of every other shock and of its own past), the news in its return that no other symbol shares:
+#   x[t, l] = w[t, l]                                                     a leader
+#   x[t, f] = kappa * e[t-1, leader(f)] + sqrt(1 - kappa^2) * w[t, f]     a follower
+# var x = 1 for every symbol, and every symbol's own autocorrelation (and the benchmark's forecast of it) is exactly 0
+# at every lag: the lead term is independent of the follower's past. The leader's whole standardised return w[t-1, l]
+# would not do: it shares the market and sector shocks with w[t-1, f] (correlation c ~0.3), which would give the
+# follower an own lag-1 autocorrelation kappa sqrt(1 - kappa^2) c and the lagged benchmark a forecast. The leader's
+# standardised return predicts the follower's next one with correlation kappa x E[q], q = sd_e / sd the leader's
+# idiosyncratic share of its volatility (~0.8 on average). kappa = 0 is the placebo: the same sectors and draws, x = w.
+# No extra draws: placebo and lead share every array but the followers' returns; lead_lag None leaves K = 11 and the
+# market byte for byte as before.
 
 REGIME_NAMES_SYNTH = ("bull", "bear", "crisis")
 _REGIME_TRANSITIONS = np.array([[0.990, 0.008, 0.002], [0.030, 0.960, 0.010], [0.060, 0.040, 0.900]])
@@ -226,6 +250,7 @@ EDGE_REGIMES = ("off", "flip", "placebo-a", "placebo-b")
 _EDGE_TRANSITIONS = np.array([[0.975, 0.025], [0.10, 0.90]])  # M, R: stationary R share 0.025 / 0.125 = 0.2
 ANNOUNCE_DAYS = 3  # edge regime: days before an M -> R onset on which the announcement already shows
 ANNOUNCE_SCALE = 0.5  # edge regime: sector and idiosyncratic volatility factor on announced days
+LEAD_LAG_SECTOR_SIZE = 5  # lead-lag market: symbols per sector (one leader, four followers)
 
 
 def _daily_chain(u: np.ndarray, transitions: np.ndarray) -> np.ndarray:
@@ -311,7 +336,11 @@ def _garch_unit(z: np.ndarray, alpha: float = 0.08, beta: float = 0.90, h_max: f
 
 
 def check_synthetic_flags(
-    signal_strength: float, gap_rate: float, regime_foresight: float, edge_regime: str = "off"
+    signal_strength: float,
+    gap_rate: float,
+    regime_foresight: float,
+    edge_regime: str = "off",
+    lead_lag: float | None = None,
 ) -> None:
     """The synthetic market's own settings, checked before any work (a UserInputError names the flag)."""
     if not 0.0 <= signal_strength < 1.0:
@@ -322,6 +351,28 @@ def check_synthetic_flags(
         raise UserInputError(f"--data.regime-foresight {regime_foresight} must lie in [0, 1]; 0 gives no warning.")
     if edge_regime not in EDGE_REGIMES:
         raise UserInputError(f"--data.edge-regime {edge_regime!r}: use one of {EDGE_REGIMES} (off: no edge regime).")
+    if lead_lag is not None:
+        if not 0.0 <= lead_lag < 1.0:
+            raise UserInputError(
+                f"--data.lead-lag {lead_lag} must lie in [0, 1); 0 is the placebo (the sectors without the lead), and "
+                "leaving the flag out turns the lead-lag market off."
+            )
+        if signal_strength != 0.0:
+            raise UserInputError(
+                f"--data.lead-lag {lead_lag} plants its edge across symbols only, so no symbol's own returns may be "
+                f"autocorrelated; --data.signal-strength is {signal_strength}: add --data.signal-strength 0."
+            )
+        if edge_regime != "off":
+            raise UserInputError(
+                f"--data.lead-lag and --data.edge-regime {edge_regime} are two different markets; drop one of them."
+            )
+
+
+def lead_lag_leaders(num_symbols: int) -> np.ndarray:
+    """(S,) int64 the lead-lag market's leader of each symbol: K = ceil(S / LEAD_LAG_SECTOR_SIZE) sectors, symbol s in
+    sector s mod K, whose leader is its first symbol, s mod K (a leader maps to itself)."""
+    num_sectors = -(-num_symbols // LEAD_LAG_SECTOR_SIZE)
+    return np.arange(num_symbols, dtype=np.int64) % num_sectors
 
 
 def generate_synthetic_market(
@@ -333,15 +384,19 @@ def generate_synthetic_market(
     num_sectors: int = 11,
     regime_foresight: float = 0.0,
     edge_regime: str = "off",
+    lead_lag: float | None = None,
 ) -> MarketData:
     """Seeded synthetic hourly market (see the model above). The same arguments give identical arrays; edge_regime
-    "off" gives the same arrays as before the edge regime existed (its chain has its own generator)."""
+    "off" gives the same arrays as before the edge regime existed (its chain has its own generator), and lead_lag
+    None the same as before the lead-lag market existed (with lead_lag, num_sectors is ceil(S / 5))."""
     if num_symbols < 1:
         raise UserInputError(f"--data.num-symbols {num_symbols}: the synthetic market needs at least 1 symbol.")
-    check_synthetic_flags(signal_strength, gap_rate, regime_foresight, edge_regime)
+    check_synthetic_flags(signal_strength, gap_rate, regime_foresight, edge_regime, lead_lag)
     rng = np.random.default_rng(seed)
     ts = _synthetic_calendar(years)
-    T, S, K = len(ts), num_symbols, min(num_sectors, num_symbols)
+    leaders = None if lead_lag is None else lead_lag_leaders(num_symbols)  # (S,)
+    T, S = len(ts), num_symbols
+    K = min(num_sectors, num_symbols) if leaders is None else int(leaders.max()) + 1
     bpy = _SYNTH_BARS_PER_DAY * _SYNTH_DAYS_PER_YEAR
 
     # hidden daily regime chain, repeated over the bars of each day
@@ -395,6 +450,10 @@ def generate_synthetic_market(
     for t in range(T):
         prev = rho_t[t] * prev + scale * w[t]
         x[t] = prev
+    if leaders is not None:  # lead-lag (rho = 0, so x = w here): followers load kappa on their leader's last news
+        kappa, follow = float(lead_lag), np.flatnonzero(leaders != np.arange(S))
+        news = z[:, 1 + K :][:, leaders[follow]]  # (T, F) each follower's leader's idiosyncratic shock
+        x[1:, follow] = kappa * news[:-1] + np.sqrt(1.0 - kappa**2) * x[1:, follow]
     drift = (_REGIME_DRIFT[regime] / bpy)[:, None] * beta[None, :]  # (T, S)
     r = drift + sd * x
 
@@ -444,6 +503,7 @@ def generate_synthetic_market(
         bars_per_year=float(bpy),
         regime_labels=regime.astype(np.int8),
         edge_labels=None if edge_day is None else np.repeat(edge_day, _SYNTH_BARS_PER_DAY).astype(np.int8),
+        leader_map=leaders,
         source="synthetic",
     )
 
@@ -1367,6 +1427,7 @@ def write_cache(p: PreparedMarket, folder: Path, key: str) -> None:
         "sl_metrics": p.sl_metrics,
         "feature_names": p.feature_names,
         "regime_names": p.regime_names,
+        "leader_map": None if d.leader_map is None else d.leader_map.tolist(),
         "checksums": checksums,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -1413,6 +1474,7 @@ def read_cache(folder: Path, key: str) -> PreparedMarket:
             bars_per_year=meta["bars_per_year"],
             regime_labels=series.get("regime_label"),
             edge_labels=series.get("edge_label"),
+            leader_map=None if meta.get("leader_map") is None else np.asarray(meta["leader_map"], dtype=np.int64),
             source=meta["source"],
         )
         stack = lambda name, n: np.stack([cols[name][k] for k in n], axis=-1)  # noqa: E731
@@ -1454,7 +1516,7 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.source == "synthetic":
         if cfg.num_symbols < 1 or cfg.years <= 0:
             raise UserInputError(f"--data.num-symbols {cfg.num_symbols} and --data.years {cfg.years} must be positive.")
-        check_synthetic_flags(cfg.signal_strength, cfg.gap_rate, cfg.regime_foresight, cfg.edge_regime)
+        check_synthetic_flags(cfg.signal_strength, cfg.gap_rate, cfg.regime_foresight, cfg.edge_regime, cfg.lead_lag)
     elif not Path(cfg.source).exists():
         raise UserInputError(
             f"--data.source {cfg.source}: no such file or folder. Pass synthetic, one bar file (CSV or parquet; the "
@@ -1490,6 +1552,7 @@ def load_market(cfg: DataConfig) -> MarketData:
             cfg.gap_rate,
             regime_foresight=cfg.regime_foresight,
             edge_regime=cfg.edge_regime,
+            lead_lag=cfg.lead_lag,
         )
     return load_user_market(cfg)
 

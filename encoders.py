@@ -95,6 +95,21 @@ class EncoderConfig:
     """size of the embedding handed to the heads"""
     alt_layers: int = 2
     """recurrent layers (lstm) or convolution layers (cnn) of the alternatives"""
+    cross_symbol: Literal["none", "attention"] = "none"
+    """mixing across the S symbols of an env after the per-symbol encoder, before the heads: none (each symbol sees
+its own observation only), or attention (each symbol attends to every symbol of its env at the same bar: their
+embeddings, newest bars and lagged return correlations over the window; one residual block, CrossSymbolAttention;
+docs/training.md)"""
+    cross_symbol_dim: int = 32
+    """width of the cross-symbol block's queries, keys and values (split over its heads); the message is projected
+back to output_dim"""
+    cross_symbol_heads: int = 4
+    """attention heads of the cross-symbol block"""
+    cross_symbol_graph: bool = True
+    """with cross_symbol attention: a learned (heads, S, S) bias on the attention scores, a graph of which symbol
+reads which, learned from the rewards (it ties the network to S symbols in their order); off: attention on content
+and on the window's lagged correlations only, equivariant under any permutation of the symbols and open to any
+number of them"""
     # Input shapes: set from the environment's observation (set_input_shapes), never flags, so that they cannot
     # disagree with the data (--data.lookback is the one lookback).
     seq_len: int = field(default=24, init=False)
@@ -345,6 +360,95 @@ class MLPEncoder(nn.Module):
 ENCODERS = {"transformer": FeatureEncoder, "lstm": LSTMEncoder, "cnn": CNNEncoder, "mlp": MLPEncoder}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Mixing across symbols (the graph module): per-symbol embeddings (*lead, S, D) -> (*lead, S, D), the symbol axis kept.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+RET_1 = 0  # column of ret_1 (the bar's log return, normalised) in the technical features (market_data.FEATURE_NAMES)
+
+
+def lagged_correlation(returns: torch.Tensor) -> torch.Tensor:
+    """returns (..., S, L), a window of L bars per symbol -> (..., S, S): entry (i, j) is the correlation of symbol
+    i's return with symbol j's return one bar earlier, corr(r_i[t], r_j[t - 1]) over the window's L - 1 pairs, times
+    sqrt(L - 1): in standard errors, about N(0, 1) for unrelated symbols. A flat window gives 0."""
+    y, x = returns[..., 1:], returns[..., :-1]  # (..., S, L - 1): r[t] and r[t - 1]
+    y = y - y.mean(-1, keepdim=True)
+    x = x - x.mean(-1, keepdim=True)
+    y = y / y.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+    x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+    return (y @ x.transpose(-1, -2)) * math.sqrt(y.shape[-1])
+
+
+class CrossSymbolAttention(nn.Module):
+    """One pre-LN multi-head attention block across the S symbols of each env, between the per-symbol encoder and
+    the heads: z (*lead, S, D) -> z + W_o softmax(q k^T / sqrt(d_head) + G + beta Z) v (Vaswani et al. 2017, eq. 1).
+
+    - q, k, v (width W = cfg.cross_symbol_dim, split over the heads; W_o maps the message back to D) are linear in
+      [LayerNorm(z), the symbol's newest bar (F technical features)]: another symbol's last return reaches the keys
+      and values directly, without the encoder having to learn to carry it.
+    - G (heads, S, S), with cfg.cross_symbol_graph: a learned bias, symbol i's prior on reading symbol j whatever the
+      content. It lets a follower learn "my leader is symbol 0" without being told the map, but ties the block to S
+      symbols in their order (equivariant only when G is permuted with them).
+    - Z (*lead, S, S): lagged_correlation of every symbol's ret_1 over the observation's window (corr(r_i[t],
+      r_j[t - 1]) in standard errors), weighted by a learned beta per head: a causal rolling lead-lag graph computed
+      from the data in the window, equivariant and open to any S.
+
+    Row i is where symbol i looks at the same bar, its own column included; nothing crosses the leading axes (envs,
+    bars), so the block is as causal as the observation, whose windows end at the current bar. W_o, G and beta start
+    at zero: a new block is the identity, so the policy starts as the per-symbol one and learns to mix. Cost per env
+    in multiply-adds: 3 S (D + F) W + S W D for the projections, 2 S^2 W for the scores and the mix, S^2 L for Z
+    (docs/training.md)."""
+
+    def __init__(self, cfg: EncoderConfig, num_symbols: int):
+        super().__init__()
+        width, heads = cfg.cross_symbol_dim, cfg.cross_symbol_heads
+        if width % heads != 0:
+            raise ValueError(
+                f"EncoderConfig.cross_symbol_dim={width} must be a multiple of cross_symbol_heads={heads}."
+            )
+        self.num_heads, self.num_symbols, self.width = heads, num_symbols, width
+        self.norm = nn.LayerNorm(cfg.output_dim)
+        self.qkv = nn.Linear(cfg.output_dim + cfg.technical_dim, 3 * width)
+        self.out = nn.Linear(width, cfg.output_dim)
+        _xavier_init(self)
+        nn.init.zeros_(self.out.weight)
+        self.graph = nn.Parameter(torch.zeros(heads, num_symbols, num_symbols)) if cfg.cross_symbol_graph else None
+        self.lag_weight = nn.Parameter(torch.zeros(heads, 1, 1))  # beta
+
+    def _attend(self, z: torch.Tensor, technical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention probabilities (N, heads, S, S) and values (N, heads, S, d_head), the leading dims flattened."""
+        S, D = z.shape[-2:]
+        if self.graph is not None and S != self.num_symbols:
+            raise ValueError(
+                f"The input has {S} symbols but the cross-symbol graph was built for {self.num_symbols}; build "
+                "SymbolPolicy with num_symbols matching the env, or set EncoderConfig.cross_symbol_graph=False."
+            )
+        h, d_head = self.num_heads, self.width // self.num_heads
+        tech = technical.reshape(-1, S, *technical.shape[-2:]).to(z.dtype)  # (N, S, L, F)
+        x = torch.cat([self.norm(z.reshape(-1, S, D)), tech[:, :, -1]], dim=-1)  # (N, S, D + F)
+        q, k, v = self.qkv(x).reshape(-1, S, 3, h, d_head).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, S, d_head)
+        lag = lagged_correlation(tech[..., RET_1]).unsqueeze(1)  # (N, 1, S, S)
+        bias = self.lag_weight * lag if self.graph is None else torch.addcmul(self.graph, self.lag_weight, lag)
+        # (N * heads, S, S): the bias added inside the matmul; the (N, heads, S, S) passes are most of the cost at
+        # large S, so there are as few of them as possible.
+        q = (q / math.sqrt(d_head)).reshape(-1, S, d_head)
+        scores = torch.baddbmm(bias.reshape(-1, S, S), q, k.reshape(-1, S, d_head).transpose(1, 2))
+        return torch.softmax(scores, dim=-1).reshape(-1, h, S, S), v
+
+    def forward(self, z: torch.Tensor, technical: torch.Tensor) -> torch.Tensor:
+        """z (*lead, S, D) and the observation's technical windows (*lead, S, L, F) -> (*lead, S, D)."""
+        w, v = self._attend(z, technical)
+        mixed = (w @ v).transpose(1, 2).reshape(*z.shape[:-1], self.width)  # (N, S, heads, d_head) -> (*lead, S, W)
+        return z + self.out(mixed)
+
+    @torch.no_grad()
+    def attention_weights(self, z: torch.Tensor, technical: torch.Tensor) -> torch.Tensor:
+        """Where each symbol looks: (*lead, heads, S, S), rows summing to 1 (row i: symbol i's weights on every j)."""
+        w, _ = self._attend(z, technical)
+        return w.reshape(*z.shape[:-2], *w.shape[1:])
+
+
 def make_encoder(cfg: EncoderConfig) -> nn.Module:
     """The encoder named by cfg.kind; every kind maps an obs dict (*lead, ...) to (*lead, cfg.output_dim)."""
     if cfg.kind not in ENCODERS:
@@ -410,7 +514,8 @@ def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor
 class SymbolPolicy(nn.Module):
     """Actor-critic for S symbol agents: one shared encoder, per-symbol actor (emb -> 256 -> 128 -> 7) and critic
     (emb -> 256 -> 128 -> 1) heads batched as (S, in, out) weights, or one pair of heads for all symbols
-    (shared_heads=True, which also accepts any number of symbols).
+    (shared_heads=True, which also accepts any number of symbols). With encoder.cross_symbol="attention" a
+    CrossSymbolAttention block mixes the S embeddings of each env between the encoder and the heads.
 
     Directives: with directive_dim > 0, obs["directives"] (B, S, directive_dim) is concatenated to the embedding
     before the heads (the master's orders change the decision, not the market view); with directive_dim == 0 the key
@@ -436,13 +541,21 @@ class SymbolPolicy(nn.Module):
         in_dim = encoder.output_dim + directive_dim
         self.actor = BatchedMLP(num_heads, [in_dim, *hidden, num_actions], out_gain=actor_gain)
         self.critic = BatchedMLP(num_heads, [in_dim, *hidden, 1], out_gain=1.0)
+        # Built after the heads, so that a seed gives the encoder and heads the weights it gives them without it.
+        self.cross = None
+        if encoder.cross_symbol == "attention":
+            self.cross = CrossSymbolAttention(encoder, num_symbols)
+        elif encoder.cross_symbol != "none":
+            raise ValueError(f"EncoderConfig.cross_symbol={encoder.cross_symbol!r} is unknown; use none or attention.")
 
     def embed(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Shared-encoder embedding (B, S, output_dim), e.g. for the master network's pooling."""
-        return self.encoder(obs)
+        """Embedding (B, S, output_dim) that the heads read: the shared encoder's, then the cross-symbol block's
+        when there is one; e.g. for the master network's pooling."""
+        z = self.encoder(obs)  # (B, S, D)
+        return z if self.cross is None else self.cross(z, obs["technical"])
 
     def _head_input(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = self.encoder(obs)  # (B, S, D)
+        z = self.embed(obs)  # (B, S, D)
         if self.directive_dim > 0:
             if "directives" not in obs:
                 raise KeyError(

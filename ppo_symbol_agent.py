@@ -402,6 +402,9 @@ if __name__ == "__main__":
     )
     if saved:  # a saved agent keeps its own network
         args.encoder, args.shared_heads = saved["encoder"], saved["args"]["shared_heads"]
+    xp.require(not args.explain or args.encoder.cross_symbol == "none", "--explain credits each decision to its own "
+               "symbol's window, but this agent's --encoder.cross-symbol block reads every symbol's: leave --explain "
+               "out")  # fmt: skip
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn

@@ -1,7 +1,7 @@
 """The cross-symbol block (--encoder.cross-symbol attention) against none: what it costs and what each part of it is
 for, measured in one run on one torch thread.
 
-    python benchmarks/bench_cross_symbol.py --json benchmarks/results/cross_symbol.json    # ~5 min on one core
+    python benchmarks/bench_cross_symbol.py --json benchmarks/results/cross_symbol.json    # ~4 min on one core
 
 - train: charts/SPS (symbol-steps per second, rollout and update) of ppo_symbol_agent.py with the CPU preset's MLP
   encoder (d_model 128, output_dim 128), --shared-heads, 10 symbols x 16 envs x 64 steps, 2 iterations, periodic

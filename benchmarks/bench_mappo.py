@@ -236,10 +236,11 @@ def market_summary(pieces: list[dict]) -> dict:
 def go_table(pieces: list[dict]) -> str:
     """One row per piece: test Sharpe of the master, each baseline and the oracle; the paired margin over the best
     constant (se), the oracle's gain (se), the master's exposure beside the best constant's, the drawdown cut vs the
-    exposure-matched best constant, P(defensive | R) / P(defensive | M) (after the fact), and go."""
+    exposure-matched best constant, P(defensive | R) / P(defensive | M) and the master's exposure on R / M days
+    (after the fact), and go."""
     head = "| market | seed | " + " | ".join(GO_NAMES) + " | margin (se) | oracle gain (se) | exposure master / const |"
-    head += " drawdown cut | P(def. \\| R) / P(def. \\| M) | go |"
-    lines = [head, "|" + "---|" * (len(GO_NAMES) + 8)]
+    head += " drawdown cut | P(def. \\| R) / P(def. \\| M) | master exposure R / M | go |"
+    lines = [head, "|" + "---|" * (len(GO_NAMES) + 9)]
     order = list(GO_MARKETS)
     for p in sorted(pieces, key=lambda p: (order.index(p["market"]), p["seed"])):
         b, g, why = p["backtest"], p["go_criterion"], p["directive_analysis"]
@@ -248,11 +249,13 @@ def go_table(pieces: list[dict]) -> str:
         pdef = "-"
         if why.get("p_defensive_given_R") is not None:
             pdef = f"{why['p_defensive_given_R']:.2f} / {why['p_defensive_given_M']:.2f}"
+        state = why.get("by_edge_state", {})
+        held = f"{state['R']['exposure']:.3f} / {state['M']['exposure']:.3f}" if {"R", "M"} <= set(state) else "-"
         lines.append(f"| {p['market']} | {p['seed']} | " + " | ".join(cells)
                      + f" | {g['margin_vs_best_constant']:+.2f} ({g['margin_se']:.2f}) | {gain} | "
                      f"{g['exposure_master']:.3f} / {g['exposure_best_constant']:.3f} | "
-                     f"{g['drawdown_cut_vs_matched_best_constant']:.1%} | {pdef} | {'yes' if g['go'] else 'no'} |"
-                     )  # fmt: skip
+                     f"{g['drawdown_cut_vs_matched_best_constant']:.1%} | {pdef} | {held} | "
+                     f"{'yes' if g['go'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -289,14 +289,15 @@ def go(jobs: int, markets: list[str], seeds: tuple[int, ...]) -> None:
 
 
 def summarise(folder: Path) -> None:
-    """The go tables from the pieces in `folder` (no training): results/<folder name>.json and stdout."""
+    """The go tables from the pieces in `folder` (no training): results/<folder name>.json (the pieces without their
+    daily returns, which stay in the folder) and stdout."""
     pieces = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
     if not pieces:
         raise SystemExit(f"no go pieces (*.json) in {folder}: run --go first, or name a folder that holds them")
     summary = market_summary(pieces)
     record = {"benchmark": "mappo_go", "pieces_folder": Path(folder).name, "markets": summary,
               "summary_table": summary_table(summary), "table": go_table(pieces), "symbol_steps": GO_SYMBOL_STEPS,
-              "pieces": pieces}  # fmt: skip
+              "pieces": [{k: v for k, v in p.items() if k != "daily_returns"} for p in pieces]}  # fmt: skip
     write_json(ROOT / "benchmarks" / "results" / f"{Path(folder).name}.json", record)
     print(record["summary_table"] + "\n\n" + record["table"])
 

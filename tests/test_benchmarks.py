@@ -50,7 +50,8 @@ def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: 
           "margin_se": 0.1, "oracle_gain": gain, "oracle_gain_se": None if gain is None else 0.2,
           "master_share_of_oracle_gain": None if not gain else margin / gain, "exposure_master": 0.3,
           "exposure_best_constant": 0.1, "drawdown_cut_vs_matched_best_constant": 0.05}  # fmt: skip
-    why = {"p_defensive_given_R": 0.7, "p_defensive_given_M": 0.1} if gain is not None else {}
+    why = {"p_defensive_given_R": 0.7, "p_defensive_given_M": 0.1,
+           "by_edge_state": {"M": {"exposure": 0.2}, "R": {"exposure": 0.05}}} if gain is not None else {}  # fmt: skip
     return {"market": market, "seed": seed, "backtest": backtest, "go_criterion": go, "directive_analysis": why}
 
 
@@ -70,4 +71,5 @@ def test_go_summary_counts_intervals_and_refuses_a_skill_test_without_an_oracle_
     assert "| flip | 3 | 3 | 0 | 3 | +0.40 [" in text and "no (oracle gain < 1 se)" in text
     rows = bm.go_table(pieces).splitlines()
     assert rows[2].startswith("| flip | 1 | 1.20 | 1.00 |") and "| +0.20 (0.10) | +1.00 (0.20) |" in rows[2]
-    assert "| 0.300 / 0.100 | 5.0% | 0.70 / 0.10 | yes |" in rows[2]
+    assert "| 0.300 / 0.100 | 5.0% | 0.70 / 0.10 | 0.050 / 0.200 | yes |" in rows[2]
+    assert rows[-1].startswith("| foresight | 1 |") and "| - | - | no |" in rows[-1]  # no hidden edge state

@@ -640,7 +640,8 @@ def format_stress(rows: list[dict]) -> str:
 # A chooser (a master) is choose(obs, core, last_policy_actions) -> (E,) directive indices, called at the decision
 # bar core.t (E,); it may read a causal signal at index core.t and nothing later. The rules and the oracle are one
 # kind of chooser (switch_chooser): per env, directive `on` while direction x signal[t] > threshold, else `off`.
-DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((0, 0, 0), DIRECTIVE_SHAPE))  # risk 0.5, cap 5%, defensive regime
+# the go table's fixed "defensive" book: risk 0.5, cap 5%, defensive regime (the lowest risk that still trades)
+DEFENSIVE_DIRECTIVE = int(np.ravel_multi_index((RISK_MULTIPLIERS.index(0.5), 0, 0), DIRECTIVE_SHAPE))
 RULE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the threshold rules' candidate thresholds (train quantiles)
 CORR_FEATURE, REACTIVE_FEATURE = "avg_corr_2d", "xs_autocorr_1d"  # market_data.CROSS_SECTION_NAMES
 GO_BASELINES = ("best_constant", "vol_target", "corr_rule", "reactive_rule")  # the master must match each's Sharpe
@@ -774,7 +775,7 @@ def _candidate_sweep(policy, market, split, config, seed, interval, signals: np.
 def fit_fixed_directive(
     policy, market: PreparedMarket, config: EnvConfig, seed: int, interval: int, split: str = "train"
 ) -> dict:
-    """Every constant directive on `split`, in one sweep of 48 envs: "best" the one with the best daily Sharpe (the
+    """Every constant directive on `split`, in one sweep of 60 envs: "best" the one with the best daily Sharpe (the
     best constant), "defensive" the one with the least exposure (the low end of the threshold rules), and each
     directive's Sharpe, exposure, max drawdown and its book's bar-return mean and mean square (bar_mean, bar_mean_sq:
     mappo_master.py calibrates its risk aversion on them)."""
@@ -784,7 +785,7 @@ def fit_fixed_directive(
     sharpes = [m["sharpe"] for m in metrics]
     exposures = [m["exposure"] for m in metrics]
     best, defensive = int(np.argmax(sharpes)), int(np.argmin(exposures))
-    r = np.diff(sweep["curves"], axis=1) / sweep["curves"][:, :-1]  # (48, N) bar returns of each directive's book
+    r = np.diff(sweep["curves"], axis=1) / sweep["curves"][:, :-1]  # (60, N) bar returns of each directive's book
     return {"best": best, "best_sharpe": sharpes[best], "best_exposure": exposures[best], "defensive": defensive,
             "defensive_sharpe": sharpes[defensive], "defensive_exposure": exposures[defensive], "sharpes": sharpes,
             "exposures": exposures, "max_drawdowns": [m["max_drawdown"] for m in metrics],
@@ -853,8 +854,8 @@ def threshold_chooser(rule: dict, features: dict[str, np.ndarray]):
 
 
 def _oracle_spec(labels: np.ndarray, fixed: dict) -> tuple[np.ndarray, dict]:
-    """The oracle's coordinate search as switch_chooser rules on the label (1 in R): envs 0..47 play directive k in
-    R and the best constant in M; envs 48..95 the best constant in R and k in M."""
+    """The oracle's coordinate search as switch_chooser rules on the label (1 in R): envs 0..59 play directive k in
+    R and the best constant in M; envs 60..119 the best constant in R and k in M."""
     k, best = np.arange(NUM_DIRECTIVES), np.full(NUM_DIRECTIVES, fixed["best"])
     spec = {"column": np.zeros(2 * NUM_DIRECTIVES, np.int64), "direction": np.ones(2 * NUM_DIRECTIVES),
             "threshold": np.full(2 * NUM_DIRECTIVES, 0.5), "on": np.r_[k, best], "off": np.r_[best, k]}  # fmt: skip
@@ -877,8 +878,8 @@ def _pick_oracle(policy, market, split, config, seed, interval, labels, fixed: d
     return {"d_M": pick_m, "d_R": pick_r, "sharpe": sharpe, "start": best, "d_R_search": d_r, "d_M_search": d_m,
             "pair_sharpe": pair_sharpe, "sharpes_R": sharpe_r, "sharpes_M": sharpe_m, "split": split,
             "interval": interval,
-            "search": "one round of coordinate search from the best constant d*: the 48 directives in R with d* in "
-                      "M, the 48 in M with d* in R (one sweep), then the pair; the best train Sharpe of d*, the "
+            "search": "one round of coordinate search from the best constant d*: the 60 directives in R with d* in "
+                      "M, the 60 in M with d* in R (one sweep), then the pair; the best train Sharpe of d*, the "
                       "two single moves and the pair"}  # fmt: skip
 
 
@@ -893,7 +894,7 @@ def fit_oracle(
 ) -> dict:
     """The ceiling of a master, not a baseline: the best directive per hidden edge state, d_M in M and d_R in R, fitted
     on `split` with the hidden label (market.data.edge_labels) that no observation holds. One round of coordinate
-    search from the best constant d* (fit_fixed_directive): the 48 directives in R while M keeps d*, and the 48 in
+    search from the best constant d* (fit_fixed_directive): the 60 directives in R while M keeps d*, and the 60 in
     M while R keeps d* (one sweep of 96 envs) give d_R and d_M by train Sharpe; the pair (d_M, d_R) is then checked
     (one more env) and the best of d* alone, each single move and the pair is kept, so the oracle's train Sharpe is
     at least the best constant's. Its chooser (oracle_chooser) reads the label at the decision bar."""
@@ -945,8 +946,8 @@ def fit_master_baselines(
     """Every baseline of the master fitted on `split` (the train split: nothing of the graded split is read), as
     plain JSON: "fixed" (fit_fixed_directive: the best constant and the least-exposure one), "vol_target"
     (fit_vol_target), "corr_rule" and "reactive_rule" (fit_threshold_rule on avg_corr_2d and on xs_autocorr_1d),
-    and "oracle" (fit_oracle, only where the data has hidden edge labels). Three sweeps: the 48 constants; both rules'
-    candidates and the oracle's coordinate search together (120 envs); the oracle's pair."""
+    and "oracle" (fit_oracle, only where the data has hidden edge labels). Three sweeps: the 60 constants; both rules'
+    candidates and the oracle's coordinate search together (144 envs); the oracle's pair."""
     fixed = fit_fixed_directive(policy, market, config, seed, interval, split)
     signals = cross_section_signals(market, features)
     names = list(signals)
@@ -1016,7 +1017,7 @@ def master_backtests(
     """The master's backtest in portfolio mode beside its baselines, all on the same symbol-agent policy, split,
     capital and costs: the master by run_backtest (its full series); in one sweep_backtests every master of
     baseline_choosers (the best constant, neutral, volatility target, correlation and reactive threshold rules, the
-    oracle ceiling where fitted) and the fixed (0, 0, 0) "defensive" directive (kept for the go benchmark's table);
+    oracle ceiling where fitted) and the fixed DEFENSIVE_DIRECTIVE (kept for the go benchmark's table);
     the best constant and the neutral book scaled to the master's average exposure ("best_constant_matched",
     "neutral_matched": their bar returns times the exposure ratio, plain de-leveraging); buy-and-hold. fitted:
     fit_master_baselines' result (fitted here on the train split when None); features: cross_section_signals'
@@ -1039,7 +1040,8 @@ def master_backtests(
     timestamps = results["master"]["series"]["timestamps"]
     calendar = (market.data.bars_per_year, market.data.bars_per_day)
     for name in ("neutral", "best_constant"):
-        lev = reports["master"]["exposure"] / max(reports[name]["exposure"], 1e-12)
+        held = reports[name]["exposure"]  # a flat book (risk 0) cannot be scaled: its matched book stays flat
+        lev = reports["master"]["exposure"] / held if held > 0 else 0.0
         scaled = _exposure_matched(results[name]["curve"], lev)
         metrics = performance_metrics(scaled, timestamps, *calendar) | {"exposure": reports[name]["exposure"] * lev}
         results[f"{name}_matched"], reports[f"{name}_matched"] = {"agent": metrics, "curve": scaled}, metrics

@@ -615,12 +615,12 @@ def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_di
 # Master network (portfolio manager for MAPPO) and the value normaliser of its centralised critic.
 # ---------------------------------------------------------------------------------------------------------------
 
-DIRECTIVE_SHAPE = (4, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
-NUM_DIRECTIVES = math.prod(DIRECTIVE_SHAPE)  # 48
+DIRECTIVE_SHAPE = (5, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
+NUM_DIRECTIVES = math.prod(DIRECTIVE_SHAPE)  # 60
 
 
 def joint_logprobs(head_logits: torch.Tensor) -> torch.Tensor:
-    """Logits of the three directive heads concatenated (..., 4 + 4 + 3) -> joint log-probabilities (..., 48),
+    """Logits of the three directive heads concatenated (..., 5 + 4 + 3) -> joint log-probabilities (..., 60),
     row-major over DIRECTIVE_SHAPE: log p(risk) + log p(concentration) + log p(mode) (independent heads)."""
     r, c, m = (torch.log_softmax(h.float(), -1) for h in torch.split(head_logits, DIRECTIVE_SHAPE, -1))
     return (r[..., :, None, None] + c[..., None, :, None] + m[..., None, None, :]).flatten(-3)
@@ -643,7 +643,7 @@ def _mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
 
 
 class MasterNetwork(nn.Module):
-    """Actor-critic of the master agent, which picks one of the 48 directives of the 4 x 4 x 3 grid per env.
+    """Actor-critic of the master agent, which picks one of the 60 directives of the 5 x 4 x 3 grid per env.
 
     Inputs (B = envs):
       symbol_embeddings (B, S, D): per-symbol embeddings, e.g. SymbolPolicy.embed(obs) (detach them if the symbol
@@ -655,12 +655,12 @@ class MasterNetwork(nn.Module):
       symbol_mask (B, S) bool, optional: symbols to pool over (e.g. tradable ones); all by default.
 
     The symbols are pooled by mean and max over S, so one network serves any universe size. The actor is factored:
-    three independent heads (risk 4, concentration 4, regime mode 3 logits), and the joint log-probability of a
+    three independent heads (risk 5, concentration 4, regime mode 3 logits), and the joint log-probability of a
     directive is the sum of its three coordinates' log-probabilities (`joint_logprobs`). forward() returns those
-    joint log-probabilities (B, 48), which are valid logits for one Categorical(48): sampling, PPO's ratio and the
+    joint log-probabilities (B, 60), which are valid logits for one Categorical(60): sampling, PPO's ratio and the
     masked-policy helper stay those of one categorical, while each coordinate learns from every decision (a joint
-    48-way softmax spreads ~2,000 decisions over 48 arms) and has an entropy of its own (`head_entropies`, for an
-    entropy target per head). factored=False keeps the joint 48-way actor. unravel_directive maps an index to grid
+    60-way softmax spreads ~2,000 decisions over 60 arms) and has an entropy of its own (`head_entropies`, for an
+    entropy target per head). factored=False keeps the joint 60-way actor. unravel_directive maps an index to grid
     coordinates.
     """
 
@@ -706,7 +706,7 @@ class MasterNetwork(nn.Module):
         return torch.cat([pooled, state.to(pooled.dtype)], dim=-1)
 
     def forward(self, symbol_embeddings, global_features, state=None, symbol_mask=None):
-        """Directive logits (B, 48) (factored: the joint log-probabilities) and value (B,)."""
+        """Directive logits (B, 60) (factored: the joint log-probabilities) and value (B,)."""
         pooled = self._pool(symbol_embeddings, global_features, symbol_mask)
         logits = self.actor(pooled)
         if self.factored:

@@ -1,7 +1,7 @@
 """MAPPO for the master agent: a portfolio manager whose directives steer the symbol agents, trained on the core.
 
 The S symbols of each env share one account (portfolio mode). Every ``master_interval`` bars (7 = one day) the
-master picks one of the 48 directives (risk multiplier x concentration level x regime mode; table in
+master picks one of the 60 directives (risk multiplier x concentration level x regime mode; table in
 `VecTradingCore`) from three factored heads; the symbol agents act every bar under it (it enters their observation,
 sizes and masks). Both levels use PPO-clip: the symbol agents as in ppo_symbol_agent.py (optionally from its
 checkpoint, optionally frozen, then acting by argmax: the book the backtest tests), the master on pooled symbol
@@ -383,9 +383,9 @@ def market_state(market) -> np.ndarray:
 
 
 def global_features(obs: dict, directive_index, last_actions, state_now: np.ndarray, recent: np.ndarray) -> np.ndarray:
-    """The master actor's portfolio-level input (E, 40): the account's portfolio features (8), the market state at
+    """The master actor's portfolio-level input (E, 41): the account's portfolio features (8), the market state at
     the observation bar (13, market_state), the book's return over the last decision interval (1, recent), the
-    current directive as one-hot grid coordinates (4 + 4 + 3), and the share of symbols whose last policy action was
+    current directive as one-hot grid coordinates (5 + 4 + 3), and the share of symbols whose last policy action was
     each of the 7 actions (the symbol agents' intents)."""
     E = len(directive_index)
     parts = [obs["portfolio"][:, 0], state_now, np.asarray(recent, np.float32).reshape(E, 1)]
@@ -399,7 +399,7 @@ def global_features(obs: dict, directive_index, last_actions, state_now: np.ndar
 
 def master_inputs(agent, obs: dict, glob: np.ndarray, state, device):
     """The master network's three inputs as tensors: symbol embeddings (E, S, D) from the symbol agents' shared
-    encoder (no gradient: the master does not train the encoder), global features (E, 40), global state (E, .)."""
+    encoder (no gradient: the master does not train the encoder), global features (E, 41), global state (E, .)."""
     with torch.no_grad():
         emb = agent.embed(to_torch(obs, device))
     return emb, torch.as_tensor(glob, device=device), torch.as_tensor(state, device=device)
@@ -508,8 +508,9 @@ if __name__ == "__main__":
     if args.master_anchor == "best_constant" and not saved:  # fitted on train; the actor starts biased toward it
         anchor = fixed["best"]
         with torch.no_grad():
-            bias = master.actor[-1].bias  # (4 + 4 + 3,) the factored heads' logits
-            for offset, coord in zip((0, 4, 8), np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
+            bias = master.actor[-1].bias  # (5 + 4 + 3,) the factored heads' logits
+            offsets = np.cumsum((0, *DIRECTIVE_SHAPE[:-1]))  # where each head's logits start
+            for offset, coord in zip(offsets, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
                 bias[offset + coord] += args.anchor_bias
     shadow.set_directives(np.full(E, anchor))
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
@@ -744,7 +745,7 @@ if __name__ == "__main__":
                     args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
                 m_clipfracs.append(clipfrac)
-                m_entropy = entropy.mean()  # of the joint directive, normalised by log(48)
+                m_entropy = entropy.mean()  # of the joint directive, normalised by log(60)
                 heads = master.head_entropies(mb_emb[j], mb_glob[j]).mean(0)  # (3,) normalised, per head
                 head_entropy += heads.detach().cpu().numpy() / (args.update_epochs * min(args.num_minibatches, M * E))
                 loss = m_pg_loss - (ent_coef * heads).sum() + m_v_loss * args.vf_coef

@@ -31,18 +31,21 @@ BUY_SIZES = np.array([0.025, 0.06, 0.09])  # BUY_SMALL/MEDIUM/LARGE notional as 
 ADD_SIZE = 0.03  # ADD notional as a fraction of equity
 SELL_PARTIAL_FRACTION = 0.5  # SELL_PARTIAL sells this fraction of the shares held
 
-# Master directives: the DIRECTIVE_SHAPE grid, risk (4) x concentration level (4) x regime (3), row-major: index =
+# Master directives: the DIRECTIVE_SHAPE grid, risk (5) x concentration level (4) x regime (3), row-major: index =
 # (risk * 4 + level) * 3 + regime (encoders.py's DIRECTIVE_SHAPE is the same grid; a test keeps them equal).
 # The per-position cap and the open-position limit move together as one "concentration level": a tight cap with many
 # positions (diversified) up to a loose cap with few positions (concentrated). The limit is a fraction of S, rounded up.
-RISK_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25)
+# Risk 0 ("flat", beyond DESIGN's four levels) masks every BUY_* and ADD: the book can only hold or sell, so a master
+# can take the book to cash on days its symbol agents lose (without it the least-exposure directive held one
+# position of up to 25%, and de-risking traded diversification for exposure; docs/environment.md).
+RISK_MULTIPLIERS = (0.0, 0.5, 0.75, 1.0, 1.25)
 POSITION_CAPS = (0.05, 0.10, 0.15, 0.25)
 OPEN_LIMIT_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 REGIME_MODES = ("defensive", "neutral", "aggressive")
 REGIME_MAX_EXPOSURE = (0.5, 0.75, 0.9)
-DIRECTIVE_SHAPE = (4, 4, 3)  # (len(RISK_MULTIPLIERS), len(POSITION_CAPS), len(REGIME_MODES))
-NUM_DIRECTIVES = int(np.prod(DIRECTIVE_SHAPE))  # 48
-NEUTRAL_DIRECTIVE = (2 * 4 + 1) * 3 + 1  # risk 1.0, cap 10% / limit 50% of S, neutral regime
+DIRECTIVE_SHAPE = (5, 4, 3)  # (len(RISK_MULTIPLIERS), len(POSITION_CAPS), len(REGIME_MODES))
+NUM_DIRECTIVES = int(np.prod(DIRECTIVE_SHAPE))  # 60
+NEUTRAL_DIRECTIVE = (3 * 4 + 1) * 3 + 1  # risk 1.0, cap 10% / limit 50% of S, neutral regime: index 40
 
 OBS_KEYS = ("technical", "sl_probs", "position", "portfolio", "regime", "action_mask")
 REWARD_COMPONENTS = (
@@ -83,8 +86,8 @@ EPISODE_COUNTERS = (
 
 
 def directive_values(index) -> np.ndarray:
-    """Directive index (...) in [0, 48) -> (..., 4) float: risk multiplier, position cap, open-limit fraction,
-    regime mode (-1 defensive, 0 neutral, 1 aggressive)."""
+    """Directive index (...) in [0, 60) -> (..., 4) float: risk multiplier, position cap, open-limit fraction, regime
+    mode (-1 defensive, 0 neutral, 1 aggressive)."""
     index = np.asarray(index)
     r, lvl, reg = np.unravel_index(index, DIRECTIVE_SHAPE)
     return np.stack(
@@ -436,14 +439,15 @@ class VecTradingCore:
     Mask (1 = allowed): non-tradable decision bar (halt, missing bar, zero volume) -> HOLD only; flat -> no SELL/ADD;
     holding -> no BUY_* (pyramid only by ADD); exposure >= the ceiling, or cash < notional * (1 + commission +
     cash_buffer) -> no BUY/ADD for that size; position >= cap -> no ADD; a BUY larger than the cap -> masked;
-    portfolio mode: open positions >= limit -> no BUY_*, defensive regime -> no BUY_LARGE and no ADD.
+    portfolio mode: open positions >= limit -> no BUY_*, defensive regime -> no BUY_LARGE and no ADD, risk 0 -> no
+    BUY_* and no ADD.
     A masked action, or a repetition-limit violation, is *executed* as HOLD and counted; the env never raises for
     it (policies are expected to use the mask, random agents are not).
 
     Directives (portfolio mode; index = (risk * 4 + level) * 3 + regime):
     | directive | values by index | effect |
     |---|---|---|
-    | risk multiplier | 0.5, 0.75, 1.0, 1.25 | multiplies BUY_* and ADD notional (and their cash checks) |
+    | risk multiplier | 0 (flat), 0.5, 0.75, 1.0, 1.25 | multiplies BUY_* and ADD notional (and their cash checks); 0 masks them |
     | concentration level: position cap | 5%, 10%, 15%, 25% of equity | ADD masked at the cap, ADD shrunk to it, a BUY larger than the cap masked |
     | concentration level: open-position limit | ceil(1.0 / 0.5 / 0.25 / 0.1 x S) | BUY_* masked at the limit; same-step new buys beyond it cancelled in symbol order |
     | regime mode | defensive, neutral, aggressive | exposure ceiling 50% / 75% / 90%; defensive also masks BUY_LARGE and ADD |
@@ -786,7 +790,7 @@ class VecTradingCore:
 
     # ------------------------------------------------------------------ directives (portfolio mode)
     def set_directives(self, directive_index) -> None:
-        """Portfolio mode: set each env's directive, an index (E,) into the 4 x 4 x 3 grid (see the class table).
+        """Portfolio mode: set each env's directive, an index (E,) into the 5 x 4 x 3 grid (see the class table).
         Takes effect at once: the current observation's mask and directives are rewritten."""
         if self.mode != "portfolio":
             raise ValueError("set_directives needs mode='portfolio'; independent-mode slots have no master.")
@@ -818,13 +822,13 @@ class VecTradingCore:
         cap = self._cap[:, None, None]
         buy_frac = BUY_SIZES[None, None, :] * self._risk[:, None, None]  # (E, 1, 3)
         self._m_buy_cash = buy_frac * (1.0 + c)  # cash fraction a BUY_* needs
-        self._m_buy_ok = buy_frac <= cap + 1e-12  # the BUY_* fits under the cap
+        self._m_buy_ok = (buy_frac <= cap + 1e-12) & (buy_frac > 0)  # the BUY_* fits under the cap; risk 0: no BUY
         self._m_buy_ok[:, :, 2] &= ~self._defensive[:, None]  # defensive: no BUY_LARGE
         self._m_add_cash = ADD_SIZE * risk * (1.0 + c)  # cash fraction an ADD needs
         self._m_cap = self._cap[:, None] - 1e-9
         self._m_ceiling = self._ceiling[:, None]
         self._m_limit = self._limit[:, None]
-        self._m_not_defensive = ~self._defensive[:, None]
+        self._m_add_ok = ~self._defensive[:, None] & (risk > 0)  # defensive or risk 0: no ADD
 
     # ------------------------------------------------------------------ observation
     def _holding_and_fractions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -853,7 +857,7 @@ class VecTradingCore:
         np.logical_and(m[..., 4], room, out=add)
         add &= cash_frac >= self._m_add_cash
         add &= pos_frac < self._m_cap
-        add &= self._m_not_defensive
+        add &= self._m_add_ok
         m[..., 0] = True
 
     def _write_obs(self) -> None:
@@ -1336,7 +1340,7 @@ class VecTradingCore:
     # as an unrelated copy): the (E, A, K, 8) view of obs["portfolio"] and the directive-derived mask thresholds.
     _VIEWS = (
         "_portfolio_by_account", "_m_buy_cash", "_m_buy_ok", "_m_add_cash", "_m_cap", "_m_ceiling", "_m_limit",
-        "_m_not_defensive",
+        "_m_add_ok",
     )  # fmt: skip
 
     def _rebuild_views(self) -> None:
@@ -1695,7 +1699,7 @@ except ImportError:  # pettingzoo is in requirements.txt; only the portfolio fac
 class PortfolioParallelEnv(ParallelEnv):
     """PettingZoo ParallelEnv over one portfolio-mode account: agents are the symbol names, each observes its slot
     (with `directives`) and picks Discrete(7). `state()` is the global state for a centralised critic
-    (VecTradingCore.state). The master sets directives with `set_directive(index)` (an int in [0, 48)). When the
+    (VecTradingCore.state). The master sets directives with `set_directive(index)` (an int in [0, 60)). When the
     account terminates or the episode is truncated, every agent is done together and `agents` becomes empty."""
 
     metadata = {"name": "portfolio_trading_v0", "render_modes": []}

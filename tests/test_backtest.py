@@ -230,10 +230,12 @@ def test_master_baselines_are_fitted_on_the_train_split_only():
     bars changes it. Without costs, on this market, the best constant is not the least-exposure one: the threshold
     rules do switch."""
     config = te.EnvConfig(commission_bps=0.0, spread_bps=0.0, impact_coef=0.0)
-    market, features = master_market(seed=2)
+    market, features = master_market(seed=3)
     fitted = bt.fit_master_baselines(feature_policy, market, config, 0, 7, features=features)
     assert json.loads(json.dumps(fitted)) == fitted  # plain JSON
     assert fitted["fixed"]["best"] != fitted["fixed"]["defensive"]
+    defensive = fitted["fixed"]["defensive"]  # the least exposure: a flat (risk 0) directive, which never buys
+    assert te.directive_values(defensive)[0] == 0.0 and fitted["fixed"]["exposures"][defensive] == 0.0
     assert set(fitted) == {"split", "interval", "fixed", "vol_target", "corr_rule", "reactive_rule", "oracle"}
     assert fitted["corr_rule"]["feature"] == "avg_corr_2d" and fitted["reactive_rule"]["feature"] == "xs_autocorr_1d"
     assert len(fitted["fixed"]["sharpes"]) == te.NUM_DIRECTIVES and len(fitted["corr_rule"]["candidates"]) == 12
@@ -322,7 +324,12 @@ def test_master_backtests_share_policy_capital_and_match_exposure():
     assert all(len(r["curve"]) == len(results["master"]["curve"]) for r in results.values())  # the same bars
     # the master (run_backtest) and the same directive in the sweep give the same book
     np.testing.assert_allclose(results["defensive"]["curve"], results["master"]["curve"], rtol=0, atol=1e-9)
-    for name in ("neutral", "best_constant"):  # scaled to the master's exposure: plain de-leveraging
+    # on a random walk with costs every trading directive loses on train: the best constant is flat (risk 0), and
+    # its exposure-matched book stays flat (cash cannot be scaled up)
+    assert reports["best_constant"]["exposure"] == 0.0 and te.directive_values(fitted["fixed"]["best"])[0] == 0.0
+    flat = results["best_constant_matched"]["curve"]
+    assert (flat == flat[0]).all() and reports["best_constant_matched"]["exposure"] == 0.0
+    for name in ("neutral",):  # scaled to the master's exposure: plain de-leveraging
         lev = reports["master"]["exposure"] / reports[name]["exposure"]
         assert reports[f"{name}_matched"]["exposure"] == pytest.approx(reports["master"]["exposure"])
         base, matched = results[name]["curve"], results[f"{name}_matched"]["curve"]
@@ -402,7 +409,7 @@ def test_directive_analysis_groups_by_the_hidden_regime():
     lo, hi = market.splits["train"]
     t = np.arange(lo, hi - 1)
     labels = market.data.regime_labels[t]
-    directives = np.where(labels == 0, te.NEUTRAL_DIRECTIVE, 0)  # risk 0.5 (index 0) outside bull
+    directives = np.where(labels == 0, te.NEUTRAL_DIRECTIVE, bt.DEFENSIVE_DIRECTIVE)  # risk 0.5 outside bull
     series = {"directives": directives, "start": lo, "exposure": np.where(labels == 0, 0.2, 0.05)}
     why = bt.directive_analysis(series, market)
     assert why["bars"] == len(t) and why["by_regime"]["bull"]["risk_multiplier"] == 1.0

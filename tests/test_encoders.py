@@ -255,9 +255,9 @@ def test_master_shapes_pooling_and_gradients():
 
 def test_unravel_directive():
     coords = unravel_directive(torch.arange(NUM_DIRECTIVES))
-    assert coords.shape == (48, 3)
-    assert coords.amax(0).tolist() == [3, 3, 2]
-    assert len({tuple(c) for c in coords.tolist()}) == 48
+    assert coords.shape == (NUM_DIRECTIVES, 3) == (60, 3)
+    assert coords.amax(0).tolist() == [4, 3, 2]
+    assert len({tuple(c) for c in coords.tolist()}) == NUM_DIRECTIVES
     # the networks' grid is the environment's (encoders.py imports no environment code, so both write it out)
     import trading_env
 
@@ -287,11 +287,11 @@ def test_encoders_imports_networks_only():
 
 def test_factored_master_head_log_probabilities_sum_correctly():
     """The joint log-probabilities of the factored head are the sum of its three heads' log-probabilities: they
-    normalise over the 48 directives, their marginals are the heads' softmaxes, and the joint entropy is the sum of
+    normalise over the 60 directives, their marginals are the heads' softmaxes, and the joint entropy is the sum of
     the heads' entropies."""
     torch.manual_seed(0)
     heads = torch.randn(5, sum(encoders.DIRECTIVE_SHAPE)) * 3.0
-    joint = encoders.joint_logprobs(heads)  # (5, 48)
+    joint = encoders.joint_logprobs(heads)  # (5, 60)
     torch.testing.assert_close(joint.exp().sum(-1), torch.ones(5))
     p = joint.exp().reshape(5, *encoders.DIRECTIVE_SHAPE)
     r, c, m = torch.split(heads, encoders.DIRECTIVE_SHAPE, -1)

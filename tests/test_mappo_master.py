@@ -157,7 +157,7 @@ def test_ppo_checkpoint_loads_into_symbol_agents(runs):
     assert agent.directive_dim == 4 and encoder.kind == payload["args"]["encoder"]["kind"]
     core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)
     obs = core.reset(seed=0)
-    core.set_directives(np.array([0, 47]))  # two very different directives
+    core.set_directives(np.array([0, te.NUM_DIRECTIVES - 1]))  # two very different directives
     with torch.no_grad():
         got = agent.get_logits(mappo.to_torch(obs, "cpu"))
         want = ppo_agent.get_logits(mappo.to_torch({k: v for k, v in obs.items() if k != "directives"}, "cpu"))
@@ -256,11 +256,11 @@ def test_centralised_critic_receives_the_global_state():
     glob = mappo.global_features(obs, core.directive_index, last, mappo.market_state(market)[core.t], np.zeros(2))
     emb, glob, state = mappo.master_inputs(agent, obs, glob, core.state(), "cpu")
     np.testing.assert_array_equal(state.numpy(), core.state())
-    assert state.shape == (2, core.state_dim) and glob.shape == (2, 40) and emb.shape == (2, 3, 32)
+    assert state.shape == (2, core.state_dim) and glob.shape == (2, 41) and emb.shape == (2, 3, 32)
     # the global state of a copied observation (as for info["final_obs"]) is the env's own state()
     copy = {k: v.copy() for k, v in obs.items()}
     np.testing.assert_array_equal(core.state(copy), core.state())
-    master = MasterNetwork(32, 40, state_dim=core.state_dim)
+    master = MasterNetwork(32, 41, state_dim=core.state_dim)
     logits, value = master(emb, glob, state)
     other = state.clone()
     other[:, -1] += 1.0  # one symbol's unrealised PnL
@@ -378,17 +378,17 @@ def test_frozen_symbol_agents_act_by_argmax():
 def test_global_features_encode_the_directive_and_intents():
     core = te.VecTradingCore(make_synthetic_prepared(num_symbols=3, years=0.5), 2, mode="portfolio", seed=0)
     obs = core.reset(seed=0)
-    core.set_directives(np.array([0, 47]))
+    core.set_directives(np.array([0, te.NUM_DIRECTIVES - 1]))
     last = np.array([[0, 0, 1], [5, 5, 5]])
     state_now = np.arange(26, dtype=np.float32).reshape(2, 13)
     g = mappo.global_features(obs, core.directive_index, last, state_now, np.array([0.01, -0.02]))
     np.testing.assert_array_equal(g[:, :8], obs["portfolio"][:, 0])
     np.testing.assert_array_equal(g[:, 8:21], state_now)  # the market state, read from the market itself
     np.testing.assert_allclose(g[:, 21], [0.01, -0.02])  # the book's recent return
-    np.testing.assert_array_equal(g[0, 22:33], [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0])  # risk 0, level 0, defensive
-    np.testing.assert_array_equal(g[1, 22:33], [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 3, level 3, aggressive
-    np.testing.assert_allclose(g[0, 33:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
-    np.testing.assert_allclose(g[1, 33:], [0, 0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(g[0, 22:34], [1, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0])  # risk 0 (flat), level 0, defensive
+    np.testing.assert_array_equal(g[1, 22:34], [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 1.25, level 3, aggressive
+    np.testing.assert_allclose(g[0, 34:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(g[1, 34:], [0, 0, 0, 0, 0, 1, 0])
 
 
 def test_market_state_is_the_regime_and_cross_section_and_causal():

@@ -522,7 +522,8 @@ def test_bad_calls_raise_clear_errors():
 # portfolio mode
 # ---------------------------------------------------------------------------------------------------------------------
 def _directive(risk, level, regime):
-    return (risk * 4 + level) * 3 + regime
+    """The directive index of risk multiplier `risk` (a value of RISK_MULTIPLIERS), concentration level and mode."""
+    return int(np.ravel_multi_index((te.RISK_MULTIPLIERS.index(risk), level, regime), te.DIRECTIVE_SHAPE))
 
 
 def _portfolio_core(S=8, seed=14):
@@ -535,17 +536,17 @@ def _portfolio_core(S=8, seed=14):
 def test_directive_values_and_obs():
     core = _portfolio_core()
     assert core.obs["directives"][0, 0].tolist() == pytest.approx([1.0, 0.10, 0.5, 0.0])
-    core.set_directives(np.array([_directive(0, 3, 2)]))
+    core.set_directives(np.array([_directive(0.5, 3, 2)]))
     assert core.obs["directives"][0, 3].tolist() == pytest.approx([0.5, 0.25, 0.1, 1.0])
-    with pytest.raises(ValueError, match="48"):
-        core.set_directives(np.array([48]))
+    with pytest.raises(ValueError, match="60"):
+        core.set_directives(np.array([60]))
     with pytest.raises(ValueError, match="shape"):
         core.set_directives(np.array([1, 2]))
 
 
 def test_risk_multiplier_scales_buy_size():
     sizes = []
-    for risk in range(4):
+    for risk in te.RISK_MULTIPLIERS[1:]:
         core = _portfolio_core()
         core.set_directives(np.array([_directive(risk, 1, 1)]))
         a = np.zeros((1, 8), int)
@@ -556,9 +557,30 @@ def test_risk_multiplier_scales_buy_size():
     np.testing.assert_allclose(ratio, [0.5, 0.75, 1.0, 1.25], rtol=1e-3)  # slippage grows with size: ~ not exact
 
 
+def test_risk_zero_masks_every_buy_and_add_and_the_book_can_only_go_to_cash():
+    core = _portfolio_core()
+    core.set_directives(np.array([_directive(1.0, 1, 1)]))
+    a = np.zeros((1, 8), int)
+    a[0, :3] = te.BUY_MEDIUM
+    core.step(a)  # three positions open
+    assert (core.shares[0, :3] > 0).all() and core.obs["action_mask"][0, :3, te.ADD].all()
+    core.set_directives(np.array([_directive(0.0, 1, 2)]))  # flat, even with an aggressive mode
+    mask = core.obs["action_mask"][0]
+    assert mask[:, 1:4].sum() == 0 and mask[:, te.ADD].sum() == 0  # no new risk anywhere
+    assert mask[:3, te.SELL_ALL].all() and mask[:3, te.SELL_PARTIAL].all() and mask[:, te.HOLD].all()
+    a[0, :] = te.BUY_LARGE
+    a[0, :3] = te.ADD  # masked attempts are executed as HOLD: nothing is bought
+    shares = core.shares.copy()
+    core.step(a)
+    np.testing.assert_array_equal(core.shares, shares)
+    a[0, :3] = te.SELL_ALL
+    core.step(a)
+    assert (core.shares == 0).all() and core.cash[0, 0] == pytest.approx(core.equity[0, 0])  # all cash
+
+
 def test_position_cap_masks_buys_and_adds():
     core = _portfolio_core()
-    core.set_directives(np.array([_directive(3, 0, 2)]))  # risk 1.25, cap 5%: 6% x 1.25 and 9% x 1.25 exceed it
+    core.set_directives(np.array([_directive(1.25, 0, 2)]))  # risk 1.25, cap 5%: 6% x 1.25 and 9% x 1.25 exceed it
     assert core.obs["action_mask"][0, 0, 1:4].tolist() == [1, 0, 0]
     a = np.zeros((1, 8), int)
     a[0, 0] = te.BUY_SMALL
@@ -574,7 +596,7 @@ def test_position_cap_masks_buys_and_adds():
 
 def test_open_position_limit_masks_new_buys_and_cancels_excess():
     core = _portfolio_core(S=8)
-    core.set_directives(np.array([_directive(2, 3, 2)]))  # limit ceil(0.1 * 8) = 1 open position
+    core.set_directives(np.array([_directive(1.0, 3, 2)]))  # limit ceil(0.1 * 8) = 1 open position
     a = np.full((1, 8), te.BUY_SMALL)
     _, _, _, _, info = core.step(a)  # all 8 allowed by the mask now, only the first fills
     assert (core.shares[0] > 0).sum() == 1 and info["order_cancelled"][0, 1:].all()
@@ -583,21 +605,21 @@ def test_open_position_limit_masks_new_buys_and_cancels_excess():
 
 def test_regime_mode_sets_exposure_ceiling_and_defensive_masks():
     core = _portfolio_core()
-    core.set_directives(np.array([_directive(2, 1, 0)]))  # defensive
+    core.set_directives(np.array([_directive(1.0, 1, 0)]))  # defensive
     assert core.obs["action_mask"][0, :, te.BUY_LARGE].sum() == 0
-    core.set_directives(np.array([_directive(2, 1, 1)]))
+    core.set_directives(np.array([_directive(1.0, 1, 1)]))
     assert core.obs["action_mask"][0, :, te.BUY_LARGE].sum() == 8
     # fill the book to ~60% exposure: the neutral (75%) ceiling allows buys, the defensive (50%) one does not
     core = _portfolio_core(S=20)
-    core.set_directives(np.array([_directive(3, 1, 2)]))  # risk 1.25, cap 10%, limit 10, aggressive
+    core.set_directives(np.array([_directive(1.25, 1, 2)]))  # risk 1.25, cap 10%, limit 10, aggressive
     a = np.zeros((1, 20), int)
     a[0, :8] = te.BUY_MEDIUM  # 8 x 7.5%
     core.step(a)
     exposure = 1 - core.cash[0, 0] / core.equity[0, 0]
     assert 0.5 < exposure < 0.75
-    core.set_directives(np.array([_directive(2, 1, 1)]))
+    core.set_directives(np.array([_directive(1.0, 1, 1)]))
     neutral_buys = core.obs["action_mask"][0, :, 1:4].sum() + core.obs["action_mask"][0, :, 6].sum()
-    core.set_directives(np.array([_directive(2, 1, 0)]))
+    core.set_directives(np.array([_directive(1.0, 1, 0)]))
     defensive_buys = core.obs["action_mask"][0, :, 1:4].sum() + core.obs["action_mask"][0, :, 6].sum()
     assert neutral_buys > 0 and defensive_buys == 0
 
@@ -625,7 +647,7 @@ def test_in_place_state_restore_carries_directive_derived_mask_thresholds():
     market = make_market(T=300, S=6, seed=21)
     a = te.VecTradingCore(market, 2, mode="portfolio", seed=3)
     a.reset()
-    a.set_directives(np.array([_directive(0, 3, 0), _directive(3, 0, 2)]))  # defensive + tight cap / aggressive
+    a.set_directives(np.array([_directive(0.5, 3, 0), _directive(1.25, 0, 2)]))  # defensive + tight cap / aggressive
     rng = np.random.default_rng(4)
     for _ in range(20):
         a.step(masked_random_actions(rng, a.obs["action_mask"]))
@@ -884,9 +906,9 @@ def test_portfolio_parallel_env_state_and_directives(market):
     assert set(obs) == set(market.data.symbols) and "directives" in obs["SYN000"]
     st = env.state()
     assert env.state_space.contains(st)
-    env.set_directive((2 * 4 + 1) * 3 + 0)  # defensive: no BUY_LARGE, no ADD
+    env.set_directive(_directive(1.0, 1, 0))  # defensive: no BUY_LARGE, no ADD
     assert env.core.obs["action_mask"][0, :, te.BUY_LARGE].sum() == 0
-    env.set_directive((2 * 4 + 1) * 3 + 2)
+    env.set_directive(_directive(1.0, 1, 2))
     assert env.core.obs["action_mask"][0, :, te.BUY_LARGE].sum() == 4
     steps = 0
     while env.agents:
@@ -1004,7 +1026,7 @@ def test_buys_shrink_again_when_slippage_on_the_same_steps_sells_leaves_the_acco
     market.data.open[t + 1, 0] = 0.04 * vc[0]
     core = te.VecTradingCore(market, 1, mode="portfolio", sequential=True)
     core.reset()
-    core.set_directives(np.array([_directive(2, 0, 2)]))  # risk 1, cap 5% with no open-position limit, ceiling 90%
+    core.set_directives(np.array([_directive(1.0, 0, 2)]))  # risk 1, cap 5% with no open-position limit, ceiling 90%
     assert core.t[0] == t
     equity = core.capital
     core.shares[0, [0, 6]] = np.array([0.30, 0.59]) * equity / vc[[0, 6]]  # exposure 89%, cash 11% of equity

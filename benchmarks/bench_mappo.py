@@ -9,6 +9,7 @@ the timed loop.
     python benchmarks/bench_mappo.py --quick --json benchmarks/results/mappo_quick.json
     python benchmarks/bench_mappo.py --json benchmarks/results/mappo.json
     python benchmarks/bench_mappo.py --go --jobs 2          # pieces under results/mappo_go/, then mappo_go.json
+    python benchmarks/bench_mappo.py --go --variant anchor_best --master-flags "--master-anchor best_constant"
     python benchmarks/bench_mappo.py --by-regime            # where the symbol level earns: mappo_by_regime.json
 
 --oracle (the preflight, before any master is trained): per market and seed, the frozen symbol agents (argmax)
@@ -133,13 +134,14 @@ def symbol_run(market: str, seed: int, see_block: bool = False) -> Path:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def go_piece(market: str, seed: int) -> Path:
-    """Symbol agents, then a master on top of them, on one market and seed; writes the piece's JSON."""
+def go_piece(market: str, seed: int, folder: Path = GO_DIR, master_flags: tuple[str, ...] = ()) -> Path:
+    """Symbol agents, then a master on top of them, on one market and seed; writes the piece's JSON into `folder`.
+    master_flags: extra mappo_master.py flags (a variant of its defaults), recorded in the piece's command."""
     symbols_dir = symbol_run(market, seed)
     with tempfile.TemporaryDirectory(prefix="bench_mappo_go_") as tmp:
         cmd = [sys.executable, SCRIPT, *data_flags(market, seed), "--seed", str(seed), "--env.no-symbol-regime",
                "--freeze-symbols", "--no-stress", "--eval-interval", "0", "--run-dir", f"{tmp}/master",
-               "--symbol-checkpoint", symbols_dir / "checkpoint.pt"]  # fmt: skip
+               "--symbol-checkpoint", symbols_dir / "checkpoint.pt", *master_flags]  # fmt: skip
         t0 = time.time()
         proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -158,7 +160,8 @@ def go_piece(market: str, seed: int) -> Path:
         "commands": [f"python ppo_symbol_agent.py {flags} --seed {seed} --env.no-symbol-regime --total-timesteps "
                      f"{GO_SYMBOL_STEPS} --save-model --no-stress",
                      f"python mappo_master.py {flags} --seed {seed} --env.no-symbol-regime --freeze-symbols "
-                     "--no-stress --eval-interval 0 --symbol-checkpoint <that run>/checkpoint.pt"],
+                     "--no-stress --eval-interval 0 --symbol-checkpoint <that run>/checkpoint.pt"
+                     + "".join(f" {f}" for f in master_flags)],
         "symbol_agents_test": symbols["backtest"]["agent"],
         "backtest": master["backtest"],
         "go_criterion": master["go_criterion"],
@@ -170,7 +173,7 @@ def go_piece(market: str, seed: int) -> Path:
         "master_seconds": seconds,
         "machine": machine_info(),
     }  # fmt: skip
-    path = GO_DIR / f"{market}_seed{seed}.json"
+    path = Path(folder) / f"{market}_seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     go = record["go_criterion"]
@@ -277,15 +280,19 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def go(jobs: int, markets: list[str], seeds: tuple[int, ...]) -> None:
+def go(jobs: int, markets: list[str], seeds: tuple[int, ...], variant: str = "", master_flags=()) -> None:
+    """Every missing piece of markets x seeds, `jobs` at a time, then the summary. variant: the pieces go to
+    results/mappo_go_<variant>/ (and the summary to mappo_go_<variant>.json), with master_flags added to every
+    mappo_master.py run; "" is the default settings' results/mappo_go/."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [(m, k) for m in markets for k in seeds if not (GO_DIR / f"{m}_seed{k}.json").exists()]
-    print(f"{len(todo)} pieces to run, {jobs} at a time", flush=True)
+    folder = GO_DIR.with_name(f"{GO_DIR.name}_{variant}") if variant else GO_DIR
+    todo = [(m, k) for m in markets for k in seeds if not (folder / f"{m}_seed{k}.json").exists()]
+    print(f"{len(todo)} pieces to run in {folder.name}, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(go_piece, m, k) for m, k in todo]:
+        for future in [pool.submit(go_piece, m, k, folder, tuple(master_flags)) for m, k in todo]:
             future.result()
-    summarise(GO_DIR)
+    summarise(folder)
 
 
 def summarise(folder: Path) -> None:
@@ -425,6 +432,15 @@ def main() -> None:
         help="the go tables from the pieces in DIR, no training "
         "(e.g. benchmarks/results/mappo_go_lambda50, the pieces before the calibrated risk aversion)",
     )
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="--go: a named variant of the master's settings, its pieces in results/mappo_go_<variant>/ (needs "
+        "--master-flags)",
+    )
+    parser.add_argument(
+        "--master-flags", default="", help='--go --variant: extra mappo_master.py flags, one string ("--flag value")'
+    )
     parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
     parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
@@ -436,8 +452,13 @@ def main() -> None:
         "--threads", type=int, default=1, help="OMP_NUM_THREADS of the training process (1 on a shared CPU)"
     )
     opts = parser.parse_args()
+    if bool(opts.variant) != bool(opts.master_flags) or (opts.variant and not opts.go):
+        print("bench_mappo.py: --variant and --master-flags go together, with --go (a variant is a named set of "
+              'mappo_master.py flags: --go --variant anchor_best --master-flags "--master-anchor best_constant")',
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     if opts.go:
-        return go(opts.jobs, opts.markets, tuple(opts.seeds))
+        return go(opts.jobs, opts.markets, tuple(opts.seeds), opts.variant, opts.master_flags.split())
     if opts.summarise:
         return summarise(Path(opts.summarise))
     if opts.oracle:

@@ -3,6 +3,14 @@ bf16 autocast, torch.compile, and the four encoder kinds side by side; CUDA figu
 
     python benchmarks/bench_encoder.py --quick --json benchmarks/results/encoder_quick.json   # < 60 s on 2 cores
     python benchmarks/bench_encoder.py --json benchmarks/results/encoder.json                 # full run
+    python benchmarks/bench_encoder.py --decisions --json benchmarks/results/decision_latency.json  # one decision
+
+--decisions (the seeds' decision-latency targets: < 20 ms for the symbol agents, < 50 ms for the master): one
+decision on a real 143-symbol portfolio-mode core (market_data.make_synthetic_prepared), from the environment's
+numpy observation to actions: the symbol agents' (E=1, S=143) masked argmax (mappo_master.symbol_actions: tensor
+conversion, encoder, heads, mask) and one master decision (mappo_master's global features, the symbol embeddings, the
+master network and its argmax directive), p50 / p95 at 1 and 2 torch threads, for each encoder kind at its default
+(seed) size and for the CPU preset the scripts use on CPU (an MLP, d 128); on CUDA too when a GPU is present.
 
 Latency is the wall time of one encoder forward under torch.inference_mode() in eval mode (dropout 0.1 is inactive
 there), p50 and p95 over the repeats; on CUDA the timer is read after torch.cuda.synchronize(). Forward+backward
@@ -13,12 +21,20 @@ build it). The seed's target was p95 < 10 ms at batch 32 on a GPU; ours is < 2 m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 from common import repeat_timed, summarize, write_json  # also puts the repo root on sys.path
 
-from encoders import EncoderConfig, SymbolPolicy, make_encoder, random_observation, weight_sharing_report
+from encoders import (
+    EncoderConfig,
+    SymbolPolicy,
+    make_encoder,
+    random_observation,
+    set_input_shapes,
+    weight_sharing_report,
+)
 
 KINDS = ["transformer", "lstm", "cnn", "mlp"]
 MIN_REPEATS = 3  # per measured point after the warm-up; --quick uses 2
@@ -100,13 +116,81 @@ def compiled_latency(enc, batch, device, budget_s, max_repeats) -> dict:
         return {"batch": batch, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
+DECISION_SYMBOLS = 143  # the seeds' universe
+DECISION_TARGETS_MS = {"symbols": 20.0, "master": 50.0}  # the seeds' p95 targets
+
+
+def decision_latency(device: str, budget_s: float, max_repeats: int) -> dict:
+    """One symbol-agent decision and one master decision for DECISION_SYMBOLS symbols, per encoder (see --decisions),
+    at the current torch thread count: name -> {"symbols": latency, "master": latency}."""
+    import numpy as np
+
+    import experiment as xp
+    import mappo_master as mm
+    import trading_env as te
+    from encoders import MasterNetwork
+    from market_data import make_synthetic_prepared
+
+    market = make_synthetic_prepared(num_symbols=DECISION_SYMBOLS, years=0.25, seed=0)
+    core = te.VecTradingCore(market, 1, mode="portfolio", seed=0)
+    obs = core.reset(seed=0)
+    states = mm.market_state(market)
+    last = np.zeros((1, DECISION_SYMBOLS), np.int64)
+    cpu_preset = xp.encoder_preset(EncoderConfig(), "cpu", use_cuda=False)[0]
+    configs = {kind: EncoderConfig(kind=kind, dropout=0.0) for kind in KINDS}
+    configs["cpu_preset_mlp"] = dataclasses.replace(cpu_preset, dropout=0.0)
+    configs = {name: set_input_shapes(cfg, core.observation_shapes) for name, cfg in configs.items()}
+    out = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        agent = SymbolPolicy(DECISION_SYMBOLS, cfg, directive_dim=len(te.DIRECTIVE_FEATURES)).to(device).eval()
+        glob = mm.global_features(obs, core.directive_index, last, states[core.t], core.recent_return(7)[:, 0])
+        master = MasterNetwork(cfg.output_dim, glob.shape[1], state_dim=core.state_dim).to(device).eval()
+
+        def symbols(agent=agent):
+            mm.symbol_actions(agent, obs, device, deterministic=True)
+
+        def decide(agent=agent, master=master):
+            g = mm.global_features(obs, core.directive_index, last, states[core.t], core.recent_return(7)[:, 0])
+            emb, g, st = mm.master_inputs(agent, obs, g, core.state(), device)
+            with torch.no_grad():
+                mm.masked_policy(master(emb, g, st)[0], deterministic=True)
+
+        out[name] = {"symbols": timed(symbols, device, budget_s, max_repeats),
+                     "master": timed(decide, device, budget_s, max_repeats)}  # fmt: skip
+        for part in ("symbols", "master"):
+            r = out[name][part]
+            r["target_p95_ms"] = DECISION_TARGETS_MS[part]
+            r["meets_target"] = r["p95_ms"] < DECISION_TARGETS_MS[part]
+            print(f"  {device} {name:15s} {part:7s}: p50 {r['p50_ms']:8.2f} ms  p95 {r['p95_ms']:8.2f} ms")
+    return out
+
+
+def decisions_main(args) -> None:
+    """--decisions: decision_latency at 1 and 2 CPU threads (and on CUDA when present), written to --json."""
+    budget, max_rep = (0.6, 20) if args.quick else (3.0, 200)
+    record: dict = {"symbols": DECISION_SYMBOLS, "targets_p95_ms": DECISION_TARGETS_MS}
+    t0 = time.perf_counter()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        print(f"decisions, CPU, {threads} thread(s)")
+        record[f"cpu_threads{threads}"] = decision_latency("cpu", budget, max_rep)
+    if torch.cuda.is_available() and not args.no_cuda:
+        record["cuda"] = {"device": torch.cuda.get_device_name(0), **decision_latency("cuda", budget, max_rep * 5)}
+    record["wall_s"] = time.perf_counter() - t0
+    write_json(args.json, record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small repeat counts, no batch 4096 on CPU, no compile")
     parser.add_argument("--json", default=None, help="write the record to this path")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the sections not split by threads")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA sections even when a GPU is present")
+    parser.add_argument("--decisions", action="store_true", help="only the 143-symbol decision latency (see above)")
     args = parser.parse_args()
+    if args.decisions:
+        return decisions_main(args)
     global MIN_REPEATS
     MIN_REPEATS = 2 if args.quick else 3
     t_start = time.perf_counter()

@@ -385,8 +385,8 @@ def test_global_features_encode_the_directive_and_intents():
     np.testing.assert_array_equal(g[:, :8], obs["portfolio"][:, 0])
     np.testing.assert_array_equal(g[:, 8:21], state_now)  # the market state, read from the market itself
     np.testing.assert_allclose(g[:, 21], [0.01, -0.02])  # the book's recent return
-    np.testing.assert_array_equal(g[0, 22:34], [1, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0])  # risk 0 (flat), level 0, defensive
-    np.testing.assert_array_equal(g[1, 22:34], [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 1.25, level 3, aggressive
+    np.testing.assert_array_equal(g[0, 22:34], [1, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0])  # risk 0 (flat), level 0, def.
+    np.testing.assert_array_equal(g[1, 22:34], [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 1.25, level 3, aggr.
     np.testing.assert_allclose(g[0, 34:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(g[1, 34:], [0, 0, 0, 0, 0, 1, 0])
 

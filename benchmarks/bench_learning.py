@@ -246,7 +246,7 @@ def arms_table(by_arm: dict[str, dict]) -> str:
             m = by_arm[arm][key]
             share = "-" if m["share_of_ceiling"] is None else f"{m['share_of_ceiling']:.0%}"
             vs = m.get("minus_ppo")
-            vs = "-" if vs is None else fmt(vs["mean"], vs["ci95"]) + f" ({len(vs['seeds'])} seeds)"
+            vs = "-" if vs is None else fmt(vs["mean"], vs["ci95"]) + f" (n={len(vs['seeds'])})"
             lines.append(
                 f"| {m['signal']:g} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
                 f"{m['ceiling_mean']:.2f} | {share} | {np.mean(m['best_baseline_sharpe']):.2f} | "

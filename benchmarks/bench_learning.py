@@ -1,19 +1,43 @@
-"""Does the symbol agent learn a real edge, honestly measured? ppo_symbol_agent.py with its default settings (the
-anti-collapse stack on) on synthetic markets with a planted signal of 0.5 and 0.3 and on a placebo market (0: no
-edge), 10 years each (test split ~2,600 bars), several seeds per market (the market's seed is the training seed),
-beside every baseline of the final backtest and the rule ceiling.
+"""Does the symbol agent learn a real edge, honestly measured, and how do other learners do on the same work?
+ppo_symbol_agent.py with its default settings (the anti-collapse stack on) on synthetic markets with a planted signal
+of 0.5 and 0.3 and on a placebo market (0: no edge), 10 years each (test split ~2,600 bars), several seeds per market
+(the market's seed is the training seed), beside every baseline of the final backtest and the rule ceiling; and other
+learners ("arms") on the same markets, symbol-steps, test split, backtest and baselines.
 
     python benchmarks/bench_learning.py --signal 0.3 --seed 1        # one piece: writes results/learning/0.3_seed1.json
     python benchmarks/bench_learning.py --all --jobs 2               # every missing piece, two processes at a time
-    python benchmarks/bench_learning.py --summary                    # learning.json, learning.png, the table
+    python benchmarks/bench_learning.py --summary                    # learning.json, learning.png, the tables
+    python benchmarks/bench_learning.py --arm sb3_maskable_ours --signal 0.3 --seed 1   # one piece of another arm
+    python benchmarks/bench_learning.py --all --arms ppo ppo_lstm sb3_maskable_default --signals 0.3 --seeds 1 2 3
 
-A piece is one training run in its own process that writes its own JSON when it finishes, so that an interrupted
-benchmark loses nothing; --summary assembles the table from whatever pieces exist. Per market: the mean test Sharpe
-of the agent (argmax) with a 95% interval (Student t over seeds), the seeds above 1.0, the mean of every baseline,
-the rule ceiling (the best one-feature rule fitted on the train split) and the agent's share of it, and for the
-placebo the largest margin of a seed over its best baseline in standard errors. Sharpe ratios come from daily
-returns (backtest.performance_metrics) with a Newey-West standard error; each piece stores the daily returns of the
-agent and of every baseline, so that a change of metric re-scores the pieces without retraining.
+Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,
+4M symbol-steps, unless flags after -- say otherwise; the same flags go to every arm):
+
+- ppo (the default): ppo_symbol_agent.py as it is (on CPU its encoder preset makes the encoder an MLP);
+- ppo_lstm, ppo_cnn: the same with --encoder.kind lstm / cnn (widths from the encoder preset);
+- ppo_transformer: the same with bench_train.py's small transformer (SMALL_TRANSFORMER, --encoder-preset as_given:
+  d_model 64, 4 heads, 1 layer), on CPU and GPU alike;
+- sb3_maskable_default, sb3_maskable_ours: sb3-contrib's MaskablePPO on trading_env.SB3VecEnv, with SB3's default
+  hyperparameters and network, or with ppo_symbol_agent.py's values (read from its Args) for every knob SB3 has and
+  its encoder and head widths as SB3's network (benchmarks/sb3_learner.py says which knobs);
+- sb3_ppo_default, sb3_ppo_ours: the same with Stable-Baselines3's PPO, unmasked: an action the mask refuses is
+  executed as HOLD and counted by the environment (the piece records the share refused on the test split).
+
+The SB3 arms run benchmarks/sb3_learner.py, which reads ppo_symbol_agent.py's flags (the market, env, splits, seed,
+budget) and ends with the same final backtest (backtest.agent_backtests) and run folder, with its weights picked on
+the validation split as ppo_symbol_agent.py picks them; their pieces are read like ppo's.
+
+Pieces of the default arm are results/learning/<signal>_seed<k>.json; of any other arm,
+results/learning/<arm>/<signal>_seed<k>.json. A piece is one training run in its own process that writes its own JSON
+when it finishes, so that an interrupted benchmark loses nothing; --summary assembles the tables from whatever pieces
+exist. Per market, for the default arm: the mean test Sharpe of the agent (argmax) with a 95% interval (Student t
+over seeds), the seeds above 1.0, the mean of every baseline, the rule ceiling (the best one-feature rule fitted on
+the train split) and the agent's share of it, and for the placebo the largest margin of a seed over its best baseline
+in standard errors; learning.json keeps that under "markets" and every other arm's under "arms". The arms table
+(printed as Markdown for BENCHMARKS.md) has per arm and market the mean test Sharpe [95% CI], its paired difference
+from ppo over the seeds both have, the share of the rule ceiling and the wall-clock per piece. Sharpe ratios come
+from daily returns (backtest.performance_metrics) with a Newey-West standard error; each piece stores the daily
+returns of the agent and of every baseline, so that a change of metric re-scores the pieces without retraining.
 """
 
 from __future__ import annotations
@@ -30,9 +54,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_train import SMALL_TRANSFORMER, encoder_flags
 from common import ROOT, machine_info, write_json
 
+import experiment as xp
+from market_data import UserInputError
+
 SCRIPT = ROOT / "ppo_symbol_agent.py"
+SB3_SCRIPT = ROOT / "benchmarks" / "sb3_learner.py"
+# arm -> (the script a piece runs, its flags before the piece's own); "ppo" is the default arm
+ARMS = {
+    "ppo": (SCRIPT, []),
+    "ppo_lstm": (SCRIPT, ["--encoder.kind", "lstm"]),
+    "ppo_cnn": (SCRIPT, ["--encoder.kind", "cnn"]),
+    "ppo_transformer": (SCRIPT, encoder_flags(SMALL_TRANSFORMER)),
+    "sb3_maskable_default": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "default"]),
+    "sb3_maskable_ours": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "ours"]),
+    "sb3_ppo_default": (SB3_SCRIPT, ["--algo", "ppo", "--hparams", "default"]),
+    "sb3_ppo_ours": (SB3_SCRIPT, ["--algo", "ppo", "--hparams", "ours"]),
+}
 RESULTS = ROOT / "benchmarks" / "results"
 PIECES = RESULTS / "learning"
 SIGNALS = (0.5, 0.3, 0.0)
@@ -48,19 +88,29 @@ BASELINES = (
 )
 
 
-def piece_path(signal: float, seed: int) -> Path:
-    return PIECES / f"{signal:g}_seed{seed}.json"
+def arm_folder(arm: str) -> Path:
+    """Where an arm's pieces lie: the default arm's in PIECES itself (as before there were arms), others below it."""
+    return PIECES if arm == "ppo" else PIECES / arm
 
 
-def run_piece(signal: float, seed: int, extra: list[str]) -> Path:
-    """Train one seed on one market and write its JSON; returns the JSON's path."""
+def piece_path(signal: float, seed: int, arm: str = "ppo") -> Path:
+    return arm_folder(arm) / f"{signal:g}_seed{seed}.json"
+
+
+def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo") -> Path:
+    """Train one seed of one arm on one market and write its JSON; returns the JSON's path."""
+    script, arm_flags = ARMS[arm]
     flags = ["--data.signal-strength", str(signal), "--data.years", str(YEARS), "--data.seed", str(seed)]
-    flags += ["--seed", str(seed), "--exp-name", f"learning_{signal:g}", *extra]
+    flags += ["--seed", str(seed), "--exp-name", f"learning_{signal:g}", *arm_flags, *extra]
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
         t0 = time.time()
-        cmd = [sys.executable, str(SCRIPT), *flags, "--run-dir", tmp]
+        cmd = [sys.executable, str(script), *flags, "--run-dir", tmp]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode == 2:  # the script refused its flags: the user's to fix, in the script's own words
+            lines = [line.strip(" │╭╮╰╯─") for line in proc.stderr.splitlines()]  # tyro draws a box around it
+            why = " ".join([line for line in lines if line][-4:]).removeprefix("error: ") or "exit status 2"
+            raise UserInputError(f"arm {arm} (signal {signal:g}, seed {seed}): {why}")
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -70,10 +120,11 @@ def run_piece(signal: float, seed: int, extra: list[str]) -> Path:
         daily = pd.read_parquet(run / "test_daily_returns.parquet")  # every strategy's daily returns: re-scorable
     record = {
         "benchmark": "learning_piece",
+        "arm": arm,
         "signal": signal,
         "seed": seed,
         "years": YEARS,
-        "command": f"python ppo_symbol_agent.py {' '.join(flags)}",
+        "command": f"python {script.relative_to(ROOT)} {' '.join(flags)}",
         "wall_s": time.time() - t0,
         "test": summary["backtest"],
         "val": summary["val"],
@@ -85,11 +136,13 @@ def run_piece(signal: float, seed: int, extra: list[str]) -> Path:
         "daily_returns": {"dates": [str(d.date()) for d in daily.index]} | {k: daily[k].tolist() for k in daily},
         "machine": machine_info(),
     }
-    path = piece_path(signal, seed)
+    if "sb3" in summary:  # the algorithm, its keyword arguments, the share of actions the mask refused on test
+        record["sb3"] = summary["sb3"]
+    path = piece_path(signal, seed, arm)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     agent, ceiling = record["test"]["agent"]["sharpe"], record["test"]["rule_ceiling"]["sharpe"]
-    print(f"signal {signal:g} seed {seed}: test Sharpe {agent:.2f} (rule ceiling {ceiling:.2f})", flush=True)
+    print(f"{arm} signal {signal:g} seed {seed}: test Sharpe {agent:.2f} (rule ceiling {ceiling:.2f})", flush=True)
     return path
 
 
@@ -110,17 +163,18 @@ def summarize(pieces: list[dict]) -> dict:
     for signal in sorted({p["signal"] for p in pieces}, reverse=True):
         rows = sorted((p for p in pieces if p["signal"] == signal), key=lambda p: p["seed"])
         sharpe = lambda name, rows=rows: np.array([r["test"][name]["sharpe"] for r in rows])  # noqa: E731
-        agent, sampled, ceiling = sharpe("agent"), sharpe("agent_sampled"), sharpe("rule_ceiling")
+        agent, ceiling = sharpe("agent"), sharpe("rule_ceiling")
+        sampled = sharpe("agent_sampled") if all("agent_sampled" in r["test"] for r in rows) else None
         mean, lo, hi = t_interval(agent)
         best = np.max([sharpe(b) for b in BASELINES], axis=0)  # each seed's best baseline
-        se = np.array([r["test"]["agent"]["sharpe_se"] for r in rows])
+        se = np.array([r["test"]["agent"]["sharpe_se"] for r in rows], dtype=float)  # None (no risk taken): nan
         markets[f"{signal:g}"] = {
             "signal": signal,
             "seeds": [r["seed"] for r in rows],
             "agent_sharpe": agent.tolist(),
             "agent_mean": mean,
             "agent_ci95": [lo, hi],
-            "agent_sampled_mean": float(sampled.mean()),
+            "agent_sampled_mean": None if sampled is None else float(sampled.mean()),
             "seeds_above_1": int((agent > 1.0).sum()),
             "ceiling_sharpe": ceiling.tolist(),
             "ceiling_mean": float(ceiling.mean()),
@@ -147,16 +201,70 @@ def table(markets: dict) -> str:
         "| signal | seeds | agent test Sharpe: mean [95% CI] | seeds > 1 | sampled | rule ceiling | agent / ceiling | "
     )
     head += " | ".join(BASELINES) + " | exposure | trade rate |"
-    lines = [head, "|" + "---|" * (10 + len(BASELINES))]
+    lines = [head, "|" + "---|" * (9 + len(BASELINES))]
     for m in markets.values():
         share = "-" if m["share_of_ceiling"] is None else f"{m['share_of_ceiling']:.0%}"
+        sampled = "-" if m["agent_sampled_mean"] is None else f"{m['agent_sampled_mean']:.2f}"
         base = " | ".join(f"{m['baselines_mean'][b]:.2f}" for b in BASELINES)
         lines.append(
             f"| {m['signal']:g} | {len(m['seeds'])} | {m['agent_mean']:.2f} [{m['agent_ci95'][0]:.2f}, "
-            f"{m['agent_ci95'][1]:.2f}] | {m['seeds_above_1']} | {m['agent_sampled_mean']:.2f} | "
+            f"{m['agent_ci95'][1]:.2f}] | {m['seeds_above_1']} | {sampled} | "
             f"{m['ceiling_mean']:.2f} | {share} | {base} | {m['exposure_mean']:.3f} | {m['trade_rate_mean']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def summarize_arms(pieces: dict[str, list[dict]]) -> dict[str, dict]:
+    """arm -> summarize() of its pieces; every market of an arm other than ppo also gets "minus_ppo", the arm's test
+    Sharpe minus ppo's, paired by seed over the seeds both have (same market, same test split), with its 95%
+    interval."""
+    by_arm = {arm: summarize(rows) for arm, rows in pieces.items() if rows}
+    reference = by_arm.get("ppo", {})
+    for arm, markets in by_arm.items():
+        for key, m in markets.items():
+            ref = reference.get(key)
+            if arm == "ppo" or ref is None:
+                continue
+            theirs = dict(zip(ref["seeds"], ref["agent_sharpe"], strict=True))
+            common = [k for k in m["seeds"] if k in theirs]
+            diff = np.array([a - theirs[k] for k, a in zip(m["seeds"], m["agent_sharpe"], strict=True) if k in theirs])
+            mean, lo, hi = t_interval(diff) if len(diff) else (float("nan"),) * 3
+            m["minus_ppo"] = {"seeds": common, "diff": diff.tolist(), "mean": mean, "ci95": [lo, hi]}
+    return by_arm
+
+
+def arms_table(by_arm: dict[str, dict]) -> str:
+    """Markdown, one row per market and arm: mean test Sharpe [95% CI], minus ppo (paired over seeds), rule ceiling
+    and the arm's share of it, the best baseline (mean over seeds of each seed's best), wall-clock per piece."""
+    head = "| signal | arm | seeds | test Sharpe: mean [95% CI] | minus ppo, paired: mean [95% CI] | rule ceiling | "
+    head += "share of ceiling | best baseline | minutes per piece |"
+    lines = [head, "|" + "---|" * 9]
+    fmt = lambda mean, ci: f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # noqa: E731
+    keys = sorted({k for markets in by_arm.values() for k in markets}, key=float, reverse=True)
+    for key in keys:
+        for arm in (a for a in ARMS if key in by_arm.get(a, {})):
+            m = by_arm[arm][key]
+            share = "-" if m["share_of_ceiling"] is None else f"{m['share_of_ceiling']:.0%}"
+            vs = m.get("minus_ppo")
+            vs = "-" if vs is None else fmt(vs["mean"], vs["ci95"]) + f" (n={len(vs['seeds'])})"
+            lines.append(
+                f"| {m['signal']:g} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
+                f"{m['ceiling_mean']:.2f} | {share} | {np.mean(m['best_baseline_sharpe']):.2f} | "
+                f"{m['wall_s_mean'] / 60:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def load_pieces() -> dict[str, list[dict]]:
+    """arm -> its pieces with daily returns (older ones, scored per bar, are announced and skipped)."""
+    pieces = {}
+    for arm in ARMS:
+        rows = [json.loads(f.read_text()) for f in sorted(arm_folder(arm).glob("*.json"))]
+        old = [f"{q['signal']:g}_seed{q['seed']}" for q in rows if "daily_returns" not in q]
+        if old:  # measured before Sharpe came from daily returns: not comparable, rerun them (--redo)
+            print(f"skipping {len(old)} {arm} pieces without daily returns (per-bar Sharpe; rerun with --redo): {old}")
+        pieces[arm] = [q for q in rows if "daily_returns" in q]
+    return pieces
 
 
 def plot(markets: dict, path: Path) -> None:
@@ -189,41 +297,58 @@ def plot(markets: dict, path: Path) -> None:
 
 
 def main() -> None:
+    xp.report_user_errors()  # a piece's refused flags: one message, exit status 2, no traceback
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--signal", type=float, help="one piece: the market's planted signal strength")
     p.add_argument("--seed", type=int, help="one piece: the seed (market and training)")
-    p.add_argument("--all", action="store_true", help="run every missing piece of --signals x --seeds")
+    p.add_argument("--arm", choices=list(ARMS), default="ppo", help="one piece's learner (default ppo)")
+    p.add_argument("--all", action="store_true", help="run every missing piece of --arms x --signals x --seeds")
+    p.add_argument("--arms", choices=list(ARMS), nargs="+", help="with --all: the learners (default: --arm)")
     p.add_argument("--signals", type=float, nargs="+", default=list(SIGNALS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--jobs", type=int, default=2, help="pieces run at once (one process each)")
     p.add_argument("--summary", action="store_true", help="assemble learning.json and learning.png from the pieces")
     p.add_argument("--redo", action="store_true", help="rerun pieces that already have a JSON")
-    p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --)")
+    p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --), every arm")
     args = p.parse_args()
-    if args.signal is not None or args.seed is not None:
+    piece = args.signal is not None or args.seed is not None
+    if not (piece or args.all or args.summary):
+        p.error("nothing to do: give --signal and --seed (one piece), --all (every missing piece) or --summary")
+    if args.arms and not args.all:
+        p.error("--arms lists the learners of --all; for one piece give --arm NAME with --signal and --seed")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: the number of pieces run at once, 1 or more")
+    if piece:
         if args.signal is None or args.seed is None:
             p.error("a piece needs both --signal and --seed")
-        run_piece(args.signal, args.seed, args.train_args)
+        run_piece(args.signal, args.seed, args.train_args, args.arm)
     if args.all:
-        todo = [(s, k) for s in args.signals for k in args.seeds if args.redo or not piece_path(s, k).exists()]
+        arms = args.arms or [args.arm]
+        todo = [(a, s, k) for a in arms for s in args.signals for k in args.seeds]
+        todo = [(a, s, k) for a, s, k in todo if args.redo or not piece_path(s, k, a).exists()]
         print(f"{len(todo)} pieces to run, {args.jobs} at a time", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_piece, s, k, args.train_args) for s, k in todo]:
+            for future in [pool.submit(run_piece, s, k, args.train_args, a) for a, s, k in todo]:
                 future.result()
     if args.summary:
-        pieces = [json.loads(f.read_text()) for f in sorted(PIECES.glob("*.json"))]
-        old = [f"{q['signal']:g}_seed{q['seed']}" for q in pieces if "daily_returns" not in q]
-        if old:  # measured before Sharpe came from daily returns: not comparable, rerun them (--redo)
-            print(f"skipping {len(old)} pieces without daily returns (per-bar Sharpe; rerun with --redo): {old}")
-        pieces = [q for q in pieces if "daily_returns" in q]
-        if not pieces:
+        pieces = load_pieces()
+        if not any(pieces.values()):
             p.error(f"no pieces under {PIECES}: run --signal/--seed or --all first")
-        markets = summarize(pieces)
-        plot(markets, RESULTS / "learning.png")
-        record = {"benchmark": "learning", "markets": markets, "table": table(markets),
-                  "pieces": [str(piece_path(q["signal"], q["seed"]).relative_to(ROOT)) for q in pieces]}  # fmt: skip
+        by_arm = summarize_arms(pieces)
+        markets = by_arm.get("ppo", {})
+        if markets:
+            plot(markets, RESULTS / "learning.png")
+        rel = lambda path: str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)  # noqa: E731
+        listed = {a: [rel(piece_path(q["signal"], q["seed"], a)) for q in pieces[a]] for a in ARMS}
+        record = {"benchmark": "learning", "markets": markets, "table": table(markets), "pieces": listed["ppo"]}
+        others = {arm: m for arm, m in by_arm.items() if arm != "ppo"}
+        if others:  # every other arm, each in the default arm's structure, and the table of them all
+            record["arms"] = {arm: {"markets": m, "pieces": listed[arm]} for arm, m in others.items()}
+            record["arms_table"] = arms_table(by_arm)
         write_json(RESULTS / "learning.json", record)
         print(record["table"])
+        if others:
+            print("\n" + record["arms_table"])
 
 
 if __name__ == "__main__":

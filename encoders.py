@@ -678,6 +678,30 @@ class MasterNetwork(nn.Module):
         pooled = 2 * embed_dim + global_dim
         self.actor = _mlp([pooled, *hidden, sum(DIRECTIVE_SHAPE) if factored else NUM_DIRECTIVES], out_gain=actor_gain)
         self.critic = _mlp([pooled + state_dim, *hidden, 1], out_gain=1.0)
+        # the coordinates each factored head may pick (risk 5, concentration 4, mode 3); pin_heads narrows them
+        self.register_buffer("allowed", torch.ones(sum(DIRECTIVE_SHAPE), dtype=torch.bool))
+
+    def pin_heads(self, directive: int, heads: tuple[int, ...]) -> None:
+        """Pin the factored heads `heads` (0 risk, 1 concentration, 2 mode) to the coordinates of directive index
+        `directive`: their other logits are masked (-1e8), so those heads always pick that coordinate, with entropy 0
+        and no gradient; the free heads choose as before. Saved with the weights (a buffer)."""
+        if not self.factored:
+            raise ValueError("pin_heads needs the factored actor (factored=True).")
+        coords = unravel_directive(torch.tensor(int(directive))).tolist()
+        offsets = [sum(DIRECTIVE_SHAPE[:h]) for h in range(len(DIRECTIVE_SHAPE))]
+        allowed = torch.ones_like(self.allowed)
+        for h in heads:
+            allowed[offsets[h] : offsets[h] + DIRECTIVE_SHAPE[h]] = False
+            allowed[offsets[h] + coords[h]] = True
+        self.allowed.copy_(allowed)
+
+    def free_heads(self) -> list[bool]:
+        """Per head (risk, concentration, mode): whether it still chooses (more than one allowed coordinate)."""
+        return [bool(a.sum() > 1) for a in torch.split(self.allowed, DIRECTIVE_SHAPE)]
+
+    def _head_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        logits = self.actor(pooled)
+        return logits.masked_fill(~self.allowed, -1e8) if self.factored else logits
 
     def _pool(self, emb: torch.Tensor, global_features: torch.Tensor, symbol_mask: torch.Tensor | None):
         if emb.dim() != 3 or emb.shape[-1] != self.embed_dim:
@@ -708,7 +732,7 @@ class MasterNetwork(nn.Module):
     def forward(self, symbol_embeddings, global_features, state=None, symbol_mask=None):
         """Directive logits (B, 60) (factored: the joint log-probabilities) and value (B,)."""
         pooled = self._pool(symbol_embeddings, global_features, symbol_mask)
-        logits = self.actor(pooled)
+        logits = self._head_logits(pooled)
         if self.factored:
             logits = joint_logprobs(logits)
         return logits, self.critic(self._critic_input(pooled, state)).squeeze(-1)
@@ -717,7 +741,7 @@ class MasterNetwork(nn.Module):
         """Factored actor only: each head's entropy normalised by log(its size) (B, 3), risk, concentration, mode
         (1 = uniform, 0 = one choice)."""
         heads = torch.split(
-            self.actor(self._pool(symbol_embeddings, global_features, symbol_mask)), DIRECTIVE_SHAPE, -1
+            self._head_logits(self._pool(symbol_embeddings, global_features, symbol_mask)), DIRECTIVE_SHAPE, -1
         )
         return torch.stack(
             [torch.distributions.Categorical(logits=h).entropy() / math.log(h.shape[-1]) for h in heads], -1

@@ -182,6 +182,10 @@ components (risk-adjusted return, diversification, drawdown, excess over the ben
     """the directive the shadow account trades and the master starts from: neutral, or the best constant directive
 fitted on the train split (backtest.fit_fixed_directive on the frozen symbol agents), from which the master then
 learns when to depart"""
+    master_heads: Literal["all", "risk"] = "all"
+    """all: the master picks every directive coordinate (risk, concentration level, regime mode); risk: it picks the
+risk multiplier only (flat 0 up to 1.25), the concentration level and the regime mode pinned to the anchor's (see
+--master-anchor), so that its one choice is how much of the anchor's book to hold, when"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -512,6 +516,8 @@ if __name__ == "__main__":
             offsets = np.cumsum((0, *DIRECTIVE_SHAPE[:-1]))  # where each head's logits start
             for offset, coord in zip(offsets, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
                 bias[offset + coord] += args.anchor_bias
+    if args.master_heads == "risk" and not saved:  # a saved master keeps its pins (a buffer of its weights)
+        master.pin_heads(anchor, heads=(HEAD_NAMES.index("concentration"), HEAD_NAMES.index("mode")))
     shadow.set_directives(np.full(E, anchor))
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
@@ -758,7 +764,8 @@ if __name__ == "__main__":
                 optimizer.step()
 
         # entropy target per head: the log coefficient moves toward more bonus when a head is below the target
-        log_ent_coef = np.clip(log_ent_coef + args.master_ent_lr * (args.master_ent_target - head_entropy), -12, 0)
+        moved = np.clip(log_ent_coef + args.master_ent_lr * (args.master_ent_target - head_entropy), -12, 0)
+        log_ent_coef = np.where(master.free_heads(), moved, log_ent_coef)  # a pinned head has no entropy to keep
         explained_var = np.nan
         if not args.freeze_symbols:
             y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()

@@ -309,3 +309,30 @@ def test_factored_master_head_log_probabilities_sum_correctly():
     torch.testing.assert_close(logits.exp().sum(-1), torch.ones(4))
     h = master.head_entropies(torch.randn(4, 6, 8), torch.randn(4, 3))
     assert h.shape == (4, 3) and ((h > 0.9) & (h <= 1.0 + 1e-6)).all()  # small initial logits: near uniform heads
+
+
+def test_pinned_heads_fix_their_coordinates_and_keep_the_free_head():
+    """pin_heads(d, (1, 2)): every directive the master can pick has d's concentration level and mode, the joint
+    probabilities still sum to 1, the pinned heads have entropy 0 and no gradient, the risk head stays free, and the
+    pins travel with the weights."""
+    torch.manual_seed(0)
+    master = MasterNetwork(16, 5)
+    emb, glob = torch.randn(64, 3, 16), torch.randn(64, 5)
+    d = int(np.ravel_multi_index((3, 2, 0), encoders.DIRECTIVE_SHAPE))
+    master.pin_heads(d, heads=(1, 2))
+    assert master.free_heads() == [True, False, False]
+    logits, _ = master(emb, glob)
+    p = logits.exp()
+    torch.testing.assert_close(p.sum(-1), torch.ones(64))
+    coords = unravel_directive(torch.distributions.Categorical(logits=logits).sample((20,)))
+    assert (coords[..., 1] == 2).all() and (coords[..., 2] == 0).all()
+    assert len(torch.unique(coords[..., 0])) > 1  # the risk head still chooses
+    ent = master.head_entropies(emb, glob)
+    assert (ent[:, 1:] == 0).all() and (ent[:, 0] > 0).all()
+    ent[:, 1:].sum().backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in master.actor.parameters())
+    again = MasterNetwork(16, 5)
+    again.load_state_dict(master.state_dict())
+    assert again.free_heads() == [True, False, False]
+    with pytest.raises(ValueError, match="factored"):
+        MasterNetwork(16, 5, factored=False).pin_heads(d, heads=(1,))

@@ -1559,16 +1559,18 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
 
 
 def master_final_report(symbols_policy, make_master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
-                        interval: int, stress: bool, run_dir, writer, fitted: dict | None = None) -> dict:  # fmt: skip
+                        interval: int, stress: bool, run_dir, writer, fitted: dict | None = None,
+                        fit_split: str = "train") -> dict:  # fmt: skip
     """mappo_master.py's final backtest on `split`: the master (make_master() -> a fresh directive chooser) beside its
-    baselines (master_backtests, fitted on the train split once: fit_master_baselines, unless `fitted` is given),
+    baselines (master_backtests, fitted on `fit_split` once, the split the master trained on: fit_master_baselines,
+    unless `fitted` is given),
     the go criterion, the directive analysis against the hidden regime and edge state (after the fact only), the DSR
     (one trial), the stress table when `stress` (the 5 largest contributors dropped; every row reuses the same
     fitted baselines, nothing is refitted), all saved and printed by save_backtest, the fitted baselines also as
     run_dir/master_baselines.json. Returns {"reports", "results",
     "go", "why", "stress", "fitted"}."""
     if fitted is None:
-        fitted = fit_master_baselines(symbols_policy, market, config, seed, interval)
+        fitted = fit_master_baselines(symbols_policy, market, config, seed, interval, split=fit_split)
     reports, results, fitted = master_backtests(symbols_policy, make_master(), market, split, config, seed, interval,
                                                 fitted)  # fmt: skip
     series = results["master"]["series"]

@@ -502,7 +502,7 @@ if __name__ == "__main__":
     anchor, frozen_book = NEUTRAL_DIRECTIVE, args.freeze_symbols and args.symbol_checkpoint and not saved
     fixed = None  # every constant directive on train (the best constant and each book's bar moments), when needed
     if frozen_book and (args.risk_aversion is None or args.master_anchor == "best_constant"):
-        fixed = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I)
+        fixed = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I, split=args.split)
     lam_source = "--risk-aversion"
     if args.risk_aversion is None:  # resolved once and saved with the run's settings (a resumed run keeps it)
         args.risk_aversion = calibrated_risk_aversion(fixed) if fixed else FALLBACK_RISK_AVERSION
@@ -861,7 +861,7 @@ if __name__ == "__main__":
             lambda: master_policy(agent, master, device, states, I),
         )
         final = master_final_report(symbols_policy, make_master, market, args.test_split, env_cfg, args.seed, I,
-                                    args.stress, run_dir, writer)  # fmt: skip
+                                    args.stress, run_dir, writer, fit_split=args.split)  # fmt: skip
         reports, results, go, why, stress = (final[k] for k in ("reports", "results", "go", "why", "stress"))
         curves = {name: r["curve"] for name, r in results.items()}
         print(format_go_criterion(go))

@@ -56,6 +56,19 @@ GO_MARKETS = {  # market -> its DataConfig fields (10-year synthetic markets, si
     "placebo-a": {"edge_regime": "placebo-a"},
     "foresight": {"regime_foresight": 0.5},
 }
+# How the data is shared between the two levels. standard: 10-year markets, the symbol agents train on the train split
+# (70%), and the master on the same bars, where the agents are in-sample (their book barely loses on hidden R days
+# there). heldout: 16-year markets, the symbol agents train on the first 45% (about the standard's 7 years; their
+# last weights, no selection on val), the master trains on the next 30% (--split val, 4.8 years the agents never
+# saw; every baseline and its risk aversion fitted there too), and the last 25% (4 years) is graded.
+PROTOCOLS = {
+    "standard": {"data": ["--data.years", "10"], "symbols": [], "master": []},
+    "heldout": {
+        "data": ["--data.years", "16", "--data.train-frac", "0.45", "--data.val-frac", "0.3"],
+        "symbols": ["--final-weights", "last", "--eval-interval", "0"],
+        "master": ["--split", "val"],
+    },
+}
 GO_SEEDS = (1, 2, 3, 4, 5)
 GO_SYMBOL_STEPS = 2_000_000
 GO_BASELINES = ("best_constant", "vol_target", "corr_rule", "reactive_rule")
@@ -107,23 +120,24 @@ def measure(num_symbols: int, num_envs: int, num_steps: int, iterations: int, th
     }
 
 
-def data_flags(market: str, seed: int) -> list[str]:
-    flags = ["--data.years", "10", "--data.seed", str(seed)]
+def data_flags(market: str, seed: int, protocol: str = "standard") -> list[str]:
+    flags = [*PROTOCOLS[protocol]["data"], "--data.seed", str(seed)]
     for key, value in GO_MARKETS[market].items():
         flags += [f"--data.{key.replace('_', '-')}", str(value)]
     return flags
 
 
-def symbol_run(market: str, seed: int, see_block: bool = False) -> Path:
+def symbol_run(market: str, seed: int, see_block: bool = False, protocol: str = "standard") -> Path:
     """The piece's symbol agents (ppo_symbol_agent.py, the market block withheld unless see_block), trained once and
     kept."""
-    folder = SYMBOL_DIR / f"{market}{'_visible' if see_block else ''}_seed{seed}"
+    prefix = "" if protocol == "standard" else f"{protocol}_"
+    folder = SYMBOL_DIR / f"{prefix}{market}{'_visible' if see_block else ''}_seed{seed}"
     done = [p for p in folder.glob("*/summary.json") if json.loads(p.read_text()).get("status") == "complete"]
     if done:
         return done[0].parent
-    cmd = [sys.executable, ROOT / "ppo_symbol_agent.py", *data_flags(market, seed), "--seed", str(seed),
+    cmd = [sys.executable, ROOT / "ppo_symbol_agent.py", *data_flags(market, seed, protocol), "--seed", str(seed),
            *([] if see_block else ["--env.no-symbol-regime"]), "--total-timesteps", str(GO_SYMBOL_STEPS),
-           "--save-model", "--no-stress", "--run-dir", folder]  # fmt: skip
+           "--save-model", "--no-stress", *PROTOCOLS[protocol]["symbols"], "--run-dir", folder]  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -134,14 +148,19 @@ def symbol_run(market: str, seed: int, see_block: bool = False) -> Path:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def go_piece(market: str, seed: int, folder: Path = GO_DIR, master_flags: tuple[str, ...] = ()) -> Path:
+def go_piece(
+    market: str, seed: int, folder: Path = GO_DIR, master_flags: tuple[str, ...] = (), protocol: str = "standard"
+) -> Path:
     """Symbol agents, then a master on top of them, on one market and seed; writes the piece's JSON into `folder`.
-    master_flags: extra mappo_master.py flags (a variant of its defaults), recorded in the piece's command."""
-    symbols_dir = symbol_run(market, seed)
+    master_flags: extra mappo_master.py flags (a variant of its defaults), recorded in the piece's command; protocol:
+    a key of PROTOCOLS."""
+    symbols_dir = symbol_run(market, seed, protocol=protocol)
+    master_flags = (*PROTOCOLS[protocol]["master"], *master_flags)
     with tempfile.TemporaryDirectory(prefix="bench_mappo_go_") as tmp:
-        cmd = [sys.executable, SCRIPT, *data_flags(market, seed), "--seed", str(seed), "--env.no-symbol-regime",
-               "--freeze-symbols", "--no-stress", "--eval-interval", "0", "--run-dir", f"{tmp}/master",
-               "--symbol-checkpoint", symbols_dir / "checkpoint.pt", *master_flags]  # fmt: skip
+        cmd = [sys.executable, SCRIPT, *data_flags(market, seed, protocol), "--seed", str(seed),
+               "--env.no-symbol-regime", "--freeze-symbols", "--no-stress", "--eval-interval", "0",
+               "--run-dir", f"{tmp}/master", "--symbol-checkpoint", symbols_dir / "checkpoint.pt",
+               *master_flags]  # fmt: skip
         t0 = time.time()
         proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -152,13 +171,15 @@ def go_piece(market: str, seed: int, folder: Path = GO_DIR, master_flags: tuple[
         fitted = json.loads((run / "master_baselines.json").read_text())
         daily = pd.read_parquet(run / "test_daily_returns.parquet")
     symbols = json.loads((symbols_dir / "summary.json").read_text())
-    flags = " ".join(data_flags(market, seed))
+    flags = " ".join(data_flags(market, seed, protocol))
+    symbol_flags = "".join(f" {f}" for f in PROTOCOLS[protocol]["symbols"])
     record = {
         "benchmark": "mappo_go_piece",
         "market": market,
         "seed": seed,
+        "protocol": protocol,
         "commands": [f"python ppo_symbol_agent.py {flags} --seed {seed} --env.no-symbol-regime --total-timesteps "
-                     f"{GO_SYMBOL_STEPS} --save-model --no-stress",
+                     f"{GO_SYMBOL_STEPS} --save-model --no-stress{symbol_flags}",
                      f"python mappo_master.py {flags} --seed {seed} --env.no-symbol-regime --freeze-symbols "
                      "--no-stress --eval-interval 0 --symbol-checkpoint <that run>/checkpoint.pt"
                      + "".join(f" {f}" for f in master_flags)],
@@ -280,17 +301,21 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def go(jobs: int, markets: list[str], seeds: tuple[int, ...], variant: str = "", master_flags=()) -> None:
+def go(
+    jobs: int, markets: list[str], seeds: tuple[int, ...], variant: str = "", master_flags=(), protocol="standard"
+) -> None:
     """Every missing piece of markets x seeds, `jobs` at a time, then the summary. variant: the pieces go to
     results/mappo_go_<variant>/ (and the summary to mappo_go_<variant>.json), with master_flags added to every
-    mappo_master.py run; "" is the default settings' results/mappo_go/."""
+    mappo_master.py run; "" is the default settings' results/mappo_go/. A protocol other than standard adds its name
+    to the folder's (mappo_go_heldout, mappo_go_heldout_<variant>)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    folder = GO_DIR.with_name(f"{GO_DIR.name}_{variant}") if variant else GO_DIR
+    name = "_".join(x for x in (GO_DIR.name, "" if protocol == "standard" else protocol, variant) if x)
+    folder = GO_DIR.with_name(name)
     todo = [(m, k) for m in markets for k in seeds if not (folder / f"{m}_seed{k}.json").exists()]
     print(f"{len(todo)} pieces to run in {folder.name}, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(go_piece, m, k, folder, tuple(master_flags)) for m, k in todo]:
+        for future in [pool.submit(go_piece, m, k, folder, tuple(master_flags), protocol) for m, k in todo]:
             future.result()
     summarise(folder)
 
@@ -439,6 +464,13 @@ def main() -> None:
         "--master-flags)",
     )
     parser.add_argument(
+        "--protocol",
+        default="standard",
+        choices=list(PROTOCOLS),
+        help="--go: how the two levels share the data (see PROTOCOLS: heldout trains the master on bars the symbol "
+        "agents never saw)",
+    )
+    parser.add_argument(
         "--master-flags", default="", help='--go --variant: extra mappo_master.py flags, one string ("--flag value")'
     )
     parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
@@ -458,7 +490,7 @@ def main() -> None:
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
     if opts.go:
-        return go(opts.jobs, opts.markets, tuple(opts.seeds), opts.variant, opts.master_flags.split())
+        return go(opts.jobs, opts.markets, tuple(opts.seeds), opts.variant, opts.master_flags.split(), opts.protocol)
     if opts.summarise:
         return summarise(Path(opts.summarise))
     if opts.oracle:

@@ -11,6 +11,7 @@ the timed loop.
     python benchmarks/bench_mappo.py --go --jobs 2          # pieces under results/mappo_go/, then mappo_go.json
     python benchmarks/bench_mappo.py --go --variant anchor_best --master-flags "--master-anchor best_constant"
     python benchmarks/bench_mappo.py --by-regime            # where the symbol level earns: mappo_by_regime.json
+    python benchmarks/bench_mappo.py --by-split --seeds 1 2 # the book on M / R days per split: mappo_by_split.json
 
 --oracle (the preflight, before any master is trained): per market and seed, the frozen symbol agents (argmax)
 under every fixed directive and under the oracle (the best directive per hidden edge state, fitted on the train
@@ -334,10 +335,14 @@ def summarise(folder: Path) -> None:
     print(record["summary_table"] + "\n\n" + record["table"])
 
 
-def prepared_market(market: str, seed: int):
+def prepared_market(market: str, seed: int, protocol: str = "standard"):
+    """The market of --go's pieces (data_flags' DataConfig), prepared in this process."""
+    import tyro
+
     import market_data as md
 
-    cfg = md.DataConfig(years=10.0, seed=seed, cache_dir=str(ROOT / ".cache" / "market"), **GO_MARKETS[market])
+    flags = [*data_flags(market, seed, protocol), "--cache-dir", str(ROOT / ".cache" / "market")]
+    cfg = tyro.cli(md.DataConfig, args=[f.replace("--data.", "--") for f in flags])
     return md.prepare_market(cfg), cfg
 
 
@@ -379,6 +384,41 @@ def block_finding(seeds: tuple[int, ...]) -> None:
                   f"{row['bps_per_bar_R']:+.3f} bps/bar at exposure {row['exposure_R']:.3f}", flush=True)  # fmt: skip
     write_json(ROOT / "benchmarks" / "results" / "mappo_block_finding.json",
                {"benchmark": "mappo_block_finding", "symbol_steps": GO_SYMBOL_STEPS, "rows": rows})  # fmt: skip
+
+
+def by_split(seeds: tuple[int, ...], protocol: str = "standard") -> None:
+    """Where does the master have something to learn? On the flip market, per seed and split, the frozen --go symbol
+    agents' book (argmax, portfolio mode) under the neutral directive and under the best constant fitted on train,
+    and its mean return in basis points per day (7 bars) on hidden M and R days. The symbol agents are in-sample on
+    their train split: a master that trains there sees the book it would time at its best."""
+    import backtest as bt
+    import trading_env as te
+
+    rows = []
+    for seed in seeds:
+        prepared, cfg = prepared_market("flip", seed, protocol)
+        policy = frozen_argmax(symbol_run("flip", seed, protocol=protocol), prepared, cfg)
+        env_cfg = te.EnvConfig(symbol_regime=False)
+        best = bt.fit_fixed_directive(policy, prepared, env_cfg, seed, 7)["best"]
+        for split in ("train", "val", "test"):
+            books = bt.stack_choosers([bt.fixed_directive(te.NEUTRAL_DIRECTIVE), bt.fixed_directive(best)])
+            sweep = bt.sweep_backtests(policy, prepared, split, env_cfg, seed, 7, books, 2)
+            r = np.diff(sweep["curves"], axis=1) / sweep["curves"][:, :-1]
+            label = prepared.data.edge_labels[sweep["start"] + np.arange(r.shape[1])]
+            row = {"seed": seed, "split": split, "best_constant": best, "share_R": float(label.mean())}
+            for e, book in enumerate(("neutral", "best_constant")):
+                for k, state in enumerate(("M", "R")):
+                    row[f"{book}_bps_per_day_{state}"] = float(7e4 * r[e][label == k].mean())
+            rows.append(row)
+            print(
+                f"seed {seed} {split:5s} (R {row['share_R']:.2f} of bars): best constant M "
+                f"{row['best_constant_bps_per_day_M']:+.2f} / R {row['best_constant_bps_per_day_R']:+.2f} bps a day,"
+                f" neutral M {row['neutral_bps_per_day_M']:+.2f} / R {row['neutral_bps_per_day_R']:+.2f}",
+                flush=True,
+            )
+    name = "mappo_by_split" if protocol == "standard" else f"mappo_by_split_{protocol}"
+    write_json(ROOT / "benchmarks" / "results" / f"{name}.json",
+               {"benchmark": name, "protocol": protocol, "rows": rows})  # fmt: skip
 
 
 def oracle(markets: list[str], seeds: tuple[int, ...]) -> None:
@@ -476,6 +516,7 @@ def main() -> None:
     parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
     parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
+    parser.add_argument("--by-split", action="store_true", help="the agents' book on M / R days, per split (flip)")
     parser.add_argument("--by-regime", action="store_true", help="the rule ceiling's earnings by hidden regime")
     parser.add_argument("--jobs", type=int, default=2, help="--go: pieces run at once (one process each)")
     parser.add_argument("--quick", action="store_true", help="fewer envs and iterations (about a minute)")
@@ -497,6 +538,8 @@ def main() -> None:
         return oracle(opts.markets, tuple(opts.seeds))
     if opts.block_finding:
         return block_finding(tuple(opts.seeds))
+    if opts.by_split:
+        return by_split(tuple(opts.seeds), opts.protocol)
     if opts.by_regime:
         return by_regime((1, 2, 3))
     iterations = 3 if opts.quick else 5

@@ -107,7 +107,9 @@ a whole number of master decisions)"""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(dropout=0.0))
     """encoder sizes (see --encoder-preset; dropout 0 keeps PPO's importance ratio exact)"""
     split: Literal["train", "val", "test"] = "train"
-    """split the agents train on (random episode starts inside it)"""
+    """split the agents train on (random episode starts inside it); the master's baselines, best constant and
+calibrated risk aversion are fitted on it too. With frozen symbol agents, val trains the master on bars they never
+learned from (on their own train split their book is in-sample: docs/training.md)"""
     eval_split: Literal["train", "val", "test"] = "val"
     """split of the periodic deterministic evaluation (a sequential sweep)"""
     eval_interval: int = 10
@@ -180,8 +182,8 @@ bars (the market and the book's noise cancel), and a thresholded drawdown penalt
 components (risk-adjusted return, diversification, drawdown, excess over the benchmark); see master_reward"""
     master_anchor: Literal["neutral", "best_constant"] = "neutral"
     """the directive the shadow account trades and the master starts from: neutral, or the best constant directive
-fitted on the train split (backtest.fit_fixed_directive on the frozen symbol agents), from which the master then
-learns when to depart"""
+fitted on the split the master trains on (backtest.fit_fixed_directive on the frozen symbol agents), from which the
+master then learns when to depart"""
     master_heads: Literal["all", "risk"] = "all"
     """all: the master picks every directive coordinate (risk, concentration level, regime mode); risk: it picks the
 risk multiplier only (flat 0 up to 1.25), the concentration level and the regime mode pinned to the anchor's (see
@@ -191,9 +193,10 @@ risk multiplier only (flat 0 up to 1.25), the concentration level and the regime
     risk_aversion: float | None = None
     """paired reward: lambda of the per-bar utility r - lambda / 2 r^2 (concave: the best scale of a book with bar
 mean mu and mean square m2 is mu / (lambda m2), interior and moving with the state). None (default): calibrated on
-the train split to the best constant directive's book, lambda = mu / m2 of the frozen symbol agents under it, so that
-the best scale of that book is itself and a riskier directive pays only if it raises the Sharpe ratio; this needs
-frozen agents from a symbol checkpoint (agents still training have no fixed book), else FALLBACK_RISK_AVERSION (50)"""
+the bars the master trains on (--split) to the best constant directive's book, lambda = mu / m2 of the frozen symbol
+agents under it, so that the best scale of that book is itself and a riskier directive pays only if it raises the
+Sharpe ratio; this needs frozen agents from a symbol checkpoint (agents still training have no fixed book), else
+FALLBACK_RISK_AVERSION (50)"""
     dd_coef: float = 2.0
     """master reward: weight of the drawdown penalty (each increase of the drawdown beyond --dd-threshold)"""
     dd_threshold: float = 0.05
@@ -506,7 +509,7 @@ if __name__ == "__main__":
     lam_source = "--risk-aversion"
     if args.risk_aversion is None:  # resolved once and saved with the run's settings (a resumed run keeps it)
         args.risk_aversion = calibrated_risk_aversion(fixed) if fixed else FALLBACK_RISK_AVERSION
-        lam_source = "calibrated on the best constant's train book" if fixed else "fallback: symbol agents still train"
+        lam_source = f"calibrated on the best constant's {args.split} book" if fixed else "fallback: agents still train"
         if fixed and args.risk_aversion == FALLBACK_RISK_AVERSION:
             lam_source = "fallback: the best constant directive lost on train"
     if args.master_anchor == "best_constant" and not saved:  # fitted on train; the actor starts biased toward it

@@ -213,22 +213,29 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
-    """--master-anchor best_constant: the best fixed directive is fitted on train before training (the shadow trades
-    it), the run completes with argmax frozen symbol agents on the edge-regime market, and the oracle is reported;
-    without frozen agents the flag is refused before any work."""
+    """--master-anchor best_constant --master-heads risk --split val: the best fixed directive is fitted before
+    training on the split the master trains on (the shadow trades it), the run completes with argmax frozen symbol
+    agents on the edge-regime market, every directive of its test backtest has the best constant's concentration
+    level and regime mode, and the oracle is reported; without frozen agents the anchor is refused before any work."""
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
-             "flip", "--master-anchor", "best_constant"]  # fmt: skip
+             "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
+             "--eval-split", "train"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert "oracle" in summary["backtest"] and summary["go_criterion"]["oracle_gain"] is not None
     assert "p_defensive_given_R" in summary["directive_analysis"]
-    fixed = json.loads((only_run(tmp_path / "runs") / "master_baselines.json").read_text())["fixed"]
+    baselines = json.loads((only_run(tmp_path / "runs") / "master_baselines.json").read_text())
+    fixed = baselines["fixed"]
+    assert baselines["split"] == fixed["split"] == "val"  # fitted where the master trained, not on train
+    _, level, mode = np.unravel_index(fixed["best"], te.DIRECTIVE_SHAPE)
+    master = summary["backtest"]["master"]  # the mean coordinates of its directives over the test split
+    assert master["directive_concentration_level"] == level and master["directive_regime_level"] == mode
     lam = summary["args"]["risk_aversion"]  # calibrated before training on the same train book the report fits
     assert lam == pytest.approx(mappo.calibrated_risk_aversion(fixed))
     earned = fixed["bar_mean"][fixed["best"]] > 0  # a tiny run's agents may lose under every directive
     assert (lam != mappo.FALLBACK_RISK_AVERSION) == earned
-    assert ("calibrated on the best constant's train book" if earned else "best constant directive lost") in proc.stdout
+    assert ("calibrated on the best constant's val book" if earned else "best constant directive lost") in proc.stdout
     (tmp_path / "x").mkdir()
     refused = run_script(
         "mappo_master.py", tmp_path / "x", *TINY, "84", "--master-anchor", "best_constant", check=False

@@ -186,8 +186,8 @@ fitted on the split the master trains on (backtest.fit_fixed_directive on the fr
 master then learns when to depart"""
     master_heads: Literal["all", "risk"] = "all"
     """all: the master picks every directive coordinate (risk, concentration level, regime mode); risk: it picks the
-risk multiplier only (flat 0 up to 1.25), the concentration level and the regime mode pinned to the anchor's (see
---master-anchor), so that its one choice is how much of the anchor's book to hold, when"""
+risk multiplier only (flat 0 up to 1.25), the concentration level and the regime mode pinned to the anchor's (the
+master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None

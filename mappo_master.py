@@ -180,14 +180,16 @@ coefficient, one above it a smaller one (log-coefficient step: --master-ent-lr x
     """paired: the master account's utility minus that of a shadow account on the neutral directive over the same
 bars (the market and the book's noise cancel), and a thresholded drawdown penalty, also paired; seed: the seed's four
 components (risk-adjusted return, diversification, drawdown, excess over the benchmark); see master_reward"""
-    master_anchor: Literal["neutral", "best_constant"] = "neutral"
+    master_anchor: Literal["auto", "neutral", "best_constant"] = "auto"
     """the directive the shadow account trades and the master starts from: neutral, or the best constant directive
 fitted on the split the master trains on (backtest.fit_fixed_directive on the frozen symbol agents), from which the
-master then learns when to depart"""
-    master_heads: Literal["all", "risk"] = "all"
+master then learns when to depart; auto: best_constant with frozen agents from a symbol checkpoint, else neutral"""
+    master_heads: Literal["auto", "all", "risk"] = "auto"
     """all: the master picks every directive coordinate (risk, concentration level, regime mode); risk: it picks the
 risk multiplier only (flat 0 up to 1.25), the concentration level and the regime mode pinned to the anchor's (the
-master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when"""
+master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when; auto: risk
+when anchored on the best constant, else all (on held-out bars the risk head alone beat all heads with a neutral
+anchor by about half a Sharpe ratio over 5 seeds: benchmarks/BENCHMARKS.md)"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -438,6 +440,11 @@ if __name__ == "__main__":
     args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
     T, E, I = args.num_steps, args.num_envs, args.master_interval
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
+    frozen_agents = bool(args.freeze_symbols and args.symbol_checkpoint)
+    if args.master_anchor == "auto":  # resolved once and saved with the run's settings
+        args.master_anchor = "best_constant" if frozen_agents else "neutral"
+    if args.master_heads == "auto":
+        args.master_heads = "risk" if args.master_anchor == "best_constant" else "all"
     xp.require(args.master_anchor == "neutral" or (args.freeze_symbols and args.symbol_checkpoint), "--master-anchor "
                "best_constant fits the best fixed directive on the frozen symbol agents: add --freeze-symbols and "
                "--symbol-checkpoint")  # fmt: skip

@@ -895,7 +895,7 @@ def fit_oracle(
     """The ceiling of a master, not a baseline: the best directive per hidden edge state, d_M in M and d_R in R, fitted
     on `split` with the hidden label (market.data.edge_labels) that no observation holds. One round of coordinate
     search from the best constant d* (fit_fixed_directive): the 60 directives in R while M keeps d*, and the 60 in
-    M while R keeps d* (one sweep of 96 envs) give d_R and d_M by train Sharpe; the pair (d_M, d_R) is then checked
+    M while R keeps d* (one sweep of 120 envs) give d_R and d_M by train Sharpe; the pair (d_M, d_R) is then checked
     (one more env) and the best of d* alone, each single move and the pair is kept, so the oracle's train Sharpe is
     at least the best constant's. Its chooser (oracle_chooser) reads the label at the decision bar."""
     labels = edge_labels(market)

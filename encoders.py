@@ -617,6 +617,7 @@ def weight_sharing_report(num_symbols: int, encoder: EncoderConfig, directive_di
 
 DIRECTIVE_SHAPE = (5, 4, 3)  # risk multiplier x (position cap, open-position limit) level x regime mode
 NUM_DIRECTIVES = math.prod(DIRECTIVE_SHAPE)  # 60
+HEAD_OFFSETS = tuple(sum(DIRECTIVE_SHAPE[:h]) for h in range(len(DIRECTIVE_SHAPE)))  # each head's first logit
 
 
 def joint_logprobs(head_logits: torch.Tensor) -> torch.Tensor:
@@ -683,16 +684,15 @@ class MasterNetwork(nn.Module):
 
     def pin_heads(self, directive: int, heads: tuple[int, ...]) -> None:
         """Pin the factored heads `heads` (0 risk, 1 concentration, 2 mode) to the coordinates of directive index
-        `directive`: their other logits are masked (-1e8), so those heads always pick that coordinate, with entropy 0
+        `directive`: their other logits are MASKED_LOGIT, so those heads always pick that coordinate, with entropy 0
         and no gradient; the free heads choose as before. Saved with the weights (a buffer)."""
         if not self.factored:
             raise ValueError("pin_heads needs the factored actor (factored=True).")
         coords = unravel_directive(torch.tensor(int(directive))).tolist()
-        offsets = [sum(DIRECTIVE_SHAPE[:h]) for h in range(len(DIRECTIVE_SHAPE))]
         allowed = torch.ones_like(self.allowed)
         for h in heads:
-            allowed[offsets[h] : offsets[h] + DIRECTIVE_SHAPE[h]] = False
-            allowed[offsets[h] + coords[h]] = True
+            allowed[HEAD_OFFSETS[h] : HEAD_OFFSETS[h] + DIRECTIVE_SHAPE[h]] = False
+            allowed[HEAD_OFFSETS[h] + coords[h]] = True
         self.allowed.copy_(allowed)
 
     def free_heads(self) -> list[bool]:
@@ -701,7 +701,7 @@ class MasterNetwork(nn.Module):
 
     def _head_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         logits = self.actor(pooled)
-        return logits.masked_fill(~self.allowed, -1e8) if self.factored else logits
+        return logits.masked_fill(~self.allowed, MASKED_LOGIT) if self.factored else logits
 
     def _pool(self, emb: torch.Tensor, global_features: torch.Tensor, symbol_mask: torch.Tensor | None):
         if emb.dim() != 3 or emb.shape[-1] != self.embed_dim:

@@ -37,7 +37,7 @@ from backtest import (
     master_final_report,
     run_backtest,
 )
-from encoders import MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
+from encoders import HEAD_OFFSETS, MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
 from market_data import DataConfig, cross_section_features
 from trading_env import (
     ACTION_NAMES,
@@ -445,7 +445,7 @@ if __name__ == "__main__":
         args.master_anchor = "best_constant" if frozen_agents else "neutral"
     if args.master_heads == "auto":
         args.master_heads = "risk" if args.master_anchor == "best_constant" else "all"
-    xp.require(args.master_anchor == "neutral" or (args.freeze_symbols and args.symbol_checkpoint), "--master-anchor "
+    xp.require(args.master_anchor == "neutral" or frozen_agents, "--master-anchor "
                "best_constant fits the best fixed directive on the frozen symbol agents: add --freeze-symbols and "
                "--symbol-checkpoint")  # fmt: skip
     xp.require(not (args.walk_forward and args.symbol_checkpoint), "--walk-forward trains every fold's agents "
@@ -509,8 +509,8 @@ if __name__ == "__main__":
     # cores draw the same episode starts from the same seed, and a stopped-out account restarts at the same clock)
     shadow = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
     shadow_obs = shadow.reset(seed=args.seed + rank)
-    anchor, frozen_book = NEUTRAL_DIRECTIVE, args.freeze_symbols and args.symbol_checkpoint and not saved
-    fixed = None  # every constant directive on train (the best constant and each book's bar moments), when needed
+    anchor, frozen_book = NEUTRAL_DIRECTIVE, frozen_agents and not saved
+    fixed = None  # every constant directive on --split (the best constant and each book's bar moments), when needed
     if frozen_book and (args.risk_aversion is None or args.master_anchor == "best_constant"):
         fixed = fit_fixed_directive(argmax_policy(agent, device), market, env_cfg, args.seed, I, split=args.split)
     lam_source = "--risk-aversion"
@@ -518,13 +518,12 @@ if __name__ == "__main__":
         args.risk_aversion = calibrated_risk_aversion(fixed) if fixed else FALLBACK_RISK_AVERSION
         lam_source = f"calibrated on the best constant's {args.split} book" if fixed else "fallback: agents still train"
         if fixed and args.risk_aversion == FALLBACK_RISK_AVERSION:
-            lam_source = "fallback: the best constant directive lost on train"
-    if args.master_anchor == "best_constant" and not saved:  # fitted on train; the actor starts biased toward it
+            lam_source = f"fallback: the best constant directive lost on {args.split}"
+    if args.master_anchor == "best_constant" and not saved:  # fitted on --split; the actor starts biased toward it
         anchor = fixed["best"]
         with torch.no_grad():
             bias = master.actor[-1].bias  # (5 + 4 + 3,) the factored heads' logits
-            offsets = np.cumsum((0, *DIRECTIVE_SHAPE[:-1]))  # where each head's logits start
-            for offset, coord in zip(offsets, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
+            for offset, coord in zip(HEAD_OFFSETS, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
                 bias[offset + coord] += args.anchor_bias
     if args.master_heads == "risk" and not saved:  # a saved master keeps its pins (a buffer of its weights)
         master.pin_heads(anchor, heads=(HEAD_NAMES.index("concentration"), HEAD_NAMES.index("mode")))

@@ -45,7 +45,8 @@ REGIME_MODES = ("defensive", "neutral", "aggressive")
 REGIME_MAX_EXPOSURE = (0.5, 0.75, 0.9)
 DIRECTIVE_SHAPE = (5, 4, 3)  # (len(RISK_MULTIPLIERS), len(POSITION_CAPS), len(REGIME_MODES))
 NUM_DIRECTIVES = int(np.prod(DIRECTIVE_SHAPE))  # 60
-NEUTRAL_DIRECTIVE = (3 * 4 + 1) * 3 + 1  # risk 1.0, cap 10% / limit 50% of S, neutral regime: index 40
+NEUTRAL_DIRECTIVE = int(np.ravel_multi_index((RISK_MULTIPLIERS.index(1.0), 1, 1), DIRECTIVE_SHAPE))  # 40: risk 1.0,
+# cap 10% / limit 50% of S, neutral regime
 
 OBS_KEYS = ("technical", "sl_probs", "position", "portfolio", "regime", "action_mask")
 REWARD_COMPONENTS = (

@@ -190,6 +190,12 @@ risk multiplier only (flat 0 up to 1.25), the concentration level and the regime
 master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when; auto: risk
 when anchored on the best constant, else all (on held-out bars the risk head alone beat all heads with a neutral
 anchor by about half a Sharpe ratio over 5 seeds: benchmarks/BENCHMARKS.md)"""
+    master_inputs: Literal["full", "market"] = "full"
+    """what the master's actor reads. full: the symbol agents' embeddings pooled over symbols (mean and max), the
+account's portfolio features, the market state, the book's last-interval return, the current directive and the symbol
+agents' intents; market: the market state (regime block and cross-sectional state), the book's last-interval return
+and the current directive only (26 inputs), a far smaller function class for the ~1,000 days a master trains on. The
+centralised critic reads the global state either way"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -391,37 +397,46 @@ def market_state(market) -> np.ndarray:
     return np.concatenate([market.regime, cross_section_features(market.data)], axis=1).astype(np.float32)
 
 
-def global_features(obs: dict, directive_index, last_actions, state_now: np.ndarray, recent: np.ndarray) -> np.ndarray:
+def global_features(
+    obs: dict, directive_index, last_actions, state_now: np.ndarray, recent: np.ndarray, inputs: str = "full"
+) -> np.ndarray:
     """The master actor's portfolio-level input (E, 41): the account's portfolio features (8), the market state at
     the observation bar (13, market_state), the book's return over the last decision interval (1, recent), the
     current directive as one-hot grid coordinates (5 + 4 + 3), and the share of symbols whose last policy action was
-    each of the 7 actions (the symbol agents' intents)."""
+    each of the 7 actions (the symbol agents' intents). inputs="market" (--master-inputs market): the market state,
+    the recent return and the directive only (E, 26)."""
     E = len(directive_index)
-    parts = [obs["portfolio"][:, 0], state_now, np.asarray(recent, np.float32).reshape(E, 1)]
+    parts = [obs["portfolio"][:, 0]] if inputs == "full" else []
+    parts += [state_now, np.asarray(recent, np.float32).reshape(E, 1)]
     for coord, n in zip(np.unravel_index(directive_index, DIRECTIVE_SHAPE), DIRECTIVE_SHAPE, strict=True):
         one_hot = np.zeros((E, n), np.float32)
         one_hot[np.arange(E), coord] = 1.0
         parts.append(one_hot)
-    parts.append((last_actions[..., None] == np.arange(len(ACTION_NAMES))).mean(1))
+    if inputs == "full":
+        parts.append((last_actions[..., None] == np.arange(len(ACTION_NAMES))).mean(1))
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def master_inputs(agent, obs: dict, glob: np.ndarray, state, device):
+def master_inputs(agent, obs: dict, glob: np.ndarray, state, device, embed: bool = True):
     """The master network's three inputs as tensors: symbol embeddings (E, S, D) from the symbol agents' shared
-    encoder (no gradient: the master does not train the encoder), global features (E, 41), global state (E, .)."""
+    encoder (no gradient: the master does not train the encoder; embed=False, --master-inputs market: (E, S, 0)),
+    global features (E, G), global state (E, .)."""
     with torch.no_grad():
-        emb = agent.embed(to_torch(obs, device))
+        if embed:
+            emb = agent.embed(to_torch(obs, device))
+        else:
+            emb = torch.zeros(tuple(obs["portfolio"].shape[:2]) + (0,), device=device)  # (E, S, 0)
     return emb, torch.as_tensor(glob, device=device), torch.as_tensor(state, device=device)
 
 
-def master_policy(agent, master, device, states: np.ndarray, interval: int):
-    """The learned master as a directive chooser for run_backtest (argmax of its directive distribution)."""
+def master_policy(agent, master, device, states: np.ndarray, interval: int, inputs: str = "full"):
+    """The learned master as a directive chooser for run_backtest (argmax of its directive distribution); inputs:
+    --master-inputs."""
 
     def choose(obs, core, last_actions):
-        glob = global_features(
-            obs, core.directive_index, last_actions, states[core.t], core.recent_return(interval)[:, 0]
-        )
-        emb, glob, state = master_inputs(agent, obs, glob, core.state(), device)
+        recent = core.recent_return(interval)[:, 0]
+        glob = global_features(obs, core.directive_index, last_actions, states[core.t], recent, inputs)
+        emb, glob, state = master_inputs(agent, obs, glob, core.state(), device, embed=inputs == "full")
         with torch.no_grad():
             return masked_policy(master(emb, glob, state)[0], deterministic=True)[0].cpu().numpy()
 
@@ -481,6 +496,7 @@ if __name__ == "__main__":
     )
     if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
         args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
+        args.master_inputs = saved["args"].get("master_inputs", "full")  # its actor's inputs, as it was trained
         shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
         agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
     elif args.symbol_checkpoint:
@@ -492,8 +508,10 @@ if __name__ == "__main__":
     agent = agent.to(device).requires_grad_(not args.freeze_symbols)
     states = market_state(market)  # (T, 13): the master reads the market itself (the symbol agents may not see it)
     global_dim = global_features(envs.obs, envs.directive_index, np.zeros((E, S), np.int64), states[envs.t],
-                                 np.zeros(E)).shape[1]  # fmt: skip
-    master = MasterNetwork(args.encoder.output_dim, global_dim, state_dim=envs.state_dim).to(device)
+                                 np.zeros(E), args.master_inputs).shape[1]  # fmt: skip
+    embed = args.master_inputs == "full"  # whether the master pools the symbol agents' embeddings
+    embed_dim = args.encoder.output_dim if embed else 0
+    master = MasterNetwork(embed_dim, global_dim, state_dim=envs.state_dim).to(device)
     log_ent_coef = np.full(len(DIRECTIVE_SHAPE), np.log(args.master_ent_coef))  # per head: risk, concentration, mode
     value_norm = ValueNorm().to(device)
     model = nn.ModuleDict({"symbols": agent, "master": master, "value_norm": value_norm})  # one checkpoint
@@ -578,7 +596,7 @@ if __name__ == "__main__":
     logprobs, rewards, values, final_values = (torch.zeros((T, E, S), device=device) for _ in range(4))
     terminateds, truncateds = (torch.zeros((T, E, S), dtype=torch.bool, device=device) for _ in range(2))
     policy_actions, executed_actions = np.zeros((T, E, S), np.int8), np.zeros((T, E, S), np.int8)
-    m_emb = torch.zeros((M, E, S, args.encoder.output_dim), device=device)
+    m_emb = torch.zeros((M, E, S, embed_dim), device=device)
     m_glob = torch.zeros((M, E, global_dim), device=device)
     m_state = torch.zeros((M, E, envs.state_dim), device=device)
     m_actions = torch.zeros((M, E), dtype=torch.long, device=device)
@@ -594,8 +612,10 @@ if __name__ == "__main__":
         """Denormalised centralised value (len(rows),) of the observation dict o (of bars `bars`) at env rows `rows`,
         with the book's recent returns `recent` (len(rows),)."""
         sub = {k: v[rows] for k, v in o.items()}
-        glob = global_features(sub, envs.directive_index[rows], last_actions[rows], states[bars[rows]], recent)
-        emb, glob, st = master_inputs(agent, sub, glob, envs.state(o)[rows], device)
+        glob = global_features(
+            sub, envs.directive_index[rows], last_actions[rows], states[bars[rows]], recent, args.master_inputs
+        )
+        emb, glob, st = master_inputs(agent, sub, glob, envs.state(o)[rows], device, embed)
         with torch.no_grad():
             v = master.get_value(emb, glob, st)
         return value_norm.denormalize(v) if args.value_norm else v
@@ -615,8 +635,10 @@ if __name__ == "__main__":
                 if (shadow.t != envs.t).any():
                     raise RuntimeError("the shadow account's clock left the master account's; this is a bug.")
                 recent = envs.recent_return(I)[:, 0]  # (E,) the book's return over the last decision interval
-                glob = global_features(next_obs_np, envs.directive_index, last_actions, states[envs.t], recent)
-                emb, glob, state = master_inputs(agent, next_obs_np, glob, envs.state(), device)
+                glob = global_features(
+                    next_obs_np, envs.directive_index, last_actions, states[envs.t], recent, args.master_inputs
+                )
+                emb, glob, state = master_inputs(agent, next_obs_np, glob, envs.state(), device, embed)
                 with torch.no_grad():
                     m_logits, raw_value = master(emb, glob, state)
                     directive, logprob, _, _ = masked_policy(m_logits)
@@ -836,7 +858,8 @@ if __name__ == "__main__":
             metrics.update({f"trading/episode_{key}": float(np.mean(v)) for key, v in episodes.items()})
         if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             t_eval = time.time()
-            chooser, policy = master_policy(agent, master, device, states, I), argmax_policy(agent, device)
+            chooser = master_policy(agent, master, device, states, I, args.master_inputs)
+            policy = argmax_policy(agent, device)
             report = run_backtest(policy, market, args.eval_split, env_cfg, args.seed, "portfolio", chooser, I)
             last_eval = {key: v for key, v in report["agent"].items() if v is not None}
             metrics.update({f"trading/{args.eval_split}_{key}": v for key, v in last_eval.items()})
@@ -867,7 +890,7 @@ if __name__ == "__main__":
         print(f"final backtest on the {args.test_split} split: the master and every fixed and rule-based master")
         symbols_policy, make_master = (
             argmax_policy(agent, device),
-            lambda: master_policy(agent, master, device, states, I),
+            lambda: master_policy(agent, master, device, states, I, args.master_inputs),
         )
         final = master_final_report(symbols_policy, make_master, market, args.test_split, env_cfg, args.seed, I,
                                     args.stress, run_dir, writer, fit_split=args.split)  # fmt: skip

@@ -213,16 +213,33 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
-    """--master-anchor best_constant --master-heads risk --split val: the best fixed directive is fitted before
-    training on the split the master trains on (the shadow trades it), the run completes with argmax frozen symbol
-    agents on the edge-regime market, every directive of its test backtest has the best constant's concentration
-    level and regime mode, and the oracle is reported; without frozen agents the anchor is refused before any work."""
+    """--master-anchor best_constant --master-heads risk --split val --master-inputs market: the best fixed directive
+    is fitted before training on the split the master trains on (the shadow trades it), the run completes with argmax
+    frozen symbol agents on the edge-regime market, every directive of its test backtest has the best constant's
+    concentration level and regime mode, the oracle is reported, and the saved master (market inputs only, no symbol
+    embeddings) evaluates to the same backtest; without frozen agents the anchor is refused before any work."""
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
-             "--eval-split", "train"]  # fmt: skip
+             "--eval-split", "train", "--master-inputs", "market", "--save-model"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
-    summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+    run = only_run(tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["args"]["master_inputs"] == "market"
+    assert load_checkpoint(run / "checkpoint.pt")["model"]["master.actor.0.weight"].shape[1] == 26
+    (tmp_path / "eval").mkdir()
+    eval_flags = [
+        *TINY,
+        "84",
+        "--no-stress",
+        "--data.edge-regime",
+        "flip",
+        "--eval-checkpoint",
+        str(run / "checkpoint.pt"),
+    ]
+    run_script("mappo_master.py", tmp_path / "eval", *eval_flags)  # without --master-inputs: the saved one is used
+    evaluated = json.loads((only_run(tmp_path / "eval" / "runs") / "summary.json").read_text())
+    assert evaluated["backtest"]["master"] == summary["backtest"]["master"]
     assert "oracle" in summary["backtest"] and summary["go_criterion"]["oracle_gain"] is not None
     assert "p_defensive_given_R" in summary["directive_analysis"]
     baselines = json.loads((only_run(tmp_path / "runs") / "master_baselines.json").read_text())
@@ -396,6 +413,8 @@ def test_global_features_encode_the_directive_and_intents():
     np.testing.assert_array_equal(g[1, 22:34], [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1])  # risk 1.25, level 3, aggr.
     np.testing.assert_allclose(g[0, 34:], [2 / 3, 1 / 3, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(g[1, 34:], [0, 0, 0, 0, 0, 1, 0])
+    market_only = mappo.global_features(obs, core.directive_index, last, state_now, np.array([0.01, -0.02]), "market")
+    np.testing.assert_array_equal(market_only, g[:, 8:34])  # --master-inputs market: state, recent, directive
 
 
 def test_market_state_is_the_regime_and_cross_section_and_causal():

@@ -321,10 +321,15 @@ def go(
     summarise(folder)
 
 
+def go_pieces(folder: Path) -> list[dict]:
+    """Every go piece (market_seedK.json) in `folder`."""
+    return [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
+
+
 def summarise(folder: Path) -> None:
     """The go tables from the pieces in `folder` (no training): results/<folder name>.json (the pieces without their
     daily returns, which stay in the folder) and stdout."""
-    pieces = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
+    pieces = go_pieces(folder)
     if not pieces:
         raise SystemExit(f"no go pieces (*.json) in {folder}: run --go first, or name a folder that holds them")
     summary = market_summary(pieces)
@@ -333,6 +338,53 @@ def summarise(folder: Path) -> None:
               "pieces": [{k: v for k, v in p.items() if k != "daily_returns"} for p in pieces]}  # fmt: skip
     write_json(ROOT / "benchmarks" / "results" / f"{Path(folder).name}.json", record)
     print(record["summary_table"] + "\n\n" + record["table"])
+
+
+def compare(folder_a: Path, folder_b: Path, out: Path | None = None) -> dict:
+    """A/B of two folders of go pieces (two variants of the master's settings on the same markets, seeds and
+    protocol, so the same frozen agents and test days): per (market, seed) in both, the paired Sharpe margin of A's
+    master over B's from their stored daily returns (backtest.paired_daily_margin, Newey-West se), then per market
+    the mean over seeds with its Student-t 95% interval and the seeds where A is ahead. No training; writes `out`
+    (default results/mappo_compare_<A>_vs_<B>.json), prints the table and returns the record."""
+    a, b = ({(p["market"], p["seed"]): p for p in go_pieces(folder)} for folder in (folder_a, folder_b))
+    common = sorted(set(a) & set(b), key=lambda key: (list(GO_MARKETS).index(key[0]), key[1]))
+    if not common:
+        raise SystemExit(f"no (market, seed) piece in both {folder_a} and {folder_b}: run --go for both variants")
+    rows, markets = [], {}
+    for market, seed in common:
+        margin, se = bt_paired(a[market, seed], b[market, seed])
+        sharpes = [x[market, seed]["backtest"]["master"]["sharpe"] for x in (a, b)]
+        rows.append({"market": market, "seed": seed, "sharpe_a": sharpes[0], "sharpe_b": sharpes[1],
+                     "margin": margin, "se": se})  # fmt: skip
+        markets.setdefault(market, []).append(margin)
+    names = Path(folder_a).name, Path(folder_b).name
+    lines = [f"| market | seeds | margin of {names[0]}'s master over {names[1]}'s, mean [95% CI] | seeds ahead | "
+             "per seed: margin (se) |", "|---|---|---|---|---|"]  # fmt: skip
+    summary = {}
+    for market, margins in markets.items():
+        mean, ci = interval95(margins)
+        summary[market] = {"seeds": len(margins), "margin_mean": mean, "margin_ci95": ci,
+                           "seeds_ahead": sum(m > 0 for m in margins)}  # fmt: skip
+        per_seed = ", ".join(f"{r['margin']:+.2f} ({r['se']:.2f})" for r in rows if r["market"] == market)
+        interval = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+        lines.append(f"| {market} | {len(margins)} | {mean:+.2f}{interval} | {summary[market]['seeds_ahead']} | "
+                     f"{per_seed} |")  # fmt: skip
+    table = "\n".join(lines)
+    record = {"benchmark": "mappo_compare", "a": names[0], "b": names[1], "markets": summary, "rows": rows,
+              "table": table}  # fmt: skip
+    write_json(out or ROOT / "benchmarks" / "results" / f"mappo_compare_{names[0]}_vs_{names[1]}.json", record)
+    print(table)
+    return record
+
+
+def bt_paired(piece_a: dict, piece_b: dict) -> tuple:
+    """The paired Sharpe margin (margin, se) of piece_a's master over piece_b's on the same test days."""
+    import backtest as bt
+
+    ra, rb = (np.asarray(p["daily_returns"]["master"]) for p in (piece_a, piece_b))
+    if len(ra) != len(rb):
+        raise SystemExit(f"the two pieces of {piece_a['market']} seed {piece_a['seed']} cover different test days")
+    return bt.paired_daily_margin(ra, rb, 252.0)
 
 
 def prepared_market(market: str, seed: int, protocol: str = "standard"):
@@ -513,6 +565,12 @@ def main() -> None:
     parser.add_argument(
         "--master-flags", default="", help='--go --variant: extra mappo_master.py flags, one string ("--flag value")'
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("DIR_A", "DIR_B"),
+        help="A/B of two folders of go pieces (same markets, seeds, protocol): A's master over B's, paired per seed",
+    )
     parser.add_argument("--block-finding", action="store_true", help="whether symbol agents that see it learn the flip")
     parser.add_argument("--markets", nargs="+", default=list(GO_MARKETS), choices=list(GO_MARKETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(GO_SEEDS))
@@ -534,6 +592,8 @@ def main() -> None:
         return go(opts.jobs, opts.markets, tuple(opts.seeds), opts.variant, opts.master_flags.split(), opts.protocol)
     if opts.summarise:
         return summarise(Path(opts.summarise))
+    if opts.compare:
+        return compare(*map(Path, opts.compare))
     if opts.oracle:
         return oracle(opts.markets, tuple(opts.seeds))
     if opts.block_finding:

@@ -73,3 +73,27 @@ def test_go_summary_counts_intervals_and_refuses_a_skill_test_without_an_oracle_
     assert rows[2].startswith("| flip | 1 | 1.20 | 1.00 |") and "| +0.20 (0.10) | +1.00 (0.20) |" in rows[2]
     assert "| 0.300 / 0.100 | 5.0% | 0.70 / 0.10 | 0.050 / 0.200 | yes |" in rows[2]
     assert rows[-1].startswith("| foresight | 1 |") and "| - | - | no |" in rows[-1]  # no hidden edge state
+
+
+def test_compare_pairs_two_variants_seed_by_seed(tmp_path):
+    """--compare: A's master over B's on the same test days, per seed the paired margin of their daily returns, per
+    market the Student-t interval over seeds; seeds missing from either folder are left out."""
+    import json
+
+    import backtest as bt
+
+    rng = np.random.default_rng(0)
+    days = {k: rng.normal(0.001, 0.01, 250) for k in (1, 2, 3)}
+    for variant, extra in (("a", 0.002), ("b", 0.0)):
+        (tmp_path / variant).mkdir()
+        for k in (1, 2, 3) if variant == "a" else (1, 2, 3, 4):
+            p = go_piece("flip", k, 0.0, 1.0, False)
+            p["daily_returns"] = {"master": list(days.get(k, days[1]) + extra * k)}
+            (tmp_path / variant / f"flip_seed{k}.json").write_text(json.dumps(p))
+    record = bm.compare(tmp_path / "a", tmp_path / "b", out=tmp_path / "ab.json")
+    margins = [bt.paired_daily_margin(days[k] + 0.002 * k, days[k], 252.0)[0] for k in (1, 2, 3)]
+    assert [r["margin"] for r in record["rows"]] == pytest.approx(margins) and all(m > 0 for m in margins)
+    mean, ci = bm.interval95(margins)
+    flip = record["markets"]["flip"]
+    assert flip["seeds"] == 3 and flip["seeds_ahead"] == 3 and flip["margin_mean"] == pytest.approx(mean)
+    assert flip["margin_ci95"] == pytest.approx(ci) and json.loads((tmp_path / "ab.json").read_text())["a"] == "a"

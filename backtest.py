@@ -1153,21 +1153,27 @@ def format_go_criterion(go: dict) -> str:
     return text
 
 
-def _is_defensive(directives: np.ndarray) -> np.ndarray:
-    """A directive is defensive when its risk multiplier is below 1.0 or its regime mode is defensive."""
+def _is_defensive(directives: np.ndarray, reference: int | None = None) -> np.ndarray:
+    """A directive is defensive when its risk multiplier is below 1.0 or its regime mode is defensive; with a
+    reference directive, when its risk multiplier is below the reference's or its regime mode more defensive."""
     coords = np.unravel_index(directives, DIRECTIVE_SHAPE)
-    return (np.take(RISK_MULTIPLIERS, coords[0]) < 1.0) | (coords[2] == REGIME_MODES.index("defensive"))
+    if reference is None:
+        return (np.take(RISK_MULTIPLIERS, coords[0]) < 1.0) | (coords[2] == REGIME_MODES.index("defensive"))
+    risk, _, mode = np.unravel_index(reference, DIRECTIVE_SHAPE)
+    return (coords[0] < risk) | (coords[2] < mode)  # both grids ascend: risk 0 (flat) .. 1.25, defensive .. aggressive
 
 
-def directive_analysis(series: dict, market: PreparedMarket) -> dict:
+def directive_analysis(series: dict, market: PreparedMarket, reference: int | None = None) -> dict:
     """Why the master chose what it chose, after the fact and for analysis only (nothing here reaches an
     observation): the correlation of the chosen risk multiplier with each regime feature over the bars, and, where
     the data has them (the synthetic market), the mean risk multiplier, regime mode (-1 defensive, +1 aggressive)
     and exposure under each hidden regime label and on the downturn-warning days. Where the data has hidden edge
     labels, "by_edge_state" (M, R): P(defensive) over the decision bars of that state (every series["interval"]-th
-    bar, the label read at the decision bar; defensive: risk multiplier below 1.0 or the defensive regime mode),
-    and the mean risk multiplier and exposure over the bars of that state; "p_defensive_given_R" and
-    "p_defensive_given_M" repeat the first."""
+    bar, the label read at the decision bar; defensive: risk multiplier below 1.0 or the defensive regime mode, or,
+    given a reference directive such as the best constant, a lower risk multiplier or a more defensive mode than
+    the reference's: a master pinned to a defensive anchor is otherwise always "defensive"), and the mean risk
+    multiplier and exposure over the bars of that state; "p_defensive_given_R" and "p_defensive_given_M" repeat the
+    first; "defensive_reference" names the reference (None: the absolute definition)."""
     d = np.asarray(series["directives"])
     keep = d >= 0
     t = (series["start"] + np.arange(len(d)))[keep]  # the decision bar of each step
@@ -1183,8 +1189,8 @@ def directive_analysis(series: dict, market: PreparedMarket) -> dict:
     if edges is not None and keep.any():
         step = np.arange(len(d))[keep]
         decision = step % int(series.get("interval", 1)) == 0
-        defensive = _is_defensive(d[keep])
-        out["by_edge_state"] = {}
+        defensive = _is_defensive(d[keep], reference)
+        out["by_edge_state"], out["defensive_reference"] = {}, None if reference is None else int(reference)
         for k, name in enumerate(("M", "R")):
             g, gd = edges[t] == k, (edges[t] == k) & decision
             out["by_edge_state"][name] = {
@@ -1589,7 +1595,7 @@ def master_final_report(symbols_policy, make_master, market: PreparedMarket, spl
     print(save_backtest(run_dir, writer, reports, curves, split, market, series["timestamps"], rows, "master", every))
     (run_dir / "master_baselines.json").write_text(json.dumps(fitted, indent=2, default=float) + "\n")
     go = master_go_criterion(reports, curves, series["timestamps"], market)
-    why = directive_analysis(series, market)
+    why = directive_analysis(series, market, reference=fitted["fixed"]["best"])  # defensive: below the best constant
     return {"reports": reports, "results": results, "go": go, "why": why, "stress": rows, "fitted": fitted}
 
 

@@ -421,7 +421,8 @@ def test_directive_analysis_groups_by_the_hidden_regime():
 
 def test_directive_analysis_by_hidden_edge_state():
     """P(defensive | R) and P(defensive | M) over the decision bars (defensive: risk below 1.0 or the defensive
-    regime mode), and the mean risk multiplier and exposure per edge state; nothing of it without edge labels."""
+    regime mode; or below a reference directive's), and the mean risk multiplier and exposure per edge state; nothing
+    of it without edge labels."""
     market, _ = master_market()
     lo, hi = market.splits["train"]
     n = hi - 1 - lo
@@ -439,6 +440,14 @@ def test_directive_analysis_by_hidden_edge_state():
     assert by["R"]["exposure"] == pytest.approx(0.05) and by["M"]["exposure"] == pytest.approx(0.2)
     series["directives"] = np.where(series["directives"] == te.NEUTRAL_DIRECTIVE, cautious, bt.DEFENSIVE_DIRECTIVE)
     assert bt.directive_analysis(series, market)["p_defensive_given_M"] == 1.0
+    # relative to a reference (the best constant): a master pinned to a defensive anchor is defensive only below it
+    anchor = int(np.ravel_multi_index((4, 0, 0), te.DIRECTIVE_SHAPE))  # risk 1.25, cap 5%, defensive mode
+    flat = int(np.ravel_multi_index((0, 0, 0), te.DIRECTIVE_SHAPE))
+    series["directives"] = np.repeat(np.where(labels[lo + np.arange(0, n, 7)] == 1, flat, anchor), 7)[:n]
+    assert bt.directive_analysis(series, market)["p_defensive_given_M"] == 1.0  # absolute: always defensive
+    why = bt.directive_analysis(series, market, reference=anchor)
+    assert why["p_defensive_given_R"] == 1.0 and why["p_defensive_given_M"] == 0.0
+    assert why["defensive_reference"] == anchor
     market.data.edge_labels = None
     assert "by_edge_state" not in bt.directive_analysis(series, market)
 

@@ -8,10 +8,11 @@ the timed loop.
 
     python benchmarks/bench_mappo.py --quick --json benchmarks/results/mappo_quick.json
     python benchmarks/bench_mappo.py --json benchmarks/results/mappo.json
-    python benchmarks/bench_mappo.py --go --jobs 2          # pieces under results/mappo_go/, then mappo_go.json
+    python benchmarks/bench_mappo.py --go --jobs 2     # pieces under results/mappo_go_heldout/, then its JSON
     python benchmarks/bench_mappo.py --go --variant anchor_best --master-flags "--master-anchor best_constant"
-    python benchmarks/bench_mappo.py --by-regime            # where the symbol level earns: mappo_by_regime.json
-    python benchmarks/bench_mappo.py --by-split --seeds 1 2 # the book on M / R days per split: mappo_by_split.json
+    python benchmarks/bench_mappo.py --compare DIR_A DIR_B  # A/B of two folders of pieces, paired per seed
+    python benchmarks/bench_mappo.py --by-regime       # where the symbol level earns: mappo_by_regime.json
+    python benchmarks/bench_mappo.py --by-split --protocol standard --seeds 1 2  # M / R days per split
 
 --oracle (the preflight, before any master is trained): per market and seed, the frozen symbol agents (argmax)
 under every fixed directive and under the oracle (the best directive per hidden edge state, fitted on the train
@@ -21,14 +22,16 @@ skill there, and --go says so instead of calling its result a skill test.
 
 --go: per seed (1-5) and per market, symbol agents trained by ppo_symbol_agent.py (GO_SYMBOL_STEPS, the market
 block withheld from them: --env.no-symbol-regime), then a master on top of them, frozen, by mappo_master.py with its
-default settings. Markets (GO_MARKETS): the edge-regime market (--data.edge-regime flip: momentum turns to reversal
+default settings, under --protocol heldout (the default: PROTOCOLS below; standard is the earlier protocol, kept to
+reproduce its tables). Markets (GO_MARKETS): the edge-regime market (--data.edge-regime flip: momentum turns to reversal
 on hidden R days, announced by a rise of the cross-sectional correlation), placebo B (the announcement without the
 flip: nothing to time), placebo A (the flip with an unrelated announcement) and the old regime-foresight market
 (--data.regime-foresight 0.5). Each (market, seed) is one piece in its own processes that writes its own JSON under
-results/mappo_go/; the symbol runs are kept under .cache/bench_mappo/ for --oracle. The summary reads every piece:
+results/mappo_go_<protocol>[_<variant>]/ (standard: results/mappo_go[_<variant>]/); the symbol runs are kept
+under .cache/bench_mappo/ for --oracle. The summary reads every piece:
 per seed the master, every baseline, the oracle, the paired margin and the go flag; per market the count of seeds
 where the master beats every baseline, the mean margin over the best constant with its 95% interval, the mean share
-of the oracle's gain and the drawdown criterion. 10-year markets: test splits of ~2,600 bars.
+of the oracle's gain and the drawdown criterion. Test splits: ~7,000 bars (heldout), ~2,600 (standard).
 """
 
 from __future__ import annotations
@@ -557,7 +560,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--protocol",
-        default="standard",
+        default="heldout",
         choices=list(PROTOCOLS),
         help="--go: how the two levels share the data (see PROTOCOLS: heldout trains the master on bars the symbol "
         "agents never saw)",

@@ -82,6 +82,8 @@ def test_summary_backtest_and_go_criterion(runs):
     assert "backtest on the test split" in proc.stdout and "go criterion" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["global_step"] == 2 * 84
+    auto = {k: summary["args"][k] for k in ("master_anchor", "master_heads", "master_inputs")}  # agents still train
+    assert auto == {"master_anchor": "neutral", "master_heads": "all", "master_inputs": "full"}
     backtest = summary["backtest"]
     names = {"master", "best_constant", "neutral", "vol_target", "corr_rule", "reactive_rule", "defensive",
              "best_constant_matched", "neutral_matched", "benchmark_bh", "equal_weight_bh"}  # fmt: skip
@@ -213,19 +215,20 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
-    """--master-anchor best_constant --master-heads risk --split val --master-inputs market: the best fixed directive
-    is fitted before training on the split the master trains on (the shadow trades it), the run completes with argmax
-    frozen symbol agents on the edge-regime market, every directive of its test backtest has the best constant's
-    concentration level and regime mode, the oracle is reported, and the saved master (market inputs only, no symbol
-    embeddings) evaluates to the same backtest; without frozen agents the anchor is refused before any work."""
+    """--master-anchor best_constant --master-heads risk --split val (so --master-inputs auto is market): the best
+    fixed directive is fitted before training on the split the master trains on (the shadow trades it), the run
+    completes with argmax frozen symbol agents on the edge-regime market, every directive of its test backtest has the
+    best constant's concentration level and regime mode, the oracle is reported, and the saved master (market inputs
+    only, no symbol embeddings) evaluates to the same backtest; without frozen agents the anchor is refused before any
+    work."""
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
-             "--eval-split", "train", "--master-inputs", "market", "--save-model"]  # fmt: skip
+             "--eval-split", "train", "--save-model"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["args"]["master_inputs"] == "market"
+    assert summary["args"]["master_inputs"] == "market"  # auto, anchored on the best constant
     assert load_checkpoint(run / "checkpoint.pt")["model"]["master.actor.0.weight"].shape[1] == 26
     (tmp_path / "eval").mkdir()
     eval_flags = [

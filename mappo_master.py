@@ -190,14 +190,15 @@ risk multiplier only (flat 0 up to 1.25), the concentration level and the regime
 master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when; auto: risk
 when anchored on the best constant, else all (on held-out bars the risk head alone beat all heads with a neutral
 anchor by about half a Sharpe ratio over 5 seeds: benchmarks/BENCHMARKS.md)"""
-    master_inputs: Literal["auto", "full", "market"] = "auto"
+    master_inputs: Literal["auto", "full", "market", "market_state"] = "auto"
     """what the master's actor reads. full: the symbol agents' embeddings pooled over symbols (mean and max), the
 account's portfolio features, the market state, the book's last-interval return, the current directive and the symbol
 agents' intents; market: the market state (regime block and cross-sectional state), the book's last-interval return
 and the current directive only (26 inputs), a far smaller function class for the ~1,000 days a master trains on;
-auto: market when anchored on the best constant, else full (on held-out bars its margin over the best constant
-was a Sharpe of +0.40 [+0.12, +0.67] over 5 seeds, against +0.07 [-0.30, +0.45] with full inputs: see
-benchmarks/BENCHMARKS.md). The centralised critic reads the global state either way"""
+market_state: the same without the book's return (25 inputs: what the market alone tells it); auto: market when
+anchored on the best constant, else full (on held-out bars its margin over the best constant was a Sharpe of
+about 0.40, interval 0.12 to 0.67, over 5 seeds, against 0.07 with full inputs: see benchmarks/BENCHMARKS.md). The
+centralised critic reads the global state either way"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -406,10 +407,10 @@ def global_features(
     the observation bar (13, market_state), the book's return over the last decision interval (1, recent), the
     current directive as one-hot grid coordinates (5 + 4 + 3), and the share of symbols whose last policy action was
     each of the 7 actions (the symbol agents' intents). inputs="market" (--master-inputs market): the market state,
-    the recent return and the directive only (E, 26)."""
+    the recent return and the directive only (E, 26); "market_state": the market state and the directive (E, 25)."""
     E = len(directive_index)
     parts = [obs["portfolio"][:, 0]] if inputs == "full" else []
-    parts += [state_now, np.asarray(recent, np.float32).reshape(E, 1)]
+    parts += [state_now] + ([np.asarray(recent, np.float32).reshape(E, 1)] if inputs != "market_state" else [])
     for coord, n in zip(np.unravel_index(directive_index, DIRECTIVE_SHAPE), DIRECTIVE_SHAPE, strict=True):
         one_hot = np.zeros((E, n), np.float32)
         one_hot[np.arange(E), coord] = 1.0

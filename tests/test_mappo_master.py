@@ -418,6 +418,8 @@ def test_global_features_encode_the_directive_and_intents():
     np.testing.assert_allclose(g[1, 34:], [0, 0, 0, 0, 0, 1, 0])
     market_only = mappo.global_features(obs, core.directive_index, last, state_now, np.array([0.01, -0.02]), "market")
     np.testing.assert_array_equal(market_only, g[:, 8:34])  # --master-inputs market: state, recent, directive
+    state_only = mappo.global_features(obs, core.directive_index, last, state_now, np.zeros(2), "market_state")
+    np.testing.assert_array_equal(state_only, np.concatenate([g[:, 8:21], g[:, 22:34]], axis=1))  # no book return
 
 
 def test_market_state_is_the_regime_and_cross_section_and_causal():

@@ -194,7 +194,7 @@ def run_backtest(
             used[index[0]] += 1
         if master is not None:
             directives[i] = core.directive_index[0]
-        obs, _, _, truncated, info = core.step(policy(obs))
+        obs, _, terminated, truncated, info = core.step(policy(obs))
         last_actions = info["policy_action"].copy()
         equity[i + 1] = info["equity"][0, ::K].sum()  # the book, before any reset at the sweep's end
         exposure[i] = info["holdings"][0].sum() / equity[i + 1]
@@ -211,7 +211,8 @@ def run_backtest(
             counts[key] += int(info[flag][0].sum())
         cost += float(info["cost"][0].sum())
         traded += float((np.abs(info["traded_shares"][0]) * info["fill_price"][0]).sum())
-        if truncated.any() != (i == n - 1):
+        # the sweep ends on its last bar, by time (truncated) or by a stop-out on that very bar (terminated)
+        if truncated.any() != (i == n - 1) and not (i == n - 1 and terminated.any()):
             raise RuntimeError(f"run_backtest: the sweep of {split!r} ended at step {i + 1} of {n}; this is a bug.")
     ppy, timestamps = market.data.bars_per_year, market.data.timestamps[start : start + n + 1]
     metrics = performance_metrics(equity, timestamps, ppy, market.data.bars_per_day)

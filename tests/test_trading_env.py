@@ -11,7 +11,7 @@ from collections import deque
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import backtest as bt
@@ -1236,6 +1236,17 @@ def _random_market(seed: int, T: int, S: int, halt_rate: float, zero_volume_rate
     mode=st.sampled_from(["independent", "portfolio"]),
     max_drawdown=st.sampled_from([0.3, 0.02, 1e-9]),
     participation=st.sampled_from([0.1, 1.0]),
+)
+@example(  # a stop-out on the test sweep's very last bar ends it as terminated, not truncated (found by hypothesis)
+    seed=70,
+    T=70,
+    S=1,
+    halt_rate=0.3,
+    zero_volume_rate=0.0,
+    jump=0.3,
+    mode="independent",
+    max_drawdown=0.02,
+    participation=1.0,
 )
 def test_invariants_hold_over_random_markets_and_actions(
     seed, T, S, halt_rate, zero_volume_rate, jump, mode, max_drawdown, participation

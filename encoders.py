@@ -673,12 +673,19 @@ class MasterNetwork(nn.Module):
         hidden: tuple[int, ...] = (256, 256),
         actor_gain: float = 0.01,
         factored: bool = True,
+        actor_hidden: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.embed_dim, self.global_dim, self.state_dim, self.factored = embed_dim, global_dim, state_dim, factored
         pooled = 2 * embed_dim + global_dim
-        self.actor = _mlp([pooled, *hidden, sum(DIRECTIVE_SHAPE) if factored else NUM_DIRECTIVES], out_gain=actor_gain)
+        actor_hidden = tuple(hidden if actor_hidden is None else actor_hidden)  # (): a linear actor
+        out = sum(DIRECTIVE_SHAPE) if factored else NUM_DIRECTIVES
+        self.actor = _mlp([pooled, *actor_hidden, out], out_gain=actor_gain)
         self.critic = _mlp([pooled + state_dim, *hidden, 1], out_gain=1.0)
+        # global_features enter as (g - input_shift) / input_scale (set_input_norm; the identity by default), saved
+        # with the weights so that a loaded master reads its inputs as it was trained to
+        self.register_buffer("input_shift", torch.zeros(global_dim))
+        self.register_buffer("input_scale", torch.ones(global_dim))
         # the coordinates each factored head may pick (risk 5, concentration 4, mode 3); pin_heads narrows them
         self.register_buffer("allowed", torch.ones(sum(DIRECTIVE_SHAPE), dtype=torch.bool))
 
@@ -694,6 +701,20 @@ class MasterNetwork(nn.Module):
             allowed[HEAD_OFFSETS[h] : HEAD_OFFSETS[h] + DIRECTIVE_SHAPE[h]] = False
             allowed[HEAD_OFFSETS[h] + coords[h]] = True
         self.allowed.copy_(allowed)
+
+    def set_input_norm(self, shift, scale) -> None:
+        """Standardise the global features: each column enters as (g - shift) / scale (global_dim each)."""
+        shift, scale = (torch.as_tensor(x, dtype=torch.float32).reshape(self.global_dim) for x in (shift, scale))
+        if not bool((scale > 0).all()):
+            raise ValueError("set_input_norm: every scale must be positive.")
+        self.input_shift.copy_(shift)
+        self.input_scale.copy_(scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the standardisation existed load with the identity
+        state_dict.setdefault(prefix + "input_shift", torch.zeros_like(self.input_shift))
+        state_dict.setdefault(prefix + "input_scale", torch.ones_like(self.input_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def free_heads(self) -> list[bool]:
         """Per head (risk, concentration, mode): whether it still chooses (more than one allowed coordinate)."""
@@ -719,7 +740,8 @@ class MasterNetwork(nn.Module):
             mean = (emb * m).sum(dim=1) / count.clamp(min=1)
             # An env with no symbol in the mask pools to zeros rather than -inf.
             peak = torch.where(count > 0, emb.masked_fill(~m, -torch.inf).amax(dim=1), torch.zeros_like(mean))
-        return torch.cat([mean, peak, global_features.to(emb.dtype)], dim=-1)  # (B, 2D + G)
+        glob = (global_features.to(emb.dtype) - self.input_shift) / self.input_scale
+        return torch.cat([mean, peak, glob], dim=-1)  # (B, 2D + G)
 
     def _critic_input(self, pooled: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         if self.state_dim == 0:

@@ -43,6 +43,7 @@ from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
     NEUTRAL_DIRECTIVE,
+    PORTFOLIO_FEATURES,
     EnvConfig,
     VecTradingCore,
     add_step_telemetry,
@@ -199,6 +200,13 @@ market_state: the same without the book's return (25 inputs: what the market alo
 anchored on the best constant, else full (on held-out bars its margin over the best constant was a Sharpe of
 about 0.40, interval 0.12 to 0.67, over 5 seeds, against 0.07 with full inputs: see benchmarks/BENCHMARKS.md). The
 centralised critic reads the global state either way"""
+    master_actor_hidden: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
+alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""
+    master_norm: bool = False
+    """standardise what the master's actor reads: each market-state column by its mean and standard deviation over
+the bars of --split, and the book's last-interval return by that book's typical interval return (the best constant's
+on --split, with frozen agents); saved with the master's weights"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -420,6 +428,22 @@ def global_features(
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def input_norm(states: np.ndarray, rows: tuple[int, int], inputs: str, global_dim: int, recent_sd: float = 1.0):
+    """--master-norm's (shift, scale) of the actor's global features (global_dim each; global_features' layout):
+    the market-state columns by their mean and standard deviation over the bars rows[0]:rows[1] (--split), the book's
+    last-interval return column by recent_sd; the portfolio features, one-hot directive and intents unchanged."""
+    shift, scale = np.zeros(global_dim, np.float32), np.ones(global_dim, np.float32)
+    first = len(PORTFOLIO_FEATURES) if inputs == "full" else 0
+    block = states[rows[0] : rows[1]].astype(np.float64)
+    sd = block.std(0)
+    n = states.shape[1]
+    shift[first : first + n] = block.mean(0)
+    scale[first : first + n] = np.where(sd > 1e-8, sd, 1.0)  # a constant column stays as it is
+    if inputs != "market_state":
+        scale[first + n] = recent_sd if recent_sd > 0 else 1.0  # 0: a book that never trades
+    return shift, scale
+
+
 def master_inputs(agent, obs: dict, glob: np.ndarray, state, device, embed: bool = True):
     """The master network's three inputs as tensors: symbol embeddings (E, S, D) from the symbol agents' shared
     encoder (no gradient: the master does not train the encoder; embed=False, --master-inputs market: (E, S, 0)),
@@ -502,6 +526,7 @@ if __name__ == "__main__":
     if saved:  # a saved master keeps its own networks (per-symbol or shared heads, as they were trained)
         args.encoder, preset = saved["encoder"], f"from {args.eval_checkpoint}"
         args.master_inputs = saved["args"].get("master_inputs", "full")  # its actor's inputs, as it was trained
+        args.master_actor_hidden = tuple(saved["args"].get("master_actor_hidden", (256, 256)))
         shared = saved["model"]["symbols.actor.weights.0"].shape[0] == 1 and S > 1
         agent = SymbolPolicy(S, args.encoder, shared_heads=shared, directive_dim=4)
     elif args.symbol_checkpoint:
@@ -516,7 +541,8 @@ if __name__ == "__main__":
                                  np.zeros(E), args.master_inputs).shape[1]  # fmt: skip
     embed = args.master_inputs == "full"  # whether the master pools the symbol agents' embeddings
     embed_dim = args.encoder.output_dim if embed else 0
-    master = MasterNetwork(embed_dim, global_dim, state_dim=envs.state_dim).to(device)
+    master = MasterNetwork(embed_dim, global_dim, state_dim=envs.state_dim, actor_hidden=args.master_actor_hidden)
+    master = master.to(device)
     log_ent_coef = np.full(len(DIRECTIVE_SHAPE), np.log(args.master_ent_coef))  # per head: risk, concentration, mode
     value_norm = ValueNorm().to(device)
     model = nn.ModuleDict({"symbols": agent, "master": master, "value_norm": value_norm})  # one checkpoint
@@ -548,6 +574,9 @@ if __name__ == "__main__":
             bias = master.actor[-1].bias  # (5 + 4 + 3,) the factored heads' logits
             for offset, coord in zip(HEAD_OFFSETS, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
                 bias[offset + coord] += args.anchor_bias
+    if args.master_norm and not saved:  # a saved master keeps its standardisation (buffers of its weights)
+        recent_sd = float(np.sqrt(I * fixed["bar_mean_sq"][fixed["best"]])) if fixed else 1.0
+        master.set_input_norm(*input_norm(states, market.splits[args.split], args.master_inputs, global_dim, recent_sd))
     if args.master_heads == "risk" and not saved:  # a saved master keeps its pins (a buffer of its weights)
         master.pin_heads(anchor, heads=(HEAD_NAMES.index("concentration"), HEAD_NAMES.index("mode")))
     shadow.set_directives(np.full(E, anchor))

@@ -219,17 +219,19 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
     fixed directive is fitted before training on the split the master trains on (the shadow trades it), the run
     completes with argmax frozen symbol agents on the edge-regime market, every directive of its test backtest has the
     best constant's concentration level and regime mode, the oracle is reported, and the saved master (market inputs
-    only, no symbol embeddings) evaluates to the same backtest; without frozen agents the anchor is refused before any
-    work."""
+    only, no symbol embeddings; standardised, one hidden layer of 16) evaluates to the same backtest without those
+    flags; without frozen agents the anchor is refused before any work."""
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
-             "--eval-split", "train", "--save-model"]  # fmt: skip
+             "--eval-split", "train", "--save-model", "--master-norm", "--master-actor-hidden", "16"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["args"]["master_inputs"] == "market"  # auto, anchored on the best constant
-    assert load_checkpoint(run / "checkpoint.pt")["model"]["master.actor.0.weight"].shape[1] == 26
+    weights = load_checkpoint(run / "checkpoint.pt")["model"]
+    assert weights["master.actor.0.weight"].shape == (16, 26) and weights["master.actor.2.weight"].shape == (12, 16)
+    assert (weights["master.input_shift"][:13] != 0).all()  # standardised over --split, saved with the weights
     (tmp_path / "eval").mkdir()
     eval_flags = [
         *TINY,
@@ -240,7 +242,7 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
         "--eval-checkpoint",
         str(run / "checkpoint.pt"),
     ]
-    run_script("mappo_master.py", tmp_path / "eval", *eval_flags)  # without --master-inputs: the saved one is used
+    run_script("mappo_master.py", tmp_path / "eval", *eval_flags)  # the saved inputs, layers and standardisation
     evaluated = json.loads((only_run(tmp_path / "eval" / "runs") / "summary.json").read_text())
     assert evaluated["backtest"]["master"] == summary["backtest"]["master"]
     assert "oracle" in summary["backtest"] and summary["go_criterion"]["oracle_gain"] is not None
@@ -294,6 +296,38 @@ def test_centralised_critic_receives_the_global_state():
     logits2, value2 = master(emb, glob, other)
     torch.testing.assert_close(logits2, logits)  # the actor never sees the state
     assert not torch.allclose(value2, value)  # the critic does
+
+
+def test_input_norm_standardises_the_market_state_and_loads_into_the_master():
+    """--master-norm: the market-state columns of the actor's global features enter as z-scores over the training
+    split's bars, the book's return in units of its typical interval return, the one-hot directive as it is; the
+    master applies the saved (shift, scale) itself, and weights saved before the standardisation load as the
+    identity. --master-actor-hidden with no sizes makes the actor linear."""
+    rng = np.random.default_rng(0)
+    states = rng.normal(3.0, 2.0, size=(100, 13)).astype(np.float32)
+    states[:, 5] = 7.0  # a constant column keeps its scale
+    rows = (20, 80)
+    shift, scale = mappo.input_norm(states, rows, "market", 26, recent_sd=0.01)
+    np.testing.assert_allclose(shift[:13], states[20:80].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.delete(scale[:13], 5), np.delete(states[20:80].std(0), 5), rtol=1e-5)
+    assert scale[5] == 1.0 and scale[13] == 0.01 and shift[13] == 0.0
+    assert (shift[14:] == 0).all() and (scale[14:] == 1).all()  # the one-hot directive
+    full_shift, full_scale = mappo.input_norm(states, rows, "full", 41, recent_sd=0.0)
+    np.testing.assert_array_equal(full_shift[8:21], shift[:13])  # after the 8 portfolio features
+    assert full_scale[21] == 1.0 and (full_scale[:8] == 1).all()  # a book that never trades: its return as it is
+    master = MasterNetwork(0, 26, actor_hidden=())
+    assert [m.weight.shape for m in master.actor if isinstance(m, torch.nn.Linear)] == [(12, 26)]  # linear
+    glob = torch.as_tensor(rng.normal(size=(4, 26)).astype(np.float32))
+    emb = torch.zeros(4, 3, 0)
+    before = master(emb, (glob - torch.as_tensor(shift)) / torch.as_tensor(scale))[0]
+    master.set_input_norm(shift, scale)
+    torch.testing.assert_close(master(emb, glob)[0], before)
+    saved = {k: v for k, v in master.state_dict().items() if not k.startswith("input_")}
+    fresh = MasterNetwork(0, 26, actor_hidden=())
+    fresh.load_state_dict(saved)  # an old checkpoint: no standardisation buffers
+    assert (fresh.input_shift == 0).all() and (fresh.input_scale == 1).all()
+    with pytest.raises(ValueError, match="positive"):
+        fresh.set_input_norm(shift, np.zeros(26))
 
 
 def test_value_norm_tracks_running_mean_and_std():

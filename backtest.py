@@ -472,21 +472,26 @@ def agent_backtests(
     """An independent-mode agent's final backtest on `split`: make_policy(sample_seed, record) -> policy gives the
     argmax policy (sample_seed None; with `record`, a list it fills with (ret_1, P(increase), increase allowed) each
     bar) and the sampled one. Returns "reports" (name -> metrics: the agent argmax, the mean over `samples` sampled
-    runs, every baseline and the rule ceiling fitted on `train_split`), "curves" (name -> equity), "series" (the
-    argmax run's), "every_series" (name -> run_backtest's series of each strategy; buy-and-hold: its exposure),
-    "rule" and "deciles" (P(increase exposure) by decile of ret_1)."""
+    runs, every baseline and the rule ceiling fitted on `train_split`; on the lead-lag market also "cross_rule", the
+    cross rule fitted there, the ceiling of a learner that reads other symbols), "curves" (name -> equity), "series"
+    (the argmax run's), "every_series" (name -> run_backtest's series of each strategy; buy-and-hold: its exposure),
+    "rule", "cross_rule" (fit_cross_rule's result, or None) and "deciles" (P(increase exposure) by decile of ret_1)."""
     record: list = []
     full = run_backtest(make_policy(None, record), market, split, config, seed)
     sampled = [run_backtest(make_policy(seed + k, None), market, split, config, seed)["agent"] for k in range(samples)]
     rule = fit_rule(market, config, train_split)  # the best one-feature rule on the train split: the ceiling
     base = baseline_backtests(market, split, config, seed, full, rule)
+    cross = None
+    if market.data.leader_map is not None:  # the lead-lag market: its ceiling reads the leader's last bar
+        cross = fit_cross_rule(market, config, train_split)
+        base["cross_rule"] = run_backtest(cross_rule_policy(cross), market, split, config, seed)
     reports = {"agent": full["agent"], "agent_sampled": mean_metrics(sampled) if sampled else None}
     reports = {k: v for k, v in reports.items() if v is not None} | {name: b["agent"] for name, b in base.items()}
     curves = {"agent": full["curve"]} | {name: b["curve"] for name, b in base.items()}
     every = {"agent": full["series"]} | {name: b["series"] for name, b in base.items()}
     deciles = decile_table(*(np.concatenate(x) for x in zip(*record, strict=True)))
     return {"reports": reports, "curves": curves, "series": full["series"], "every_series": every, "rule": rule,
-            "deciles": deciles}  # fmt: skip
+            "cross_rule": cross, "deciles": deciles}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

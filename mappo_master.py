@@ -463,7 +463,7 @@ def master_policy(agent, master, device, states: np.ndarray, interval: int, inpu
     def choose(obs, core, last_actions):
         recent = core.recent_return(interval)[:, 0]
         glob = global_features(obs, core.directive_index, last_actions, states[core.t], recent, inputs)
-        emb, glob, state = master_inputs(agent, obs, glob, core.state(), device, embed=inputs == "full")
+        emb, glob, state = master_inputs(agent, obs, glob, core.state(), device, embed=master.embed_dim > 0)
         with torch.no_grad():
             return masked_policy(master(emb, glob, state)[0], deterministic=True)[0].cpu().numpy()
 

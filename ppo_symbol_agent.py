@@ -673,8 +673,9 @@ if __name__ == "__main__":
             print(save_explanation(run_dir, explained))
             figures["saliency"] = saliency_figure(explained, title)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
-                   encoder=args.encoder.kind, backtest=reports, rule=rule, deciles=deciles, val=last_eval,
-                   telemetry=last_telemetry, entropy_control=ctl, final_weights="best_val" if selected else "last",
+                   encoder=args.encoder.kind, backtest=reports, rule=rule, cross_rule=tests["cross_rule"],
+                   deciles=deciles, val=last_eval, telemetry=last_telemetry, entropy_control=ctl,
+                   final_weights="best_val" if selected else "last",
                    best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes,
                    stress=stress)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)

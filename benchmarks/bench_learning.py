@@ -17,6 +17,7 @@ Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_ag
 - ppo_lstm, ppo_cnn: the same with --encoder.kind lstm / cnn (widths from the encoder preset);
 - ppo_transformer: the same with bench_train.py's small transformer (SMALL_TRANSFORMER, --encoder-preset as_given:
   d_model 64, 4 heads, 1 layer), on CPU and GPU alike;
+- ppo_attention: the same with the graph module, --encoder.cross-symbol attention (docs/training.md);
 - sb3_maskable_default, sb3_maskable_ours: sb3-contrib's MaskablePPO on trading_env.SB3VecEnv, with SB3's default
   hyperparameters and network, or with ppo_symbol_agent.py's values (read from its Args) for every knob SB3 has and
   its encoder and head widths as SB3's network (benchmarks/sb3_learner.py says which knobs);
@@ -27,8 +28,14 @@ The SB3 arms run benchmarks/sb3_learner.py, which reads ppo_symbol_agent.py's fl
 budget) and ends with the same final backtest (backtest.agent_backtests) and run folder, with its weights picked on
 the validation split as ppo_symbol_agent.py picks them; their pieces are read like ppo's.
 
-Pieces of the default arm are results/learning/<signal>_seed<k>.json; of any other arm,
-results/learning/<arm>/<signal>_seed<k>.json. A piece is one training run in its own process that writes its own JSON
+Markets: the planted ones by signal (--signal, --signals) and the lead-lag market of issue #21 by kappa (--lead-lag,
+--lead-lags; planted signal 0, each follower led by its sector's leader, 0 its placebo), keyed "ll<kappa>"; their
+ceiling is the cross rule (backtest.fit_cross_rule, fitted on train), since no symbol's own window holds an edge:
+
+    python benchmarks/bench_learning.py --all --arms ppo ppo_attention --lead-lags 0.45 0 --seeds 1 2 3 4 5
+
+Pieces of the default arm are results/learning/<market>_seed<k>.json; of any other arm,
+results/learning/<arm>/<market>_seed<k>.json. A piece is one training run in its own process that writes its own JSON
 when it finishes, so that an interrupted benchmark loses nothing; --summary assembles the tables from whatever pieces
 exist. Per market, for the default arm: the mean test Sharpe of the agent (argmax) with a 95% interval (Student t
 over seeds), the seeds above 1.0, the mean of every baseline, the rule ceiling (the best one-feature rule fitted on
@@ -68,6 +75,7 @@ ARMS = {
     "ppo_lstm": (SCRIPT, ["--encoder.kind", "lstm"]),
     "ppo_cnn": (SCRIPT, ["--encoder.kind", "cnn"]),
     "ppo_transformer": (SCRIPT, encoder_flags(SMALL_TRANSFORMER)),
+    "ppo_attention": (SCRIPT, ["--encoder.cross-symbol", "attention"]),
     "sb3_maskable_default": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "default"]),
     "sb3_maskable_ours": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "ours"]),
     "sb3_ppo_default": (SB3_SCRIPT, ["--algo", "ppo", "--hparams", "default"]),
@@ -93,15 +101,34 @@ def arm_folder(arm: str) -> Path:
     return PIECES if arm == "ppo" else PIECES / arm
 
 
-def piece_path(signal: float, seed: int, arm: str = "ppo") -> Path:
-    return arm_folder(arm) / f"{signal:g}_seed{seed}.json"
+def market_key(signal: float, lead_lag: float | None = None) -> str:
+    """A market's name in piece files and tables: the planted signal ("0.3"), or "ll" and kappa for the lead-lag
+    market ("ll0.45"; "ll0" its placebo), where no symbol's own window holds an edge."""
+    return f"{signal:g}" if lead_lag is None else f"ll{lead_lag:g}"
 
 
-def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo") -> Path:
-    """Train one seed of one arm on one market and write its JSON; returns the JSON's path."""
+def piece_key(piece: dict) -> str:
+    return market_key(piece["signal"], piece.get("lead_lag"))
+
+
+def market_order(key: str) -> tuple:
+    """Table order: the planted markets by signal, strongest first, then the lead-lag ones by kappa."""
+    lead_lag = key.startswith("ll")
+    return (lead_lag, -float(key.removeprefix("ll")))
+
+
+def piece_path(signal: float, seed: int, arm: str = "ppo", lead_lag: float | None = None) -> Path:
+    return arm_folder(arm) / f"{market_key(signal, lead_lag)}_seed{seed}.json"
+
+
+def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo", lead_lag: float | None = None) -> Path:
+    """Train one seed of one arm on one market and write its JSON; returns the JSON's path. lead_lag: kappa of the
+    lead-lag market (--data.lead-lag; the planted signal is then 0 whatever `signal` says)."""
     script, arm_flags = ARMS[arm]
+    signal = 0.0 if lead_lag is not None else signal
     flags = ["--data.signal-strength", str(signal), "--data.years", str(YEARS), "--data.seed", str(seed)]
-    flags += ["--seed", str(seed), "--exp-name", f"learning_{signal:g}", *arm_flags, *extra]
+    flags += [] if lead_lag is None else ["--data.lead-lag", str(lead_lag)]
+    flags += ["--seed", str(seed), "--exp-name", f"learning_{market_key(signal, lead_lag)}", *arm_flags, *extra]
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
         t0 = time.time()
         cmd = [sys.executable, str(script), *flags, "--run-dir", tmp]
@@ -122,6 +149,7 @@ def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo") -> P
         "benchmark": "learning_piece",
         "arm": arm,
         "signal": signal,
+        "lead_lag": lead_lag,
         "seed": seed,
         "years": YEARS,
         "command": f"python {script.relative_to(ROOT)} {' '.join(flags)}",
@@ -138,11 +166,16 @@ def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo") -> P
     }
     if "sb3" in summary:  # the algorithm, its keyword arguments, the share of actions the mask refused on test
         record["sb3"] = summary["sb3"]
-    path = piece_path(signal, seed, arm)
+    if summary.get("cross_rule") is not None:  # the lead-lag market's cross rule, fitted on train
+        record["cross_rule"] = summary["cross_rule"]
+    path = piece_path(signal, seed, arm, lead_lag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     agent, ceiling = record["test"]["agent"]["sharpe"], record["test"]["rule_ceiling"]["sharpe"]
-    print(f"{arm} signal {signal:g} seed {seed}: test Sharpe {agent:.2f} (rule ceiling {ceiling:.2f})", flush=True)
+    if "cross_rule" in record["test"]:  # the lead-lag market's ceiling
+        ceiling = record["test"]["cross_rule"]["sharpe"]
+    print(f"{arm} market {market_key(signal, lead_lag)} seed {seed}: test Sharpe {agent:.2f} (ceiling {ceiling:.2f})",
+          flush=True)  # fmt: skip
     return path
 
 
@@ -158,18 +191,24 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float]:
 
 
 def summarize(pieces: list[dict]) -> dict:
-    """Per market: the agent's mean test Sharpe and 95% interval, seeds above 1, baselines, ceiling, placebo margin."""
+    """Per market: the agent's mean test Sharpe and 95% interval, seeds above 1, baselines, ceiling, placebo margin.
+    The ceiling is the best own-window rule on the planted markets and the cross rule on the lead-lag ones."""
     markets = {}
-    for signal in sorted({p["signal"] for p in pieces}, reverse=True):
-        rows = sorted((p for p in pieces if p["signal"] == signal), key=lambda p: p["seed"])
+    for key in sorted({piece_key(p) for p in pieces}, key=market_order):
+        rows = sorted((p for p in pieces if piece_key(p) == key), key=lambda p: p["seed"])
+        signal, lead_lag = rows[0]["signal"], rows[0].get("lead_lag")
         sharpe = lambda name, rows=rows: np.array([r["test"][name]["sharpe"] for r in rows])  # noqa: E731
-        agent, ceiling = sharpe("agent"), sharpe("rule_ceiling")
+        agent, ceiling = sharpe("agent"), sharpe("rule_ceiling" if lead_lag is None else "cross_rule")
         sampled = sharpe("agent_sampled") if all("agent_sampled" in r["test"] for r in rows) else None
         mean, lo, hi = t_interval(agent)
         best = np.max([sharpe(b) for b in BASELINES], axis=0)  # each seed's best baseline
         se = np.array([r["test"]["agent"]["sharpe_se"] for r in rows], dtype=float)  # None (no risk taken): nan
-        markets[f"{signal:g}"] = {
+        edge = signal if lead_lag is None else lead_lag  # 0: a placebo
+        markets[key] = {
+            "market": key,
             "signal": signal,
+            "lead_lag": lead_lag,
+            "ceiling": "rule_ceiling" if lead_lag is None else "cross_rule",
             "seeds": [r["seed"] for r in rows],
             "agent_sharpe": agent.tolist(),
             "agent_mean": mean,
@@ -179,7 +218,7 @@ def summarize(pieces: list[dict]) -> dict:
             "ceiling_sharpe": ceiling.tolist(),
             "ceiling_mean": float(ceiling.mean()),
             # a share of the placebo's ceiling (noise around 0) means nothing
-            "share_of_ceiling": mean / float(ceiling.mean()) if signal > 0 and ceiling.mean() > 0 else None,
+            "share_of_ceiling": mean / float(ceiling.mean()) if edge > 0 and ceiling.mean() > 0 else None,
             "baselines_mean": {b: float(sharpe(b).mean()) for b in BASELINES},
             "best_baseline_sharpe": best.tolist(),
             "margin_over_best_baseline_se": ((agent - best) / se).tolist(),
@@ -197,9 +236,7 @@ def summarize(pieces: list[dict]) -> dict:
 
 
 def table(markets: dict) -> str:
-    head = (
-        "| signal | seeds | agent test Sharpe: mean [95% CI] | seeds > 1 | sampled | rule ceiling | agent / ceiling | "
-    )
+    head = "| market | seeds | agent test Sharpe: mean [95% CI] | seeds > 1 | sampled | ceiling | agent / ceiling | "
     head += " | ".join(BASELINES) + " | exposure | trade rate |"
     lines = [head, "|" + "---|" * (9 + len(BASELINES))]
     for m in markets.values():
@@ -207,7 +244,7 @@ def table(markets: dict) -> str:
         sampled = "-" if m["agent_sampled_mean"] is None else f"{m['agent_sampled_mean']:.2f}"
         base = " | ".join(f"{m['baselines_mean'][b]:.2f}" for b in BASELINES)
         lines.append(
-            f"| {m['signal']:g} | {len(m['seeds'])} | {m['agent_mean']:.2f} [{m['agent_ci95'][0]:.2f}, "
+            f"| {m['market']} | {len(m['seeds'])} | {m['agent_mean']:.2f} [{m['agent_ci95'][0]:.2f}, "
             f"{m['agent_ci95'][1]:.2f}] | {m['seeds_above_1']} | {sampled} | "
             f"{m['ceiling_mean']:.2f} | {share} | {base} | {m['exposure_mean']:.3f} | {m['trade_rate_mean']:.3f} |"
         )
@@ -236,11 +273,11 @@ def summarize_arms(pieces: dict[str, list[dict]]) -> dict[str, dict]:
 def arms_table(by_arm: dict[str, dict]) -> str:
     """Markdown, one row per market and arm: mean test Sharpe [95% CI], minus ppo (paired over seeds), rule ceiling
     and the arm's share of it, the best baseline (mean over seeds of each seed's best), wall-clock per piece."""
-    head = "| signal | arm | seeds | test Sharpe: mean [95% CI] | minus ppo, paired: mean [95% CI] | rule ceiling | "
+    head = "| market | arm | seeds | test Sharpe: mean [95% CI] | minus ppo, paired: mean [95% CI] | ceiling | "
     head += "share of ceiling | best baseline | minutes per piece |"
     lines = [head, "|" + "---|" * 9]
     fmt = lambda mean, ci: f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # noqa: E731
-    keys = sorted({k for markets in by_arm.values() for k in markets}, key=float, reverse=True)
+    keys = sorted({k for markets in by_arm.values() for k in markets}, key=market_order)
     for key in keys:
         for arm in (a for a in ARMS if key in by_arm.get(a, {})):
             m = by_arm[arm][key]
@@ -248,7 +285,7 @@ def arms_table(by_arm: dict[str, dict]) -> str:
             vs = m.get("minus_ppo")
             vs = "-" if vs is None else fmt(vs["mean"], vs["ci95"]) + f" (n={len(vs['seeds'])})"
             lines.append(
-                f"| {m['signal']:g} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
+                f"| {m['market']} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
                 f"{m['ceiling_mean']:.2f} | {share} | {np.mean(m['best_baseline_sharpe']):.2f} | "
                 f"{m['wall_s_mean'] / 60:.1f} |"
             )
@@ -260,7 +297,7 @@ def load_pieces() -> dict[str, list[dict]]:
     pieces = {}
     for arm in ARMS:
         rows = [json.loads(f.read_text()) for f in sorted(arm_folder(arm).glob("*.json"))]
-        old = [f"{q['signal']:g}_seed{q['seed']}" for q in rows if "daily_returns" not in q]
+        old = [f"{piece_key(q)}_seed{q['seed']}" for q in rows if "daily_returns" not in q]
         if old:  # measured before Sharpe came from daily returns: not comparable, rerun them (--redo)
             print(f"skipping {len(old)} {arm} pieces without daily returns (per-bar Sharpe; rerun with --redo): {old}")
         pieces[arm] = [q for q in rows if "daily_returns" in q]
@@ -286,8 +323,9 @@ def plot(markets: dict, path: Path) -> None:
         best = max(m["baselines_mean"].values())
         ax.scatter(i - 0.3, best, marker="_", s=400, color="tab:red", label="best baseline (mean)" if i == 0 else None)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(markets)), [f"signal {m['signal']:g}" + (" (placebo)" if m["signal"] == 0 else "")
-                                        for m in markets.values()])  # fmt: skip
+    names = {"0": "placebo", "ll0": "lead-lag placebo"}
+    ax.set_xticks(range(len(markets)), [names.get(k, f"signal {k}" if k[0] != "l" else f"lead-lag {k[2:]}")
+                                        for k in markets])  # fmt: skip
     ax.set_ylabel("test-split Sharpe (annualised)")
     ax.set_title("ppo_symbol_agent.py, default settings, 10-year synthetic markets")
     ax.legend(fontsize=8)
@@ -300,18 +338,23 @@ def main() -> None:
     xp.report_user_errors()  # a piece's refused flags: one message, exit status 2, no traceback
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--signal", type=float, help="one piece: the market's planted signal strength")
+    p.add_argument("--lead-lag", type=float, help="one piece: the lead-lag market's kappa instead (0: its placebo)")
     p.add_argument("--seed", type=int, help="one piece: the seed (market and training)")
     p.add_argument("--arm", choices=list(ARMS), default="ppo", help="one piece's learner (default ppo)")
     p.add_argument("--all", action="store_true", help="run every missing piece of --arms x --signals x --seeds")
     p.add_argument("--arms", choices=list(ARMS), nargs="+", help="with --all: the learners (default: --arm)")
-    p.add_argument("--signals", type=float, nargs="+", default=list(SIGNALS))
+    p.add_argument("--signals", type=float, nargs="+", help=f"with --all: planted markets (default {SIGNALS}, none "
+                   "when --lead-lags is given)")  # fmt: skip
+    p.add_argument("--lead-lags", type=float, nargs="+", default=[], help="with --all: lead-lag markets (kappa)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--jobs", type=int, default=2, help="pieces run at once (one process each)")
     p.add_argument("--summary", action="store_true", help="assemble learning.json and learning.png from the pieces")
     p.add_argument("--redo", action="store_true", help="rerun pieces that already have a JSON")
     p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --), every arm")
     args = p.parse_args()
-    piece = args.signal is not None or args.seed is not None
+    if args.signal is not None and args.lead_lag is not None:
+        p.error("a piece is on one market: give --signal (planted) or --lead-lag (kappa), not both")
+    piece = args.signal is not None or args.lead_lag is not None or args.seed is not None
     if not (piece or args.all or args.summary):
         p.error("nothing to do: give --signal and --seed (one piece), --all (every missing piece) or --summary")
     if args.arms and not args.all:
@@ -319,16 +362,18 @@ def main() -> None:
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: the number of pieces run at once, 1 or more")
     if piece:
-        if args.signal is None or args.seed is None:
-            p.error("a piece needs both --signal and --seed")
-        run_piece(args.signal, args.seed, args.train_args, args.arm)
+        if (args.signal is None and args.lead_lag is None) or args.seed is None:
+            p.error("a piece needs --seed and a market: --signal or --lead-lag")
+        run_piece(args.signal or 0.0, args.seed, args.train_args, args.arm, args.lead_lag)
     if args.all:
         arms = args.arms or [args.arm]
-        todo = [(a, s, k) for a in arms for s in args.signals for k in args.seeds]
-        todo = [(a, s, k) for a, s, k in todo if args.redo or not piece_path(s, k, a).exists()]
+        signals = args.signals if args.signals is not None else ([] if args.lead_lags else list(SIGNALS))
+        markets = [(s, None) for s in signals] + [(0.0, kappa) for kappa in args.lead_lags]
+        todo = [(a, m, k) for a in arms for m in markets for k in args.seeds]
+        todo = [(a, m, k) for a, m, k in todo if args.redo or not piece_path(m[0], k, a, m[1]).exists()]
         print(f"{len(todo)} pieces to run, {args.jobs} at a time", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_piece, s, k, args.train_args, a) for a, s, k in todo]:
+            for future in [pool.submit(run_piece, m[0], k, args.train_args, a, m[1]) for a, m, k in todo]:
                 future.result()
     if args.summary:
         pieces = load_pieces()
@@ -339,7 +384,7 @@ def main() -> None:
         if markets:
             plot(markets, RESULTS / "learning.png")
         rel = lambda path: str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)  # noqa: E731
-        listed = {a: [rel(piece_path(q["signal"], q["seed"], a)) for q in pieces[a]] for a in ARMS}
+        listed = {a: [rel(piece_path(q["signal"], q["seed"], a, q.get("lead_lag"))) for q in pieces[a]] for a in ARMS}
         record = {"benchmark": "learning", "markets": markets, "table": table(markets), "pieces": listed["ppo"]}
         others = {arm: m for arm, m in by_arm.items() if arm != "ppo"}
         if others:  # every other arm, each in the default arm's structure, and the table of them all

@@ -256,7 +256,8 @@ def main() -> None:
            "test_refused_action_rate": refused, "train_seconds": train_seconds}  # fmt: skip
     xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], model.num_timesteps, t_eval,
                   seed=args.seed, encoder=args.encoder.kind if known.hparams == "ours" else "sb3_flatten_mlp",
-                  backtest=reports, rule=rule, deciles=deciles, val=selection.last if selection else {},
+                  backtest=reports, rule=rule, cross_rule=tests["cross_rule"], deciles=deciles,
+                  val=selection.last if selection else {},
                   telemetry=telemetry, final_weights="best_val" if selected else "last",
                   best_val_sharpe=selection.best if selected else None, val_sharpes=val_sharpes, stress=stress,
                   sb3=sb3)  # fmt: skip

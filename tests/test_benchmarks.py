@@ -43,6 +43,30 @@ def test_summary_interval_table_and_picture(tmp_path):
     assert_real_png(tmp_path / "learning.png")
 
 
+def test_lead_lag_markets_are_graded_against_the_cross_rule(tmp_path):
+    """Lead-lag pieces (issue #21) sit beside the planted ones under their own key ("ll" and kappa), after them in
+    the tables, with the cross rule as their ceiling (the own-window rule is no ceiling there) and no share of it on
+    the placebo (kappa 0); their files do not collide with the planted markets'."""
+    planted = [piece(0.3, k, 5.0, 8.0) for k in (1, 2)]
+    lead = [piece(0.0, k, 3.0 + k, 0.5) | {"lead_lag": 0.45} for k in (1, 2)]
+    placebo = [piece(0.0, k, -0.2 * k, 0.5) | {"lead_lag": 0.0} for k in (1, 2)]
+    for q, cross in zip(lead + placebo, (7.0, 7.0, -4.0, -4.0), strict=True):
+        q["test"]["cross_rule"] = {"sharpe": cross}
+    markets = bl.summarize(planted + lead + placebo)
+    assert list(markets) == ["0.3", "ll0.45", "ll0"]
+    assert markets["ll0.45"]["ceiling"] == "cross_rule" and markets["ll0.45"]["ceiling_mean"] == 7.0
+    assert markets["ll0.45"]["share_of_ceiling"] == pytest.approx(4.5 / 7.0)
+    assert markets["ll0"]["share_of_ceiling"] is None and markets["0.3"]["ceiling_mean"] == 8.0
+    assert "| ll0.45 | 2 | 4.50 [" in bl.table(markets) and "64%" in bl.table(markets)
+    paths = {bl.piece_path(0.0, 1), bl.piece_path(0.0, 1, lead_lag=0.0), bl.piece_path(0.0, 1, lead_lag=0.45)}
+    assert {p.name for p in paths} == {"0_seed1.json", "ll0_seed1.json", "ll0.45_seed1.json"}
+    by_arm = bl.summarize_arms({"ppo": lead, "ppo_attention": [q | {"seed": q["seed"]} for q in lead]})
+    assert by_arm["ppo_attention"]["ll0.45"]["minus_ppo"]["mean"] == 0.0
+    assert "| ll0.45 | ppo_attention | 2 |" in bl.arms_table(by_arm)
+    bl.plot(markets, tmp_path / "learning.png")
+    assert_real_png(tmp_path / "learning.png")
+
+
 def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: bool) -> dict:
     backtest = {name: {"sharpe": 1.0, "max_drawdown": -0.1, "exposure": 0.5} for name in bm.GO_NAMES}
     backtest["master"]["sharpe"] = 1.0 + margin

@@ -14,7 +14,7 @@ from conftest import ROOT, script_env
 
 import backtest as bt
 import market_data as md
-from trading_env import BUY_LARGE, HOLD, SELL_ALL, EnvConfig
+from trading_env import BUY_LARGE, BUY_SMALL, HOLD, SELL_ALL, EnvConfig
 
 KAPPA = 0.4
 LONG = dict(num_symbols=10, years=10.0, seed=2, signal_strength=0.0)
@@ -274,3 +274,30 @@ def test_cross_rule_earns_the_lead_net_of_costs_and_loses_them_on_the_placebo(ru
     assert sharpe[0.45] > 3.0 and sharpe[0.0] < 0.0, sharpe
     with pytest.raises(ValueError, match="needs the lead-lag market"):
         bt.fit_cross_rule(md.make_synthetic_prepared(), EnvConfig())
+
+
+def test_the_agents_final_backtest_reports_the_cross_rule_as_its_ceiling(rule_markets):
+    """backtest.agent_backtests (every symbol agent's final report): on the lead-lag market it adds the cross rule,
+    fitted on the train split, beside the own-window rule ceiling, with the same figures as the rule run by hand;
+    on a market without a leader map it adds nothing."""
+
+    def make_policy(sample_seed, record):
+        pick = bt.random_policy(0 if sample_seed is None else sample_seed)
+
+        def act(obs):
+            if record is not None:  # (ret_1, P(increase), increase allowed) per symbol, as the agent records them
+                record.append((obs["technical"][0, :, -1, 0], np.full(obs["technical"].shape[1], 0.5),
+                               obs["action_mask"][0, :, BUY_SMALL] == 1))  # fmt: skip
+            return pick(obs)
+
+        return act
+
+    market = rule_markets[0.45]
+    tests = bt.agent_backtests(make_policy, market, "test", EnvConfig(), 0, samples=0)
+    rule = bt.fit_cross_rule(market, EnvConfig(), "train")
+    assert tests["cross_rule"] == rule
+    by_hand = bt.run_backtest(bt.cross_rule_policy(rule), market, "test", EnvConfig(), 0)["agent"]
+    assert tests["reports"]["cross_rule"] == by_hand and "rule_ceiling" in tests["reports"]
+    assert "cross_rule" in tests["curves"] and "cross_rule" in tests["every_series"]
+    plain = bt.agent_backtests(make_policy, md.make_synthetic_prepared(years=0.5), "test", EnvConfig(), 0, samples=0)
+    assert plain["cross_rule"] is None and "cross_rule" not in plain["reports"]

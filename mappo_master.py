@@ -167,6 +167,11 @@ decisions: 640 a minibatch by default)"""
     """discount per master decision (per trading day): a directive's effect on the book fades within about a day"""
     master_gae_lambda: float = 0.8
     """GAE lambda over master decisions"""
+    master_update_epochs: int | None = None
+    """epochs of the master's PPO update per rollout (None: --update-epochs); its update is tiny beside the rollout,
+so more passes over the same decisions cost almost no time"""
+    master_num_minibatches: int | None = None
+    """minibatches of the master's PPO update (None: --num-minibatches)"""
     master_ent_coef: float = 0.01
     """initial entropy coefficient of each directive head (risk, concentration, mode), adapted toward the
 target --master-ent-target"""
@@ -497,6 +502,10 @@ if __name__ == "__main__":
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
         xp.run_walk_forward(__file__, args, "master")
         raise SystemExit(0)
+    for flag in ("master_update_epochs", "master_num_minibatches"):
+        value = getattr(args, flag)
+        xp.require(value is None or value >= 1, f"--{flag.replace('_', '-')} {value}: give 1 or more (or leave it "
+                   "out to use the symbol agents' setting)")  # fmt: skip
     xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     xp.require(I <= args.env.risk_window, f"--master-interval ({I}) must be at most --env.risk-window "
@@ -805,9 +814,11 @@ if __name__ == "__main__":
         )
         m_clipfracs, head_entropy = [], np.zeros(len(DIRECTIVE_SHAPE))
         ent_coef = torch.as_tensor(np.exp(log_ent_coef), dtype=torch.float32, device=device)  # (3,) per head
-        for _epoch in range(args.update_epochs):
+        m_epochs = args.master_update_epochs or args.update_epochs  # None: the symbol agents' setting
+        m_minibatches = min(args.master_num_minibatches or args.num_minibatches, M * E)
+        for _epoch in range(m_epochs):
             np.random.shuffle(mb_inds_all)
-            for idx in np.array_split(mb_inds_all, min(args.num_minibatches, M * E)):
+            for idx in np.array_split(mb_inds_all, m_minibatches):
                 j = torch.as_tensor(idx, device=device)
                 logits, newvalue = master(mb_emb[j], mb_glob[j], mb_state[j])
                 _, newlogprob, entropy, _ = masked_policy(logits, mb_act[j])
@@ -818,7 +829,7 @@ if __name__ == "__main__":
                 m_clipfracs.append(clipfrac)
                 m_entropy = entropy.mean()  # of the joint directive, normalised by log(60)
                 heads = master.head_entropies(mb_emb[j], mb_glob[j]).mean(0)  # (3,) normalised, per head
-                head_entropy += heads.detach().cpu().numpy() / (args.update_epochs * min(args.num_minibatches, M * E))
+                head_entropy += heads.detach().cpu().numpy() / (m_epochs * m_minibatches)
                 loss = m_pg_loss - (ent_coef * heads).sum() + m_v_loss * args.vf_coef
 
                 optimizer.zero_grad()

@@ -716,6 +716,15 @@ class MasterNetwork(nn.Module):
         state_dict.setdefault(prefix + "input_scale", torch.ones_like(self.input_scale))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def restrict_head(self, head: int, coords) -> None:
+        """Let factored head `head` pick only the coordinates `coords` (the others masked, as pin_heads does; saved
+        with the weights)."""
+        if not self.factored:
+            raise ValueError("restrict_head needs the factored actor (factored=True).")
+        keep = torch.zeros(DIRECTIVE_SHAPE[head], dtype=torch.bool)
+        keep[torch.as_tensor(list(coords), dtype=torch.long)] = True
+        self.allowed[HEAD_OFFSETS[head] : HEAD_OFFSETS[head] + DIRECTIVE_SHAPE[head]] &= keep
+
     def free_heads(self) -> list[bool]:
         """Per head (risk, concentration, mode): whether it still chooses (more than one allowed coordinate)."""
         return [bool(a.sum() > 1) for a in torch.split(self.allowed, DIRECTIVE_SHAPE)]

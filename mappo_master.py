@@ -208,6 +208,10 @@ centralised critic reads the global state either way"""
     master_actor_hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
 alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""
+    master_risk_levels: Literal["all", "flat_or_anchor"] = "all"
+    """the risk levels the master may pick: all five (flat 0 up to 1.25), or flat_or_anchor: flat (0, no new buys) or
+the anchor's level, a two-way switch like the rules' (a master that is nearly indifferent between two close levels
+otherwise flips between them on noise)"""
     master_norm: bool = False
     """standardise what the master's actor reads: each market-state column by its mean and standard deviation over
 the bars of --split, and the book's last-interval return by that book's typical interval return (the best constant's
@@ -588,6 +592,8 @@ if __name__ == "__main__":
         master.set_input_norm(*input_norm(states, market.splits[args.split], args.master_inputs, global_dim, recent_sd))
     if args.master_heads == "risk" and not saved:  # a saved master keeps its pins (a buffer of its weights)
         master.pin_heads(anchor, heads=(HEAD_NAMES.index("concentration"), HEAD_NAMES.index("mode")))
+    if args.master_risk_levels == "flat_or_anchor" and not saved:
+        master.restrict_head(HEAD_NAMES.index("risk"), {0, int(np.unravel_index(anchor, DIRECTIVE_SHAPE)[0])})
     shadow.set_directives(np.full(E, anchor))
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)

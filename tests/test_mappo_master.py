@@ -224,7 +224,8 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
-             "--eval-split", "train", "--save-model", "--master-norm", "--master-actor-hidden", "16"]  # fmt: skip
+             "--eval-split", "train", "--save-model", "--master-norm", "--master-actor-hidden", "16",
+             "--master-risk-levels", "flat_or_anchor"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
@@ -232,6 +233,7 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
     weights = load_checkpoint(run / "checkpoint.pt")["model"]
     assert weights["master.actor.0.weight"].shape == (16, 26) and weights["master.actor.2.weight"].shape == (12, 16)
     assert (weights["master.input_shift"][:13] != 0).all()  # standardised over --split, saved with the weights
+    assert weights["master.allowed"][:5].sum() <= 2  # the risk head: flat or the anchor's level
     (tmp_path / "eval").mkdir()
     eval_flags = [
         *TINY,
@@ -328,6 +330,23 @@ def test_input_norm_standardises_the_market_state_and_loads_into_the_master():
     assert (fresh.input_shift == 0).all() and (fresh.input_scale == 1).all()
     with pytest.raises(ValueError, match="positive"):
         fresh.set_input_norm(shift, np.zeros(26))
+
+
+def test_flat_or_anchor_risk_levels_leave_the_risk_head_two_choices():
+    """--master-risk-levels flat_or_anchor: with the other heads pinned to the anchor, the master's directives are
+    the anchor itself or the anchor at risk 0 (flat), and the joint distribution still sums to one."""
+    anchor = int(np.ravel_multi_index((3, 1, 2), te.DIRECTIVE_SHAPE))
+    master = MasterNetwork(0, 5, actor_gain=1.0)
+    master.pin_heads(anchor, heads=(1, 2))
+    master.restrict_head(0, {0, 3})
+    logits, _ = master(torch.zeros(64, 2, 0), torch.randn(64, 5))
+    probs = logits.exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    flat = int(np.ravel_multi_index((0, 1, 2), te.DIRECTIVE_SHAPE))
+    assert set(torch.nonzero(probs.sum(0) > 1e-6).flatten().tolist()) == {flat, anchor}
+    assert master.free_heads() == [True, False, False]
+    master.restrict_head(0, {3})
+    assert master.free_heads() == [False, False, False]
 
 
 def test_value_norm_tracks_running_mean_and_std():

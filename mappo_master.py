@@ -208,14 +208,17 @@ centralised critic reads the global state either way"""
     master_actor_hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
 alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""
-    master_risk_levels: Literal["all", "flat_or_anchor"] = "all"
+    master_risk_levels: Literal["auto", "all", "flat_or_anchor"] = "auto"
     """the risk levels the master may pick: all five (flat 0 up to 1.25), or flat_or_anchor: flat (0, no new buys) or
 the anchor's level, a two-way switch like the rules' (a master that is nearly indifferent between two close levels
-otherwise flips between them on noise)"""
-    master_norm: bool = False
-    """standardise what the master's actor reads: each market-state column by its mean and standard deviation over
-the bars of --split, and the book's last-interval return by that book's typical interval return (the best constant's
-on --split, with frozen agents); saved with the master's weights"""
+otherwise flips between them on noise); auto: flat_or_anchor when the master picks the risk level alone on the best
+constant's book, else all (with it the master reads the announced reversal on every held-out seed: see
+benchmarks/BENCHMARKS.md)"""
+    master_norm: Literal["auto", "on", "off"] = "auto"
+    """on: standardise what the master's actor reads, each market-state column by its mean and standard deviation over
+the bars of --split and the book's last-interval return by that book's typical interval return (the best constant's
+on --split, with frozen agents), saved with the master's weights; auto: on with --master-inputs market or
+market_state, off with full inputs (unmeasured there)"""
     anchor_bias: float = 2.0
     """--master-anchor best_constant: initial logit bias of each directive head toward the anchor's coordinate"""
     risk_aversion: float | None = None
@@ -498,6 +501,11 @@ if __name__ == "__main__":
         args.master_heads = "risk" if args.master_anchor == "best_constant" else "all"
     if args.master_inputs == "auto":
         args.master_inputs = "market" if args.master_anchor == "best_constant" else "full"
+    if args.master_norm == "auto":
+        args.master_norm = "off" if args.master_inputs == "full" else "on"
+    if args.master_risk_levels == "auto":
+        risk_on_best = args.master_heads == "risk" and args.master_anchor == "best_constant"
+        args.master_risk_levels = "flat_or_anchor" if risk_on_best else "all"
     xp.require(args.master_anchor == "neutral" or frozen_agents, "--master-anchor "
                "best_constant fits the best fixed directive on the frozen symbol agents: add --freeze-symbols and "
                "--symbol-checkpoint")  # fmt: skip
@@ -587,7 +595,7 @@ if __name__ == "__main__":
             bias = master.actor[-1].bias  # (5 + 4 + 3,) the factored heads' logits
             for offset, coord in zip(HEAD_OFFSETS, np.unravel_index(anchor, DIRECTIVE_SHAPE), strict=True):
                 bias[offset + coord] += args.anchor_bias
-    if args.master_norm and not saved:  # a saved master keeps its standardisation (buffers of its weights)
+    if args.master_norm == "on" and not saved:  # a saved master keeps its standardisation (buffers of its weights)
         recent_sd = float(np.sqrt(I * fixed["bar_mean_sq"][fixed["best"]])) if fixed else 1.0
         master.set_input_norm(*input_norm(states, market.splits[args.split], args.master_inputs, global_dim, recent_sd))
     if args.master_heads == "risk" and not saved:  # a saved master keeps its pins (a buffer of its weights)

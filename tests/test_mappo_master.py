@@ -82,8 +82,10 @@ def test_summary_backtest_and_go_criterion(runs):
     assert "backtest on the test split" in proc.stdout and "go criterion" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["global_step"] == 2 * 84
-    auto = {k: summary["args"][k] for k in ("master_anchor", "master_heads", "master_inputs")}  # agents still train
-    assert auto == {"master_anchor": "neutral", "master_heads": "all", "master_inputs": "full"}
+    keys = ("master_anchor", "master_heads", "master_inputs", "master_norm", "master_risk_levels")
+    auto = {k: summary["args"][k] for k in keys}  # agents still train
+    assert auto == {"master_anchor": "neutral", "master_heads": "all", "master_inputs": "full", "master_norm": "off",
+                    "master_risk_levels": "all"}  # fmt: skip
     backtest = summary["backtest"]
     names = {"master", "best_constant", "neutral", "vol_target", "corr_rule", "reactive_rule", "defensive",
              "best_constant_matched", "neutral_matched", "benchmark_bh", "equal_weight_bh"}  # fmt: skip
@@ -215,21 +217,22 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
-    """--master-anchor best_constant --master-heads risk --split val (so --master-inputs auto is market): the best
+    """--master-anchor best_constant --master-heads risk --split val (so the auto inputs are market, standardised, and
+    the risk head picks flat or the anchor's level): the best
     fixed directive is fitted before training on the split the master trains on (the shadow trades it), the run
     completes with argmax frozen symbol agents on the edge-regime market, every directive of its test backtest has the
     best constant's concentration level and regime mode, the oracle is reported, and the saved master (market inputs
-    only, no symbol embeddings; standardised, one hidden layer of 16) evaluates to the same backtest without those
+    only, no symbol embeddings; standardised; one hidden layer of 16) evaluates to the same backtest without those
     flags; without frozen agents the anchor is refused before any work."""
     _, _, ckpt = runs
     flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
              "flip", "--master-anchor", "best_constant", "--master-heads", "risk", "--split", "val",
-             "--eval-split", "train", "--save-model", "--master-norm", "--master-actor-hidden", "16",
-             "--master-risk-levels", "flat_or_anchor"]  # fmt: skip
+             "--eval-split", "train", "--save-model", "--master-actor-hidden", "16"]  # fmt: skip
     proc = run_script("mappo_master.py", tmp_path, *flags)
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["args"]["master_inputs"] == "market"  # auto, anchored on the best constant
+    resolved = [summary["args"][k] for k in ("master_inputs", "master_norm", "master_risk_levels")]
+    assert resolved == ["market", "on", "flat_or_anchor"]  # auto, anchored on the best constant
     weights = load_checkpoint(run / "checkpoint.pt")["model"]
     assert weights["master.actor.0.weight"].shape == (16, 26) and weights["master.actor.2.weight"].shape == (12, 16)
     assert (weights["master.input_shift"][:13] != 0).all()  # standardised over --split, saved with the weights
@@ -301,7 +304,7 @@ def test_centralised_critic_receives_the_global_state():
 
 
 def test_input_norm_standardises_the_market_state_and_loads_into_the_master():
-    """--master-norm: the market-state columns of the actor's global features enter as z-scores over the training
+    """--master-norm on: the market-state columns of the actor's global features enter as z-scores over the training
     split's bars, the book's return in units of its typical interval return, the one-hot directive as it is; the
     master applies the saved (shift, scale) itself, and weights saved before the standardisation load as the
     identity. --master-actor-hidden with no sizes makes the actor linear."""

@@ -38,7 +38,7 @@ from backtest import (
     run_backtest,
 )
 from encoders import HEAD_OFFSETS, MASKED_LOGIT, EncoderConfig, MasterNetwork, SymbolPolicy, ValueNorm, set_input_shapes
-from market_data import DataConfig, cross_section_features
+from market_data import CROSS_SECTION_NAMES, DataConfig, cross_section_features
 from trading_env import (
     ACTION_NAMES,
     DIRECTIVE_SHAPE,
@@ -196,12 +196,14 @@ risk multiplier only (flat 0 up to 1.25), the concentration level and the regime
 master-anchor flag's directive), so that its one choice is how much of the anchor's book to hold, when; auto: risk
 when anchored on the best constant, else all (on held-out bars the risk head alone beat all heads with a neutral
 anchor by about half a Sharpe ratio over 5 seeds: benchmarks/BENCHMARKS.md)"""
-    master_inputs: Literal["auto", "full", "market", "market_state"] = "auto"
+    master_inputs: Literal["auto", "full", "market", "market_state", "cross"] = "auto"
     """what the master's actor reads. full: the symbol agents' embeddings pooled over symbols (mean and max), the
 account's portfolio features, the market state, the book's last-interval return, the current directive and the symbol
 agents' intents; market: the market state (regime block and cross-sectional state), the book's last-interval return
 and the current directive only (26 inputs), a far smaller function class for the ~1,000 days a master trains on;
-market_state: the same without the book's return (25 inputs: what the market alone tells it); auto: market when
+market_state: the same without the book's return (25 inputs: what the market alone tells it); cross: the
+cross-sectional state only (average pairwise correlation, dispersion, last-day lag-1 autocorrelation), the book's
+return and the directive (16 inputs: no regime block); auto: market when
 anchored on the best constant, else full (on held-out bars its margin over the best constant was a Sharpe of
 about 0.40, interval 0.12 to 0.67, over 5 seeds, against 0.07 with full inputs: see benchmarks/BENCHMARKS.md). The
 centralised critic reads the global state either way"""
@@ -427,10 +429,12 @@ def global_features(
     the observation bar (13, market_state), the book's return over the last decision interval (1, recent), the
     current directive as one-hot grid coordinates (5 + 4 + 3), and the share of symbols whose last policy action was
     each of the 7 actions (the symbol agents' intents). inputs="market" (--master-inputs market): the market state,
-    the recent return and the directive only (E, 26); "market_state": the market state and the directive (E, 25)."""
+    the recent return and the directive only (E, 26); "market_state": the market state and the directive (E, 25);
+    "cross": the cross-sectional state (the last 3 market-state columns), the recent return, the directive (E, 16)."""
     E = len(directive_index)
     parts = [obs["portfolio"][:, 0]] if inputs == "full" else []
-    parts += [state_now] + ([np.asarray(recent, np.float32).reshape(E, 1)] if inputs != "market_state" else [])
+    parts += [state_now[:, state_columns(inputs, state_now.shape[1])]]
+    parts += [np.asarray(recent, np.float32).reshape(E, 1)] if inputs != "market_state" else []
     for coord, n in zip(np.unravel_index(directive_index, DIRECTIVE_SHAPE), DIRECTIVE_SHAPE, strict=True):
         one_hot = np.zeros((E, n), np.float32)
         one_hot[np.arange(E), coord] = 1.0
@@ -440,15 +444,21 @@ def global_features(
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def state_columns(inputs: str, n_state: int) -> slice:
+    """The market-state columns the master's actor reads: all of them, or with --master-inputs cross the
+    cross-sectional state only (the last len(CROSS_SECTION_NAMES) columns of market_state)."""
+    return slice(n_state - len(CROSS_SECTION_NAMES), n_state) if inputs == "cross" else slice(0, n_state)
+
+
 def input_norm(states: np.ndarray, rows: tuple[int, int], inputs: str, global_dim: int, recent_sd: float = 1.0):
     """--master-norm's (shift, scale) of the actor's global features (global_dim each; global_features' layout):
     the market-state columns by their mean and standard deviation over the bars rows[0]:rows[1] (--split), the book's
     last-interval return column by recent_sd; the portfolio features, one-hot directive and intents unchanged."""
     shift, scale = np.zeros(global_dim, np.float32), np.ones(global_dim, np.float32)
     first = len(PORTFOLIO_FEATURES) if inputs == "full" else 0
-    block = states[rows[0] : rows[1]].astype(np.float64)
+    block = states[rows[0] : rows[1], state_columns(inputs, states.shape[1])].astype(np.float64)
     sd = block.std(0)
-    n = states.shape[1]
+    n = block.shape[1]
     shift[first : first + n] = block.mean(0)
     scale[first : first + n] = np.where(sd > 1e-8, sd, 1.0)  # a constant column stays as it is
     if inputs != "market_state":

@@ -317,6 +317,10 @@ def test_input_norm_standardises_the_market_state_and_loads_into_the_master():
     np.testing.assert_allclose(np.delete(scale[:13], 5), np.delete(states[20:80].std(0), 5), rtol=1e-5)
     assert scale[5] == 1.0 and scale[13] == 0.01 and shift[13] == 0.0
     assert (shift[14:] == 0).all() and (scale[14:] == 1).all()  # the one-hot directive
+    cross_shift, cross_scale = mappo.input_norm(states, rows, "cross", 16, recent_sd=0.01)
+    np.testing.assert_allclose(cross_shift[:3], shift[10:13])
+    np.testing.assert_allclose(cross_scale[:3], scale[10:13])
+    assert cross_scale[3] == 0.01 and (cross_scale[4:] == 1).all()  # --master-inputs cross: the last 3 columns only
     full_shift, full_scale = mappo.input_norm(states, rows, "full", 41, recent_sd=0.0)
     np.testing.assert_array_equal(full_shift[8:21], shift[:13])  # after the 8 portfolio features
     assert full_scale[21] == 1.0 and (full_scale[:8] == 1).all()  # a book that never trades: its return as it is
@@ -476,6 +480,8 @@ def test_global_features_encode_the_directive_and_intents():
     np.testing.assert_array_equal(market_only, g[:, 8:34])  # --master-inputs market: state, recent, directive
     state_only = mappo.global_features(obs, core.directive_index, last, state_now, np.zeros(2), "market_state")
     np.testing.assert_array_equal(state_only, np.concatenate([g[:, 8:21], g[:, 22:34]], axis=1))  # no book return
+    cross = mappo.global_features(obs, core.directive_index, last, state_now, np.array([0.01, -0.02]), "cross")
+    np.testing.assert_array_equal(cross, np.concatenate([g[:, 18:21], g[:, 21:34]], axis=1))  # no regime block
 
 
 def test_market_state_is_the_regime_and_cross_section_and_causal():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import statistics
 import subprocess
@@ -147,6 +148,107 @@ def speed(args) -> dict:
     return record
 
 
+def median_seconds(fn, repeats: int, calls: int = 3) -> float:
+    """Median over `repeats` of the mean wall time of `calls` calls of fn (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
+    """Measured throughput of one (m, k) @ (k, n) matmul in GFLOP/s (2 m k n floating-point operations)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    return 2 * m * k * n / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def roofline(args) -> dict:
+    """How close the small transformer's training is to what this CPU's matmul units allow, on one torch thread.
+
+    FLOPs per symbol-step of training, counted by torch.utils.flop_counter.FlopCounterMode (matmuls only, which is
+    what it counts): one forward pass in the rollout plus, per update epoch, one forward and backward pass of the
+    policy on each sample (a minibatch of num_envs x num_steps / MINIBATCHES env-steps x num_symbols symbols, the
+    training script's shapes; the loss is a stand-in of the same output shapes, its FLOPs are negligible). Against it,
+    the measured throughput of a large square matmul (the CPU's practical peak, fp32 and bf16) and of the encoder's
+    own largest matmul. And the measured forward+backward+Adam rate of the whole policy, interleaved in this process:
+    through torch's nn.TransformerEncoderLayer, through encoders.encoder_layer (the scripts' path), with bf16
+    autocast and with torch.compile. Roofline symbol-steps/s = peak / FLOPs per symbol-step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import encoders
+    from encoders import EncoderConfig, SymbolPolicy, random_observation
+
+    S, epochs = args.num_symbols, 4
+    batch = args.num_envs * args.num_steps // MINIBATCHES  # env-steps per minibatch
+    cfg = EncoderConfig(**SMALL_TRANSFORMER, dropout=0.0)
+    torch.manual_seed(0)
+    policy = SymbolPolicy(S, cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-4)
+    obs = random_observation(batch, S)
+    rollout_obs = random_observation(args.num_envs, S)
+    samples = batch * S
+
+    def train_step(model=policy, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, value = model(obs)
+            loss = logits.float().logsumexp(-1).mean() + value.float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step()
+    train_flops = counter.get_total_flops() / samples
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        policy(rollout_obs)
+    rollout_flops = counter.get_total_flops() / (args.num_envs * S)
+    per_step = rollout_flops + epochs * train_flops
+    r = args.repeats * 3
+    peak = {
+        "fp32_2048": matmul_gflops(2048, 2048, 2048, torch.float32, r),
+        "bf16_2048": matmul_gflops(2048, 2048, 2048, torch.bfloat16, r),
+        "fp32_qkv": matmul_gflops(samples * policy.encoder.num_tokens, cfg.d_model, 3 * cfg.d_model, torch.float32, r),
+    }
+    short_path = encoders.encoder_layer
+    variants = {
+        "torch_layers": lambda: train_step(),
+        "encoder_layer": lambda: train_step(),
+        "encoder_layer_bf16": lambda: train_step(bf16=True),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(r):  # interleaved, so that a busy spell of the machine hits every variant
+        for name, fn in variants.items():
+            encoders.encoder_layer = (lambda layer, x: layer(x)) if name == "torch_layers" else short_path
+            rates[name].append(samples / median_seconds(fn, 1))
+    encoders.encoder_layer = short_path
+    fb = {name: statistics.median(v) for name, v in rates.items()}
+    try:  # torch.compile of the policy, the short path inside; backends vary, so a failure is recorded
+        compiled = torch.compile(policy)
+        t0 = time.perf_counter()
+        train_step(compiled)
+        compile_s = time.perf_counter() - t0
+        fb["encoder_layer_compiled"] = samples / median_seconds(lambda: train_step(compiled), r)
+        compile_note = f"compiled in {compile_s:.1f} s"
+    except Exception as e:  # noqa: BLE001 - torch.compile raises many types; the record says which
+        compile_note = f"{type(e).__name__}: {e}"[:300]
+    record = {
+        "encoder": SMALL_TRANSFORMER, "torch_threads": torch.get_num_threads(), "minibatch_samples": samples,
+        "flops_per_sample_forward": rollout_flops, "flops_per_sample_train_step": train_flops,
+        "update_epochs": epochs, "flops_per_symbol_step": per_step, "matmul_gflops": peak,
+        "train_step_samples_per_s": fb, "compile": compile_note,
+        "train_step_gflops": {k: v * train_flops / 1e9 for k, v in fb.items()},
+        "roofline_sps": {k: peak[k] * 1e9 / per_step for k in ("fp32_2048", "bf16_2048")},
+    }  # fmt: skip
+    print(json.dumps(record, indent=1), flush=True)
+    return record
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the record here (e.g. benchmarks/results/train.json)")
@@ -155,6 +257,12 @@ if __name__ == "__main__":
     p.add_argument("--num-steps", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed per framework (MLP)")
     p.add_argument("--repeats", type=int, default=3, help="runs per framework (interleaved); medians are reported")
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="the small transformer's training FLOPs against this "
+        "CPU's matmul throughput, and its train-step rate by path (bf16, compile); with --json, that file",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
-    write_json(args.json, speed(args))
+    write_json(args.json, roofline(args) if args.roofline else speed(args))

@@ -103,6 +103,32 @@ def test_dropout_zero_is_deterministic_in_train_mode(kind):
     torch.testing.assert_close(single, enc(obs)[0, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_encoder_layer_is_the_torch_layer_with_its_gradients(train):
+    """encoders.encoder_layer (the transformer's short path without dropout) gives nn.TransformerEncoderLayer's output
+    and the same gradients for every weight and for the input; with dropout in train mode the encoder keeps torch's
+    layer (so the seed's dropout 0.1 still applies)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, 0.0, batch_first=True, norm_first=True).train(train)
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    ours = encoders.encoder_layer(layer, x)
+    grads = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    enc = FeatureEncoder(EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.5)).train()
+    obs = make_obs(2, 3)
+    assert not torch.equal(enc(obs), enc(obs))  # torch's layer with its dropout
+    enc.eval()  # no dropout: the short path, equal to torch's layers applied one by one
+    x, _ = enc.tokens(obs)
+    for torch_layer in enc.layers:
+        x = torch_layer(x)
+    expected = enc.output_proj(enc.norm(x).mean(1)).reshape(2, 3, -1)
+    torch.testing.assert_close(enc(obs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_weights_rows_sum_to_one():
     enc = FeatureEncoder(EncoderConfig()).eval()
     w = enc.get_attention_weights(make_obs(2, 3))

@@ -128,6 +128,20 @@ and without each of the 5 largest contributors"""
     eval_samples: int = 3
     """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
 
+    # --- encoder initialisation (docs/training.md, "Pretraining and warm start") ---
+    pretrain: Literal["none", "masked", "direction"] = "none"
+    """fit the encoder before PPO on observations of the bars of --split (the flat account's, as the agents see them;
+no later bar): masked (masked-forecast pretraining, self-supervised: 15% of the lookback bars, at least one, are
+zeroed and their features reconstructed from the embedding) or direction (SL-to-RL warm start: the supervised
+signals' label, log(close[t + h] / close[t]) > --data.sl-threshold with h = --data.sl-horizon, classified from the
+embedding; labels whose horizon leaves the split are dropped); none: random initialisation. The encoder of the epoch
+with the lowest pretext loss on --eval-split is kept (the losses are logged as pretrain/*) and saved with its
+provenance (pretrained_encoder.pt)"""
+    pretrain_samples: int = 100_000
+    """--pretrain: (bar, symbol) observations drawn from --split (and a fifth as many from --eval-split to score it)"""
+    pretrain_epochs: int = 5
+    """--pretrain: passes over the samples (minibatches of 512, Adam at 1e-3)"""
+
     # --- algorithm ---
     total_timesteps: int = 4_000_000
     """total symbol-steps of the experiment (all ranks together)"""
@@ -365,6 +379,126 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
     return torch.log_softmax(logits, dim=-1)
 
 
+PRETRAIN_MASK_RATE = 0.15  # --pretrain masked: share of the lookback bars hidden from the encoder
+
+
+def pretext_samples(market, split: str, env_cfg: EnvConfig, n: int, seed: int, horizon: int, threshold: float):
+    """n observations of (bar, symbol) pairs of `split`, the bars drawn uniformly from its decision bars, as the
+    agents see them with a flat account (VecTradingCore.observe_flat; no action mask), each one's supervised label
+    (market_data.forward_labels), whether it may be used (both bars exist and t + horizon lies inside the split, so
+    that no label reads a bar beyond it) and its (bar, symbol)."""
+    from market_data import forward_labels
+
+    E = 256
+    core = VecTradingCore(market, E, split=split, mode="independent", config=env_cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    labels, valid = forward_labels(market.data.close, horizon, threshold)
+    hi = market.splits[split][1]
+    S = core.num_symbols  # the core trades every symbol of the market, in its order
+    parts, ys, oks, where = {}, [], [], []
+    for _ in range(-(-n // (E * S))):
+        t = rng.integers(core.split_start, core.split_last, size=E)
+        o = core.observe_flat(t)
+        for k in (k for k in o if k != "action_mask"):
+            parts.setdefault(k, []).append(o[k].reshape(E * S, *o[k].shape[2:]).copy())
+        ys.append(labels[t].reshape(-1))
+        oks.append((valid[t] & (t + horizon < hi)[:, None]).reshape(-1))
+        where.append(np.stack(np.broadcast_arrays(t[:, None], np.arange(S)[None, :]), -1).reshape(-1, 2))
+    obs = {k: torch.as_tensor(np.concatenate(v)[:n]) for k, v in parts.items()}
+    cut = [torch.as_tensor(np.concatenate(x)[:n]) for x in (ys, oks)]
+    return obs, *cut, np.concatenate(where)[:n]
+
+
+def pretext_batch(objective: str, obs: dict, labels, generator: torch.Generator):
+    """The encoder's input and the pretext's target for a batch: masked, the technical window with a random 15% of
+    its bars (at least one) zeroed, the target the hidden bars' features and the mask; direction, the observation
+    as it is and its label."""
+    if objective == "direction":
+        return obs, labels, None
+    tech = obs["technical"]  # (N, L, F)
+    hide = torch.rand(tech.shape[:2], generator=generator) < PRETRAIN_MASK_RATE  # (N, L)
+    none = ~hide.any(1)
+    hide[none, torch.randint(tech.shape[1], (int(none.sum()),), generator=generator)] = True
+    return {**obs, "technical": tech.masked_fill(hide[..., None], 0.0)}, tech, hide
+
+
+def pretext_loss(objective: str, head: nn.Module, emb, target, hide) -> torch.Tensor:
+    """Masked: mean squared error of the reconstructed features over the hidden bars; direction: binary
+    cross-entropy of the label."""
+    out = head(emb)
+    if objective == "direction":
+        return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), target)
+    err = (out.view(target.shape) - target).square().mean(-1)  # (N, L)
+    return (err * hide).sum() / hide.sum()
+
+
+def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
+    """--pretrain: fit agent.encoder (in place) and a linear pretext head on observations of --split, scored on
+    --eval-split; the global RNG states are left as they were, so that a pretrained run and a random-init run of the
+    same seed differ only in the encoder's weights. Returns the provenance and the losses per epoch."""
+    objective = args.pretrain
+    h, thr = args.data.sl_horizon, args.data.sl_threshold
+    with torch.random.fork_rng(devices=[]):
+        gen = torch.Generator().manual_seed(args.seed)
+        train = pretext_samples(market, args.split, args.env, args.pretrain_samples, args.seed, h, thr)
+        val = pretext_samples(market, args.eval_split, args.env, args.pretrain_samples // 5, args.seed + 1, h, thr)
+        if objective == "direction":  # only the labels whose horizon stays inside the split
+            train, val = (({k: v[ok] for k, v in o.items()}, y[ok], ok) for o, y, ok, _ in (train, val))
+        L, F = train[0]["technical"].shape[1:]
+        out_dim = 1 if objective == "direction" else L * F
+        torch.manual_seed(args.seed)
+        head = nn.Linear(agent.encoder.output_dim, out_dim).to(device)
+        params = list(agent.encoder.parameters()) + list(head.parameters())
+        opt = torch.optim.Adam(params, lr=1e-3)
+        n, batch = len(train[1]), 512
+        val_gen = torch.Generator().manual_seed(args.seed + 2)
+        val_in, val_target, val_hide = pretext_batch(objective, val[0], val[1], val_gen)  # the same masks every epoch
+
+        def to_dev(x):
+            if isinstance(x, dict):
+                return {k: v.to(device) for k, v in x.items()}
+            return None if x is None else x.to(device)
+
+        def score() -> float:
+            with torch.no_grad():
+                losses = []
+                for i in range(0, len(val[1]), 4096):
+                    part = {k: v[i : i + 4096] for k, v in val_in.items()}
+                    hid = None if val_hide is None else val_hide[i : i + 4096]
+                    emb = agent.encoder(to_dev(part))
+                    losses.append(pretext_loss(objective, head, emb, to_dev(val_target[i : i + 4096]), to_dev(hid)))
+                return float(torch.stack(losses).mean())
+
+        # what a constant guess scores: predicting 0 for the standardised features, or the train split's base rate
+        if objective == "direction":
+            base = train[1].float().mean().clamp(1e-6, 1 - 1e-6)
+            baseline = float(nn.functional.binary_cross_entropy(base.expand_as(val[1]), val[1]))
+        else:
+            baseline = float(((val_target.square().mean(-1)) * val_hide).sum() / val_hide.sum())
+        history = [score()]
+        best = (history[0], copy.deepcopy(agent.encoder.state_dict()))
+        for _ in range(args.pretrain_epochs):
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n - batch + 1, batch):
+                idx = order[i : i + batch]
+                x, target, hide = pretext_batch(objective, {k: v[idx] for k, v in train[0].items()}, train[1][idx], gen)
+                loss = pretext_loss(objective, head, agent.encoder(to_dev(x)), to_dev(target), to_dev(hide))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            history.append(score())
+            if history[-1] < best[0]:
+                best = (history[-1], copy.deepcopy(agent.encoder.state_dict()))
+        agent.encoder.load_state_dict(best[1])  # the epoch that scores best on --eval-split (0: as initialised)
+    return {
+        "objective": objective, "split": args.split, "bars": list(market.splits[args.split]),
+        "eval_split": args.eval_split, "samples": n, "eval_samples": len(val[1]), "epochs": args.pretrain_epochs,
+        "label": {"horizon": h, "threshold": thr} if objective == "direction" else {"mask_rate": PRETRAIN_MASK_RATE},
+        "val_loss_by_epoch": history, "val_loss": best[0], "best_epoch": history.index(best[0]),
+        "val_baseline_loss": baseline,
+    }  # fmt: skip
+
+
 if __name__ == "__main__":
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     defaults = xp.resume_defaults(Args, sys.argv[1:])  # --resume: the run's own settings, unless a flag says otherwise
@@ -442,6 +576,25 @@ if __name__ == "__main__":
                 f"run {run_dir} | {S} symbols x {E} envs x {T} steps x {args.world_size} rank(s) = "
                 f"{args.batch_size * args.world_size} symbol-steps per iteration, {args.num_iterations} iterations | "
                 f"encoder preset {preset}: {net}"
+            )
+
+    pretrained = None
+    if args.pretrain != "none" and not (args.resume or saved):  # the encoder's initialisation, before any rollout
+        t_pre = time.time()
+        pretrained = pretrain_encoder(args, agent, market, device) | {"market": fingerprint, "seed": args.seed}
+        xp.broadcast_parameters(agent, args.world_size)
+        if rank == 0:
+            pretrained["wall_s"] = time.time() - t_pre
+            xp.save_checkpoint(run_dir / "pretrained_encoder.pt", agent.encoder, args=args, extra=pretrained)
+            for epoch, loss in enumerate(pretrained["val_loss_by_epoch"]):
+                writer.add_scalar("pretrain/val_loss", loss, epoch)
+            writer.add_scalar("pretrain/val_baseline_loss", pretrained["val_baseline_loss"], 0)
+            print(
+                f"pretrain {args.pretrain}: {pretrained['samples']} samples of {args.split}, "
+                f"{pretrained['epochs']} epochs, {pretrained['wall_s']:.0f} s | {args.eval_split} loss "
+                f"{pretrained['val_loss_by_epoch'][0]:.4f} -> {pretrained['val_loss']:.4f} at epoch "
+                f"{pretrained['best_epoch']} (a constant guess: {pretrained['val_baseline_loss']:.4f}) | "
+                f"{run_dir / 'pretrained_encoder.pt'}"
             )
 
     # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
@@ -677,7 +830,7 @@ if __name__ == "__main__":
                    deciles=deciles, val=last_eval, telemetry=last_telemetry, entropy_control=ctl,
                    final_weights="best_val" if selected else "last",
                    best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes,
-                   stress=stress)  # fmt: skip
+                   stress=stress, pretrain=pretrained)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree(agent.parameters(), rank)
     xp.close_distributed(args.world_size)

@@ -789,6 +789,22 @@ class VecTradingCore:
         self._ready = True
         return self.obs
 
+    def observe_flat(self, bars) -> dict[str, np.ndarray]:
+        """The observation buffers (E, S, ...) of fresh, flat accounts at the given decision bars (E,) of the split,
+        [split_start, split_last): what an agent holding nothing sees there, for any bars one chooses (the
+        pretraining of ppo_symbol_agent.py draws them uniformly). It moves the envs to those bars and starts their
+        accounts afresh, so call reset() before stepping again."""
+        bars = np.asarray(bars)
+        if bars.shape != (self.num_envs,) or not np.issubdtype(bars.dtype, np.integer):
+            raise ValueError(f"bars must be an integer array of shape ({self.num_envs},), got {bars.shape}.")
+        if (bars < self.split_start).any() or (bars >= self.split_last).any():
+            raise ValueError(f"bars must lie in [{self.split_start}, {self.split_last}), the split's decision bars.")
+        self._reset_accounts(np.ones((self.num_envs, self.accounts_per_env), dtype=bool))
+        self.t[:] = bars
+        self._write_obs()
+        self._ready = False  # the episodes' ends no longer fit their bars: reset() before step()
+        return self.obs
+
     # ------------------------------------------------------------------ directives (portfolio mode)
     def set_directives(self, directive_index) -> None:
         """Portfolio mode: set each env's directive, an index (E,) into the 5 x 4 x 3 grid (see the class table).

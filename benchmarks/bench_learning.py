@@ -18,6 +18,9 @@ Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_ag
 - ppo_transformer: the same with bench_train.py's small transformer (SMALL_TRANSFORMER, --encoder-preset as_given:
   d_model 64, 4 heads, 1 layer), on CPU and GPU alike;
 - ppo_attention: the same with the graph module, --encoder.cross-symbol attention (docs/training.md);
+- ppo_pretrain_masked, ppo_warm_direction: the same with the encoder initialised by --pretrain masked
+  (masked-forecast pretraining) or --pretrain direction (SL-to-RL warm start) on the train split: the A/B arms of
+  initialisation against ppo's random one;
 - sb3_maskable_default, sb3_maskable_ours: sb3-contrib's MaskablePPO on trading_env.SB3VecEnv, with SB3's default
   hyperparameters and network, or with ppo_symbol_agent.py's values (read from its Args) for every knob SB3 has and
   its encoder and head widths as SB3's network (benchmarks/sb3_learner.py says which knobs);
@@ -76,6 +79,8 @@ ARMS = {
     "ppo_cnn": (SCRIPT, ["--encoder.kind", "cnn"]),
     "ppo_transformer": (SCRIPT, encoder_flags(SMALL_TRANSFORMER)),
     "ppo_attention": (SCRIPT, ["--encoder.cross-symbol", "attention"]),
+    "ppo_pretrain_masked": (SCRIPT, ["--pretrain", "masked"]),
+    "ppo_warm_direction": (SCRIPT, ["--pretrain", "direction"]),
     "sb3_maskable_default": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "default"]),
     "sb3_maskable_ours": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "ours"]),
     "sb3_ppo_default": (SB3_SCRIPT, ["--algo", "ppo", "--hparams", "default"]),
@@ -251,10 +256,36 @@ def table(markets: dict) -> str:
     return "\n".join(lines)
 
 
+FINAL_EVALS = 5  # the last periodic evaluations that make a run's final validation level
+SPEED_SHARE = 0.8  # learning speed: symbol-steps to this share of ppo's final validation level
+
+
+def steps_to(piece: dict, target: float) -> float:
+    """Symbol-steps at the first periodic evaluation (on the validation split) whose Sharpe reaches target; nan if
+    none does. Evaluations are evenly spaced and the last is at the run's final step."""
+    curve = piece["val_sharpes"]
+    hit = next((i for i, v in enumerate(curve) if v >= target), None)
+    return float("nan") if hit is None else (hit + 1) * piece["global_step"] / len(curve)
+
+
+def learning_speed(rows: list[dict], ref_rows: list[dict]) -> dict:
+    """Per seed both arms have: the target SPEED_SHARE x ppo's final validation level (the mean of its last
+    FINAL_EVALS periodic validation Sharpes), and the symbol-steps each arm takes to reach it (nan: never)."""
+    ref = {r["seed"]: r for r in ref_rows if r.get("val_sharpes")}
+    out = {"seeds": [], "target": [], "arm_steps": [], "ppo_steps": []}
+    for r in (r for r in rows if r["seed"] in ref and r.get("val_sharpes")):
+        target = SPEED_SHARE * float(np.mean(ref[r["seed"]]["val_sharpes"][-FINAL_EVALS:]))
+        out["seeds"].append(r["seed"])
+        out["target"].append(target)
+        out["arm_steps"].append(steps_to(r, target))
+        out["ppo_steps"].append(steps_to(ref[r["seed"]], target))
+    return out
+
+
 def summarize_arms(pieces: dict[str, list[dict]]) -> dict[str, dict]:
     """arm -> summarize() of its pieces; every market of an arm other than ppo also gets "minus_ppo", the arm's test
     Sharpe minus ppo's, paired by seed over the seeds both have (same market, same test split), with its 95%
-    interval."""
+    interval, and "speed" (learning_speed: symbol-steps to 80% of ppo's final validation Sharpe, both arms)."""
     by_arm = {arm: summarize(rows) for arm, rows in pieces.items() if rows}
     reference = by_arm.get("ppo", {})
     for arm, markets in by_arm.items():
@@ -262,6 +293,9 @@ def summarize_arms(pieces: dict[str, list[dict]]) -> dict[str, dict]:
             ref = reference.get(key)
             if arm == "ppo" or ref is None:
                 continue
+            m["speed"] = learning_speed(
+                [p for p in pieces[arm] if piece_key(p) == key], [p for p in pieces["ppo"] if piece_key(p) == key]
+            )
             theirs = dict(zip(ref["seeds"], ref["agent_sharpe"], strict=True))
             common = [k for k in m["seeds"] if k in theirs]
             diff = np.array([a - theirs[k] for k, a in zip(m["seeds"], m["agent_sharpe"], strict=True) if k in theirs])
@@ -270,12 +304,26 @@ def summarize_arms(pieces: dict[str, list[dict]]) -> dict[str, dict]:
     return by_arm
 
 
+def speed_cell(speed: dict | None) -> str:
+    """Median symbol-steps (millions) to the target, arm / ppo, and how many seeds never reach it."""
+    if not speed or not speed["seeds"]:
+        return "-"
+    cell = []
+    for key in ("arm_steps", "ppo_steps"):
+        steps = np.array(speed[key], dtype=float)
+        never = int(np.isnan(steps).sum())
+        text = "never" if never == len(steps) else f"{np.nanmedian(steps) / 1e6:.1f}"
+        cell.append(text + (f" ({never} never)" if 0 < never < len(steps) else ""))
+    return " / ".join(cell)
+
+
 def arms_table(by_arm: dict[str, dict]) -> str:
     """Markdown, one row per market and arm: mean test Sharpe [95% CI], minus ppo (paired over seeds), rule ceiling
     and the arm's share of it, the best baseline (mean over seeds of each seed's best), wall-clock per piece."""
     head = "| market | arm | seeds | test Sharpe: mean [95% CI] | minus ppo, paired: mean [95% CI] | ceiling | "
-    head += "share of ceiling | best baseline | minutes per piece |"
-    lines = [head, "|" + "---|" * 9]
+    head += "share of ceiling | best baseline | minutes per piece | "
+    head += "M symbol-steps to 80% of ppo's final val, arm / ppo |"
+    lines = [head, "|" + "---|" * 10]
     fmt = lambda mean, ci: f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # noqa: E731
     keys = sorted({k for markets in by_arm.values() for k in markets}, key=market_order)
     for key in keys:
@@ -287,7 +335,7 @@ def arms_table(by_arm: dict[str, dict]) -> str:
             lines.append(
                 f"| {m['market']} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
                 f"{m['ceiling_mean']:.2f} | {share} | {np.mean(m['best_baseline_sharpe']):.2f} | "
-                f"{m['wall_s_mean'] / 60:.1f} |"
+                f"{m['wall_s_mean'] / 60:.1f} | {speed_cell(m.get('speed'))} |"
             )
     return "\n".join(lines)
 

@@ -67,6 +67,22 @@ def test_lead_lag_markets_are_graded_against_the_cross_rule(tmp_path):
     assert_real_png(tmp_path / "learning.png")
 
 
+def test_learning_speed_counts_symbol_steps_to_80_percent_of_ppos_final_validation_level():
+    """An arm's speed: the symbol-steps at its first periodic evaluation at or above 80% of ppo's final validation
+    level (the mean of ppo's last 5), seed by seed; a seed that never gets there is nan and counted as such."""
+    ppo = [piece(0.3, k, 4.0, 8.0) | {"val_sharpes": [0.0] * 5 + [1.0] * 5, "global_step": 1_000_000} for k in (1, 2)]
+    fast = piece(0.3, 1, 4.0, 8.0) | {"val_sharpes": [0.2, 0.8, 0.9] + [1.0] * 7, "global_step": 1_000_000}
+    never = piece(0.3, 2, 4.0, 8.0) | {"val_sharpes": [0.5] * 10, "global_step": 1_000_000}
+    assert bl.steps_to(fast, 0.8) == 200_000 and np.isnan(bl.steps_to(never, 0.8))
+    speed = bl.learning_speed([fast, never], ppo)
+    assert speed["seeds"] == [1, 2] and speed["target"] == pytest.approx([0.8, 0.8])
+    assert speed["arm_steps"][0] == 200_000 and np.isnan(speed["arm_steps"][1])
+    assert speed["ppo_steps"] == [600_000, 600_000]
+    by_arm = bl.summarize_arms({"ppo": ppo, "ppo_warm_direction": [fast, never]})
+    assert by_arm["ppo_warm_direction"]["0.3"]["speed"]["seeds"] == [1, 2]
+    assert "| 0.2 (1 never) / 0.6 |" in bl.arms_table(by_arm)
+
+
 def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: bool) -> dict:
     backtest = {name: {"sharpe": 1.0, "max_drawdown": -0.1, "exposure": 0.5} for name in bm.GO_NAMES}
     backtest["master"]["sharpe"] = 1.0 + margin

@@ -507,3 +507,69 @@ def test_walk_forward_flag_combinations_are_refused(full_run, tmp_path, flags, m
 def test_a_total_that_is_not_whole_rollouts_is_announced(tmp_path):
     proc = run_script(PPO, tmp_path, *TINY, "--total-timesteps", str(ITER + 5), "--eval-interval", "0", "--no-stress")
     assert f"--total-timesteps {ITER + 5} runs {ITER} symbol-steps: 1 whole rollout(s) of {ITER}" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --pretrain: masked-forecast pretraining and the SL-to-RL warm start
+# ---------------------------------------------------------------------------------------------------------------
+def test_pretext_samples_are_the_agents_observations_with_labels_inside_the_split():
+    """Each sample is the observation the core gives at its (bar, symbol), its label is the supervised signals'
+    label there, and a usable label never reads a bar beyond the split (t + h < the split's end)."""
+    from market_data import forward_labels, make_synthetic_prepared
+    from trading_env import EnvConfig
+
+    market = make_synthetic_prepared(num_symbols=3, years=1.0, sl_signals=False)
+    h = 60  # a long horizon, so that many of the split's last decision bars lose their label
+    obs, labels, ok, where = ppo.pretext_samples(market, "train", EnvConfig(), 4000, 0, h, 0.0)
+    lo, hi = market.splits["train"]
+    t, s = where[:, 0], where[:, 1]
+    assert len(labels) == 4000 and ((t >= lo) & (t < hi - 1)).all() and set(s) == {0, 1, 2}
+    assert t.min() < lo + 100 and t.max() > hi - 100  # drawn over the whole split
+    expected, valid = forward_labels(market.data.close, h, 0.0)
+    np.testing.assert_array_equal(labels.numpy(), expected[t, s])
+    np.testing.assert_array_equal(ok.numpy(), valid[t, s] & (t + h < hi))
+    assert (~ok.numpy()).any() and (t[ok.numpy()] + h < hi).all()  # the split's last bars: labels dropped
+    np.testing.assert_array_equal(obs["technical"].numpy()[0], market.technical[t[0] - 23 : t[0] + 1, s[0]])
+    assert "action_mask" not in obs
+
+
+def test_masked_pretext_hides_whole_bars_and_reconstructs_them():
+    tech = torch.randn(64, 24, 23)
+    obs = {"technical": tech, "regime": torch.randn(64, 10)}
+    x, target, hide = ppo.pretext_batch("masked", obs, None, torch.Generator().manual_seed(0))
+    assert hide.shape == (64, 24) and hide.any(1).all()  # at least one bar hidden in every window
+    assert 0.1 < hide.float().mean() < 0.25
+    assert (x["technical"][hide] == 0).all() and torch.equal(x["technical"][~hide], tech[~hide])
+    assert torch.equal(target, tech) and torch.equal(x["regime"], obs["regime"])
+    head = torch.nn.Linear(8, 24 * 23)
+    emb = torch.randn(64, 8)
+    perfect = head(emb).view(64, 24, 23).detach()
+    assert ppo.pretext_loss("masked", head, emb, perfect, hide).item() == pytest.approx(0.0, abs=1e-10)
+    off = perfect + 2.0 * (~hide)[..., None]  # errors on the visible bars are not charged
+    assert ppo.pretext_loss("masked", head, emb, off, hide).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["masked", "direction"])
+def test_pretrain_fits_the_encoder_saves_it_and_logs_its_loss(workdir, objective):
+    """A run with --pretrain: pretrained_encoder.pt holds the encoder and its provenance (objective, the train
+    split's bars, the market), its pretext loss on the validation split falls below the first epoch's and is logged,
+    the summary keeps the record, and training goes on from it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = workdir / f"pretrain_{objective}"
+    flags = ["--pretrain", objective, "--pretrain-samples", "3000", "--pretrain-epochs", "3", "--total-timesteps"]
+    proc = run_script(PPO, workdir, *TINY, *flags, str(2 * ITER), "--run-dir", str(out))
+    run = only_run(out)
+    assert f"pretrain {objective}: 3000 samples of train" in proc.stdout or objective == "direction"
+    saved = torch.load(run / "pretrained_encoder.pt", weights_only=False)
+    summary = json.loads((run / "summary.json").read_text())
+    record = summary["pretrain"]
+    assert record["objective"] == objective and record["split"] == "train" and record["epochs"] == 3
+    assert record["bars"] == saved["extra"]["bars"] and record["market"] == saved["extra"]["market"]
+    assert record["val_loss"] == min(record["val_loss_by_epoch"]) and len(record["val_loss_by_epoch"]) == 4
+    assert record["val_loss"] < record["val_loss_by_epoch"][0]
+    assert any(k.startswith("encoder") or "." in k for k in saved["model"])  # the encoder's weights
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("pretrain/val_loss")] == pytest.approx(record["val_loss_by_epoch"])
+    assert summary["status"] == "complete" and summary["global_step"] == 2 * ITER

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import backtest as bt
 import trading_env as te
-from market_data import MarketData, PreparedMarket, random_walk_market
+from market_data import MarketData, PreparedMarket, make_synthetic_prepared, random_walk_market
 
 make_market = random_walk_market
 
@@ -1314,3 +1314,21 @@ def test_the_regime_label_is_hidden_from_every_observation():
                 np.testing.assert_array_equal(obs[0][key], obs[1][key], err_msg=key)
             np.testing.assert_array_equal(steps[0][1], steps[1][1])
             assert not any("regime_label" in key for key in steps[0][4])
+
+
+def test_observe_flat_shows_a_flat_account_at_any_bar_of_the_split():
+    """observe_flat: the observation of fresh accounts at chosen decision bars (the pretraining's sampler), equal to
+    what reset() shows at a bar it starts on; bars outside the split are refused, and step() needs a reset after."""
+    market = make_synthetic_prepared(num_symbols=3, years=0.5, sl_signals=False)
+    core = te.VecTradingCore(market, 2, seed=0)
+    first = {k: v.copy() for k, v in core.reset(seed=0).items()}
+    starts = core.t.copy()
+    other = te.VecTradingCore(market, 2, seed=1)
+    seen = other.observe_flat(starts)
+    for k in first:
+        np.testing.assert_array_equal(seen[k], first[k])
+    with pytest.raises(RuntimeError, match="reset"):
+        other.step(np.zeros((2, 3), np.int64))
+    for bad in ([core.split_start - 1, core.split_start], [core.split_last, core.split_start]):
+        with pytest.raises(ValueError, match="decision bars"):
+            other.observe_flat(np.array(bad))

@@ -9,6 +9,8 @@ learners ("arms") on the same markets, symbol-steps, test split, backtest and ba
     python benchmarks/bench_learning.py --summary                    # learning.json, learning.png, the tables
     python benchmarks/bench_learning.py --arm sb3_maskable_ours --signal 0.3 --seed 1   # one piece of another arm
     python benchmarks/bench_learning.py --all --arms ppo ppo_lstm sb3_maskable_default --signals 0.3 --seeds 1 2 3
+    python benchmarks/bench_learning.py --study init_2m --all --arms ppo ppo_pretrain_masked ppo_warm_direction \
+        --signals 0.3 -- --total-timesteps 2000000       # an A/B with its own budget, in its own folder
 
 Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,
 4M symbol-steps, unless flags after -- say otherwise; the same flags go to every arm):
@@ -398,8 +400,16 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="pieces run at once (one process each)")
     p.add_argument("--summary", action="store_true", help="assemble learning.json and learning.png from the pieces")
     p.add_argument("--redo", action="store_true", help="rerun pieces that already have a JSON")
+    p.add_argument("--study", default=None, help="a study of its own: pieces under results/learning_<STUDY>/ (the "
+                   "ppo arm's there too), summary in results/learning_<STUDY>.json; for A/Bs with their own budget "
+                   "(flags after --), e.g. --study init_2m -- --total-timesteps 2000000")  # fmt: skip
     p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --), every arm")
     args = p.parse_args()
+    global PIECES
+    summary_path, picture = RESULTS / "learning.json", RESULTS / "learning.png"
+    if args.study:
+        PIECES = RESULTS / f"learning_{args.study}"
+        summary_path, picture = RESULTS / f"learning_{args.study}.json", RESULTS / f"learning_{args.study}.png"
     if args.signal is not None and args.lead_lag is not None:
         p.error("a piece is on one market: give --signal (planted) or --lead-lag (kappa), not both")
     piece = args.signal is not None or args.lead_lag is not None or args.seed is not None
@@ -430,7 +440,7 @@ def main() -> None:
         by_arm = summarize_arms(pieces)
         markets = by_arm.get("ppo", {})
         if markets:
-            plot(markets, RESULTS / "learning.png")
+            plot(markets, picture)
         rel = lambda path: str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)  # noqa: E731
         listed = {a: [rel(piece_path(q["signal"], q["seed"], a, q.get("lead_lag"))) for q in pieces[a]] for a in ARMS}
         record = {"benchmark": "learning", "markets": markets, "table": table(markets), "pieces": listed["ppo"]}
@@ -438,7 +448,7 @@ def main() -> None:
         if others:  # every other arm, each in the default arm's structure, and the table of them all
             record["arms"] = {arm: {"markets": m, "pieces": listed[arm]} for arm, m in others.items()}
             record["arms_table"] = arms_table(by_arm)
-        write_json(RESULTS / "learning.json", record)
+        write_json(summary_path, record)
         print(record["table"])
         if others:
             print("\n" + record["arms_table"])

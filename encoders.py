@@ -713,11 +713,9 @@ class MasterNetwork(nn.Module):
         if not self.factored:
             raise ValueError("pin_heads needs the factored actor (factored=True).")
         coords = unravel_directive(torch.tensor(int(directive))).tolist()
-        allowed = torch.ones_like(self.allowed)
+        self.allowed.fill_(True)  # every earlier pin or restriction undone
         for h in heads:
-            allowed[HEAD_OFFSETS[h] : HEAD_OFFSETS[h] + DIRECTIVE_SHAPE[h]] = False
-            allowed[HEAD_OFFSETS[h] + coords[h]] = True
-        self.allowed.copy_(allowed)
+            self.restrict_head(h, [coords[h]])
 
     def set_input_norm(self, shift, scale) -> None:
         """Standardise the global features: each column enters as (g - shift) / scale (global_dim each)."""

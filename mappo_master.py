@@ -204,9 +204,8 @@ and the current directive only (26 inputs), a far smaller function class for the
 market_state: the same without the book's return (25 inputs: what the market alone tells it); cross: the
 cross-sectional state only (average pairwise correlation, dispersion, last-day lag-1 autocorrelation), the book's
 return and the directive (16 inputs: no regime block); auto: market when
-anchored on the best constant, else full (on held-out bars its margin over the best constant was a Sharpe of
-about 0.40, interval 0.12 to 0.67, over 5 seeds, against 0.07 with full inputs: see benchmarks/BENCHMARKS.md). The
-centralised critic reads the global state either way"""
+anchored on the best constant, else full (on held-out bars the market inputs beat the full ones over 5 seeds:
+benchmarks/BENCHMARKS.md). The centralised critic reads the global state either way"""
     master_actor_hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
 alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""

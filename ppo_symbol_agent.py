@@ -142,6 +142,16 @@ provenance (pretrained_encoder.pt)"""
     pretrain_epochs: int = 5
     """--pretrain: passes over the samples (minibatches of 512, Adam at 1e-3)"""
 
+    # --- staged symbol onboarding ---
+    curriculum: tuple[float, ...] = ()
+    """staged onboarding: the shares of the symbols that may trade in successive stages of equal length over the
+first --curriculum-span of training, e.g. --curriculum 0.1 0.3 0.6 (then every symbol); a symbol not yet onboarded
+is HOLD-only in the rollouts (it never buys, so it holds nothing to sell) and stays in every observation; symbols
+join in a fixed random order drawn from --seed; the periodic evaluation and the final backtest trade every symbol;
+empty (the default): every symbol from the start"""
+    curriculum_span: float = 0.5
+    """--curriculum: the share of --total-timesteps over which its stages run"""
+
     # --- algorithm ---
     total_timesteps: int = 4_000_000
     """total symbol-steps of the experiment (all ranks together)"""
@@ -379,6 +389,21 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
     return torch.log_softmax(logits, dim=-1)
 
 
+def curriculum_tradable(args: Args, global_step: int, num_symbols: int) -> np.ndarray | None:
+    """--curriculum: (S,) bool, the symbols that may trade at global_step (None: every symbol). Stage k of
+    len(args.curriculum), over the first args.curriculum_span of the run, lets the first ceil(share_k x S) symbols of
+    a fixed permutation (seeded by args.seed, the same on every rank) trade; each stage keeps the earlier ones."""
+    if not args.curriculum:
+        return None
+    stage = int(global_step / (args.curriculum_span * args.total_timesteps) * len(args.curriculum))
+    if stage >= len(args.curriculum):
+        return None
+    order = np.random.default_rng(args.seed).permutation(num_symbols)
+    tradable = np.zeros(num_symbols, bool)
+    tradable[order[: max(1, int(np.ceil(args.curriculum[stage] * num_symbols - 1e-9)))]] = True
+    return tradable
+
+
 PRETRAIN_MASK_RATE = 0.15  # --pretrain masked: share of the lookback bars hidden from the encoder
 
 
@@ -510,6 +535,11 @@ if __name__ == "__main__":
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
         xp.run_walk_forward(__file__, args, "agent")
         raise SystemExit(0)
+    shares = (*args.curriculum, 1.0)
+    rising = all(0 < a <= b <= 1 for a, b in zip(shares, shares[1:], strict=False))
+    xp.require(rising and 0 < args.curriculum_span <= 1, f"--curriculum {' '.join(map(str, args.curriculum))} "
+               f"--curriculum-span {args.curriculum_span}: the shares must rise (or stay) within (0, 1], e.g. "
+               "--curriculum 0.1 0.3 0.6, and the span lie in (0, 1]")  # fmt: skip
     xp.require(args.ent_guard_boost >= 1.0 and 0 < args.ent_guard_relax <= 1.0, "need --ent-guard-boost >= 1 and "
             "0 < --ent-guard-relax <= 1")  # fmt: skip
     args.world_size, rank, device = xp.init_distributed(args.cuda)
@@ -619,10 +649,14 @@ if __name__ == "__main__":
 
         t_rollout = time.time()
         tele, episodes, policy_entropy = {}, {}, 0.0
+        tradable = curriculum_tradable(args, global_step, S)  # None: every symbol trades
+        held_out = None if tradable is None else torch.as_tensor(~tradable, device=device)
         for step in range(T):
             global_step += E * S * args.world_size
             for k, v in obs.items():
                 v[step].copy_(torch.as_tensor(next_obs_np[k]))
+            if held_out is not None:  # symbols not yet onboarded: HOLD only (the mask stored is the one sampled)
+                obs["action_mask"][step][:, held_out, 1:] = 0
             step_obs = {k: v[step] for k, v in obs.items()}
             with torch.no_grad():
                 logits, value = agent(step_obs)
@@ -758,6 +792,7 @@ if __name__ == "__main__":
             "charts/entropy_guard_interventions": ctl["interventions"],
             "charts/policy_entropy": policy_entropy,
             "charts/ep_unique_actions": float(np.mean(unique)),
+            "charts/curriculum_tradable_share": 1.0 if tradable is None else float(tradable.mean()),
             "losses/value_loss": v_loss.item(),
             "losses/policy_loss": pg_loss.item(),
             "losses/entropy": entropy_loss.item(),

@@ -573,3 +573,36 @@ def test_pretrain_fits_the_encoder_saves_it_and_logs_its_loss(workdir, objective
     acc.Reload()
     assert [e.value for e in acc.Scalars("pretrain/val_loss")] == pytest.approx(record["val_loss_by_epoch"])
     assert summary["status"] == "complete" and summary["global_step"] == 2 * ITER
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --curriculum: staged symbol onboarding
+# ---------------------------------------------------------------------------------------------------------------
+def test_curriculum_stages_grow_a_fixed_subset_then_free_every_symbol():
+    args = ppo.Args(curriculum=(0.1, 0.3, 0.6), curriculum_span=0.5, total_timesteps=1_200, seed=3)
+    stages = [ppo.curriculum_tradable(args, step, 143) for step in (0, 199, 200, 399, 400, 599)]
+    assert [int(t.sum()) for t in stages] == [15, 15, 43, 43, 86, 86]  # ceil(share x 143)
+    for earlier, later in zip(stages, stages[1:], strict=False):
+        assert (later >= earlier).all()  # onboarded symbols stay onboarded
+    assert ppo.curriculum_tradable(args, 600, 143) is None and ppo.curriculum_tradable(args, 1_199, 143) is None
+    other_seed = ppo.curriculum_tradable(ppo.Args(curriculum=(0.1,), total_timesteps=1_200, seed=4), 0, 143)
+    assert not np.array_equal(other_seed, stages[0])  # the order is drawn from the seed
+    assert ppo.curriculum_tradable(ppo.Args(), 0, 143) is None  # off by default
+    assert ppo.curriculum_tradable(ppo.Args(curriculum=(0.01,), total_timesteps=10), 0, 3).sum() == 1  # at least one
+
+
+def test_curriculum_run_logs_its_stages_and_bad_schedules_are_refused(workdir):
+    """A run whose first half lets one symbol of 3 trade: charts/curriculum_tradable_share is 1/3, then 1; a
+    falling schedule is refused with one message and exit status 2."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = workdir / "curriculum"
+    run_script(PPO, workdir, *TINY, "--curriculum", "0.3", "--curriculum-span", "0.5", "--total-timesteps",
+               str(4 * ITER), "--run-dir", str(out))  # fmt: skip
+    acc = EventAccumulator(str(only_run(out)), size_guidance={"scalars": 0})
+    acc.Reload()
+    shares = [e.value for e in acc.Scalars("charts/curriculum_tradable_share")]
+    assert shares == pytest.approx([1 / 3, 1 / 3, 1.0, 1.0])
+    for bad in (["--curriculum", "0.5", "0.2"], ["--curriculum", "0.5", "--curriculum-span", "0"]):
+        proc = run_script(PPO, workdir, *TINY, *bad, check=False)
+        assert proc.returncode == 2 and "--curriculum" in proc.stderr and "Traceback" not in proc.stderr

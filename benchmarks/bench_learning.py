@@ -427,7 +427,7 @@ def main() -> None:
         arms = args.arms or [args.arm]
         signals = args.signals if args.signals is not None else ([] if args.lead_lags else list(SIGNALS))
         markets = [(s, None) for s in signals] + [(0.0, kappa) for kappa in args.lead_lags]
-        todo = [(a, m, k) for a in arms for m in markets for k in args.seeds]
+        todo = [(a, m, k) for k in args.seeds for m in markets for a in arms]  # seed by seed: a stop leaves pairs
         todo = [(a, m, k) for a, m, k in todo if args.redo or not piece_path(m[0], k, a, m[1]).exists()]
         print(f"{len(todo)} pieces to run, {args.jobs} at a time", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:

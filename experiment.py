@@ -566,6 +566,17 @@ def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
         mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
 
 
+def peak_memory_mib() -> float | None:
+    """This process's peak resident memory in MiB (VmHWM of /proc/self/status, counted from the program's start,
+    not from the parent it was forked from); None where there is no /proc (macOS, Windows)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), None)
+    return None if line is None else int(line.split()[1]) / 1024  # kB
+
+
 def write_summary(run_dir: Path, **fields) -> None:
     """Merge fields into run_dir/summary.json (status, global step, backtest, telemetry, args)."""
     path = run_dir / "summary.json"
@@ -593,13 +604,14 @@ def finish_run(
     run_dir: Path, writer, mlflow, args, figures: dict, test_report: dict, step: int, t_eval: float, **fields
 ) -> None:
     """The end of a completed run, on rank 0: the final backtest's pictures (PNG and tensorboard), its metrics as
-    trading/<test split>_<metric>, perf/eval_seconds since t_eval, summary.json marked complete with `fields` and
-    every setting, and the writers closed."""
+    trading/<test split>_<metric>, perf/eval_seconds since t_eval, summary.json marked complete with `fields`, the
+    process's peak memory (peak_memory_mib) and every setting, and the writers closed."""
     save_figures(run_dir, writer, figures, args.test_split, step)
     metrics = {f"trading/{args.test_split}_{k}": v for k, v in test_report.items() if v is not None}
     log_scalars(writer, mlflow, metrics, step)
     writer.add_scalar("perf/eval_seconds", time.time() - t_eval, step)
-    write_summary(run_dir, status="complete", global_step=step, **fields, args=dataclasses.asdict(args))
+    write_summary(run_dir, status="complete", global_step=step, **fields, peak_memory_mib=peak_memory_mib(),
+                  args=dataclasses.asdict(args))  # fmt: skip
     close_run(writer, mlflow, run_dir)
 
 

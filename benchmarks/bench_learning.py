@@ -11,6 +11,7 @@ learners ("arms") on the same markets, symbol-steps, test split, backtest and ba
     python benchmarks/bench_learning.py --all --arms ppo ppo_lstm sb3_maskable_default --signals 0.3 --seeds 1 2 3
     python benchmarks/bench_learning.py --study init_2m --all --arms ppo ppo_pretrain_masked ppo_warm_direction \
         --signals 0.3 -- --total-timesteps 2000000       # an A/B with its own budget, in its own folder
+    python benchmarks/bench_learning.py --study s143 --all --signals 0.3 0 -- --data.num-symbols 143   # 143 symbols
 
 Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,
 4M symbol-steps, unless flags after -- say otherwise; the same flags go to every arm):
@@ -49,7 +50,8 @@ in standard errors; learning.json keeps that under "markets" and every other arm
 (printed as Markdown for BENCHMARKS.md) has per arm and market the mean test Sharpe [95% CI], its paired difference
 from ppo over the seeds both have, the share of the rule ceiling and the wall-clock per piece. Sharpe ratios come
 from daily returns (backtest.performance_metrics) with a Newey-West standard error; each piece stores the daily
-returns of the agent and of every baseline, so that a change of metric re-scores the pieces without retraining.
+returns of the agent and of every baseline, so that a change of metric re-scores the pieces without retraining, and
+its wall-clock and the training process's peak resident memory (peak_memory_mib).
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo", lead
         "years": YEARS,
         "command": f"python {script.relative_to(ROOT)} {' '.join(flags)}",
         "wall_s": time.time() - t0,
+        "peak_memory_mib": summary.get("peak_memory_mib"),  # the training process's own (VmHWM)
         "test": summary["backtest"],
         "val": summary["val"],
         "rule": summary["rule"],
@@ -195,6 +198,12 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float]:
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
     return mean, mean - half, mean + half
+
+
+def mean_or_none(values: list) -> float | None:
+    """The mean of the values that are there (pieces written before a field existed lack it); None if none is."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def summarize(pieces: list[dict]) -> dict:
@@ -238,6 +247,7 @@ def summarize(pieces: list[dict]) -> dict:
             "trade_rate_mean": float(np.mean([r["test"]["agent"]["trade_rate"] for r in rows])),
             "test_bars": rows[0]["test"]["agent"]["bars"],
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rows])),
+            "peak_memory_mib_mean": mean_or_none([r.get("peak_memory_mib") for r in rows]),
         }
     return markets
 
@@ -323,21 +333,22 @@ def arms_table(by_arm: dict[str, dict]) -> str:
     """Markdown, one row per market and arm: mean test Sharpe [95% CI], minus ppo (paired over seeds), rule ceiling
     and the arm's share of it, the best baseline (mean over seeds of each seed's best), wall-clock per piece."""
     head = "| market | arm | seeds | test Sharpe: mean [95% CI] | minus ppo, paired: mean [95% CI] | ceiling | "
-    head += "share of ceiling | best baseline | minutes per piece | "
+    head += "share of ceiling | best baseline | minutes per piece | peak memory per piece (MiB) | "
     head += "M symbol-steps to 80% of ppo's final val, arm / ppo |"
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     fmt = lambda mean, ci: f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # noqa: E731
     keys = sorted({k for markets in by_arm.values() for k in markets}, key=market_order)
     for key in keys:
         for arm in (a for a in ARMS if key in by_arm.get(a, {})):
             m = by_arm[arm][key]
             share = "-" if m["share_of_ceiling"] is None else f"{m['share_of_ceiling']:.0%}"
+            rss = "-" if m["peak_memory_mib_mean"] is None else f"{m['peak_memory_mib_mean']:,.0f}"
             vs = m.get("minus_ppo")
             vs = "-" if vs is None else fmt(vs["mean"], vs["ci95"]) + f" (n={len(vs['seeds'])})"
             lines.append(
                 f"| {m['market']} | {arm} | {len(m['seeds'])} | {fmt(m['agent_mean'], m['agent_ci95'])} | {vs} | "
                 f"{m['ceiling_mean']:.2f} | {share} | {np.mean(m['best_baseline_sharpe']):.2f} | "
-                f"{m['wall_s_mean'] / 60:.1f} | {speed_cell(m.get('speed'))} |"
+                f"{m['wall_s_mean'] / 60:.1f} | {rss} | {speed_cell(m.get('speed'))} |"
             )
     return "\n".join(lines)
 

@@ -83,6 +83,20 @@ def test_learning_speed_counts_symbol_steps_to_80_percent_of_ppos_final_validati
     assert "| 0.2 (1 never) / 0.6 |" in bl.arms_table(by_arm)
 
 
+def test_the_arms_table_shows_peak_memory_where_pieces_have_it():
+    rows = [
+        piece(0.3, 1, 4.0, 8.0) | {"peak_memory_mib": 1000.0},
+        piece(0.3, 2, 4.0, 8.0) | {"peak_memory_mib": 1200.0},
+    ]
+    by_arm = bl.summarize_arms({"ppo": rows, "ppo_lstm": [piece(0.3, 1, 4.0, 8.0)]})  # an old piece: no figure
+    assert (
+        by_arm["ppo"]["0.3"]["peak_memory_mib_mean"] == 1100.0
+        and by_arm["ppo_lstm"]["0.3"]["peak_memory_mib_mean"] is None
+    )
+    table = bl.arms_table(by_arm)
+    assert "| 1,100 |" in table and "| 8.3 | - |" in table
+
+
 def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: bool) -> dict:
     backtest = {name: {"sharpe": 1.0, "max_drawdown": -0.1, "exposure": 0.5} for name in bm.GO_NAMES}
     backtest["master"]["sharpe"] = 1.0 + margin

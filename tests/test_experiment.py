@@ -355,3 +355,14 @@ def test_evaluation_refuses_another_feature_set(tmp_path, market):
         xp.load_for_evaluation(path, market, "ppo_symbol_agent.py")
     with pytest.raises(UserInputError, match="--symbol-checkpoint .* another feature set: --data.normalization"):
         xp.load_symbol_agents(path, 3, market=market, data=DataConfig(normalization="robust"))
+
+
+def test_peak_memory_is_the_process_own_high_water_mark():
+    """peak_memory_mib: a process that held 400 MiB reports at least that, one that held little reports far less,
+    whatever its parent held (a fresh interpreter, as the benchmarks' runs are)."""
+    probe = "import experiment as xp{}; print(xp.peak_memory_mib())"
+    hold = "; x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096])"
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                      check=True).stdout  # fmt: skip
+    held, little = float(run(probe.format(hold))), float(run(probe.format("")))
+    assert held >= 400 and little < held - 350

@@ -184,6 +184,7 @@ def test_run_folder_summary_and_backtest(full_run):
     assert "encoder preset cpu: mlp" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["global_step"] == 4 * ITER
+    assert 100 < summary["peak_memory_mib"] < 20_000  # the run's own high-water mark, for the benchmarks
     for key in ("policy_action_entropy_mean", "executed_action_entropy_mean", "voluntary_trade_rate_mean"):
         assert math.isfinite(summary["telemetry"][key])
     backtest = json.loads((run / "backtest.json").read_text())

@@ -205,9 +205,12 @@ def encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.T
     0), computed from the layer's own weights along a shorter path: the packed query-key-value projection is split by
     a view rather than by nn.MultiheadAttention's transposed copies, whose backward zero-fills and copies a (3, L, N, d)
     buffer on every pass. On one CPU thread this trains the small transformer (d_model 64, 28 tokens) about 1.3x
-    faster (benchmarks/BENCHMARKS.md, "Training speed"); the parameters, their names and the result are the layer's."""
-    N, L, d = x.shape
+    faster (benchmarks/BENCHMARKS.md, "Training speed"); the parameters, their names and the result are the layer's.
+    Any other layout (post-LN, GELU, sequence-first, separate key and value sizes) goes through layer(x) itself."""
     attn = layer.self_attn
+    if not (layer.norm_first and attn.batch_first and layer.activation_relu_or_gelu == 1 and attn._qkv_same_embed_dim):
+        return layer(x)
+    N, L, d = x.shape
     heads = attn.num_heads
     qkv = nn.functional.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
     q, k, v = qkv.view(N, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, heads, L, d/heads)

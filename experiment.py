@@ -68,6 +68,11 @@ def check_run_args(args) -> None:
         "it is graded on; choose another --eval-split or --test-split, or --final-weights last",
     )
     require(
+        getattr(args, "pretrain", "none") == "none" or args.eval_split != args.test_split,
+        f"--pretrain picks its encoder on --eval-split {args.eval_split!r}, which is also the graded --test-split: "
+        "choose another --eval-split or --test-split, or leave --pretrain out",
+    )
+    require(
         not args.track or importlib.util.find_spec("mlflow") is not None,
         "--track logs to MLflow, which is not installed: `pip install mlflow-skinny` (or drop --track)",
     )

@@ -463,7 +463,8 @@ def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
     same seed differ only in the encoder's weights. Returns the provenance and the losses per epoch."""
     objective = args.pretrain
     h, thr = args.data.sl_horizon, args.data.sl_threshold
-    with torch.random.fork_rng(devices=[]):
+    cuda = [device.index or 0] if device.type == "cuda" else []  # torch.manual_seed below reseeds CUDA too
+    with torch.random.fork_rng(devices=cuda):
         gen = torch.Generator().manual_seed(args.seed)
         train = pretext_samples(market, args.split, args.env, args.pretrain_samples, args.seed, h, thr)
         val = pretext_samples(market, args.eval_split, args.env, args.pretrain_samples // 5, args.seed + 1, h, thr)
@@ -485,6 +486,7 @@ def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
             return None if x is None else x.to(device)
 
         def score() -> float:
+            agent.encoder.eval()  # no dropout while scoring (the PPO scripts build it without)
             with torch.no_grad():
                 losses = []
                 for i in range(0, len(val[1]), 4096):
@@ -492,7 +494,8 @@ def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
                     hid = None if val_hide is None else val_hide[i : i + 4096]
                     emb = agent.encoder(to_dev(part))
                     losses.append(pretext_loss(objective, head, emb, to_dev(val_target[i : i + 4096]), to_dev(hid)))
-                return float(torch.stack(losses).mean())
+            agent.encoder.train()
+            return float(torch.stack(losses).mean())  # the mean over chunks of 4,096 samples
 
         # what a constant guess scores: predicting 0 for the standardised features, or the train split's base rate
         if objective == "direction":
@@ -535,6 +538,9 @@ if __name__ == "__main__":
     if args.walk_forward:  # K folds, each this script in a process of its own, then the stitched out-of-sample report
         xp.run_walk_forward(__file__, args, "agent")
         raise SystemExit(0)
+    xp.require(args.pretrain == "none" or (args.pretrain_samples >= 1024 and args.pretrain_epochs >= 1),
+               f"--pretrain-samples {args.pretrain_samples} --pretrain-epochs {args.pretrain_epochs}: pretraining "
+               "needs at least 1024 samples (two minibatches of 512) and one epoch")  # fmt: skip
     shares = (*args.curriculum, 1.0)
     rising = all(0 < a <= b <= 1 for a, b in zip(shares, shares[1:], strict=False))
     xp.require(rising and 0 < args.curriculum_span <= 1, f"--curriculum {' '.join(map(str, args.curriculum))} "
@@ -577,6 +583,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     global_step, start_iteration, best_val, best_state, val_sharpes = 0, 1, -np.inf, None, []
+    val_steps = []  # the global step of each periodic evaluation (the learning benchmark's curve)
     next_obs_np = envs.reset(seed=args.seed + rank)
     run_dir = Path(args.run_dir) / f"{args.exp_name}__{xp.data_tag(args.data)}__{args.seed}__{int(time.time())}"
 
@@ -586,7 +593,7 @@ if __name__ == "__main__":
         )
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
-        val_sharpes = extra.get("val_sharpes", [])
+        val_sharpes, val_steps = extra.get("val_sharpes", []), extra.get("val_steps", [])
         if (run_dir / "best.pt").is_file():
             best_state = xp.load_checkpoint(run_dir / "best.pt")["model"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
@@ -609,6 +616,8 @@ if __name__ == "__main__":
             )
 
     pretrained = None
+    if args.resume and (run_dir / "pretrained_encoder.pt").is_file():  # a resumed run keeps its pretraining record
+        pretrained = xp.load_checkpoint(run_dir / "pretrained_encoder.pt")["extra"]
     if args.pretrain != "none" and not (args.resume or saved):  # the encoder's initialisation, before any rollout
         t_pre = time.time()
         pretrained = pretrain_encoder(args, agent, market, device) | {"market": fingerprint, "seed": args.seed}
@@ -616,6 +625,7 @@ if __name__ == "__main__":
         if rank == 0:
             pretrained["wall_s"] = time.time() - t_pre
             xp.save_checkpoint(run_dir / "pretrained_encoder.pt", agent.encoder, args=args, extra=pretrained)
+            xp.write_summary(run_dir, pretrain=pretrained)  # recorded at once: an interrupted run keeps it
             for epoch, loss in enumerate(pretrained["val_loss_by_epoch"]):
                 writer.add_scalar("pretrain/val_loss", loss, epoch)
             writer.add_scalar("pretrain/val_baseline_loss", pretrained["val_baseline_loss"], 0)
@@ -758,6 +768,7 @@ if __name__ == "__main__":
             evaluation = {f"trading/{args.eval_split}_{k}": v for k, v in last_eval.items()}
             evaluation["perf/eval_seconds"] = time.time() - t_eval
             val_sharpes.append(last_eval["sharpe"])  # every sweep is a candidate of the selection: the DSR's trials
+            val_steps.append(global_step)
             if last_eval["sharpe"] > best_val:  # the best-on-validation weights, kept beside the last ones
                 best_val, best_state = last_eval["sharpe"], copy.deepcopy(agent.state_dict())
                 if args.save_model:
@@ -767,7 +778,7 @@ if __name__ == "__main__":
         # checkpoint: every rank's envs (next observation included) and RNG, gathered on rank 0
         if args.save_model and (periodic or stopping):
             extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val,
-                     "val_sharpes": val_sharpes}  # fmt: skip
+                     "val_sharpes": val_sharpes, "val_steps": val_steps}  # fmt: skip
             xp.save_run_checkpoint(
                 run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank
             )
@@ -864,7 +875,7 @@ if __name__ == "__main__":
                    encoder=args.encoder.kind, backtest=reports, rule=rule, cross_rule=tests["cross_rule"],
                    deciles=deciles, val=last_eval, telemetry=last_telemetry, entropy_control=ctl,
                    final_weights="best_val" if selected else "last",
-                   best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes,
+                   best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes, val_steps=val_steps,
                    stress=stress, pretrain=pretrained)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree(agent.parameters(), rank)

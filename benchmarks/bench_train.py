@@ -169,14 +169,16 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> f
 def roofline(args) -> dict:
     """How close the small transformer's training is to what this CPU's matmul units allow, on one torch thread.
 
-    FLOPs per symbol-step of training, counted by torch.utils.flop_counter.FlopCounterMode (matmuls only, which is
-    what it counts): one forward pass in the rollout plus, per update epoch, one forward and backward pass of the
+    FLOPs per symbol-step of training, counted by torch.utils.flop_counter.FlopCounterMode (the matrix products,
+    which is what it counts; the attention's through PyTorch's math backend, since it does not count the fused CPU
+    kernel): one forward pass in the rollout plus, per update epoch, one forward and backward pass of the
     policy on each sample (a minibatch of num_envs x num_steps / MINIBATCHES env-steps x num_symbols symbols, the
     training script's shapes; the loss is a stand-in of the same output shapes, its FLOPs are negligible). Against it,
     the measured throughput of a large square matmul (the CPU's practical peak, fp32 and bf16) and of the encoder's
     own largest matmul. And the measured forward+backward+Adam rate of the whole policy, interleaved in this process:
     through torch's nn.TransformerEncoderLayer, through encoders.encoder_layer (the scripts' path), with bf16
     autocast and with torch.compile. Roofline symbol-steps/s = peak / FLOPs per symbol-step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     import encoders
@@ -201,11 +203,11 @@ def roofline(args) -> dict:
         opt.step()
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel is not counted: the same maths is
         train_step()
     train_flops = counter.get_total_flops() / samples
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         policy(rollout_obs)
     rollout_flops = counter.get_total_flops() / (args.num_envs * S)
     per_step = rollout_flops + epochs * train_flops

@@ -73,14 +73,23 @@ def test_learning_speed_counts_symbol_steps_to_80_percent_of_ppos_final_validati
     ppo = [piece(0.3, k, 4.0, 8.0) | {"val_sharpes": [0.0] * 5 + [1.0] * 5, "global_step": 1_000_000} for k in (1, 2)]
     fast = piece(0.3, 1, 4.0, 8.0) | {"val_sharpes": [0.2, 0.8, 0.9] + [1.0] * 7, "global_step": 1_000_000}
     never = piece(0.3, 2, 4.0, 8.0) | {"val_sharpes": [0.5] * 10, "global_step": 1_000_000}
-    assert bl.steps_to(fast, 0.8) == 200_000 and np.isnan(bl.steps_to(never, 0.8))
+    assert bl.steps_to(fast, 0.8) == 200_000 and np.isinf(bl.steps_to(never, 0.8))
+    uneven = fast | {"val_steps": [90_000 * k for k in range(1, 10)] + [1_000_000]}  # the last interval shorter
+    assert bl.steps_to(uneven, 0.8) == 180_000
     speed = bl.learning_speed([fast, never], ppo)
     assert speed["seeds"] == [1, 2] and speed["target"] == pytest.approx([0.8, 0.8])
-    assert speed["arm_steps"][0] == 200_000 and np.isnan(speed["arm_steps"][1])
+    assert speed["arm_steps"][0] == 200_000 and np.isinf(speed["arm_steps"][1])
     assert speed["ppo_steps"] == [600_000, 600_000]
     by_arm = bl.summarize_arms({"ppo": ppo, "ppo_warm_direction": [fast, never]})
     assert by_arm["ppo_warm_direction"]["0.3"]["speed"]["seeds"] == [1, 2]
-    assert "| 0.2 (1 never) / 0.6 |" in bl.arms_table(by_arm)
+    assert "| never (1 never) / 0.6 |" in bl.arms_table(by_arm)  # half never get there: the median is never
+    third = piece(0.3, 3, 4.0, 8.0) | {"val_sharpes": [0.9] * 10, "global_step": 1_000_000}
+    ppo3 = ppo + [ppo[0] | {"seed": 3}]
+    assert "| 0.2 (1 never) / 0.6 |" in bl.arms_table(
+        bl.summarize_arms({"ppo": ppo3, "ppo_lstm": [fast, never, third]})
+    )
+    losing = [p | {"val_sharpes": [0.5] * 5 + [-1.0] * 5} for p in ppo]  # ppo's final level below 0: no target
+    assert bl.learning_speed([fast, never], losing)["seeds"] == []
 
 
 def test_the_arms_table_shows_peak_memory_where_pieces_have_it():

@@ -118,6 +118,9 @@ def test_encoder_layer_is_the_torch_layer_with_its_gradients(train):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    for other in (dict(norm_first=False), dict(activation="gelu")):  # layouts the short path does not cover
+        odd = nn.TransformerEncoderLayer(32, 4, 64, 0.0, batch_first=True, **({"norm_first": True} | other))
+        torch.testing.assert_close(encoders.encoder_layer(odd, x), odd(x))
     enc = FeatureEncoder(EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.5)).train()
     obs = make_obs(2, 3)
     assert not torch.equal(enc(obs), enc(obs))  # torch's layer with its dropout

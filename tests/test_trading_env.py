@@ -1324,11 +1324,17 @@ def test_observe_flat_shows_a_flat_account_at_any_bar_of_the_split():
     first = {k: v.copy() for k, v in core.reset(seed=0).items()}
     starts = core.t.copy()
     other = te.VecTradingCore(market, 2, seed=1)
+    other.reset(seed=1)
+    for _ in range(3):  # an account that holds positions, on other bars
+        other.step(np.full((2, 3), te.BUY_SMALL))
+    assert (other.obs["position"][..., 1] > 0).any()
     seen = other.observe_flat(starts)
     for k in first:
-        np.testing.assert_array_equal(seen[k], first[k])
+        np.testing.assert_array_equal(seen[k], first[k])  # flat again, and at the chosen bars
     with pytest.raises(RuntimeError, match="reset"):
         other.step(np.zeros((2, 3), np.int64))
+    other.reset(seed=1)
+    other.step(np.zeros((2, 3), np.int64))  # a reset makes it steppable again
     for bad in ([core.split_start - 1, core.split_start], [core.split_last, core.split_start]):
         with pytest.raises(ValueError, match="decision bars"):
             other.observe_flat(np.array(bad))

@@ -571,6 +571,30 @@ def log_scalars(writer, mlflow, metrics: dict, step: int) -> None:
         mlflow.log_metrics({MLFLOW_NAMES.get(t, t): float(v) for t, v in metrics.items()}, step=step)
 
 
+def record_pretraining(run_dir: Path, writer, args, encoder: nn.Module, record: dict) -> None:
+    """--pretrain's bookkeeping on rank 0: the encoder and its provenance in pretrained_encoder.pt, the record in
+    summary.json at once (an interrupted run keeps it), pretrain/val_loss per epoch and pretrain/val_baseline_loss in
+    tensorboard, and one line on stdout."""
+    path = run_dir / "pretrained_encoder.pt"
+    save_checkpoint(path, encoder, args=args, extra=record)
+    write_summary(run_dir, pretrain=record)
+    for epoch, loss in enumerate(record["val_loss_by_epoch"]):
+        writer.add_scalar("pretrain/val_loss", loss, epoch)
+    writer.add_scalar("pretrain/val_baseline_loss", record["val_baseline_loss"], 0)
+    print(
+        f"pretrain {args.pretrain}: {record['samples']} samples of {args.split}, {record['epochs']} epochs, "
+        f"{record['wall_s']:.0f} s | {args.eval_split} loss {record['val_loss_by_epoch'][0]:.4f} -> "
+        f"{record['val_loss']:.4f} at epoch {record['best_epoch']} (a constant guess: "
+        f"{record['val_baseline_loss']:.4f}) | {path}"
+    )
+
+
+def pretraining_record(run_dir: Path) -> dict | None:
+    """The pretraining record a run folder holds (pretrained_encoder.pt's provenance), or None."""
+    path = run_dir / "pretrained_encoder.pt"
+    return load_checkpoint(path)["extra"] if path.is_file() else None
+
+
 def peak_memory_mib() -> float | None:
     """This process's peak resident memory in MiB (VmHWM of /proc/self/status, counted from the program's start,
     not from the parent it was forked from); None where there is no /proc (macOS, Windows)."""

@@ -615,27 +615,14 @@ if __name__ == "__main__":
                 f"encoder preset {preset}: {net}"
             )
 
-    pretrained = None
-    if args.resume and (run_dir / "pretrained_encoder.pt").is_file():  # a resumed run keeps its pretraining record
-        pretrained = xp.load_checkpoint(run_dir / "pretrained_encoder.pt")["extra"]
+    pretrained = xp.pretraining_record(run_dir) if args.resume else None  # a resumed run keeps its record
     if args.pretrain != "none" and not (args.resume or saved):  # the encoder's initialisation, before any rollout
         t_pre = time.time()
         pretrained = pretrain_encoder(args, agent, market, device) | {"market": fingerprint, "seed": args.seed}
         xp.broadcast_parameters(agent, args.world_size)
         if rank == 0:
             pretrained["wall_s"] = time.time() - t_pre
-            xp.save_checkpoint(run_dir / "pretrained_encoder.pt", agent.encoder, args=args, extra=pretrained)
-            xp.write_summary(run_dir, pretrain=pretrained)  # recorded at once: an interrupted run keeps it
-            for epoch, loss in enumerate(pretrained["val_loss_by_epoch"]):
-                writer.add_scalar("pretrain/val_loss", loss, epoch)
-            writer.add_scalar("pretrain/val_baseline_loss", pretrained["val_baseline_loss"], 0)
-            print(
-                f"pretrain {args.pretrain}: {pretrained['samples']} samples of {args.split}, "
-                f"{pretrained['epochs']} epochs, {pretrained['wall_s']:.0f} s | {args.eval_split} loss "
-                f"{pretrained['val_loss_by_epoch'][0]:.4f} -> {pretrained['val_loss']:.4f} at epoch "
-                f"{pretrained['best_epoch']} (a constant guess: {pretrained['val_baseline_loss']:.4f}) | "
-                f"{run_dir / 'pretrained_encoder.pt'}"
-            )
+            xp.record_pretraining(run_dir, writer, args, agent.encoder, pretrained)
 
     # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
     obs = {

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, write_json
+from common import ROOT, repeat_timed, write_json
 
 SCRIPT = ROOT / "ppo_symbol_agent.py"
 SMALL_TRANSFORMER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
@@ -149,15 +149,13 @@ def speed(args) -> dict:
 
 
 def median_seconds(fn, repeats: int, calls: int = 3) -> float:
-    """Median over `repeats` of the mean wall time of `calls` calls of fn (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    """Median over `repeats` of the mean wall time of `calls` calls of fn (common.repeat_timed, after one warm-up)."""
+
+    def batch():
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+
+    return statistics.median(repeat_timed(batch, repeats)) / calls
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:

@@ -206,6 +206,13 @@ cross-sectional state only (average pairwise correlation, dispersion, last-day l
 return and the directive (16 inputs: no regime block); auto: market when
 anchored on the best constant, else full (on held-out bars the market inputs beat the full ones over 5 seeds:
 benchmarks/BENCHMARKS.md). The centralised critic reads the global state either way"""
+    master_advantage: Literal["gae", "counterfactual"] = "gae"
+    """how the master's actor learns. gae: PPO-clip on the drawn directive's GAE advantage; counterfactual: each
+decision's interval is also run under the other side of the two-way risk switch, from the same state on the same bars
+with the same frozen argmax agents (a twin core), and the actor maximises the paired reward expected over both sides,
+sum_a pi(a|s) R(s, a): an all-action policy gradient without the noise of which side was drawn. R is the interval's
+own reward (what the other side would have left in the book afterwards is not credited). Needs frozen argmax agents,
+--master-heads risk and --master-risk-levels flat_or_anchor (their auto values with --symbol-checkpoint)"""
     master_actor_hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
 alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""
@@ -352,6 +359,42 @@ MASTER_REWARD_COMPONENTS = {
     "paired": ("paired_utility", "paired_drawdown"),
     "seed": ("risk_adjusted", "diversification", "drawdown", "excess"),
 }
+
+
+def bar_ingredients(info: dict, shadow_info: dict, last_dd: np.ndarray, last_shadow_dd: np.ndarray, bench_close,
+                    dd_threshold: float) -> dict:  # fmt: skip
+    """One bar's master reward ingredients (INGREDIENTS, each (E,)) from the master account's step info and the shadow
+    account's, with the drawdowns of the previous bar (the thresholded drawdown's increases are charged)."""
+    r, dd, bar = info["account_return"][:, 0], info["drawdown"][:, 0], info["bar"]  # before any restart
+    r_sh, dd_sh = shadow_info["account_return"][:, 0], shadow_info["drawdown"][:, 0]
+    beyond = lambda x: np.maximum(x - dd_threshold, 0.0)  # noqa: E731  (the thresholded drawdown)
+    return {
+        "ret": r, "ret_sq": r * r, "shadow_ret": r_sh, "shadow_ret_sq": r_sh * r_sh,
+        "dd_up": np.maximum(beyond(dd) - beyond(last_dd), 0.0),
+        "shadow_dd_up": np.maximum(beyond(dd_sh) - beyond(last_shadow_dd), 0.0),
+        "bench": bench_close[bar] / bench_close[bar - 1] - 1.0, "div": herfindahl_complement(info["holdings"]),
+        "bars": np.ones(len(r)),
+    }  # fmt: skip
+
+
+def other_side(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The other allowed directive (E,) of a two-way switch, from the master's masked joint logits (E, 60) and the
+    chosen directives (E,); the chosen one itself where it is the only one allowed (an anchor that is already flat)."""
+    allowed = logits > MASKED_LOGIT / 2
+    if (allowed.sum(-1) > 2).any():
+        raise ValueError("--master-advantage counterfactual needs at most two allowed directives per decision.")
+    rows = torch.arange(len(chosen), device=logits.device)
+    allowed[rows, chosen] = False
+    return torch.where(allowed.any(-1), allowed.float().argmax(-1), chosen)
+
+
+def all_action_loss(logits: torch.Tensor, chosen, reward_chosen, alt, reward_alt, scale: float) -> torch.Tensor:
+    """-sum_a pi(a|s) R(s, a) / scale, averaged over decisions: the all-action policy loss of a two-way switch whose
+    rewards under both sides are known (the chosen side's from the account, the other's from the twin). A per-decision
+    baseline would not change its gradient (the probabilities sum to 1), so none is subtracted."""
+    p = torch.softmax(logits.float(), dim=-1)
+    rows = torch.arange(len(chosen), device=logits.device)
+    return -(p[rows, chosen] * reward_chosen + p[rows, alt] * reward_alt).mean() / scale
 
 
 def master_reward(sums: dict, args, num_symbols: int) -> dict:
@@ -527,6 +570,12 @@ if __name__ == "__main__":
         value = getattr(args, flag)
         xp.require(value is None or value >= 1, f"--{flag.replace('_', '-')} {value}: give 1 or more (or leave it "
                    "out to use the symbol agents' setting)")  # fmt: skip
+    counterfactual = args.master_advantage == "counterfactual"
+    xp.require(not counterfactual or (frozen_agents and not args.frozen_sampling and args.master_heads == "risk"
+               and args.master_risk_levels == "flat_or_anchor"), "--master-advantage counterfactual replays each "
+               "decision under the other side of the two-way risk switch with the same argmax agents: it needs "
+               "--freeze-symbols --symbol-checkpoint, no --frozen-sampling, --master-heads risk and "
+               "--master-risk-levels flat_or_anchor (or leave it at gae)")  # fmt: skip
     xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     xp.require(I <= args.env.risk_window, f"--master-interval ({I}) must be at most --env.risk-window "
@@ -612,6 +661,9 @@ if __name__ == "__main__":
     if args.master_risk_levels == "flat_or_anchor" and not saved:
         master.restrict_head(HEAD_NAMES.index("risk"), {0, int(np.unravel_index(anchor, DIRECTIVE_SHAPE)[0])})
     shadow.set_directives(np.full(E, anchor))
+    # --master-advantage counterfactual: a twin of the master account replays each decision's interval from the same
+    # state under the other side of the switch (the shadow's ingredients are the same on both sides)
+    twin = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
     sampled = not args.freeze_symbols or args.frozen_sampling  # trained symbol agents sample (PPO is on-policy)
@@ -670,6 +722,8 @@ if __name__ == "__main__":
         torch.zeros((M, E), device=device) for _ in range(5)
     )
     m_terms, m_truncs = (torch.zeros((M, E), dtype=torch.bool, device=device) for _ in range(2))
+    m_alt_actions = torch.zeros((M, E), dtype=torch.long, device=device)  # counterfactual: the other side
+    m_alt_rewards = torch.zeros((M, E), device=device)  # and the interval's reward under it
     bench_close = market.data.benchmark
     start_time, start_step = time.time(), global_step
     last_eval, last_telemetry, stop, stopping, sps = {}, {}, xp.stop_on_sigint(), False, 0
@@ -714,6 +768,12 @@ if __name__ == "__main__":
                 envs.set_directives(directive.cpu().numpy())
                 sums = {key: np.zeros(E) for key in INGREDIENTS}
                 alive = np.ones(E, dtype=bool)
+                if counterfactual:  # the twin starts where the account is, on the other side of the switch
+                    m_alt_actions[k] = other_side(m_logits, directive)
+                    twin.set_state(envs.get_state())
+                    twin.set_directives(m_alt_actions[k].cpu().numpy())
+                    twin_sums, twin_alive = {key: np.zeros(E) for key in INGREDIENTS}, alive.copy()
+                    twin_dd = track["dd"]
                 m_terms[k], m_truncs[k], m_final_values[k] = False, False, 0.0
             for key, v in obs.items():
                 v[step].copy_(torch.as_tensor(next_obs_np[key]))
@@ -743,18 +803,18 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: master reward ingredients of this bar, counted until the episode ends
             done_env = (terminated | truncated).any(1)
-            r, dd, bar = info["account_return"][:, 0], info["drawdown"][:, 0], info["bar"]  # before any restart
-            r_sh, dd_sh = shadow_info["account_return"][:, 0], shadow_info["drawdown"][:, 0]
-            beyond = lambda x: np.maximum(x - args.dd_threshold, 0.0)  # noqa: E731  (the thresholded drawdown)
-            ingredients = {
-                "ret": r, "ret_sq": r * r, "shadow_ret": r_sh, "shadow_ret_sq": r_sh * r_sh,
-                "dd_up": np.maximum(beyond(dd) - beyond(track["dd"]), 0.0),
-                "shadow_dd_up": np.maximum(beyond(dd_sh) - beyond(track["shadow_dd"]), 0.0),
-                "bench": bench_close[bar] / bench_close[bar - 1] - 1.0, "div": herfindahl_complement(info["holdings"]),
-                "bars": np.ones(E),
-            }  # fmt: skip
+            dd, dd_sh, bar = info["drawdown"][:, 0], shadow_info["drawdown"][:, 0], info["bar"]  # before any restart
+            ingredients = bar_ingredients(info, shadow_info, track["dd"], track["shadow_dd"], bench_close,
+                                          args.dd_threshold)  # fmt: skip
             for key, x in ingredients.items():
                 sums[key] += np.where(alive, x, 0.0)
+            if counterfactual:  # the same bar on the other side (argmax agents: the same decisions where books agree)
+                _, _, twin_term, twin_trunc, twin_info = twin.step(symbol_actions(agent, twin.obs, device, True))
+                for key, x in bar_ingredients(twin_info, shadow_info, twin_dd, track["shadow_dd"], bench_close,
+                                              args.dd_threshold).items():  # fmt: skip
+                    twin_sums[key] += np.where(twin_alive, x, 0.0)
+                twin_alive &= ~(twin_term | twin_trunc).any(1)
+                twin_dd = twin_info["drawdown"][:, 0]
             m_terms[k] |= torch.as_tensor(alive & terminated.any(1), device=device)
             ended_by_time = alive & truncated.any(1)
             if ended_by_time.any():
@@ -767,6 +827,9 @@ if __name__ == "__main__":
             if step % I == I - 1:
                 parts = master_reward(sums, args, S)
                 m_rewards[k] = torch.as_tensor(sum(parts.values()), dtype=torch.float32, device=device)
+                if counterfactual:
+                    alt_reward = sum(master_reward(twin_sums, args, S).values())
+                    m_alt_rewards[k] = torch.as_tensor(alt_reward, dtype=torch.float32, device=device)
                 for key, v in parts.items():
                     m_comps[key] = m_comps.get(key, 0.0) + float(v.mean()) / M
 
@@ -835,6 +898,8 @@ if __name__ == "__main__":
         mb_act, mb_logp, mb_adv, mb_tgt, mb_old = map(
             flat, (m_actions, m_logprobs, m_advantages, m_targets, m_raw_values)
         )
+        mb_alt, mb_rew, mb_alt_rew = flat(m_alt_actions), flat(m_rewards), flat(m_alt_rewards)
+        cf_scale = float((mb_rew - mb_alt_rew).std()) + 1e-8 if counterfactual else 1.0  # the two sides' spread
         m_clipfracs, head_entropy = [], np.zeros(len(DIRECTIVE_SHAPE))
         ent_coef = torch.as_tensor(np.exp(log_ent_coef), dtype=torch.float32, device=device)  # (3,) per head
         m_epochs = args.master_update_epochs or args.update_epochs  # None: the symbol agents' setting
@@ -850,6 +915,8 @@ if __name__ == "__main__":
                     args.clip_vloss, args.norm_adv,
                 )  # fmt: skip
                 m_clipfracs.append(clipfrac)
+                if counterfactual:  # the all-action loss replaces the sampled side's clipped surrogate
+                    m_pg_loss = all_action_loss(logits, mb_act[j], mb_rew[j], mb_alt[j], mb_alt_rew[j], cf_scale)
                 m_entropy = entropy.mean()  # of the joint directive, normalised by log(60)
                 heads = master.head_entropies(mb_emb[j], mb_glob[j]).mean(0)  # (3,) normalised, per head
                 head_entropy += heads.detach().cpu().numpy() / (m_epochs * m_minibatches)
@@ -919,6 +986,13 @@ if __name__ == "__main__":
             "perf/update_seconds": update_seconds,
         }
         metrics.update({f"master_reward/{key}": v for key, v in m_comps.items()})
+        if counterfactual:  # which side paid more over each decision's interval, and what the drawn side gave up
+            flat_chosen = torch.as_tensor(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE)[0] == 0)
+            flat_reward = torch.where(flat_chosen.to(device), m_rewards, m_alt_rewards)
+            anchor_reward = torch.where(flat_chosen.to(device), m_alt_rewards, m_rewards)
+            metrics["master/counterfactual_flat_share"] = (flat_reward > anchor_reward).float().mean().item()
+            regret = torch.maximum(m_rewards, m_alt_rewards) - m_rewards
+            metrics["master/counterfactual_regret"] = regret.mean().item()
         if episodes:
             metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
             metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))

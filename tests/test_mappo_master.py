@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import mappo_master as mappo  # noqa: E402
 import trading_env as te  # noqa: E402
 from encoders import (  # noqa: E402
+    MASKED_LOGIT,
     EncoderConfig,
     MasterNetwork,
     SymbolPolicy,
@@ -270,6 +271,32 @@ def test_frozen_master_anchored_on_the_best_constant(runs, tmp_path):
     assert refused.returncode == 2 and "--freeze-symbols" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_counterfactual_master_advantage_runs_and_logs_both_sides(runs, tmp_path):
+    """--master-advantage counterfactual on frozen argmax agents (the auto two-way switch on the best constant): the
+    run completes, logs which side paid more and what the drawn side gave up (tensorboard, read back), and saves the
+    resolved flag; with all five risk levels it is refused before any run folder, exit 2 and no traceback."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, ckpt = runs
+    flags = [*TINY, "84", "--symbol-checkpoint", str(ckpt), "--freeze-symbols", "--no-stress", "--data.edge-regime",
+             "flip", "--split", "val", "--eval-split", "train", "--master-advantage", "counterfactual"]  # fmt: skip
+    run_script("mappo_master.py", tmp_path, *flags)
+    run = only_run(tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["args"]["master_advantage"] == "counterfactual"
+    assert summary["args"]["master_risk_levels"] == "flat_or_anchor"
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    share = [e.value for e in events.Scalars("master/counterfactual_flat_share")]
+    regret = [e.value for e in events.Scalars("master/counterfactual_regret")]
+    assert len(share) == len(regret) == 1 and 0.0 <= share[0] <= 1.0 and regret[0] >= 0.0
+    assert all(math.isfinite(e.value) for e in events.Scalars("losses/master_policy_loss"))
+    (tmp_path / "x").mkdir()
+    refused = run_script("mappo_master.py", tmp_path / "x", *flags, "--master-risk-levels", "all", check=False)
+    assert refused.returncode == 2 and "flat_or_anchor" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x" / "runs").exists()
+
+
 def test_bad_master_interval_fails_before_any_run_folder(tmp_path):
     proc = run_script("mappo_master.py", tmp_path, *COMMON, "--num-steps", "10", check=False)
     assert proc.returncode != 0 and "--master-interval" in proc.stderr
@@ -354,6 +381,71 @@ def test_flat_or_anchor_risk_levels_leave_the_risk_head_two_choices():
     assert master.free_heads() == [True, False, False]
     master.restrict_head(0, {3})
     assert master.free_heads() == [False, False, False]
+
+
+def test_all_action_loss_moves_each_decision_toward_the_side_that_paid():
+    """--master-advantage counterfactual: the other side of a two-way switch is the one allowed directive not chosen;
+    the all-action loss's gradient does not depend on a per-decision baseline (a constant added to both sides), and
+    descending it raises, on every decision, the probability of the side whose interval paid more, whichever side was
+    drawn."""
+    flat, anchor = (int(np.ravel_multi_index((r, 1, 2), te.DIRECTIVE_SHAPE)) for r in (0, 3))
+    z = torch.full((4, te.NUM_DIRECTIVES), MASKED_LOGIT)
+    z[:, [flat, anchor]] = 0.0
+    chosen = torch.tensor([flat, anchor, flat, anchor])
+    alt = mappo.other_side(z, chosen)
+    assert alt.tolist() == [anchor, flat, anchor, flat]
+    reward_flat, reward_anchor = torch.tensor([1.0, -1.0, 0.2, 3.0]), torch.tensor([0.0, 0.5, -0.4, 2.0])
+    r_chosen = torch.where(chosen == flat, reward_flat, reward_anchor)
+    r_alt = torch.where(chosen == flat, reward_anchor, reward_flat)
+
+    def grad(shift):
+        logits = z.clone().requires_grad_(True)
+        mappo.all_action_loss(logits, chosen, r_chosen + shift, alt, r_alt + shift, 1.0).backward()
+        return logits.grad
+
+    torch.testing.assert_close(grad(torch.zeros(4)), grad(torch.tensor([5.0, -3.0, 100.0, 0.5])))
+    logits = z.clone().requires_grad_(True)
+    optimiser = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(20):
+        optimiser.zero_grad()
+        mappo.all_action_loss(logits, chosen, r_chosen, alt, r_alt, 1.0).backward()
+        optimiser.step()
+    p_flat = torch.softmax(logits.detach(), -1)[:, flat]
+    assert ((p_flat > 0.5) == (reward_flat > reward_anchor)).all() and (abs(p_flat - 0.5) > 0.1).all()
+    only_flat = torch.full((1, te.NUM_DIRECTIVES), MASKED_LOGIT)
+    only_flat[0, flat] = 0.0
+    assert mappo.other_side(only_flat, torch.tensor([flat])).tolist() == [flat]  # an anchor that is already flat
+    with pytest.raises(ValueError, match="at most two allowed"):
+        mappo.other_side(torch.zeros(1, te.NUM_DIRECTIVES), torch.tensor([0]))
+
+
+def test_twin_replays_an_interval_from_the_same_state():
+    """The counterfactual twin: a core set to another core's state and directive, stepped by the same deterministic
+    agents over the same bars, earns the same reward ingredients bar for bar (so what differs between the two sides
+    is the directive alone), and on the other side of the switch (flat: no new buys) it earns something else."""
+    market = make_synthetic_prepared(num_symbols=3, years=0.5)
+    flat, anchor = (int(np.ravel_multi_index((r, 1, 2), te.DIRECTIVE_SHAPE)) for r in (0, 3))
+    account, shadow, twin = (te.VecTradingCore(market, 2, mode="portfolio", seed=0) for _ in range(3))
+    agents = lambda obs: np.where(obs["action_mask"][..., te.BUY_SMALL] == 1, te.BUY_SMALL, te.HOLD)  # noqa: E731
+    account.reset(seed=0), shadow.reset(seed=0)
+    for directive in (anchor, flat):
+        account.set_directives(np.full(2, anchor))
+        shadow.set_directives(np.full(2, anchor))
+        start, shadow_start = account.get_state(), shadow.get_state()
+        twin.set_state(start)
+        twin.set_directives(np.full(2, directive))
+        zeros = np.zeros(2)
+        sums = {side: {k: np.zeros(2) for k in mappo.INGREDIENTS} for side in ("account", "twin")}
+        for _ in range(7):
+            _, _, _, _, shadow_info = shadow.step(agents(shadow.obs))
+            for side, core in (("account", account), ("twin", twin)):
+                _, _, _, _, info = core.step(agents(core.obs))
+                for k, x in mappo.bar_ingredients(info, shadow_info, zeros, zeros, market.data.benchmark, 0.05).items():
+                    sums[side][k] += x
+        same = all(np.allclose(sums["account"][k], sums["twin"][k]) for k in mappo.INGREDIENTS)
+        assert same == (directive == anchor), directive
+        account.set_state(start)  # the next side starts from the same state
+        shadow.set_state(shadow_start)
 
 
 def test_value_norm_tracks_running_mean_and_std():

@@ -24,6 +24,8 @@ Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_ag
 - ppo_pretrain_masked, ppo_warm_direction: the same with the encoder initialised by --pretrain masked
   (masked-forecast pretraining) or --pretrain direction (SL-to-RL warm start) on the train split: the A/B arms of
   initialisation against ppo's random one;
+- ppo_curriculum: the same with staged symbol onboarding, --curriculum 0.1 0.3 0.6 (10%, 30%, 60% of the symbols
+  tradable over the first half of training, the rest HOLD-only; docs/training.md): the onboarding A/B arm;
 - sb3_maskable_default, sb3_maskable_ours: sb3-contrib's MaskablePPO on trading_env.SB3VecEnv, with SB3's default
   hyperparameters and network, or with ppo_symbol_agent.py's values (read from its Args) for every knob SB3 has and
   its encoder and head widths as SB3's network (benchmarks/sb3_learner.py says which knobs);
@@ -85,6 +87,7 @@ ARMS = {
     "ppo_attention": (SCRIPT, ["--encoder.cross-symbol", "attention"]),
     "ppo_pretrain_masked": (SCRIPT, ["--pretrain", "masked"]),
     "ppo_warm_direction": (SCRIPT, ["--pretrain", "direction"]),
+    "ppo_curriculum": (SCRIPT, ["--curriculum", "0.1", "0.3", "0.6"]),
     "sb3_maskable_default": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "default"]),
     "sb3_maskable_ours": (SB3_SCRIPT, ["--algo", "maskable_ppo", "--hparams", "ours"]),
     "sb3_ppo_default": (SB3_SCRIPT, ["--algo", "ppo", "--hparams", "default"]),
@@ -151,7 +154,11 @@ def run_piece(signal: float, seed: int, extra: list[str], arm: str = "ppo", lead
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
             )
-        (run,) = Path(tmp).iterdir()
+        runs = list(Path(tmp).iterdir())
+        if len(runs) != 1:  # e.g. flags after -- that print and exit (--help) rather than train
+            raise UserInputError(f"arm {arm} (signal {signal:g}, seed {seed}): {script.name} {' '.join(extra)} left no "
+                                 "run folder to grade; give the flags of a training run after --")  # fmt: skip
+        (run,) = runs
         summary = json.loads((run / "summary.json").read_text())
         daily = pd.read_parquet(run / "test_daily_returns.parquet")  # every strategy's daily returns: re-scorable
     record = {

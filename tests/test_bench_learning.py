@@ -153,6 +153,7 @@ def test_summary_reads_a_folder_of_mixed_arms(pieces_dir, tmp_path, monkeypatch)
         (["--arm", "ppo_gru", "--signal", "0.3", "--seed", "1"], "invalid choice: 'ppo_gru'"),
         (["--arms", "ppo", "sb3_ppo_ours", "--summary"], "--arms lists the learners of --all"),
         (["--jobs", "0", "--all"], "--jobs 0"),
+        (["--arm", "ppo_curriculum", "--signal", "0.3", "--seed", "1", "--", "--help"], "left no run folder"),
         ([], "nothing to do"),
         (
             ["--arm", "sb3_ppo_ours", "--signal", "0.3", "--seed", "1", "--", "--walk-forward", "2"],

@@ -207,12 +207,19 @@ return and the directive (16 inputs: no regime block); auto: market when
 anchored on the best constant, else full (on held-out bars the market inputs beat the full ones over 5 seeds:
 benchmarks/BENCHMARKS.md). The centralised critic reads the global state either way"""
     master_advantage: Literal["gae", "counterfactual"] = "gae"
-    """how the master's actor learns. gae: PPO-clip on the drawn directive's GAE advantage; counterfactual: each
-decision's interval is also run under the other side of the two-way risk switch, from the same state on the same bars
-with the same frozen argmax agents (a twin core), and the actor maximises the paired reward expected over both sides,
-sum_a pi(a|s) R(s, a): an all-action policy gradient without the noise of which side was drawn. R is the interval's
-own reward (what the other side would have left in the book afterwards is not credited). Needs frozen argmax agents,
---master-heads risk and --master-risk-levels flat_or_anchor (their auto values with --symbol-checkpoint)"""
+    """how the master's actor learns. gae: PPO-clip on the drawn directive's GAE advantage; counterfactual: at every
+--master-cf-every-th decision point both sides of the two-way risk switch are played out from the account's state on
+the same bars with the same frozen argmax agents (two twin cores): that side for one interval, then the anchor for
+--master-cf-horizon - 1 more, so that what a day's choice leaves in the book is credited to it. R(s, a) is that
+stream's discounted paired reward (--master-gamma), and the actor maximises sum_a pi(a|s) R(s, a) over both sides, an
+all-action policy gradient without the noise of which side was drawn (counterfactual_rewards). Needs frozen argmax
+agents, --master-heads risk, --master-risk-levels flat_or_anchor (their auto values with --symbol-checkpoint) and
+the paired reward"""
+    master_cf_horizon: int = 3
+    """--master-advantage counterfactual: the intervals (days) each side is played out for"""
+    master_cf_every: int = 2
+    """--master-advantage counterfactual: play both sides out at every n-th decision point of a rollout (the
+look-ahead costs 2 x horizon / n intervals of stepping per interval the rollout steps)"""
     master_actor_hidden: tuple[int, ...] = (256, 256)
     """hidden layer sizes of the master's actor (the critic keeps 256, 256); with no value (--master-actor-hidden
 alone) the actor is linear in its inputs: one logit per directive coordinate, a weighted sum of the features"""
@@ -397,6 +404,33 @@ def all_action_loss(logits: torch.Tensor, chosen, reward_chosen, alt, reward_alt
     return -(p[rows, chosen] * reward_chosen + p[rows, alt] * reward_alt).mean() / scale
 
 
+def counterfactual_rewards(envs, twins, sides, anchor: int, agent, device, args, last_dd: np.ndarray, bench_close):
+    """R(s, a) (len(sides), E) of each side of the switch, played out from the account's state: for each first
+    directive in sides (each (E,)), a twin core set to envs' state steps args.master_interval bars on it, then
+    args.master_cf_horizon - 1 more intervals on the anchor, with the frozen agents acting by argmax on the twin's own
+    observations. Each interval's paired reward (master_reward; the shadow's terms are left out, since they are the
+    same on every side) is discounted by args.master_gamma per interval; an account whose episode ends stops earning.
+    Reads the bars ahead of the decision as any rollout's reward does; the master's inputs never see them."""
+    E, start = envs.num_envs, envs.get_state()
+    zeros = {"account_return": np.zeros((E, 1)), "drawdown": np.zeros((E, 1))}
+    out = np.zeros((len(sides), E))
+    for i, (twin, first) in enumerate(zip(twins, sides, strict=True)):
+        twin.set_state(start)
+        alive, dd = np.ones(E, dtype=bool), last_dd
+        for h in range(args.master_cf_horizon):
+            twin.set_directives(first if h == 0 else np.full(E, anchor))
+            sums = {key: np.zeros(E) for key in INGREDIENTS}
+            for _ in range(args.master_interval):
+                _, _, terminated, truncated, info = twin.step(symbol_actions(agent, twin.obs, device, True))
+                bar = bar_ingredients(info, zeros, dd, np.zeros(E), bench_close, args.dd_threshold)
+                for key, x in bar.items():
+                    sums[key] += np.where(alive, x, 0.0)
+                alive &= ~(terminated | truncated).any(1)
+                dd = info["drawdown"][:, 0]
+            out[i] += args.master_gamma**h * sum(master_reward(sums, args, twin.num_symbols).values())
+    return out
+
+
 def master_reward(sums: dict, args, num_symbols: int) -> dict:
     """Components (E,) of the master's reward from `sums`, one decision's ingredients (E,) each summed over the bars
     to the next decision (or the episode's end): ret, ret_sq (the account's bar returns r and r^2), shadow_ret,
@@ -571,11 +605,14 @@ if __name__ == "__main__":
         xp.require(value is None or value >= 1, f"--{flag.replace('_', '-')} {value}: give 1 or more (or leave it "
                    "out to use the symbol agents' setting)")  # fmt: skip
     counterfactual = args.master_advantage == "counterfactual"
-    xp.require(not counterfactual or (frozen_agents and not args.frozen_sampling and args.master_heads == "risk"
-               and args.master_risk_levels == "flat_or_anchor"), "--master-advantage counterfactual replays each "
-               "decision under the other side of the two-way risk switch with the same argmax agents: it needs "
-               "--freeze-symbols --symbol-checkpoint, no --frozen-sampling, --master-heads risk and "
-               "--master-risk-levels flat_or_anchor (or leave it at gae)")  # fmt: skip
+    switch = args.master_heads == "risk" and args.master_risk_levels == "flat_or_anchor"
+    xp.require(not counterfactual or (frozen_agents and not args.frozen_sampling and switch
+               and args.master_reward == "paired"), "--master-advantage counterfactual plays both sides of the "
+               "two-way risk switch out with the same argmax agents: it needs --freeze-symbols --symbol-checkpoint, no "
+               "--frozen-sampling, --master-heads risk, --master-risk-levels flat_or_anchor and --master-reward "
+               "paired (or leave it at gae)")  # fmt: skip
+    for flag in ("master_cf_horizon", "master_cf_every"):
+        xp.require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 1 or more")
     xp.require(I >= 1 and T % I == 0, f"--num-steps ({T}) must be a multiple of --master-interval ({I}) so that every "
             "rollout holds whole master decisions; e.g. --num-steps 70 with --master-interval 7")  # fmt: skip
     xp.require(I <= args.env.risk_window, f"--master-interval ({I}) must be at most --env.risk-window "
@@ -661,9 +698,8 @@ if __name__ == "__main__":
     if args.master_risk_levels == "flat_or_anchor" and not saved:
         master.restrict_head(HEAD_NAMES.index("risk"), {0, int(np.unravel_index(anchor, DIRECTIVE_SHAPE)[0])})
     shadow.set_directives(np.full(E, anchor))
-    # --master-advantage counterfactual: a twin of the master account replays each decision's interval from the same
-    # state under the other side of the switch (the shadow's ingredients are the same on both sides)
-    twin = VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg, seed=args.seed + rank)
+    # --master-advantage counterfactual: two twins of the master account play each side of the switch out
+    twins = [VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg) for _ in range(2)]
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
     sampled = not args.freeze_symbols or args.frozen_sampling  # trained symbol agents sample (PPO is on-policy)
@@ -722,8 +758,9 @@ if __name__ == "__main__":
         torch.zeros((M, E), device=device) for _ in range(5)
     )
     m_terms, m_truncs = (torch.zeros((M, E), dtype=torch.bool, device=device) for _ in range(2))
-    m_alt_actions = torch.zeros((M, E), dtype=torch.long, device=device)  # counterfactual: the other side
-    m_alt_rewards = torch.zeros((M, E), device=device)  # and the interval's reward under it
+    m_alt_actions = torch.zeros((M, E), dtype=torch.long, device=device)  # counterfactual: the other side,
+    m_cf = torch.zeros((M, E, 2), device=device)  # R(s, a) of the chosen side and of the other,
+    m_cf_valid = torch.zeros((M, E), dtype=torch.bool, device=device)  # at the decision points played out
     bench_close = market.data.benchmark
     start_time, start_step = time.time(), global_step
     last_eval, last_telemetry, stop, stopping, sps = {}, {}, xp.stop_on_sigint(), False, 0
@@ -768,12 +805,13 @@ if __name__ == "__main__":
                 envs.set_directives(directive.cpu().numpy())
                 sums = {key: np.zeros(E) for key in INGREDIENTS}
                 alive = np.ones(E, dtype=bool)
-                if counterfactual:  # the twin starts where the account is, on the other side of the switch
+                m_cf_valid[k] = counterfactual and k % args.master_cf_every == 0
+                if counterfactual and k % args.master_cf_every == 0:  # both sides played out from here
                     m_alt_actions[k] = other_side(m_logits, directive)
-                    twin.set_state(envs.get_state())
-                    twin.set_directives(m_alt_actions[k].cpu().numpy())
-                    twin_sums, twin_alive = {key: np.zeros(E) for key in INGREDIENTS}, alive.copy()
-                    twin_dd = track["dd"]
+                    sides = (directive.cpu().numpy(), m_alt_actions[k].cpu().numpy())
+                    played = counterfactual_rewards(envs, twins, sides, anchor, agent, device, args, track["dd"],
+                                                    bench_close)  # fmt: skip
+                    m_cf[k] = torch.as_tensor(played.T, dtype=torch.float32, device=device)
                 m_terms[k], m_truncs[k], m_final_values[k] = False, False, 0.0
             for key, v in obs.items():
                 v[step].copy_(torch.as_tensor(next_obs_np[key]))
@@ -808,13 +846,6 @@ if __name__ == "__main__":
                                           args.dd_threshold)  # fmt: skip
             for key, x in ingredients.items():
                 sums[key] += np.where(alive, x, 0.0)
-            if counterfactual:  # the same bar on the other side (argmax agents: the same decisions where books agree)
-                _, _, twin_term, twin_trunc, twin_info = twin.step(symbol_actions(agent, twin.obs, device, True))
-                for key, x in bar_ingredients(twin_info, shadow_info, twin_dd, track["shadow_dd"], bench_close,
-                                              args.dd_threshold).items():  # fmt: skip
-                    twin_sums[key] += np.where(twin_alive, x, 0.0)
-                twin_alive &= ~(twin_term | twin_trunc).any(1)
-                twin_dd = twin_info["drawdown"][:, 0]
             m_terms[k] |= torch.as_tensor(alive & terminated.any(1), device=device)
             ended_by_time = alive & truncated.any(1)
             if ended_by_time.any():
@@ -827,9 +858,6 @@ if __name__ == "__main__":
             if step % I == I - 1:
                 parts = master_reward(sums, args, S)
                 m_rewards[k] = torch.as_tensor(sum(parts.values()), dtype=torch.float32, device=device)
-                if counterfactual:
-                    alt_reward = sum(master_reward(twin_sums, args, S).values())
-                    m_alt_rewards[k] = torch.as_tensor(alt_reward, dtype=torch.float32, device=device)
                 for key, v in parts.items():
                     m_comps[key] = m_comps.get(key, 0.0) + float(v.mean()) / M
 
@@ -898,8 +926,9 @@ if __name__ == "__main__":
         mb_act, mb_logp, mb_adv, mb_tgt, mb_old = map(
             flat, (m_actions, m_logprobs, m_advantages, m_targets, m_raw_values)
         )
-        mb_alt, mb_rew, mb_alt_rew = flat(m_alt_actions), flat(m_rewards), flat(m_alt_rewards)
-        cf_scale = float((mb_rew - mb_alt_rew).std()) + 1e-8 if counterfactual else 1.0  # the two sides' spread
+        mb_alt, mb_cf, mb_valid = flat(m_alt_actions), flat(m_cf), flat(m_cf_valid)
+        spread = (mb_cf[..., 0] - mb_cf[..., 1])[mb_valid]
+        cf_scale = float(spread.std()) + 1e-8 if len(spread) > 1 else 1.0  # the two sides' spread
         m_clipfracs, head_entropy = [], np.zeros(len(DIRECTIVE_SHAPE))
         ent_coef = torch.as_tensor(np.exp(log_ent_coef), dtype=torch.float32, device=device)  # (3,) per head
         m_epochs = args.master_update_epochs or args.update_epochs  # None: the symbol agents' setting
@@ -916,7 +945,12 @@ if __name__ == "__main__":
                 )  # fmt: skip
                 m_clipfracs.append(clipfrac)
                 if counterfactual:  # the all-action loss replaces the sampled side's clipped surrogate
-                    m_pg_loss = all_action_loss(logits, mb_act[j], mb_rew[j], mb_alt[j], mb_alt_rew[j], cf_scale)
+                    v = mb_valid[j]  # the decisions played out (a minibatch without one leaves the actor alone)
+                    m_pg_loss = (
+                        all_action_loss(logits[v], mb_act[j][v], mb_cf[j][v, 0], mb_alt[j][v], mb_cf[j][v, 1], cf_scale)
+                        if v.any()
+                        else logits.sum() * 0.0
+                    )
                 m_entropy = entropy.mean()  # of the joint directive, normalised by log(60)
                 heads = master.head_entropies(mb_emb[j], mb_glob[j]).mean(0)  # (3,) normalised, per head
                 head_entropy += heads.detach().cpu().numpy() / (m_epochs * m_minibatches)
@@ -986,13 +1020,14 @@ if __name__ == "__main__":
             "perf/update_seconds": update_seconds,
         }
         metrics.update({f"master_reward/{key}": v for key, v in m_comps.items()})
-        if counterfactual:  # which side paid more over each decision's interval, and what the drawn side gave up
-            flat_chosen = torch.as_tensor(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE)[0] == 0)
-            flat_reward = torch.where(flat_chosen.to(device), m_rewards, m_alt_rewards)
-            anchor_reward = torch.where(flat_chosen.to(device), m_alt_rewards, m_rewards)
+        if counterfactual:  # at the decisions played out: which side paid more, and what the drawn side gave up
+            risk = torch.as_tensor(np.unravel_index(m_actions.cpu().numpy(), DIRECTIVE_SHAPE)[0], device=device)
+            flat_chosen = (risk == 0)[m_cf_valid]
+            chosen, other = m_cf[..., 0][m_cf_valid], m_cf[..., 1][m_cf_valid]
+            flat_reward = torch.where(flat_chosen, chosen, other)
+            anchor_reward = torch.where(flat_chosen, other, chosen)
             metrics["master/counterfactual_flat_share"] = (flat_reward > anchor_reward).float().mean().item()
-            regret = torch.maximum(m_rewards, m_alt_rewards) - m_rewards
-            metrics["master/counterfactual_regret"] = regret.mean().item()
+            metrics["master/counterfactual_regret"] = (torch.maximum(chosen, other) - chosen).mean().item()
         if episodes:
             metrics["charts/episodic_return"] = float(np.mean(episodes["reward"]))  # sum of rewards
             metrics["charts/episodic_length"] = float(np.mean(episodes["length"]))

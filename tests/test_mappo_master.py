@@ -419,33 +419,45 @@ def test_all_action_loss_moves_each_decision_toward_the_side_that_paid():
         mappo.other_side(torch.zeros(1, te.NUM_DIRECTIVES), torch.tensor([0]))
 
 
-def test_twin_replays_an_interval_from_the_same_state():
-    """The counterfactual twin: a core set to another core's state and directive, stepped by the same deterministic
-    agents over the same bars, earns the same reward ingredients bar for bar (so what differs between the two sides
-    is the directive alone), and on the other side of the switch (flat: no new buys) it earns something else."""
+def test_counterfactual_rewards_play_each_side_out_and_leave_the_account_alone():
+    """counterfactual_rewards: each side is played out on a twin from the account's state, its first interval on
+    that side and the next on the anchor, the argmax agents acting on the twin's observations; the result equals the
+    discounted paired utility and drawdown penalty computed by hand (the shadow's terms left out), the anchor's side
+    equals the account's own future, flat differs, and the account itself has not moved."""
     market = make_synthetic_prepared(num_symbols=3, years=0.5)
     flat, anchor = (int(np.ravel_multi_index((r, 1, 2), te.DIRECTIVE_SHAPE)) for r in (0, 3))
-    account, shadow, twin = (te.VecTradingCore(market, 2, mode="portfolio", seed=0) for _ in range(3))
-    agents = lambda obs: np.where(obs["action_mask"][..., te.BUY_SMALL] == 1, te.BUY_SMALL, te.HOLD)  # noqa: E731
-    account.reset(seed=0), shadow.reset(seed=0)
-    for directive in (anchor, flat):
-        account.set_directives(np.full(2, anchor))
-        shadow.set_directives(np.full(2, anchor))
-        start, shadow_start = account.get_state(), shadow.get_state()
-        twin.set_state(start)
-        twin.set_directives(np.full(2, directive))
-        zeros = np.zeros(2)
-        sums = {side: {k: np.zeros(2) for k in mappo.INGREDIENTS} for side in ("account", "twin")}
-        for _ in range(7):
-            _, _, _, _, shadow_info = shadow.step(agents(shadow.obs))
-            for side, core in (("account", account), ("twin", twin)):
-                _, _, _, _, info = core.step(agents(core.obs))
-                for k, x in mappo.bar_ingredients(info, shadow_info, zeros, zeros, market.data.benchmark, 0.05).items():
-                    sums[side][k] += x
-        same = all(np.allclose(sums["account"][k], sums["twin"][k]) for k in mappo.INGREDIENTS)
-        assert same == (directive == anchor), directive
-        account.set_state(start)  # the next side starts from the same state
-        shadow.set_state(shadow_start)
+    agent = SymbolPolicy(3, EncoderConfig(kind="mlp", d_model=16, output_dim=16, dropout=0.0), directive_dim=4)
+    args = mappo.Args(master_interval=7, master_cf_horizon=2, master_gamma=0.8, risk_aversion=50.0)
+    account, *twins = (te.VecTradingCore(market, 2, mode="portfolio", seed=0) for _ in range(3))
+    account.reset(seed=0)
+    account.set_directives(np.full(2, anchor))
+    for _ in range(30):  # a book to start from
+        account.step(mappo.symbol_actions(agent, account.obs, "cpu", True))
+    before, last_dd = account.get_state(), np.full(2, 0.06)  # the drawdown at the last bar, beyond the threshold
+    played = mappo.counterfactual_rewards(account, twins, (np.full(2, anchor), np.full(2, flat)), anchor, agent,
+                                          "cpu", args, last_dd, market.data.benchmark)  # fmt: skip
+    after = account.get_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before if isinstance(before[k], np.ndarray))
+
+    def by_hand(first):
+        core = te.VecTradingCore(market, 2, mode="portfolio", seed=0)
+        core.set_state(before)
+        total, dd_prev = np.zeros(2), last_dd
+        for h in range(2):
+            core.set_directives(np.full(2, first if h == 0 else anchor))
+            utility, dd_up = np.zeros(2), np.zeros(2)
+            for _ in range(7):
+                _, _, _, _, info = core.step(mappo.symbol_actions(agent, core.obs, "cpu", True))
+                r, dd = info["account_return"][:, 0], info["drawdown"][:, 0]
+                utility += r - 25.0 * r * r
+                dd_up += np.maximum(np.maximum(dd - 0.05, 0) - np.maximum(dd_prev - 0.05, 0), 0)
+                dd_prev = dd
+            total += 0.8**h * (100 * utility - 2.0 * 100 * dd_up)
+        return total
+
+    np.testing.assert_allclose(played[0], by_hand(anchor), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(played[1], by_hand(flat), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(played[0], played[1])  # flat buys nothing new for a day: another book
 
 
 def test_value_norm_tracks_running_mean_and_std():

@@ -213,15 +213,20 @@ def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
 
 # CPU default encoder: an MLP, about 100x faster than the default transformer on CPU (docs/training.md).
 CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+# the small transformer of the speed and learning benchmarks (bench_train.py, bench_learning.py's ppo_transformer)
+SMALL_TRANSFORMER_ENCODER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
+                             "output_dim": 64}  # fmt: skip
+ENCODER_PRESETS = {"cpu": CPU_ENCODER, "small_transformer": SMALL_TRANSFORMER_ENCODER}
 
 
 def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple[EncoderConfig, str]:
-    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu fills the encoder fields left at their
-    (transformer) defaults from CPU_ENCODER. Returns the encoder and the preset applied."""
+    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu and small_transformer fill the encoder
+    fields left at their (seed transformer) defaults from CPU_ENCODER or SMALL_TRANSFORMER_ENCODER. Returns the
+    encoder and the preset applied."""
     preset = preset if preset != "auto" else ("as_given" if use_cuda else "cpu")
-    if preset == "cpu":
+    if preset in ENCODER_PRESETS:
         default = EncoderConfig()
-        fill = {k: v for k, v in CPU_ENCODER.items() if getattr(encoder, k) == getattr(default, k)}
+        fill = {k: v for k, v in ENCODER_PRESETS[preset].items() if getattr(encoder, k) == getattr(default, k)}
         encoder = dataclasses.replace(encoder, **fill)
     return encoder, preset
 

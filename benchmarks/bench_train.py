@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from common import ROOT, repeat_timed, write_json
 
+import experiment as xp
+
 SCRIPT = ROOT / "ppo_symbol_agent.py"
-SMALL_TRANSFORMER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
-                     "output_dim": 64}  # fmt: skip
-MLP = {"kind": "mlp", "d_model": 128, "output_dim": 128}
+SMALL_TRANSFORMER = xp.SMALL_TRANSFORMER_ENCODER  # --encoder-preset small_transformer
+MLP = xp.CPU_ENCODER  # --encoder-preset cpu
 MINIBATCHES = 8  # per update epoch (4 epochs), as ppo_symbol_agent.py's default
 
 

@@ -366,3 +366,18 @@ def test_peak_memory_is_the_process_own_high_water_mark():
                                       check=True).stdout  # fmt: skip
     held, little = float(run(probe.format(hold))), float(run(probe.format("")))
     assert held >= 400 and little < held - 350
+
+
+def test_encoder_presets_fill_only_the_fields_left_at_their_defaults():
+    """--encoder-preset: auto is the MLP on CPU and the seed's transformer as given on CUDA; small_transformer is the
+    benchmarks' small transformer on either device; a field the user set survives every preset."""
+    from encoders import EncoderConfig
+    from experiment import CPU_ENCODER, SMALL_TRANSFORMER_ENCODER, encoder_preset
+
+    assert encoder_preset(EncoderConfig(), "auto", use_cuda=False) == (EncoderConfig(**CPU_ENCODER), "cpu")
+    assert encoder_preset(EncoderConfig(), "auto", use_cuda=True) == (EncoderConfig(), "as_given")
+    for cuda in (False, True):
+        small, name = encoder_preset(EncoderConfig(), "small_transformer", use_cuda=cuda)
+        assert name == "small_transformer" and small == EncoderConfig(**SMALL_TRANSFORMER_ENCODER)
+    mine, _ = encoder_preset(EncoderConfig(num_layers=2), "small_transformer", use_cuda=False)
+    assert mine.num_layers == 2 and mine.d_model == 64

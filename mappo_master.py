@@ -88,9 +88,9 @@ blocks, each fold trained from scratch on its own earlier train split (--data.fo
 its own validation split, graded on its block; the fold runs and the stitched out-of-sample report go in one folder"""
     encoder_preset: Literal["auto", "cpu", "small_transformer", "as_given"] = "auto"
     """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); small_transformer: they become the small transformer of the benchmarks
-(d_model 64, 4 heads, 1 layer, feed-forward 128, output_dim 64; benchmarks/BENCHMARKS.md); as_given: the --encoder.*
-fields as they are (defaults: the seed's transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+encoder (d_model 128, output_dim 128); small_transformer: they become the small transformer of the
+benchmarks, d_model 64, 4 heads, 1 layer, feed-forward 128, output_dim 64 (benchmarks/BENCHMARKS.md); as_given:
+the --encoder.* fields as they are (defaults: the seed's transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False
@@ -209,13 +209,13 @@ anchored on the best constant, else full (on held-out bars the market inputs bea
 benchmarks/BENCHMARKS.md). The centralised critic reads the global state either way"""
     master_advantage: Literal["gae", "counterfactual"] = "gae"
     """how the master's actor learns. gae: PPO-clip on the drawn directive's GAE advantage; counterfactual: at every
---master-cf-every-th decision point both sides of the two-way risk switch are played out from the account's state on
-the same bars with the same frozen argmax agents (two twin cores): that side for one interval, then the anchor for
---master-cf-horizon - 1 more, so that what a day's choice leaves in the book is credited to it. R(s, a) is that
-stream's discounted paired reward (--master-gamma), and the actor maximises sum_a pi(a|s) R(s, a) over both sides, an
-all-action policy gradient without the noise of which side was drawn (counterfactual_rewards). Needs frozen argmax
-agents, --master-heads risk, --master-risk-levels flat_or_anchor (their auto values with --symbol-checkpoint) and
-the paired reward"""
+n-th decision point (--master-cf-every) both sides of the two-way risk switch are played out from the account's
+state on the same bars with the same frozen argmax agents (two twin cores): that side for one interval, then the
+anchor for the rest of --master-cf-horizon, so that what a day's choice leaves in the book is credited to it. R(s, a)
+is that stream's paired reward discounted by --master-gamma, and the actor maximises sum_a pi(a|s) R(s, a) over both
+sides, an all-action policy gradient without the noise of which side was drawn (counterfactual_rewards). Needs
+frozen argmax agents, --master-heads risk, --master-risk-levels flat_or_anchor (their auto values with
+a --symbol-checkpoint) and the paired reward"""
     master_cf_horizon: int = 3
     """--master-advantage counterfactual: the intervals (days) each side is played out for"""
     master_cf_every: int = 2

@@ -414,6 +414,39 @@ def plot(markets: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_arms(by_arm: dict[str, dict], path: Path) -> None:
+    """Per market run by more than one arm, one panel: each arm's test Sharpe per seed, its mean with the 95%
+    interval, and the rule ceiling's mean over the same seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for m in by_arm.values() for k in m}, key=str)
+    keys = [k for k in keys if sum(k in m for m in by_arm.values()) > 1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6.0, 1.3 * len(by_arm)) * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        arms = [a for a in ARMS if key in by_arm.get(a, {})]
+        for i, arm in enumerate(arms):
+            m = by_arm[arm][key]
+            x = np.full(len(m["agent_sharpe"]), i) + np.linspace(-0.12, 0.12, len(m["agent_sharpe"]))
+            ax.scatter(x, m["agent_sharpe"], color="tab:blue", zorder=3, label="seeds" if i == 0 else None)
+            lo, hi = m["agent_ci95"]
+            if np.isfinite(lo):
+                ax.errorbar(i + 0.25, m["agent_mean"], yerr=[[m["agent_mean"] - lo], [hi - m["agent_mean"]]],
+                            fmt="o", color="navy", capsize=4, label="mean, 95% CI" if i == 0 else None)  # fmt: skip
+            ax.scatter(i - 0.3, m["ceiling_mean"], marker="_", s=300, color="tab:green",
+                       label="rule ceiling (mean, same seeds)" if i == 0 else None)  # fmt: skip
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"market {key}")
+        ax.set_ylabel("test-split Sharpe (annualised)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     xp.report_user_errors()  # a piece's refused flags: one message, exit status 2, no traceback
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -478,6 +511,7 @@ def main() -> None:
         if others:  # every other arm, each in the default arm's structure, and the table of them all
             record["arms"] = {arm: {"markets": m, "pieces": listed[arm]} for arm, m in others.items()}
             record["arms_table"] = arms_table(by_arm)
+            plot_arms(by_arm, picture.with_name(picture.stem + "_arms.png"))
         write_json(summary_path, record)
         print(record["table"])
         if others:

@@ -145,6 +145,7 @@ def test_summary_reads_a_folder_of_mixed_arms(pieces_dir, tmp_path, monkeypatch)
     rows = out["arms_table"].splitlines()
     assert [r.split(" | ")[1] for r in rows[2:]] == ["ppo", "sb3_maskable_ours", "sb3_ppo_default"]
     assert (tmp_path / "learning.png").is_file()
+    assert (tmp_path / "learning_arms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every arm, per seed
 
 
 @pytest.mark.parametrize(

@@ -398,7 +398,7 @@ def other_side(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 def all_action_loss(logits: torch.Tensor, chosen, reward_chosen, alt, reward_alt, scale: float) -> torch.Tensor:
     """-sum_a pi(a|s) R(s, a) / scale, averaged over decisions: the all-action policy loss of a two-way switch whose
-    rewards under both sides are known (the chosen side's from the account, the other's from the twin). A per-decision
+    rewards under both sides are known (each played out on a twin: counterfactual_rewards). A per-decision
     baseline would not change its gradient (the probabilities sum to 1), so none is subtracted."""
     p = torch.softmax(logits.float(), dim=-1)
     rows = torch.arange(len(chosen), device=logits.device)
@@ -700,7 +700,8 @@ if __name__ == "__main__":
         master.restrict_head(HEAD_NAMES.index("risk"), {0, int(np.unravel_index(anchor, DIRECTIVE_SHAPE)[0])})
     shadow.set_directives(np.full(E, anchor))
     # --master-advantage counterfactual: two twins of the master account play each side of the switch out
-    twins = [VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg) for _ in range(2)]
+    twin = lambda: VecTradingCore(market, E, split=args.split, mode="portfolio", config=env_cfg)  # noqa: E731
+    twins = [twin(), twin()] if counterfactual else []
     track = {"dd": np.zeros(E), "shadow_dd": np.zeros(E)}  # master reward trackers per env: the last drawdowns
     last_actions = np.zeros((E, S), np.int64)
     sampled = not args.freeze_symbols or args.frozen_sampling  # trained symbol agents sample (PPO is on-policy)
@@ -806,8 +807,8 @@ if __name__ == "__main__":
                 envs.set_directives(directive.cpu().numpy())
                 sums = {key: np.zeros(E) for key in INGREDIENTS}
                 alive = np.ones(E, dtype=bool)
-                m_cf_valid[k] = counterfactual and k % args.master_cf_every == 0
-                if counterfactual and k % args.master_cf_every == 0:  # both sides played out from here
+                m_cf_valid[k] = play_out = counterfactual and k % args.master_cf_every == 0
+                if play_out:  # both sides played out from here
                     m_alt_actions[k] = other_side(m_logits, directive)
                     sides = (directive.cpu().numpy(), m_alt_actions[k].cpu().numpy())
                     played = counterfactual_rewards(envs, twins, sides, anchor, agent, device, args, track["dd"],

@@ -1041,13 +1041,19 @@ def gather_on_rank0(obj, rank: int, world_size: int) -> list | None:
     return objs
 
 
-def close_distributed(world_size: int) -> None:
-    """Leave the process group together: a barrier first, so that no rank tears gloo down while another still talks
-    to it (without it, a rank that finished early sometimes aborted at exit with "terminate called without an active
-    exception")."""
+def leave_distributed(world_size: int, status: int = 0) -> None:
+    """Under torchrun, leave the process group together and end this process with `status`; a no-op with one
+    process. A barrier first, so that no rank tears gloo down while another still talks to it. Then os._exit after
+    flushing, skipping the interpreter's finalisation: gloo's worker threads can still hold tensors when it runs, and
+    a thread that takes the GIL during finalisation aborts the process ("terminate called without an active
+    exception", exit -6; seen intermittently in CI on both ranks after destroy_process_group). Everything a run
+    writes is closed before this (finish_run, exit_interrupted)."""
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def assert_ranks_agree(tensors, rank: int) -> None:
@@ -1090,7 +1096,7 @@ def exit_interrupted(writer, run_dir: Path, global_step: int, saved: bool, rank:
         writer.close()
         hint = f"; continue with --resume {run_dir / 'checkpoint.pt'}" if saved else ""
         print(f"stopped at global_step={global_step}, run folder {run_dir} left incomplete{hint}", flush=True)
-    close_distributed(world_size)
+    leave_distributed(world_size, 130)
     raise SystemExit(130)
 
 

@@ -1085,4 +1085,4 @@ if __name__ == "__main__":
                    val=last_eval, telemetry=last_telemetry, stress=stress)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree([*model.parameters(), *model.buffers()], rank)
-    xp.close_distributed(args.world_size)
+    xp.leave_distributed(args.world_size)

@@ -867,4 +867,4 @@ if __name__ == "__main__":
                    stress=stress, pretrain=pretrained)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree(agent.parameters(), rank)
-    xp.close_distributed(args.world_size)
+    xp.leave_distributed(args.world_size)

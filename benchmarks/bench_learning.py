@@ -12,6 +12,7 @@ learners ("arms") on the same markets, symbol-steps, test split, backtest and ba
     python benchmarks/bench_learning.py --study init_2m --all --arms ppo ppo_pretrain_masked ppo_warm_direction \
         --signals 0.3 -- --total-timesteps 2000000       # an A/B with its own budget, in its own folder
     python benchmarks/bench_learning.py --study s143 --all --signals 0.3 0 -- --data.num-symbols 143   # 143 symbols
+    python benchmarks/bench_learning.py --study s143_e1 --summary --against s143   # one study paired with another
 
 Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,
 4M symbol-steps, unless flags after -- say otherwise; the same flags go to every arm):
@@ -384,6 +385,28 @@ def load_pieces() -> dict[str, list[dict]]:
     return pieces
 
 
+def paired_studies(mine: list[dict], theirs: list[dict], name: str) -> dict:
+    """The default arm of this study against the default arm of study `name` (other flags after --, same markets
+    and seeds): per market, both means over the seeds both have and this minus that, paired by seed, with its 95%
+    interval, and the Markdown table of it."""
+    rows, out = [], {}
+    for key in sorted({piece_key(q) for q in mine}, key=market_order):
+        a = {q["seed"]: q["test"]["agent"]["sharpe"] for q in mine if piece_key(q) == key}
+        b = {q["seed"]: q["test"]["agent"]["sharpe"] for q in theirs if piece_key(q) == key}
+        common = sorted(set(a) & set(b))
+        if not common:
+            continue
+        diff = np.array([a[k] - b[k] for k in common])
+        mean, lo, hi = t_interval(diff)
+        out[key] = {"seeds": common, "this": [a[k] for k in common], "that": [b[k] for k in common],
+                    "diff": diff.tolist(), "mean": mean, "ci95": [lo, hi]}  # fmt: skip
+        rows.append(f"| {key} | {len(common)} | {np.mean(out[key]['this']):.2f} | {np.mean(out[key]['that']):.2f} | "
+                    f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] | {', '.join(f'{d:+.2f}' for d in diff)} |")  # fmt: skip
+    head = (f"| market | seeds in both | this study | study {name} | this minus {name}, paired: mean [95% CI] | "
+            "per seed |\n|---|---|---|---|---|---|")  # fmt: skip
+    return {"study": name, "markets": out, "table": "\n".join([head, *rows])}
+
+
 def plot(markets: dict, path: Path) -> None:
     """The agent's test Sharpe per seed beside its mean interval, the rule ceiling and the baselines, per market."""
     import matplotlib
@@ -466,6 +489,9 @@ def main() -> None:
     p.add_argument("--study", default=None, help="a study of its own: pieces under results/learning_<STUDY>/ (the "
                    "ppo arm's there too), summary in results/learning_<STUDY>.json; for A/Bs with their own budget "
                    "(flags after --), e.g. --study init_2m -- --total-timesteps 2000000")  # fmt: skip
+    p.add_argument("--against", default=None, help="with --summary: pair the default arm with that of another study "
+                   "(its name; 'default' for results/learning/) by market and seed, e.g. --study s143_e1 --summary "
+                   "--against s143")  # fmt: skip
     p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --), every arm")
     args = p.parse_args()
     global PIECES
@@ -512,10 +538,18 @@ def main() -> None:
             record["arms"] = {arm: {"markets": m, "pieces": listed[arm]} for arm, m in others.items()}
             record["arms_table"] = arms_table(by_arm)
             plot_arms(by_arm, picture.with_name(picture.stem + "_arms.png"))
+        if args.against:
+            folder = RESULTS / ("learning" if args.against == "default" else f"learning_{args.against}")
+            theirs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+            if not theirs:
+                p.error(f"--against {args.against}: no pieces under {folder}")
+            record["against"] = paired_studies(pieces["ppo"], [q for q in theirs if "daily_returns" in q], args.against)
         write_json(summary_path, record)
         print(record["table"])
         if others:
             print("\n" + record["arms_table"])
+        if args.against:
+            print("\n" + record["against"]["table"])
 
 
 if __name__ == "__main__":

@@ -174,3 +174,20 @@ def test_sb3_learner_refuses_ppo_only_flags(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "--save-model is a flag of ppo_symbol_agent.py" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_paired_studies_pairs_by_market_and_seed():
+    """--against: this study's default arm minus another's, on the seeds both have, market by market."""
+
+    def piece(signal, seed, sharpe):
+        return {"signal": signal, "seed": seed, "test": {"agent": {"sharpe": sharpe}}}
+
+    mine = [piece(0.3, 1, 9.0), piece(0.3, 2, 7.0), piece(0.3, 3, 5.0), piece(0.0, 1, 0.5)]
+    theirs = [piece(0.3, 1, 7.0), piece(0.3, 2, 6.0), piece(0.0, 2, 0.1)]  # seed 3 and the placebo's seed 1 unpaired
+    out = bl.paired_studies(mine, theirs, "other")
+    assert list(out["markets"]) == ["0.3"]  # no seed of the placebo in both
+    m = out["markets"]["0.3"]
+    assert m["seeds"] == [1, 2] and m["diff"] == [2.0, 1.0] and m["mean"] == pytest.approx(1.5)
+    half = 12.706 * np.std([2.0, 1.0], ddof=1) / np.sqrt(2)  # Student t, 1 degree of freedom
+    assert m["ci95"] == pytest.approx([1.5 - half, 1.5 + half], rel=1e-3)
+    assert "| 0.3 | 2 | 8.00 | 6.50 | +1.50" in out["table"]

@@ -32,22 +32,44 @@ import torch.nn as nn
 from encoders import EncoderConfig, SymbolPolicy, encoder_config_from_dict
 from market_data import DataConfig, PreparedMarket, UserInputError, check_data_config, prepare_market
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # The checks of the experiment flags every script has (each script's Args writes them out)
 # ---------------------------------------------------------------------------------------------------------------
+
+# the symbol-steps of one rollout that --num-envs' default aims at: 16 envs x 64 steps x 10 symbols
+ROLLOUT_SYMBOL_STEPS = 10_240
+
+
+def check_minibatches(args) -> None:
+    """Minibatches split a rollout's env-steps (num_steps * num_envs) and keep every symbol."""
+    T, E = args.num_steps, args.num_envs
+    require(
+        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
+        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
+        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
+    )
+
+
+def resolve_num_envs(args, num_symbols: int) -> int:
+    """--num-envs left out: enough envs for about ROLLOUT_SYMBOL_STEPS symbol-steps a rollout, from 1 to 16 (16 up to
+    10 symbols at 64 steps, 1 at 143), so that a run makes about as many PPO updates per symbol-step whatever the
+    universe. At 143 symbols 16 envs gave 14 updates in 2M symbol-steps and learned less (benchmarks/BENCHMARKS.md,
+    "Learning at 143 symbols"). Sets args.num_envs and checks the minibatches against it."""
+    if args.num_envs is None:
+        args.num_envs = int(min(16, max(1, round(ROLLOUT_SYMBOL_STEPS / (args.num_steps * num_symbols)))))
+    check_minibatches(args)
+    return args.num_envs
+
+
 def check_run_args(args) -> None:
     """The checks of the flags both scripts share, before any data is prepared: a rollout that minibatches can split
     (by env-steps, keeping every symbol), --resume and --eval-checkpoint apart, a test split other than the training
     split and, where weights are selected on --eval-split (--final-weights best_val), other than that split too,
     MLflow installed for --track, and the --data.* flags."""
     T, E = args.num_steps, args.num_envs
-    require(T > 0 and E > 0, f"--num-steps ({T}) and --num-envs ({E}) must be positive")
-    require(
-        1 <= args.num_minibatches <= T * E and (T * E) % args.num_minibatches == 0,
-        f"--num-minibatches ({args.num_minibatches}) must divide num_steps * num_envs ({T * E}): minibatches split "
-        "env-steps and keep every symbol; lower --num-minibatches or raise --num-steps / --num-envs",
-    )
+    require(T > 0 and (E is None or E > 0), f"--num-steps ({T}) and --num-envs ({E}) must be positive")
+    if E is not None:  # otherwise checked once the number of symbols sets it (resolve_num_envs)
+        check_minibatches(args)
     require(
         not (args.resume and args.eval_checkpoint),
         "--resume and --eval-checkpoint exclude each other: resume a "

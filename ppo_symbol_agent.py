@@ -158,8 +158,10 @@ empty (the default): every symbol from the start"""
     """total symbol-steps of the experiment (all ranks together)"""
     learning_rate: float = 3e-4
     """the learning rate of the optimizer"""
-    num_envs: int = 16
-    """the number of parallel environments per rank (each trades all symbols)"""
+    num_envs: int | None = None
+    """the number of parallel environments per rank (each trades all symbols); left out: about 10,240 symbol-steps a
+rollout, 16 envs up to 10 symbols and 1 at 143 (experiment.resolve_num_envs: at 143 symbols 16 envs made too few
+updates)"""
     num_steps: int = 64
     """the number of steps per environment per rollout"""
     anneal_lr: bool = True
@@ -532,7 +534,7 @@ if __name__ == "__main__":
     xp.report_user_errors()  # bad input: one message naming the input and the fix, exit status 2, no traceback
     defaults = xp.resume_defaults(Args, sys.argv[1:])  # --resume: the run's own settings, unless a flag says otherwise
     args = tyro.cli(Args) if defaults is None else tyro.cli(Args, default=defaults)
-    T, E = args.num_steps, args.num_envs
+    T = args.num_steps
     xp.check_run_args(args)  # the flags both scripts share, and the --data.* flags
     xp.require(not args.explain or args.eval_checkpoint, "--explain explains a saved agent: add --eval-checkpoint "
                "runs/<run>/best.pt (or checkpoint.pt), or leave --explain out to train")  # fmt: skip
@@ -553,6 +555,7 @@ if __name__ == "__main__":
 
     market = xp.prepare_market_on_ranks(args.data, rank, args.world_size)
     S = args.num_symbols = len(market.data.symbols)
+    E = xp.resolve_num_envs(args, S)  # 16 up to 10 symbols, fewer above
     args.batch_size = T * E * S
     args.minibatch_size = args.batch_size // args.num_minibatches
     xp.rollout_iterations(args, rank)  # whole rollouts; a total that is not is announced

@@ -198,6 +198,7 @@ def main() -> None:
 
     market = xp.prepare_market_on_ranks(args.data, 0, 1)
     S = args.num_symbols = len(market.data.symbols)
+    xp.resolve_num_envs(args, S)  # as ppo_symbol_agent.py resolves it
     env_cfg = args.env
     xp.seed_everything(args.seed, args.torch_threads, args.torch_deterministic)
     venv = SB3VecEnv(market, num_envs=args.num_envs, split=args.split, config=env_cfg, seed=args.seed)

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import script_env
 from test_encoders import cfg, make_obs
 
 from encoders import SymbolPolicy
-from experiment import load_checkpoint, save_checkpoint
+from experiment import UserInputError, load_checkpoint, resolve_num_envs, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # 4 symbols x 2 envs x 32 steps = 256 symbol-steps a rollout, 2 rollouts; no SL fit, no cache, a short final report
@@ -381,3 +382,18 @@ def test_encoder_presets_fill_only_the_fields_left_at_their_defaults():
         assert name == "small_transformer" and small == EncoderConfig(**SMALL_TRANSFORMER_ENCODER)
     mine, _ = encoder_preset(EncoderConfig(num_layers=2), "small_transformer", use_cuda=False)
     assert mine.num_layers == 2 and mine.d_model == 64
+
+
+def test_num_envs_default_keeps_the_rollout_near_10k_symbol_steps():
+    """--num-envs left out: 16 envs up to 10 symbols (the defaults the learning table measured), fewer above, at least
+    1; a given value is kept; the minibatch check runs against the resolved value."""
+
+    def resolved(num_symbols, num_envs=None, num_steps=64, num_minibatches=4):
+        args = SimpleNamespace(num_envs=num_envs, num_steps=num_steps, num_minibatches=num_minibatches)
+        return resolve_num_envs(args, num_symbols), args.num_envs
+
+    assert [resolved(s)[0] for s in (1, 3, 10, 20, 50, 143, 500)] == [16, 16, 16, 8, 3, 1, 1]
+    assert resolved(143, num_envs=16) == (16, 16)
+    assert resolved(143) == (1, 1)  # written back, so that the run's settings record it
+    with pytest.raises(UserInputError, match=r"--num-minibatches \(3\) must divide num_steps \* num_envs \(64\)"):
+        resolved(143, num_minibatches=3)

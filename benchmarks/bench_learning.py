@@ -11,7 +11,8 @@ learners ("arms") on the same markets, symbol-steps, test split, backtest and ba
     python benchmarks/bench_learning.py --all --arms ppo ppo_lstm sb3_maskable_default --signals 0.3 --seeds 1 2 3
     python benchmarks/bench_learning.py --study init_2m --all --arms ppo ppo_pretrain_masked ppo_warm_direction \
         --signals 0.3 -- --total-timesteps 2000000       # an A/B with its own budget, in its own folder
-    python benchmarks/bench_learning.py --study s143 --all --signals 0.3 0 -- --data.num-symbols 143   # 143 symbols
+    python benchmarks/bench_learning.py --study s143_e1 --all --signals 0.3 0 -- --data.num-symbols 143 \
+        --total-timesteps 2000000 --num-envs 1        # 143 symbols (1 env: what --num-envs left out gives there)
     python benchmarks/bench_learning.py --study s143_e1 --summary --against s143   # one study paired with another
 
 Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,

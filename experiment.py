@@ -53,7 +53,7 @@ def check_minibatches(args) -> None:
 def resolve_num_envs(args, num_symbols: int) -> int:
     """--num-envs left out: enough envs for about ROLLOUT_SYMBOL_STEPS symbol-steps a rollout, from 1 to 16 (16 up to
     10 symbols at 64 steps, 1 at 143), so that a run makes about as many PPO updates per symbol-step whatever the
-    universe. At 143 symbols 16 envs gave 14 updates in 2M symbol-steps and learned less (benchmarks/BENCHMARKS.md,
+    universe. At 143 symbols 16 envs gave 13 updates in 2M symbol-steps and learned less (benchmarks/BENCHMARKS.md,
     "Learning at 143 symbols"). Sets args.num_envs and checks the minibatches against it."""
     if args.num_envs is None:
         args.num_envs = int(min(16, max(1, round(ROLLOUT_SYMBOL_STEPS / (args.num_steps * num_symbols)))))

@@ -120,18 +120,20 @@ def go_piece(market: str, seed: int, margin: float, gain: float | None, passed: 
 
 def test_go_summary_counts_intervals_and_refuses_a_skill_test_without_an_oracle_gain():
     pieces = [go_piece("flip", k, m, 1.0, m > 0) for k, m in enumerate([0.2, 0.4, 0.6], 1)]
+    pieces[1]["backtest"]["corr_rule"]["sharpe"] = 1.1  # a rule ahead of the ceiling on seed 2
     pieces += [go_piece("placebo-b", k, m, g, False) for k, (m, g) in enumerate([(0.1, 0.1), (-0.1, -0.1)], 1)]
     pieces += [go_piece("foresight", 1, 0.0, None, False)]
     summary = bm.market_summary(pieces)
     flip = summary["flip"]
     half = 4.303 * np.std([0.2, 0.4, 0.6], ddof=1) / np.sqrt(3)  # Student t, 2 degrees of freedom
     assert flip["seeds"] == 3 and flip["go"] == 3 and flip["beats_every_baseline"] == 3
+    assert flip["oracle_beats_every_baseline"] == 2 and summary["foresight"]["oracle_beats_every_baseline"] is None
     assert flip["margin_mean"] == pytest.approx(0.4) and flip["margin_ci95"] == pytest.approx([0.4 - half, 0.4 + half])
     assert flip["skill_test"] and flip["master_share_of_oracle_gain_mean"] == pytest.approx(0.4)
     assert not summary["placebo-b"]["skill_test"]  # the oracle's mean gain is under one standard error
     assert summary["foresight"]["oracle_gain_mean"] is None and not summary["foresight"]["skill_test"]
     text = bm.summary_table(summary)
-    assert "| flip | 3 | 3 | 0 | 3 | +0.40 [" in text and "no (oracle gain < 1 se)" in text
+    assert "| flip | 3 | 3 | 2 | 0 | 3 | +0.40 [" in text and "no (oracle gain < 1 se)" in text
     rows = bm.go_table(pieces).splitlines()
     assert rows[2].startswith("| flip | 1 | 1.20 | 1.00 |") and "| +0.20 (0.10) | +1.00 (0.20) |" in rows[2]
     assert "| 0.300 / 0.100 | 5.0% | 0.70 / 0.10 | 0.050 / 0.200 | yes |" in rows[2]

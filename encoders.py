@@ -574,8 +574,8 @@ class SymbolPolicy(nn.Module):
         z = self.encoder(obs)  # (B, S, D)
         return z if self.cross is None else self.cross(z, obs["technical"])
 
-    def _head_input(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = self.embed(obs)  # (B, S, D)
+    def _head_input(self, obs: dict[str, torch.Tensor], z: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.embed(obs) if z is None else z  # (B, S, D)
         if self.directive_dim > 0:
             if "directives" not in obs:
                 raise KeyError(
@@ -600,7 +600,12 @@ class SymbolPolicy(nn.Module):
 
     def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked logits (B, S, 7) and value (B, S) from one encoder pass."""
-        z = self._head_input(obs)
+        return self.heads(obs, self.embed(obs))
+
+    def heads(self, obs: dict[str, torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward from an embedding z = embed(obs) already computed (a caller that reads z too, e.g. an auxiliary
+        loss, pays one encoder pass)."""
+        z = self._head_input(obs, z)
         return self._masked(obs, self.actor(z)), self.critic(z).squeeze(-1)
 
     def get_value(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

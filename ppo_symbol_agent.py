@@ -40,7 +40,7 @@ from backtest import (
     save_backtest,
     save_explanation,
 )
-from encoders import MASKED_LOGIT, EncoderConfig, SymbolPolicy, set_input_shapes
+from encoders import MASKED_LOGIT, RET_1, EncoderConfig, SymbolPolicy, set_input_shapes
 from market_data import DataConfig
 from trading_env import (
     INCREASE_ACTIONS,
@@ -225,6 +225,11 @@ updates)"""
     """initial weight of the supervised prior, E_pi[-log q] (KL(pi || q) without pi's entropy); 0 disables it"""
     kl_prior_anneal_steps: int = 200_000
     """symbol-steps over which the prior's weight falls linearly to 0"""
+    aux_next_return: float = 0.0
+    """weight of an auxiliary loss: a linear read-out of the policy's embedding predicts each symbol's next bar
+return (the next observation's ret_1, known one step after the decision and never an input), its mean squared error
+in units of the rollout's standard deviation added to the PPO loss; the supervised gradient that teaches the
+--encoder.cross-symbol block which symbol leads which (docs/training.md). 0 turns it off"""
     kl_prior_temperature: float = 4.0
     """sharpness of the prior: logit of an action = temperature * direction * (mean sl_prob - 0.5)"""
 
@@ -390,6 +395,17 @@ def sl_prior_logprobs(sl_probs: torch.Tensor, action_mask: torch.Tensor, tempera
     logits = temperature * (p - 0.5) * direction  # (..., 7)
     logits = torch.where(action_mask.bool(), logits, torch.full_like(logits, -1e8))
     return torch.log_softmax(logits, dim=-1)
+
+
+def next_return_targets(technical: torch.Tensor, next_technical: torch.Tensor, ended: torch.Tensor):
+    """--aux-next-return's targets for a rollout: technical (T, E, S, L, F) the windows observed at each step,
+    next_technical (E, S, L, F) the observation after the last step, ended (T, E, S) bool the steps whose episode
+    ended (the next row then starts another episode). Returns (T, E, S) the next bar's ret_1 of each decision, in
+    units of its standard deviation over the rollout's valid rows, and (T, E, S) bool valid (not ended)."""
+    ret = torch.cat([technical[1:, ..., -1, RET_1], next_technical[None, ..., -1, RET_1]])  # (T, E, S)
+    valid = ~ended
+    scale = ret[valid].std() if valid.sum() > 1 else ret.new_tensor(1.0)
+    return ret / scale.clamp_min(1e-8), valid
 
 
 def curriculum_tradable(args: Args, global_step: int, num_symbols: int) -> np.ndarray | None:
@@ -579,12 +595,20 @@ if __name__ == "__main__":
     xp.require(not args.explain or args.encoder.cross_symbol == "none", "--explain credits each decision to its own "
                "symbol's window, but this agent's --encoder.cross-symbol block reads every symbol's: leave --explain "
                "out")  # fmt: skip
+    xp.require(args.aux_next_return >= 0, f"--aux-next-return {args.aux_next_return} is a loss weight: use 0 (off) "
+               "or a positive value")  # fmt: skip
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn
         agent.actor.biases[-1][:, 0] = args.hold_bias
     xp.broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # --aux-next-return: a read-out of the embedding, trained beside the policy; kept out of the agent's weights
+    # (every checkpoint reader stays as it is) and saved in the run checkpoint for --resume
+    aux_head = nn.Linear(args.encoder.output_dim, 1).to(device) if args.aux_next_return > 0 else None
+    trained = list(agent.parameters()) + ([] if aux_head is None else list(aux_head.parameters()))
+    if aux_head is not None:
+        xp.broadcast_parameters(aux_head, args.world_size)
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
     ctl = {"bonus_mult": 1.0, "guard_mult": 1.0, "interventions": 0}
     global_step, start_iteration, best_val, best_state, val_sharpes = 0, 1, -np.inf, None, []
     val_steps = []  # the global step of each periodic evaluation (the learning benchmark's curve)
@@ -598,6 +622,9 @@ if __name__ == "__main__":
         global_step, extra, own, run_dir = resumed
         ctl, start_iteration, best_val = extra["entropy_control"], extra["iteration"] + 1, extra["best_val"]
         val_sharpes, val_steps = extra.get("val_sharpes", []), extra.get("val_steps", [])
+        if aux_head is not None:
+            xp.require("aux_head" in extra, f"{args.resume} was trained without --aux-next-return: resume it without")
+            aux_head.load_state_dict(extra["aux_head"])
         if (run_dir / "best.pt").is_file():
             best_state = xp.load_checkpoint(run_dir / "best.pt")["model"]
         envs.set_state(own["core"])  # in place: next_obs_np is envs.obs
@@ -699,6 +726,12 @@ if __name__ == "__main__":
         if kl_coef > 0:  # (T*E, S, 7) prior log-probabilities under the rollout's masks
             b_prior = sl_prior_logprobs(b_obs["sl_probs"], b_obs["action_mask"], args.kl_prior_temperature)
 
+        b_aux = None
+        if aux_head is not None:  # (T*E, S) targets and validity: the bar after each decision, same episode
+            aux_y, aux_ok = next_return_targets(obs["technical"], next_obs_t["technical"], terminateds | truncateds)
+            b_aux = (aux_y.reshape(T * E, S), aux_ok.reshape(T * E, S))
+        aux_loss = torch.zeros((), device=device)
+
         b_inds = np.arange(T * E)
         mb_rows = (T * E) // args.num_minibatches
         clipfracs = []
@@ -707,7 +740,13 @@ if __name__ == "__main__":
             for start in range(0, T * E, mb_rows):
                 mb_inds = torch.as_tensor(b_inds[start : start + mb_rows], device=device)
                 mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
-                logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
+                if b_aux is None:
+                    logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
+                else:  # one encoder pass for the heads and the read-out
+                    z = agent.embed(mb_obs)
+                    logits, newvalue = agent.heads(mb_obs, z)
+                    ok = b_aux[1][mb_inds]
+                    aux_loss = ((aux_head(z).squeeze(-1) - b_aux[0][mb_inds])[ok] ** 2).mean()
                 _, newlogprob, entropy, choice = masked_policy(logits, b_actions[mb_inds])
                 pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac = ppo_loss(
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
@@ -724,12 +763,15 @@ if __name__ == "__main__":
 
                 entropy_loss = choice_mean(entropy, choice)  # normalised entropy (1 = uniform over allowed actions)
                 loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef + kl_coef * prior_ce
+                loss = loss + args.aux_next_return * aux_loss
 
                 optimizer.zero_grad()
                 loss.backward()
                 if args.world_size > 1:
                     xp.allreduce_grads(agent, args.world_size)
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    if aux_head is not None:
+                        xp.allreduce_grads(aux_head, args.world_size)
+                nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
                 optimizer.step()
 
             if args.target_kl is not None and xp.mean_over_ranks(approx_kl, args.world_size) > args.target_kl:
@@ -770,6 +812,8 @@ if __name__ == "__main__":
         if args.save_model and (periodic or stopping):
             extra = {"iteration": iteration, "entropy_control": ctl, "market": fingerprint, "best_val": best_val,
                      "val_sharpes": val_sharpes, "val_steps": val_steps}  # fmt: skip
+            if aux_head is not None:
+                extra["aux_head"] = aux_head
             xp.save_run_checkpoint(
                 run_dir, agent, optimizer, args, global_step, {"core": envs.get_state()}, extra, rank
             )
@@ -803,6 +847,7 @@ if __name__ == "__main__":
             "losses/clipfrac": float(np.mean(clipfracs)),
             "losses/explained_variance": float(explained_var),
             "losses/prior_cross_entropy": prior_ce.item(),
+            "losses/aux_next_return": aux_loss.item(),
             "reward/total": rewards.mean().item(),
             "perf/rollout_seconds": rollout_seconds,
             "perf/update_seconds": update_seconds,

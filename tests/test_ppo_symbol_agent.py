@@ -634,3 +634,47 @@ def test_curriculum_run_logs_its_stages_and_bad_schedules_are_refused(workdir):
     for bad in (["--curriculum", "0.5", "0.2"], ["--curriculum", "0.5", "--curriculum-span", "0"]):
         proc = run_script(PPO, workdir, *TINY, *bad, check=False)
         assert proc.returncode == 2 and "--curriculum" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_next_return_targets_are_the_next_bar_of_the_same_episode():
+    """Step t's target is ret_1 of the window observed at t + 1 (the last step's: of the observation after the
+    rollout), scaled by the valid rows' standard deviation; a step whose episode ended has no target."""
+    T, E, S, L, F = 4, 2, 3, 5, 6
+    technical = torch.randn(T, E, S, L, F)
+    after = torch.randn(E, S, L, F)
+    ended = torch.zeros(T, E, S, dtype=torch.bool)
+    ended[1, 0] = True  # env 0's episode ended at step 1: row 2 is another episode's first observation
+    target, valid = ppo.next_return_targets(technical, after, ended)
+    raw = torch.cat([technical[1:, ..., -1, 0], after[None, ..., -1, 0]])
+    scale = raw[~ended].std()
+    torch.testing.assert_close(target, raw / scale)
+    torch.testing.assert_close(target[-1] * scale, after[..., -1, 0])
+    assert valid.sum() == T * E * S - S and not valid[1, 0].any() and valid[1, 1].all()
+    earlier = technical.clone()
+    earlier[:, ..., :-1, :] = 0.0  # only the newest bar of each window matters
+    torch.testing.assert_close(ppo.next_return_targets(earlier, after, ended)[0], target)
+
+
+def test_aux_next_return_trains_logs_and_resumes_as_uninterrupted(workdir):
+    """A run with --aux-next-return logs losses/aux_next_return; its read-out travels in the run checkpoint, so a
+    resumed run ends with the weights of an uninterrupted one; a negative weight is refused."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = [*TINY, "--aux-next-return", "0.5", "--encoder.cross-symbol", "attention", "--save-model", "--no-anneal-lr"]
+    whole, split = workdir / "aux_whole", workdir / "aux_split"
+    run_script(PPO, workdir, *flags, "--total-timesteps", str(4 * ITER), "--run-dir", str(whole))
+    run_script(PPO, workdir, *flags, "--total-timesteps", str(2 * ITER), "--run-dir", str(split))
+    half = only_run(split)
+    run_script(PPO, workdir, *flags, "--total-timesteps", str(4 * ITER), "--resume", str(half / "checkpoint.pt"))
+    a = torch.load(only_run(whole) / "checkpoint.pt", weights_only=True)
+    b = torch.load(half / "checkpoint.pt", weights_only=True)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    for k, v in a["extra"]["aux_head"].items():
+        torch.testing.assert_close(b["extra"]["aux_head"][k], v, rtol=0, atol=0, msg=k)
+    acc = EventAccumulator(str(only_run(whole)), size_guidance={"scalars": 0})
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("losses/aux_next_return")]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+    proc = run_script(PPO, workdir, *TINY, "--aux-next-return", "-1", check=False)
+    assert proc.returncode == 2 and "--aux-next-return" in proc.stderr and "Traceback" not in proc.stderr

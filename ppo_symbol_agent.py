@@ -228,8 +228,8 @@ updates)"""
     aux_next_return: float = 0.0
     """weight of an auxiliary loss: a linear read-out of the policy's embedding predicts each symbol's next bar
 return (the next observation's ret_1, known one step after the decision and never an input), its mean squared error
-in units of the rollout's standard deviation added to the PPO loss; the supervised gradient that teaches the
---encoder.cross-symbol block which symbol leads which (docs/training.md). 0 turns it off"""
+in units of the rollout's standard deviation added to the PPO loss; the supervised gradient meant to teach the
+cross-symbol block (--encoder.cross-symbol) which symbol leads which (docs/training.md). 0 turns it off"""
     kl_prior_temperature: float = 4.0
     """sharpness of the prior: logit of an action = temperature * direction * (mean sl_prob - 0.5)"""
 

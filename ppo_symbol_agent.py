@@ -740,11 +740,9 @@ if __name__ == "__main__":
             for start in range(0, T * E, mb_rows):
                 mb_inds = torch.as_tensor(b_inds[start : start + mb_rows], device=device)
                 mb_obs = {k: v[mb_inds] for k, v in b_obs.items()}
-                if b_aux is None:
-                    logits, newvalue = agent(mb_obs)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
-                else:  # one encoder pass for the heads and the read-out
-                    z = agent.embed(mb_obs)
-                    logits, newvalue = agent.heads(mb_obs, z)
+                z = agent.embed(mb_obs)  # one encoder pass for the heads and, with --aux-next-return, the read-out
+                logits, newvalue = agent.heads(mb_obs, z)  # (mb, S, 7) logits masked by the rollout's mask, (mb, S)
+                if b_aux is not None:
                     ok = b_aux[1][mb_inds]
                     aux_loss = ((aux_head(z).squeeze(-1) - b_aux[0][mb_inds])[ok] ** 2).mean()
                 _, newlogprob, entropy, choice = masked_policy(logits, b_actions[mb_inds])

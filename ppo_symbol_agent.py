@@ -14,6 +14,7 @@ acts on entropy normalised by log(number of allowed actions); docs/training.md h
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -40,7 +41,7 @@ from backtest import (
     save_backtest,
     save_explanation,
 )
-from encoders import MASKED_LOGIT, RET_1, EncoderConfig, SymbolPolicy, set_input_shapes
+from encoders import MASKED_LOGIT, RET_1, EncoderConfig, SymbolPolicy, lagged_correlation, set_input_shapes
 from market_data import DataConfig
 from trading_env import (
     INCREASE_ACTIONS,
@@ -130,14 +131,16 @@ and without each of the 5 largest contributors"""
     """sampling seeds of the stochastic policy in the final backtest (reported as their mean, beside argmax)"""
 
     # --- encoder initialisation (docs/training.md, "Pretraining and warm start") ---
-    pretrain: Literal["none", "masked", "direction"] = "none"
+    pretrain: Literal["none", "masked", "direction", "next_return"] = "none"
     """fit the encoder before PPO on observations of the bars of --split (the flat account's, as the agents see them;
 no later bar): masked (masked-forecast pretraining, self-supervised: 15% of the lookback bars, at least one, are
 zeroed and their features reconstructed from the embedding) or direction (SL-to-RL warm start: the supervised
 signals' label, log(close[t + h] / close[t]) > --data.sl-threshold with h = --data.sl-horizon, classified from the
-embedding; labels whose horizon leaves the split are dropped); none: random initialisation. The encoder of the epoch
-with the lowest pretext loss on --eval-split is kept (the losses are logged as pretrain/*) and saved with its
-provenance (pretrained_encoder.pt)"""
+embedding; labels whose horizon leaves the split are dropped), next_return (every symbol's next-bar ret_1 regressed
+on its embedding, the symbols of a bar together, so that an --encoder.cross-symbol block is fitted with the
+encoder; bars whose next bar leaves the split are dropped); none: random initialisation. The encoder (and block) of
+the epoch with the lowest pretext loss on --eval-split is kept (the losses are logged as pretrain/*) and saved with
+its provenance (pretrained_encoder.pt)"""
     pretrain_samples: int = 100_000
     """--pretrain: (bar, symbol) observations drawn from --split (and a fifth as many from --eval-split to score it)"""
     pretrain_epochs: int = 5
@@ -230,6 +233,10 @@ updates)"""
 return (the next observation's ret_1, known one step after the decision and never an input), its mean squared error
 in units of the rollout's standard deviation added to the PPO loss; the supervised gradient meant to teach the
 cross-symbol block (--encoder.cross-symbol) which symbol leads which (docs/training.md). 0 turns it off"""
+    graph_from_train: float = 0.0
+    """with --encoder.cross-symbol attention: start the block's learned graph G (every head) at this scale times the
+lagged correlation of the symbols' ret_1 on --split, corr(r_i[t], r_j[t - 1]) over its bars: the lead-lag graph
+fitted in closed form on the training bars instead of by gradient from zero (docs/training.md); 0: G starts at 0"""
     kl_prior_temperature: float = 4.0
     """sharpness of the prior: logit of an action = temperature * direction * (mean sl_prob - 0.5)"""
 
@@ -423,6 +430,14 @@ def curriculum_tradable(args: Args, global_step: int, num_symbols: int) -> np.nd
     return tradable
 
 
+def split_lagged_correlation(market, split: str) -> torch.Tensor:
+    """(S, S): corr(r_i[t], r_j[t - 1]) of the symbols' ret_1 over the bars of `split` (encoders.lagged_correlation
+    over one window, the whole split, back in units of correlation)."""
+    lo, hi = market.splits[split]
+    returns = torch.as_tensor(market.technical[lo:hi, :, RET_1].T, dtype=torch.float64)  # (S, bars)
+    return (lagged_correlation(returns) / math.sqrt(hi - lo - 1)).float()
+
+
 PRETRAIN_MASK_RATE = 0.15  # --pretrain masked: share of the lookback bars hidden from the encoder
 
 
@@ -453,11 +468,23 @@ def pretext_samples(market, split: str, env_cfg: EnvConfig, n: int, seed: int, h
     return obs, *cut, np.concatenate(where)[:n]
 
 
+def next_return_samples(market, split: str, env_cfg: EnvConfig, n: int, seed: int):
+    """--pretrain next_return: observations of about n / S bars of `split` with every symbol (B, S, ...), as
+    pretext_samples draws them, and each symbol's next-bar ret_1 (B, S); bars whose next bar lies beyond the split
+    are dropped, so that no target reads a bar outside it."""
+    S = market.technical.shape[1]
+    obs, _, _, where = pretext_samples(market, split, env_cfg, max(1, n // S) * S, seed, 1, 0.0)
+    t = torch.as_tensor(where[::S, 0])  # rows are bar-major: S symbols of one bar after another
+    ok = t + 1 < market.splits[split][1]
+    obs = {k: v.reshape(len(t), S, *v.shape[1:])[ok] for k, v in obs.items()}
+    return obs, torch.as_tensor(market.technical[t[ok] + 1, :, RET_1], dtype=torch.float32)
+
+
 def pretext_batch(objective: str, obs: dict, labels, generator: torch.Generator):
     """The encoder's input and the pretext's target for a batch: masked, the technical window with a random 15% of
     its bars (at least one) zeroed, the target the hidden bars' features and the mask; direction, the observation
     as it is and its label."""
-    if objective == "direction":
+    if objective in ("direction", "next_return"):
         return obs, labels, None
     tech = obs["technical"]  # (N, L, F)
     hide = torch.rand(tech.shape[:2], generator=generator) < PRETRAIN_MASK_RATE  # (N, L)
@@ -468,34 +495,49 @@ def pretext_batch(objective: str, obs: dict, labels, generator: torch.Generator)
 
 def pretext_loss(objective: str, head: nn.Module, emb, target, hide) -> torch.Tensor:
     """Masked: mean squared error of the reconstructed features over the hidden bars; direction: binary
-    cross-entropy of the label."""
+    cross-entropy of the label; next_return: mean squared error of the (scaled) next return."""
     out = head(emb)
     if objective == "direction":
         return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), target)
+    if objective == "next_return":
+        return (out.squeeze(-1) - target).square().mean()
     err = (out.view(target.shape) - target).square().mean(-1)  # (N, L)
     return (err * hide).sum() / hide.sum()
 
 
 def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
-    """--pretrain: fit agent.encoder (in place) and a linear pretext head on observations of --split, scored on
-    --eval-split; the global RNG states are left as they were, so that a pretrained run and a random-init run of the
-    same seed differ only in the encoder's weights. Returns the provenance and the losses per epoch."""
+    """--pretrain: fit agent.encoder (and with next_return its cross-symbol block, if any: `fitted`, in place) and
+    a linear pretext head on observations of --split, scored on --eval-split; the global RNG states are left as they
+    were, so that a pretrained run and a random-init run of the same seed differ only in those weights. Returns the
+    fitted module, the provenance and the losses per epoch."""
     objective = args.pretrain
     h, thr = args.data.sl_horizon, args.data.sl_threshold
     cuda = [device.index or 0] if device.type == "cuda" else []  # torch.manual_seed below reseeds CUDA too
     with torch.random.fork_rng(devices=cuda):
         gen = torch.Generator().manual_seed(args.seed)
-        train = pretext_samples(market, args.split, args.env, args.pretrain_samples, args.seed, h, thr)
-        val = pretext_samples(market, args.eval_split, args.env, args.pretrain_samples // 5, args.seed + 1, h, thr)
+        fitted, embed, batch, label = agent.encoder, agent.encoder, 512, {"mask_rate": PRETRAIN_MASK_RATE}
+        if objective == "next_return":  # every symbol of a bar in one sample: (B, S, ...) -> (B, S)
+            n_val = args.pretrain_samples // 5
+            train = next_return_samples(market, args.split, args.env, args.pretrain_samples, args.seed)
+            val = next_return_samples(market, args.eval_split, args.env, n_val, args.seed + 1)
+            scale = float(train[1].std())  # targets in units of the train split's standard deviation
+            train, val = ((o, y / scale) for o, y in (train, val))
+            fitted = agent.encoder if agent.cross is None else nn.ModuleDict({"encoder": agent.encoder, "cross": agent.cross})
+            embed, batch = agent.embed, max(1, 512 // market.technical.shape[1])
+            label = {"target": "next bar's ret_1", "scale": scale}
+        else:
+            train = pretext_samples(market, args.split, args.env, args.pretrain_samples, args.seed, h, thr)
+            val = pretext_samples(market, args.eval_split, args.env, args.pretrain_samples // 5, args.seed + 1, h, thr)
         if objective == "direction":  # only the labels whose horizon stays inside the split
             train, val = (({k: v[ok] for k, v in o.items()}, y[ok], ok) for o, y, ok, _ in (train, val))
-        L, F = train[0]["technical"].shape[1:]
-        out_dim = 1 if objective == "direction" else L * F
+            label = {"horizon": h, "threshold": thr}
+        L, F = train[0]["technical"].shape[-2:]
+        out_dim = L * F if objective == "masked" else 1
         torch.manual_seed(args.seed)
         head = nn.Linear(agent.encoder.output_dim, out_dim).to(device)
-        params = list(agent.encoder.parameters()) + list(head.parameters())
+        params = list(fitted.parameters()) + list(head.parameters())
         opt = torch.optim.Adam(params, lr=1e-3)
-        n, batch = len(train[1]), 512
+        n = len(train[1])
         val_gen = torch.Generator().manual_seed(args.seed + 2)
         val_in, val_target, val_hide = pretext_batch(objective, val[0], val[1], val_gen)  # the same masks every epoch
 
@@ -505,42 +547,44 @@ def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
             return None if x is None else x.to(device)
 
         def score() -> float:
-            agent.encoder.eval()  # no dropout while scoring (the PPO scripts build it without)
+            fitted.eval()  # no dropout while scoring (the PPO scripts build it without)
             with torch.no_grad():
                 losses = []
                 for i in range(0, len(val[1]), 4096):
                     part = {k: v[i : i + 4096] for k, v in val_in.items()}
                     hid = None if val_hide is None else val_hide[i : i + 4096]
-                    emb = agent.encoder(to_dev(part))
+                    emb = embed(to_dev(part))
                     losses.append(pretext_loss(objective, head, emb, to_dev(val_target[i : i + 4096]), to_dev(hid)))
-            agent.encoder.train()
+            fitted.train()
             return float(torch.stack(losses).mean())  # the mean over chunks of 4,096 samples
 
         # what a constant guess scores: predicting 0 for the standardised features, or the train split's base rate
         if objective == "direction":
             base = train[1].float().mean().clamp(1e-6, 1 - 1e-6)
             baseline = float(nn.functional.binary_cross_entropy(base.expand_as(val[1]), val[1]))
+        elif objective == "next_return":
+            baseline = float(val_target.square().mean())
         else:
             baseline = float(((val_target.square().mean(-1)) * val_hide).sum() / val_hide.sum())
         history = [score()]
-        best = (history[0], copy.deepcopy(agent.encoder.state_dict()))
+        best = (history[0], copy.deepcopy(fitted.state_dict()))
         for _ in range(args.pretrain_epochs):
             order = torch.randperm(n, generator=gen)
             for i in range(0, n - batch + 1, batch):
                 idx = order[i : i + batch]
                 x, target, hide = pretext_batch(objective, {k: v[idx] for k, v in train[0].items()}, train[1][idx], gen)
-                loss = pretext_loss(objective, head, agent.encoder(to_dev(x)), to_dev(target), to_dev(hide))
+                loss = pretext_loss(objective, head, embed(to_dev(x)), to_dev(target), to_dev(hide))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             history.append(score())
             if history[-1] < best[0]:
-                best = (history[-1], copy.deepcopy(agent.encoder.state_dict()))
-        agent.encoder.load_state_dict(best[1])  # the epoch that scores best on --eval-split (0: as initialised)
-    return {
+                best = (history[-1], copy.deepcopy(fitted.state_dict()))
+        fitted.load_state_dict(best[1])  # the epoch that scores best on --eval-split (0: as initialised)
+    return fitted, {
         "objective": objective, "split": args.split, "bars": list(market.splits[args.split]),
         "eval_split": args.eval_split, "samples": n, "eval_samples": len(val[1]), "epochs": args.pretrain_epochs,
-        "label": {"horizon": h, "threshold": thr} if objective == "direction" else {"mask_rate": PRETRAIN_MASK_RATE},
+        "label": label, "module": "encoder" if fitted is agent.encoder else "encoder and cross-symbol block",
         "val_loss_by_epoch": history, "val_loss": best[0], "best_epoch": history.index(best[0]),
         "val_baseline_loss": baseline,
     }  # fmt: skip
@@ -595,12 +639,18 @@ if __name__ == "__main__":
     xp.require(not args.explain or args.encoder.cross_symbol == "none", "--explain credits each decision to its own "
                "symbol's window, but this agent's --encoder.cross-symbol block reads every symbol's: leave --explain "
                "out")  # fmt: skip
+    xp.require(args.graph_from_train == 0 or (args.encoder.cross_symbol == "attention"
+                                               and args.encoder.cross_symbol_graph and args.graph_from_train > 0),
+               f"--graph-from-train {args.graph_from_train} sets the graph of a cross-symbol block: add "
+               "--encoder.cross-symbol attention (with its graph on) and a positive scale, or leave it at 0")  # fmt: skip
     xp.require(args.aux_next_return >= 0, f"--aux-next-return {args.aux_next_return} is a loss weight: use 0 (off) "
                "or a positive value")  # fmt: skip
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)
     agent = SymbolPolicy(S, args.encoder, shared_heads=args.shared_heads).to(device)
     with torch.no_grad():  # start from a policy that mostly holds: trading is the exception it has to earn
         agent.actor.biases[-1][:, 0] = args.hold_bias
+        if args.graph_from_train > 0:  # the cross-symbol block's graph from the training bars' lead-lag correlations
+            agent.cross.graph.copy_(args.graph_from_train * split_lagged_correlation(market, args.split))
     xp.broadcast_parameters(agent, args.world_size)  # identical initial weights on every rank
     # --aux-next-return: a read-out of the embedding, trained beside the policy; kept out of the agent's weights
     # (every checkpoint reader stays as it is) and saved in the run checkpoint for --resume
@@ -649,11 +699,12 @@ if __name__ == "__main__":
     pretrained = xp.pretraining_record(run_dir) if args.resume else None  # a resumed run keeps its record
     if args.pretrain != "none" and not (args.resume or saved):  # the encoder's initialisation, before any rollout
         t_pre = time.time()
-        pretrained = pretrain_encoder(args, agent, market, device) | {"market": fingerprint, "seed": args.seed}
+        fitted, pretrained = pretrain_encoder(args, agent, market, device)
+        pretrained |= {"market": fingerprint, "seed": args.seed}
         xp.broadcast_parameters(agent, args.world_size)
         if rank == 0:
             pretrained["wall_s"] = time.time() - t_pre
-            xp.record_pretraining(run_dir, writer, args, agent.encoder, pretrained)
+            xp.record_pretraining(run_dir, writer, args, fitted, pretrained)
 
     # ALGO Logic: Storage setup. Observations (T, E, S, ...) in preallocated buffers, the action mask among them.
     obs = {

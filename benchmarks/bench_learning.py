@@ -24,6 +24,8 @@ Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_ag
   d_model 64, 4 heads, 1 layer), on CPU and GPU alike;
 - ppo_attention: the same with the graph module, --encoder.cross-symbol attention (docs/training.md);
 - ppo_attention_aux: the graph module trained with the auxiliary next-return loss, --aux-next-return 1.0;
+- ppo_graph: the graph module with its graph G started from the train split's lead-lag correlations,
+  --graph-from-train 20;
 - ppo_pretrain_masked, ppo_warm_direction: the same with the encoder initialised by --pretrain masked
   (masked-forecast pretraining) or --pretrain direction (SL-to-RL warm start) on the train split: the A/B arms of
   initialisation against ppo's random one;
@@ -89,6 +91,7 @@ ARMS = {
     "ppo_transformer": (SCRIPT, encoder_flags(SMALL_TRANSFORMER)),
     "ppo_attention": (SCRIPT, ["--encoder.cross-symbol", "attention"]),
     "ppo_attention_aux": (SCRIPT, ["--encoder.cross-symbol", "attention", "--aux-next-return", "1.0"]),
+    "ppo_graph": (SCRIPT, ["--encoder.cross-symbol", "attention", "--graph-from-train", "20"]),
     "ppo_pretrain_masked": (SCRIPT, ["--pretrain", "masked"]),
     "ppo_warm_direction": (SCRIPT, ["--pretrain", "direction"]),
     "ppo_curriculum": (SCRIPT, ["--curriculum", "0.1", "0.3", "0.6"]),

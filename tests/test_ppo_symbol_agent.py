@@ -592,7 +592,7 @@ def test_pretraining_changes_only_the_encoder_and_leaves_the_random_state():
     agent = SymbolPolicy(3, args.encoder)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     state = torch.get_rng_state()
-    record = ppo.pretrain_encoder(args, agent, market, torch.device("cpu"))
+    _, record = ppo.pretrain_encoder(args, agent, market, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)
     after = agent.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

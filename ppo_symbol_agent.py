@@ -470,14 +470,14 @@ def pretext_samples(market, split: str, env_cfg: EnvConfig, n: int, seed: int, h
 
 def next_return_samples(market, split: str, env_cfg: EnvConfig, n: int, seed: int):
     """--pretrain next_return: observations of about n / S bars of `split` with every symbol (B, S, ...), as
-    pretext_samples draws them, and each symbol's next-bar ret_1 (B, S); bars whose next bar lies beyond the split
-    are dropped, so that no target reads a bar outside it."""
+    pretext_samples draws them, each symbol's next-bar ret_1 (B, S) and the bars (B,); bars whose next bar lies
+    beyond the split are dropped, so that no target reads a bar outside it."""
     S = market.technical.shape[1]
     obs, _, _, where = pretext_samples(market, split, env_cfg, max(1, n // S) * S, seed, 1, 0.0)
     t = torch.as_tensor(where[::S, 0])  # rows are bar-major: S symbols of one bar after another
     ok = t + 1 < market.splits[split][1]
     obs = {k: v.reshape(len(t), S, *v.shape[1:])[ok] for k, v in obs.items()}
-    return obs, torch.as_tensor(market.technical[t[ok] + 1, :, RET_1], dtype=torch.float32)
+    return obs, torch.as_tensor(market.technical[t[ok] + 1, :, RET_1], dtype=torch.float32), t[ok]
 
 
 def pretext_batch(objective: str, obs: dict, labels, generator: torch.Generator):
@@ -521,8 +521,9 @@ def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
             train = next_return_samples(market, args.split, args.env, args.pretrain_samples, args.seed)
             val = next_return_samples(market, args.eval_split, args.env, n_val, args.seed + 1)
             scale = float(train[1].std())  # targets in units of the train split's standard deviation
-            train, val = ((o, y / scale) for o, y in (train, val))
-            fitted = agent.encoder if agent.cross is None else nn.ModuleDict({"encoder": agent.encoder, "cross": agent.cross})
+            train, val = ((o, y / scale) for o, y, _ in (train, val))
+            both = {"encoder": agent.encoder, "cross": agent.cross}
+            fitted = agent.encoder if agent.cross is None else nn.ModuleDict(both)
             embed, batch = agent.embed, max(1, 512 // market.technical.shape[1])
             label = {"target": "next bar's ret_1", "scale": scale}
         else:
@@ -641,8 +642,8 @@ if __name__ == "__main__":
                "out")  # fmt: skip
     xp.require(args.graph_from_train == 0 or (args.encoder.cross_symbol == "attention"
                                                and args.encoder.cross_symbol_graph and args.graph_from_train > 0),
-               f"--graph-from-train {args.graph_from_train} sets the graph of a cross-symbol block: add "
-               "--encoder.cross-symbol attention (with its graph on) and a positive scale, or leave it at 0")  # fmt: skip
+               f"--graph-from-train {args.graph_from_train} sets the graph of a cross-symbol block: add --encoder."
+               "cross-symbol attention (with its graph on) and a positive scale, or leave it at 0")  # fmt: skip
     xp.require(args.aux_next_return >= 0, f"--aux-next-return {args.aux_next_return} is a loss weight: use 0 (off) "
                "or a positive value")  # fmt: skip
     args.encoder = set_input_shapes(args.encoder, envs.observation_shapes)

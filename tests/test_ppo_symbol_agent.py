@@ -534,6 +534,21 @@ def test_pretext_samples_are_the_agents_observations_with_labels_inside_the_spli
     assert "action_mask" not in obs
 
 
+def test_next_return_samples_hold_every_symbol_of_a_bar_and_its_next_return_inside_the_split():
+    from market_data import make_synthetic_prepared
+    from trading_env import EnvConfig
+
+    market = make_synthetic_prepared(num_symbols=3, years=1.0, sl_signals=False)
+    obs, target, t = ppo.next_return_samples(market, "train", EnvConfig(), 6000, 0)
+    lo, hi = market.splits["train"]
+    assert obs["technical"].shape == (len(t), 3, 24, 23) and target.shape == (len(t), 3)
+    assert ((t >= lo) & (t + 1 < hi)).all() and t.max() > hi - 100 and len(t) > 1900
+    for i in (0, len(t) - 1):
+        window = market.technical[t[i] - 23 : t[i] + 1].swapaxes(0, 1)  # (S, L, F)
+        np.testing.assert_array_equal(obs["technical"][i].numpy(), window)
+        np.testing.assert_array_equal(target[i].numpy(), market.technical[t[i] + 1, :, 0])  # ret_1 of the next bar
+
+
 def test_masked_pretext_hides_whole_bars_and_reconstructs_them():
     tech = torch.randn(64, 24, 23)
     obs = {"technical": tech, "regime": torch.randn(64, 10)}
@@ -550,7 +565,7 @@ def test_masked_pretext_hides_whole_bars_and_reconstructs_them():
     assert ppo.pretext_loss("masked", head, emb, off, hide).item() == pytest.approx(0.0, abs=1e-10)
 
 
-@pytest.mark.parametrize("objective", ["masked", "direction"])
+@pytest.mark.parametrize("objective", ["masked", "direction", "next_return"])
 def test_pretrain_fits_the_encoder_saves_it_and_logs_its_loss(workdir, objective):
     """A run with --pretrain: pretrained_encoder.pt holds the encoder and its provenance (objective, the train
     split's bars, the market), its pretext loss on the validation split falls below the first epoch's and is logged,
@@ -678,3 +693,46 @@ def test_aux_next_return_trains_logs_and_resumes_as_uninterrupted(workdir):
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)
     proc = run_script(PPO, workdir, *TINY, "--aux-next-return", "-1", check=False)
     assert proc.returncode == 2 and "--aux-next-return" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --graph-from-train: the cross-symbol block's graph fitted in closed form on the training bars
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kappa", [0.45, 0.0])
+def test_split_lagged_correlation_finds_the_hidden_leaders_and_nothing_on_the_placebo(kappa):
+    """On the lead-lag market the train split's lagged correlation puts every follower's largest entry on its
+    hidden leader, near the calibrated 0.345; on the placebo (kappa 0) no entry stands out."""
+    from market_data import DataConfig, lead_lag_leaders, prepare_market
+
+    market = prepare_market(DataConfig(num_symbols=6, years=2.0, signal_strength=0.0, lead_lag=kappa,
+                                       sl_signals=False, cache=False))  # fmt: skip
+    corr = ppo.split_lagged_correlation(market, "train").numpy()
+    leaders = lead_lag_leaders(6)
+    followers = np.flatnonzero(leaders != np.arange(6))
+    if kappa > 0:
+        assert (corr[followers].argmax(1) == leaders[followers]).all()
+        assert (corr[followers, leaders[followers]] > 0.25).all()
+        off = np.ones_like(corr, dtype=bool)
+        off[followers, leaders[followers]] = False
+        assert np.abs(corr[off]).max() < 0.08
+    else:
+        assert np.abs(corr).max() < 0.08
+
+
+def test_graph_from_train_starts_the_block_from_the_train_correlations_and_refuses_without_a_block(workdir):
+    flags = [*TINY, "--data.num-symbols", "6", "--data.signal-strength", "0", "--data.lead-lag", "0.45"]
+    out = workdir / "graph_from_train"
+    run_script(PPO, workdir, *flags, "--encoder.cross-symbol", "attention", "--graph-from-train", "20",
+               "--save-model", "--total-timesteps", str(2 * ITER), "--run-dir", str(out))  # fmt: skip
+    saved = torch.load(only_run(out) / "checkpoint.pt", weights_only=True)
+    graph = saved["model"]["cross.graph"]  # (heads, S, S), after one PPO iteration at lr 2.5e-4
+    from market_data import DataConfig, prepare_market
+
+    market = prepare_market(DataConfig(num_symbols=6, years=0.5, signal_strength=0.0, lead_lag=0.45,
+                                       sl_signals=False, cache=False))  # fmt: skip
+    expected = 20 * ppo.split_lagged_correlation(market, "train")
+    assert expected.abs().max() > 3  # the leaders stand out: a graph left at 0 would fail below
+    torch.testing.assert_close(graph, expected.expand_as(graph), atol=0.05, rtol=0)
+    for bad in (["--graph-from-train", "20"], ["--encoder.cross-symbol", "attention", "--graph-from-train", "-1"]):
+        proc = run_script(PPO, workdir, *flags, *bad, check=False)
+        assert proc.returncode == 2 and "--graph-from-train" in proc.stderr and "Traceback" not in proc.stderr

@@ -505,7 +505,7 @@ def pretext_loss(objective: str, head: nn.Module, emb, target, hide) -> torch.Te
     return (err * hide).sum() / hide.sum()
 
 
-def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> dict:
+def pretrain_encoder(args: Args, agent: SymbolPolicy, market, device) -> tuple[nn.Module, dict]:
     """--pretrain: fit agent.encoder (and with next_return its cross-symbol block, if any: `fitted`, in place) and
     a linear pretext head on observations of --split, scored on --eval-split; the global RNG states are left as they
     were, so that a pretrained run and a random-init run of the same seed differ only in those weights. Returns the

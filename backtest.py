@@ -1570,6 +1570,33 @@ def directive_figure(series: dict, market: PreparedMarket, title: str):
     return fig
 
 
+def agent_final_report(make_policy, market: PreparedMarket, args, config: EnvConfig, run_dir, writer, symbols,
+                       trials: list) -> dict:  # fmt: skip
+    """The final backtest a symbol-agent run ends with (ppo_symbol_agent.py, benchmarks/sb3_learner.py), on
+    args.test_split: the agent argmax and args.eval_samples sampled (make_policy as agent_backtests takes it; the
+    argmax run is the first call) beside every baseline and the rule ceiling fitted on args.split; the DSR over
+    `trials` (the validation Sharpes of the sweeps the weights were picked among, [] for the last weights); with
+    args.stress the stress table (the argmax policy again, the 5 largest contributors dropped); the report, the
+    per-bar files and the decile table saved and printed, and the pictures. Returns agent_backtests' dict with
+    "stress", "figures" and "title" added."""
+    print(f"final backtest on the {args.test_split} split: the agent (argmax and {args.eval_samples} sampled), "
+          "every baseline and the rule ceiling", flush=True)  # fmt: skip
+    tests = agent_backtests(make_policy, market, args.test_split, config, args.seed, args.eval_samples, args.split)
+    reports, curves, series = tests["reports"], tests["curves"], tests["series"]
+    reports["agent"] |= deflated_sharpe(curves["agent"], series["timestamps"], market, trials)
+    stress = None
+    if args.stress:  # the final weights under harsher conditions, beside the same baselines
+        stress = agent_stress(make_policy(None, None), tests["rule"], market, args.test_split, config, args.seed,
+                              contribution=series["pnl"].sum(0), progress=print)  # fmt: skip
+    print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, series["timestamps"], stress,
+                        "agent", tests["every_series"]))  # fmt: skip
+    print(format_deciles(tests["deciles"], "ret_1"))
+    title = f"{run_dir.name}, {args.test_split} split"
+    figures = backtest_figures(curves, series, symbols, title)
+    figures["deciles"] = decile_figure(tests["deciles"], "ret_1", title)
+    return tests | {"stress": stress, "figures": figures, "title": title}
+
+
 def master_final_report(symbols_policy, make_master, market: PreparedMarket, split: str, config: EnvConfig, seed: int,
                         interval: int, stress: bool, run_dir, writer, fitted: dict | None = None,
                         fit_split: str = "train") -> dict:  # fmt: skip

@@ -29,16 +29,10 @@ import tyro
 
 import experiment as xp
 from backtest import (
-    agent_backtests,
-    agent_stress,
-    backtest_figures,
-    decile_figure,
-    deflated_sharpe,
+    agent_final_report,
     explain_decisions,
-    format_deciles,
     run_backtest,
     saliency_figure,
-    save_backtest,
     save_explanation,
 )
 from encoders import MASKED_LOGIT, RET_1, EncoderConfig, SymbolPolicy, lagged_correlation, set_input_shapes
@@ -933,36 +927,19 @@ if __name__ == "__main__":
         if selected:  # model selection on the validation split
             tested.load_state_dict(best_state)
         make_policy = lambda sample_seed, record: agent_policy(tested, device, sample_seed, record)  # noqa: E731
-        print(f"final backtest on the {args.test_split} split: the agent (argmax and {args.eval_samples} sampled), "
-              "every baseline and the rule ceiling", flush=True)  # fmt: skip
-        tests = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
-        reports, curves, rule, deciles = tests["reports"], tests["curves"], tests["rule"], tests["deciles"]
-        title = f"{run_dir.name}, {args.test_split} split"
         trials = val_sharpes if selected else []  # the last weights were not picked among candidates
-        reports["agent"] |= deflated_sharpe(curves["agent"], tests["series"]["timestamps"], market, trials)
-        stress = None
-        if args.stress:  # the final weights under harsher conditions, beside the same baselines
-            pnl_by_symbol = tests["series"]["pnl"].sum(0)  # (S,)
-            stress = agent_stress(make_policy(None, None), rule, market, args.test_split, env_cfg, args.seed,
-                                  contribution=pnl_by_symbol, progress=print)  # fmt: skip
-        timestamps = tests["series"]["timestamps"]
-        every = tests["every_series"]
-        print(
-            save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "agent", every)
-        )
-        print(format_deciles(deciles, "ret_1"))
-        figures = backtest_figures(curves, tests["series"], envs.symbols, title)
-        figures["deciles"] = decile_figure(deciles, "ret_1", title)
+        tests = agent_final_report(make_policy, market, args, env_cfg, run_dir, writer, envs.symbols, trials)
+        reports, figures, title = tests["reports"], tests["figures"], tests["title"]
         if args.explain:  # saliency and the SL vs RL decision report (docs/explain.md)
             explained = explain_decisions(tested.get_logits, market, args.test_split, env_cfg, args.seed, device)
             print(save_explanation(run_dir, explained))
             figures["saliency"] = saliency_figure(explained, title)
         xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], global_step, t_eval, seed=args.seed,
-                   encoder=args.encoder.kind, backtest=reports, rule=rule, cross_rule=tests["cross_rule"],
-                   deciles=deciles, val=last_eval, telemetry=last_telemetry, entropy_control=ctl,
+                   encoder=args.encoder.kind, backtest=reports, rule=tests["rule"], cross_rule=tests["cross_rule"],
+                   deciles=tests["deciles"], val=last_eval, telemetry=last_telemetry, entropy_control=ctl,
                    final_weights="best_val" if selected else "last",
                    best_val_sharpe=best_val if selected else None, val_sharpes=val_sharpes, val_steps=val_steps,
-                   stress=stress, pretrain=pretrained)  # fmt: skip
+                   stress=tests["stress"], pretrain=pretrained)  # fmt: skip
     if args.world_size > 1:  # every rank must end with rank 0's weights (same init, same all-reduced gradients)
         xp.assert_ranks_agree(agent.parameters(), rank)
     xp.leave_distributed(args.world_size)

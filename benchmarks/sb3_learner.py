@@ -52,13 +52,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 import experiment as xp
 from backtest import (
-    agent_backtests,
-    agent_stress,
-    backtest_figures,
-    decile_figure,
-    deflated_sharpe,
+    agent_final_report,
     run_backtest,
-    save_backtest,
 )
 from encoders import EncoderConfig, SymbolPolicy, make_encoder, set_input_shapes
 from ppo_symbol_agent import Args
@@ -234,33 +229,21 @@ def main() -> None:
     if selected:  # model selection on the validation split
         model.policy.load_state_dict(selection.best_state)
     tally = {"decisions": 0, "refused": 0}
-    make_policy = lambda seed, record: sb3_policy(model, masked, seed, record, tally if seed is None else None)  # noqa: E731
-    print(f"final backtest on the {args.test_split} split: the agent (argmax and {args.eval_samples} sampled), "
-          "every baseline and the rule ceiling", flush=True)  # fmt: skip
-    tests = agent_backtests(make_policy, market, args.test_split, env_cfg, args.seed, args.eval_samples, args.split)
-    reports, curves, rule, deciles = tests["reports"], tests["curves"], tests["rule"], tests["deciles"]
-    refused = tally["refused"] / max(tally["decisions"], 1)  # counted over the argmax backtest, before the stress
+    # the tally counts the argmax backtest's decisions (record given), not the sampled runs' or the stress tests'
+    make_policy = lambda seed, record: sb3_policy(model, masked, seed, record, None if record is None else tally)  # noqa: E731
     val_sharpes = selection.sharpes if selection is not None else []
-    reports["agent"] |= deflated_sharpe(curves["agent"], tests["series"]["timestamps"], market,
-                                        val_sharpes if selected else [])  # fmt: skip
-    stress = None
-    if args.stress:
-        stress = agent_stress(make_policy(None, None), rule, market, args.test_split, env_cfg, args.seed,
-                              contribution=tests["series"]["pnl"].sum(0), progress=print)  # fmt: skip
-    timestamps, every_series = tests["series"]["timestamps"], tests["every_series"]
-    print(save_backtest(run_dir, writer, reports, curves, args.test_split, market, timestamps, stress, "agent",
-                        every_series))  # fmt: skip
-    title = f"{run_dir.name}, {args.test_split} split"
-    figures = backtest_figures(curves, tests["series"], venv.core.symbols, title)
-    figures["deciles"] = decile_figure(deciles, "ret_1", title)
+    tests = agent_final_report(make_policy, market, args, env_cfg, run_dir, writer, venv.core.symbols,
+                               val_sharpes if selected else [])  # fmt: skip
+    refused = tally["refused"] / max(tally["decisions"], 1)
     sb3 = {"algo": known.algo, "masked": masked, "kwargs": hp_record, "encoder_preset": preset,
            "test_refused_action_rate": refused, "train_seconds": train_seconds}  # fmt: skip
-    xp.finish_run(run_dir, writer, mlflow, args, figures, reports["agent"], model.num_timesteps, t_eval,
+    reports = tests["reports"]
+    xp.finish_run(run_dir, writer, mlflow, args, tests["figures"], reports["agent"], model.num_timesteps, t_eval,
                   seed=args.seed, encoder=args.encoder.kind if known.hparams == "ours" else "sb3_flatten_mlp",
-                  backtest=reports, rule=rule, cross_rule=tests["cross_rule"], deciles=deciles,
+                  backtest=reports, rule=tests["rule"], cross_rule=tests["cross_rule"], deciles=tests["deciles"],
                   val=selection.last if selection else {},
                   telemetry=telemetry, final_weights="best_val" if selected else "last",
-                  best_val_sharpe=selection.best if selected else None, val_sharpes=val_sharpes, stress=stress,
+                  best_val_sharpe=selection.best if selected else None, val_sharpes=val_sharpes, stress=tests["stress"],
                   sb3=sb3)  # fmt: skip
 
 

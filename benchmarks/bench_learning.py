@@ -14,6 +14,7 @@ learners ("arms") on the same markets, symbol-steps, test split, backtest and ba
     python benchmarks/bench_learning.py --study s143_e1 --all --signals 0.3 0 -- --data.num-symbols 143 \
         --total-timesteps 2000000 --num-envs 1        # 143 symbols (1 env: what --num-envs left out gives there)
     python benchmarks/bench_learning.py --study s143_e1 --summary --against s143   # one study paired with another
+    python benchmarks/bench_learning.py --study 2m --summary --pair ppo_lstm ppo_transformer   # two arms paired
 
 Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_agent.py's default --total-timesteps,
 4M symbol-steps, unless flags after -- say otherwise; the same flags go to every arm):
@@ -394,10 +395,10 @@ def load_pieces() -> dict[str, list[dict]]:
     return pieces
 
 
-def paired_studies(mine: list[dict], theirs: list[dict], name: str) -> dict:
-    """The default arm of this study against the default arm of study `name` (other flags after --, same markets
-    and seeds): per market, both means over the seeds both have and this minus that, paired by seed, with its 95%
-    interval, and the Markdown table of it."""
+def paired(mine: list[dict], theirs: list[dict], this: str, that: str) -> dict:
+    """Pieces `mine` (labelled `this`) against pieces `theirs` (labelled `that`): per market, both means over the
+    seeds both have and this minus that, paired by seed (same market, same test split), with its 95% interval, and
+    the Markdown table of it. For two studies' default arms (--against) or two arms of one study (--pair)."""
     rows, out = [], {}
     for key in sorted({piece_key(q) for q in mine}, key=market_order):
         a = {q["seed"]: q["test"]["agent"]["sharpe"] for q in mine if piece_key(q) == key}
@@ -411,9 +412,9 @@ def paired_studies(mine: list[dict], theirs: list[dict], name: str) -> dict:
                     "diff": diff.tolist(), "mean": mean, "ci95": [lo, hi]}  # fmt: skip
         rows.append(f"| {key} | {len(common)} | {np.mean(out[key]['this']):.2f} | {np.mean(out[key]['that']):.2f} | "
                     f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] | {', '.join(f'{d:+.2f}' for d in diff)} |")  # fmt: skip
-    head = (f"| market | seeds in both | this study | study {name} | this minus {name}, paired: mean [95% CI] | "
+    head = (f"| market | seeds in both | {this} | {that} | {this} minus {that}, paired: mean [95% CI] | "
             "per seed |\n|---|---|---|---|---|---|")  # fmt: skip
-    return {"study": name, "markets": out, "table": "\n".join([head, *rows])}
+    return {"this": this, "that": that, "markets": out, "table": "\n".join([head, *rows])}
 
 
 def plot(markets: dict, path: Path) -> None:
@@ -501,6 +502,15 @@ def main() -> None:
     p.add_argument("--against", default=None, help="with --summary: pair the default arm with that of another study "
                    "(its name; 'default' for results/learning/) by market and seed, e.g. --study s143_e1 --summary "
                    "--against s143")  # fmt: skip
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        choices=list(ARMS),
+        metavar=("ARM", "OTHER"),
+        help="with --summary: ARM minus OTHER, paired by market and seed over the seeds both have, "
+        "e.g. --pair ppo_lstm ppo_transformer (repeatable; every arm is paired with ppo anyway)",
+    )
     p.add_argument("train_args", nargs="*", help="extra arguments for ppo_symbol_agent.py (after --), every arm")
     args = p.parse_args()
     global PIECES
@@ -515,6 +525,8 @@ def main() -> None:
         p.error("nothing to do: give --signal and --seed (one piece), --all (every missing piece) or --summary")
     if args.arms and not args.all:
         p.error("--arms lists the learners of --all; for one piece give --arm NAME with --signal and --seed")
+    if args.pair and not args.summary:
+        p.error("--pair pairs two arms' pieces in the summary: add --summary")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: the number of pieces run at once, 1 or more")
     if piece:
@@ -552,13 +564,22 @@ def main() -> None:
             theirs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
             if not theirs:
                 p.error(f"--against {args.against}: no pieces under {folder}")
-            record["against"] = paired_studies(pieces["ppo"], [q for q in theirs if "daily_returns" in q], args.against)
+            theirs = [q for q in theirs if "daily_returns" in q]
+            record["against"] = paired(pieces["ppo"], theirs, "this study", f"study {args.against}")
+            record["against"]["study"] = args.against
+        for a, b in args.pair or []:
+            for arm in (a, b):
+                if not pieces[arm]:
+                    p.error(f"--pair {a} {b}: no pieces of {arm} under {arm_folder(arm)}")
+            record.setdefault("pairs", {})[f"{a} - {b}"] = paired(pieces[a], pieces[b], a, b)
         write_json(summary_path, record)
         print(record["table"])
         if others:
             print("\n" + record["arms_table"])
         if args.against:
             print("\n" + record["against"]["table"])
+        for pair in record.get("pairs", {}).values():
+            print("\n" + pair["table"])
 
 
 if __name__ == "__main__":

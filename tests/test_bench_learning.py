@@ -126,10 +126,11 @@ def test_summary_reads_a_folder_of_mixed_arms(pieces_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(bl, "PIECES", folder)
     monkeypatch.setattr(bl, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs its own; restored after the test
-    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "--summary"])
+    argv = ["bench_learning.py", "--summary", "--pair", "sb3_maskable_ours", "sb3_ppo_default"]
+    monkeypatch.setattr(sys, "argv", argv)
     bl.main()
     out = json.loads((tmp_path / "learning.json").read_text())
-    assert set(out) == {"machine", "benchmark", "markets", "table", "pieces", "arms", "arms_table"}
+    assert set(out) == {"machine", "benchmark", "markets", "table", "pieces", "arms", "arms_table", "pairs"}
     assert out["pieces"] == [str(folder / f"0.3_seed{k}.json") for k in (1, 2)]  # outside the repo: absolute
     assert list(out["markets"]) == ["0.3"] and out["markets"]["0.3"]["seeds"] == [1, 2]
     assert set(out["arms"]) == {"sb3_maskable_ours", "sb3_ppo_default"}
@@ -142,6 +143,10 @@ def test_summary_reads_a_folder_of_mixed_arms(pieces_dir, tmp_path, monkeypatch)
     assert mask["minus_ppo"]["mean"] == pytest.approx(mine - ppo_sharpe + 1.0)
     plain = out["arms"]["sb3_ppo_default"]["markets"]["0.3"]
     assert plain["minus_ppo"]["seeds"] == [1] and np.isnan(plain["minus_ppo"]["ci95"][0])  # one seed: no interval
+    pair = out["pairs"]["sb3_maskable_ours - sb3_ppo_default"]  # two arms, neither of them ppo: seed 1 in both
+    plain_sharpe = records["sb3_ppo_default"]["test"]["agent"]["sharpe"]
+    assert pair["markets"]["0.3"]["seeds"] == [1]
+    assert pair["markets"]["0.3"]["diff"] == pytest.approx([mine - plain_sharpe])
     rows = out["arms_table"].splitlines()
     assert [r.split(" | ")[1] for r in rows[2:]] == ["ppo", "sb3_maskable_ours", "sb3_ppo_default"]
     assert (tmp_path / "learning.png").is_file()
@@ -154,6 +159,7 @@ def test_summary_reads_a_folder_of_mixed_arms(pieces_dir, tmp_path, monkeypatch)
         (["--arm", "ppo_gru", "--signal", "0.3", "--seed", "1"], "invalid choice: 'ppo_gru'"),
         (["--arms", "ppo", "sb3_ppo_ours", "--summary"], "--arms lists the learners of --all"),
         (["--jobs", "0", "--all"], "--jobs 0"),
+        (["--all", "--pair", "ppo_lstm", "ppo"], "--pair pairs two arms' pieces in the summary: add --summary"),
         (["--arm", "ppo_curriculum", "--signal", "0.3", "--seed", "1", "--", "--help"], "left no run folder"),
         ([], "nothing to do"),
         (
@@ -176,18 +182,19 @@ def test_sb3_learner_refuses_ppo_only_flags(tmp_path):
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
 
-def test_paired_studies_pairs_by_market_and_seed():
-    """--against: this study's default arm minus another's, on the seeds both have, market by market."""
+def test_paired_pairs_by_market_and_seed():
+    """--against and --pair: one set of pieces minus another, on the seeds both have, market by market."""
 
     def piece(signal, seed, sharpe):
         return {"signal": signal, "seed": seed, "test": {"agent": {"sharpe": sharpe}}}
 
     mine = [piece(0.3, 1, 9.0), piece(0.3, 2, 7.0), piece(0.3, 3, 5.0), piece(0.0, 1, 0.5)]
     theirs = [piece(0.3, 1, 7.0), piece(0.3, 2, 6.0), piece(0.0, 2, 0.1)]  # seed 3 and the placebo's seed 1 unpaired
-    out = bl.paired_studies(mine, theirs, "other")
+    out = bl.paired(mine, theirs, "this study", "study other")
     assert list(out["markets"]) == ["0.3"]  # no seed of the placebo in both
     m = out["markets"]["0.3"]
     assert m["seeds"] == [1, 2] and m["diff"] == [2.0, 1.0] and m["mean"] == pytest.approx(1.5)
     half = 12.706 * np.std([2.0, 1.0], ddof=1) / np.sqrt(2)  # Student t, 1 degree of freedom
     assert m["ci95"] == pytest.approx([1.5 - half, 1.5 + half], rel=1e-3)
     assert "| 0.3 | 2 | 8.00 | 6.50 | +1.50" in out["table"]
+    assert "| this study minus study other, paired" in out["table"].splitlines()[0]

@@ -74,7 +74,9 @@ def test_plain_ppo_piece_with_sb3_defaults(pieces_dir):
     assert_like_ppo(record, piece("ppo"), "sb3_ppo_default")
     sb3 = record["sb3"]
     assert sb3["algo"] == "ppo" and not sb3["masked"] and sb3["kwargs"] == {"hparams": "default (SB3's own)"}
-    assert 0.0 <= sb3["test_refused_action_rate"] <= 1.0
+    # unmasked: its argmax does pick actions the masks refuse (executed as HOLD and counted; 55% in this tiny run),
+    # while MaskablePPO's rate above is 0; the tally itself is checked against the masks in the test below
+    assert 0.0 < sb3["test_refused_action_rate"] < 1.0
 
 
 def test_maskable_wrapper_submits_only_allowed_actions():

@@ -238,13 +238,15 @@ CPU_ENCODER = {"kind": "mlp", "d_model": 128, "output_dim": 128}
 # the small transformer of the speed and learning benchmarks (bench_train.py, bench_learning.py's ppo_transformer)
 SMALL_TRANSFORMER_ENCODER = {"kind": "transformer", "d_model": 64, "nhead": 4, "num_layers": 1, "dim_feedforward": 128,
                              "output_dim": 64}  # fmt: skip
-ENCODER_PRESETS = {"cpu": CPU_ENCODER, "small_transformer": SMALL_TRANSFORMER_ENCODER}
+# a small LSTM of the small transformer's width and depth (bench_learning.py's ppo_lstm arm)
+SMALL_LSTM_ENCODER = {"kind": "lstm", "d_model": 64, "output_dim": 64, "alt_layers": 1}
+ENCODER_PRESETS = {"cpu": CPU_ENCODER, "small_transformer": SMALL_TRANSFORMER_ENCODER, "small_lstm": SMALL_LSTM_ENCODER}
 
 
 def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple[EncoderConfig, str]:
-    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu and small_transformer fill the encoder
-    fields left at their (seed transformer) defaults from CPU_ENCODER or SMALL_TRANSFORMER_ENCODER. Returns the
-    encoder and the preset applied."""
+    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu, small_transformer and small_lstm fill
+    the encoder fields left at their (seed transformer) defaults from CPU_ENCODER, SMALL_TRANSFORMER_ENCODER or
+    SMALL_LSTM_ENCODER. Returns the encoder and the preset applied."""
     preset = preset if preset != "auto" else ("as_given" if use_cuda else "cpu")
     if preset in ENCODER_PRESETS:
         default = EncoderConfig()

@@ -21,7 +21,8 @@ Arms (--arm for one piece, --arms for --all; each piece trains for ppo_symbol_ag
 
 - ppo (the default): ppo_symbol_agent.py as it is (on CPU its encoder preset makes the encoder an MLP);
 - ppo_cnn: the same with --encoder.kind cnn (widths from the encoder preset: d_model 128, 2 layers);
-- ppo_lstm: the same with a small LSTM (SMALL_LSTM: d_model 64, 1 layer, the small transformer's width and depth);
+- ppo_lstm: the same with a small LSTM (SMALL_LSTM, --encoder-preset small_lstm's fields given as flags: d_model 64,
+  1 layer, the small transformer's width and depth);
   the preset's 2-layer LSTM of width 128 trains at about 220 symbol-steps/s on these cores, 2.5 hours a 2M piece;
 - ppo_transformer: the same with bench_train.py's small transformer (SMALL_TRANSFORMER, --encoder-preset as_given:
   d_model 64, 4 heads, 1 layer), on CPU and GPU alike;
@@ -85,7 +86,7 @@ import experiment as xp
 from market_data import UserInputError
 
 SCRIPT = ROOT / "ppo_symbol_agent.py"
-SMALL_LSTM = {"kind": "lstm", "d_model": 64, "output_dim": 64, "alt_layers": 1}  # ppo_lstm: see the docstring
+SMALL_LSTM = xp.SMALL_LSTM_ENCODER  # ppo_lstm (--encoder-preset small_lstm): see the docstring
 SB3_SCRIPT = ROOT / "benchmarks" / "sb3_learner.py"
 # arm -> (the script a piece runs, its flags before the piece's own); "ppo" is the default arm
 ARMS = {

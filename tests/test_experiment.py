@@ -370,10 +370,11 @@ def test_peak_memory_is_the_process_own_high_water_mark():
 
 
 def test_encoder_presets_fill_only_the_fields_left_at_their_defaults():
-    """--encoder-preset: auto is the MLP on CPU and the seed's transformer as given on CUDA; small_transformer is the
-    benchmarks' small transformer on either device; a field the user set survives every preset."""
+    """--encoder-preset: auto is the MLP on CPU and the seed's transformer as given on CUDA; small_transformer and
+    small_lstm are the benchmarks' small transformer and LSTM on either device; a field the user set survives every
+    preset."""
     from encoders import EncoderConfig
-    from experiment import CPU_ENCODER, SMALL_TRANSFORMER_ENCODER, encoder_preset
+    from experiment import CPU_ENCODER, SMALL_LSTM_ENCODER, SMALL_TRANSFORMER_ENCODER, encoder_preset
 
     assert encoder_preset(EncoderConfig(), "auto", use_cuda=False) == (EncoderConfig(**CPU_ENCODER), "cpu")
     assert encoder_preset(EncoderConfig(), "auto", use_cuda=True) == (EncoderConfig(), "as_given")
@@ -382,6 +383,10 @@ def test_encoder_presets_fill_only_the_fields_left_at_their_defaults():
         assert name == "small_transformer" and small == EncoderConfig(**SMALL_TRANSFORMER_ENCODER)
     mine, _ = encoder_preset(EncoderConfig(num_layers=2), "small_transformer", use_cuda=False)
     assert mine.num_layers == 2 and mine.d_model == 64
+    lstm, name = encoder_preset(EncoderConfig(), "small_lstm", use_cuda=False)
+    assert name == "small_lstm" and lstm == EncoderConfig(**SMALL_LSTM_ENCODER) and lstm.kind == "lstm"
+    wide, _ = encoder_preset(EncoderConfig(d_model=128), "small_lstm", use_cuda=True)
+    assert wide.d_model == 128 and wide.alt_layers == 1
 
 
 def test_num_envs_default_keeps_the_rollout_near_10k_symbol_steps():

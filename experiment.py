@@ -244,10 +244,11 @@ ENCODER_PRESETS = {"cpu": CPU_ENCODER, "small_transformer": SMALL_TRANSFORMER_EN
 
 
 def encoder_preset(encoder: EncoderConfig, preset: str, use_cuda: bool) -> tuple[EncoderConfig, str]:
-    """--encoder-preset: auto is `as_given` on CUDA and `cpu` otherwise; cpu, small_transformer and small_lstm fill
-    the encoder fields left at their (seed transformer) defaults from CPU_ENCODER, SMALL_TRANSFORMER_ENCODER or
-    SMALL_LSTM_ENCODER. Returns the encoder and the preset applied."""
-    preset = preset if preset != "auto" else ("as_given" if use_cuda else "cpu")
+    """--encoder-preset: auto is `small_transformer` on CUDA (the seed's larger transformer, `as_given`, has no
+    learning measurement; the small one has: benchmarks/BENCHMARKS.md) and `cpu` (the MLP, for time) otherwise;
+    cpu, small_transformer and small_lstm fill the encoder fields left at their (seed transformer) defaults from
+    CPU_ENCODER, SMALL_TRANSFORMER_ENCODER or SMALL_LSTM_ENCODER. Returns the encoder and the preset applied."""
+    preset = preset if preset != "auto" else ("small_transformer" if use_cuda else "cpu")
     if preset in ENCODER_PRESETS:
         default = EncoderConfig()
         fill = {k: v for k, v in ENCODER_PRESETS[preset].items() if getattr(encoder, k) == getattr(default, k)}

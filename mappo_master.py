@@ -87,11 +87,11 @@ features they were trained on), in a new run folder"""
 blocks, each fold trained from scratch on its own earlier train split (--data.fold-window), its weights picked on
 its own validation split, graded on its block; the fold runs and the stitched out-of-sample report go in one folder"""
     encoder_preset: Literal["auto", "cpu", "small_transformer", "small_lstm", "as_given"] = "auto"
-    """auto: `as_given` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults become an MLP
-encoder (d_model 128, output_dim 128); small_transformer: they become the small transformer of the
+    """auto: `small_transformer` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults
+become an MLP encoder (d_model 128, output_dim 128); small_transformer: they become the small transformer of the
 benchmarks, d_model 64, 4 heads, 1 layer, feed-forward 128, output_dim 64 (benchmarks/BENCHMARKS.md); small_lstm:
 a 1-layer LSTM of the same width, d_model 64, output_dim 64; as_given: the --encoder.* fields as they are
-(defaults: the seed's transformer, d_model 256, 8 heads, 4 layers, output_dim 256)"""
+(defaults: the seed's transformer, d_model 256, 8 heads, 4 layers, output_dim 256, with no learning measurement)"""
     symbol_checkpoint: str | None = None
     """checkpoint.pt of ppo_symbol_agent.py to initialise the symbol agents (its encoder settings are used)"""
     freeze_symbols: bool = False

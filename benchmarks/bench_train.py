@@ -11,7 +11,8 @@ the last `charts/SPS` of a run with periodic evaluation off (data preparation an
 SB3 the timesteps of `model.learn()` divided by its wall time; the median of --repeats interleaved runs per
 framework. Torch runs one intra-op thread in every case (stated in the JSON). The seed's transformer (d_model 256,
 4 layers) is far too slow for CPU training (~94 samples/s forward+backward on one core), so the transformer rows
-use a small transformer on CPU and the seed's on CUDA. The learning benchmark is benchmarks/bench_learning.py.
+use a small transformer on CPU and the seed's on CUDA; the LSTM row is the small LSTM (--encoder-preset small_lstm)
+on either. The learning benchmark is benchmarks/bench_learning.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import experiment as xp
 
 SCRIPT = ROOT / "ppo_symbol_agent.py"
 SMALL_TRANSFORMER = xp.SMALL_TRANSFORMER_ENCODER  # --encoder-preset small_transformer
+SMALL_LSTM = xp.SMALL_LSTM_ENCODER  # --encoder-preset small_lstm
 MLP = xp.CPU_ENCODER  # --encoder-preset cpu
 MINIBATCHES = 8  # per update epoch (4 epochs), as ppo_symbol_agent.py's default
 
@@ -128,6 +130,7 @@ def speed(args) -> dict:
         cases["transformer"] = ({"kind": "transformer"}, args.iterations)  # the seed's transformer
     else:
         cases["transformer"] = (SMALL_TRANSFORMER, 1)
+    cases["lstm"] = (SMALL_LSTM, 1)  # the small LSTM of the learning benchmark, on either device
     record = {"num_envs": args.num_envs, "num_symbols": args.num_symbols, "num_steps": args.num_steps}
     record["torch_threads"] = 1
     record["minibatches"], record["update_epochs"] = MINIBATCHES, 4

@@ -370,14 +370,16 @@ def test_peak_memory_is_the_process_own_high_water_mark():
 
 
 def test_encoder_presets_fill_only_the_fields_left_at_their_defaults():
-    """--encoder-preset: auto is the MLP on CPU and the seed's transformer as given on CUDA; small_transformer and
+    """--encoder-preset: auto is the MLP on CPU and the small transformer on CUDA; small_transformer and
     small_lstm are the benchmarks' small transformer and LSTM on either device; a field the user set survives every
     preset."""
     from encoders import EncoderConfig
     from experiment import CPU_ENCODER, SMALL_LSTM_ENCODER, SMALL_TRANSFORMER_ENCODER, encoder_preset
 
     assert encoder_preset(EncoderConfig(), "auto", use_cuda=False) == (EncoderConfig(**CPU_ENCODER), "cpu")
-    assert encoder_preset(EncoderConfig(), "auto", use_cuda=True) == (EncoderConfig(), "as_given")
+    small_transformer = (EncoderConfig(**SMALL_TRANSFORMER_ENCODER), "small_transformer")
+    assert encoder_preset(EncoderConfig(), "auto", use_cuda=True) == small_transformer
+    assert encoder_preset(EncoderConfig(), "as_given", use_cuda=True) == (EncoderConfig(), "as_given")
     for cuda in (False, True):
         small, name = encoder_preset(EncoderConfig(), "small_transformer", use_cuda=cuda)
         assert name == "small_transformer" and small == EncoderConfig(**SMALL_TRANSFORMER_ENCODER)

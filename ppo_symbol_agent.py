@@ -92,8 +92,8 @@ its own validation split, graded on its block; the fold runs and the stitched ou
     """auto: `small_transformer` on CUDA, `cpu` otherwise; cpu: the --encoder.* fields left at their defaults
 become an MLP encoder (d_model 128, output_dim 128); small_transformer: they become the small transformer of the
 benchmarks, d_model 64, 4 heads, 1 layer, feed-forward 128, output_dim 64 (benchmarks/BENCHMARKS.md); small_lstm:
-a 1-layer LSTM of the same width, d_model 64, output_dim 64; as_given: the --encoder.* fields as they are
-(defaults: the seed's transformer, d_model 256, 8 heads, 4 layers, output_dim 256, with no learning measurement)"""
+a 1-layer LSTM of the same width, d_model 64, output_dim 64; as_given: the --encoder.* fields as they are, by
+default the seed's transformer (d_model 256, 8 heads, 4 layers, output_dim 256), with no learning measurement"""
 
     # --- environment ---
     data: DataConfig = field(default_factory=DataConfig)

@@ -946,7 +946,12 @@ def resume_defaults(cls, argv: list[str]):
                 setattr(obj, f.name, saved[f.name])  # checkpoints keep lists, tuples, numbers and strings as they were
         return obj
 
-    return build(cls, saved, "")
+    defaults = build(cls, saved, "")
+    if "encoder" in saved and hasattr(defaults, "encoder_preset"):
+        # the run saved its encoder after its preset filled it: keep those fields as they are, even where today's
+        # `auto` means another preset (on CUDA it was `as_given` before the small transformer); a flag overrides this
+        defaults.encoder_preset = "as_given"
+    return defaults
 
 
 def load_for_evaluation(path: str, market: PreparedMarket, script: str, data: DataConfig | None = None) -> dict:

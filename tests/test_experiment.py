@@ -329,6 +329,13 @@ def test_resume_defaults_are_the_runs_settings(tmp_path, market):
         f"--num-envs 8 here, --num-envs {saved.num_envs} in its run"
     ]
     assert xp.resume_defaults(ppo.Args, ["--resume=" + argv[1]]).data.seed == 3
+    # the run's encoder as saved, whatever `auto` means today: resolved again on CUDA, the seed transformer's fields
+    # (equal to EncoderConfig's defaults) would become the small transformer and no longer fit the weights
+    assert args.encoder_preset == "as_given"
+    seed_size = dataclasses.replace(saved, encoder=dataclasses.replace(saved.encoder, kind="transformer", d_model=256))
+    run_checkpoint(tmp_path / "seed.pt", seed_size, market)
+    resumed = xp.resume_defaults(ppo.Args, ["--resume", str(tmp_path / "seed.pt")])
+    assert xp.encoder_preset(resumed.encoder, resumed.encoder_preset, use_cuda=True)[0] == seed_size.encoder
 
 
 def test_evaluation_refuses_another_feature_set(tmp_path, market):
